@@ -1,0 +1,26 @@
+# Two commands for a fresh machine:
+#   make demo   set up, then run the whole pipeline on generated data (local Ray, local disk)
+#   make test   set up, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export DS_ACCELERATOR := cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup test demo bench clean
+setup:
+	VENV=$(VENV) bash launch/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m launch.demo --out demo_out
+
+bench: setup
+	$(PY) bench/storage.py
+
+clean:
+	rm -rf demo_out runs .cache

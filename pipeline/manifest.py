@@ -1,0 +1,174 @@
+"""The dataset manifest: the list of committed shards, written last as the commit marker.
+
+``manifest.json`` sits next to the shards. It records the schema version, the config that
+produced the data set, and per shard its relative URL, sample count, byte size, SHA-256
+and total clip seconds, plus totals and a ``sizes`` map (shard file name -> samples) in
+the layout of open_clip's ``sizes.json`` (also written as its own file, before the
+manifest). Nothing else in a data set folder is authoritative: a shard that is not in
+the manifest does not exist for readers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from pipeline import storage
+from pipeline.schema import SCHEMA_VERSION
+
+MANIFEST_NAME = "manifest.json"
+SIZES_NAME = "sizes.json"
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardEntry:
+    """One committed shard."""
+
+    url: str
+    """Path of the shard relative to the manifest's folder."""
+    samples: int
+    bytes: int
+    sha256: str
+    seconds: float
+    """Total clip seconds of the shard's samples."""
+
+    def validate(self) -> None:
+        if not self.url or self.url.startswith("/") or "://" in self.url or ".." in self.url.split("/"):
+            raise ValueError(f"shard url {self.url!r} must be a relative path inside the data set folder")
+        if self.samples < 0 or self.bytes < 0 or self.seconds < 0:
+            raise ValueError(f"shard {self.url!r}: negative samples, bytes or seconds")
+        if not _SHA_RE.match(self.sha256):
+            raise ValueError(f"shard {self.url!r}: sha256 {self.sha256!r} is not 64 hex digits")
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """A data set: its shards in order, and the config that produced them."""
+
+    shards: tuple[ShardEntry, ...]
+    config: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(s.seconds for s in self.shards), 3)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """open_clip-compatible ``sizes.json`` content."""
+        return {s.name: s.samples for s in self.shards}
+
+    def validate(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema version {self.schema_version}, this code reads version {SCHEMA_VERSION}")
+        names = set()
+        for entry in self.shards:
+            entry.validate()
+            if entry.name in names:
+                raise ValueError(f"shard name {entry.name!r} appears twice")
+            names.add(entry.name)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "config": self.config,
+            "totals": {
+                "shards": len(self.shards),
+                "samples": self.num_samples,
+                "bytes": self.num_bytes,
+                "seconds": self.seconds,
+            },
+            "sizes": self.sizes,
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def manifest_uri(location: str) -> str:
+    """Accept a data set folder or a manifest URI; return the manifest URI."""
+    return location if location.endswith(".json") else storage.join(location, MANIFEST_NAME)
+
+
+def dataset_root(location: str) -> str:
+    uri = manifest_uri(location)
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def shard_uris(manifest: Manifest, location: str) -> list[str]:
+    """Absolute URIs of a manifest's shards."""
+    root = dataset_root(location)
+    return [storage.join(root, entry.url) for entry in manifest.shards]
+
+
+def write_manifest(location: str, manifest: Manifest) -> str:
+    """Validate and write ``sizes.json`` then ``manifest.json`` (the commit marker)."""
+    manifest.validate()
+    uri = manifest_uri(location)
+    root = dataset_root(location)
+    storage.write_bytes(storage.join(root, SIZES_NAME), json.dumps(manifest.sizes, indent=1, sort_keys=True).encode())
+    storage.write_bytes(uri, manifest.to_json())
+    return uri
+
+
+def read_manifest(location: str) -> Manifest:
+    """Read and validate a manifest; errors name the file and the problem."""
+    uri = manifest_uri(location)
+    try:
+        raw = storage.read_bytes(uri)
+    except storage.StorageNotFound as exc:
+        raise ManifestError(f"{uri}: manifest not found (is the data set committed? {exc})") from exc
+    return parse_manifest(raw, uri)
+
+
+def parse_manifest(raw: bytes, uri: str) -> Manifest:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{uri}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{uri}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{uri}: schema version {version!r}, this code reads version {SCHEMA_VERSION}")
+    try:
+        manifest = Manifest(
+            schema_version=version,
+            config=data.get("config", {}),
+            shards=tuple(ShardEntry(**s) for s in data["shards"]),
+        )
+        manifest.validate()
+    except KeyError as exc:
+        raise ManifestError(f"{uri}: missing field {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{uri}: {exc}") from exc
+    _check_totals(data, manifest, uri)
+    return manifest
+
+
+def _check_totals(data: dict, manifest: Manifest, uri: str) -> None:
+    totals = data.get("totals", {})
+    expected = manifest.to_dict()["totals"]
+    for name, value in totals.items():
+        if name in expected and expected[name] != value:
+            raise ManifestError(f"{uri}: totals.{name} is {value} but the shards add up to {expected[name]}")

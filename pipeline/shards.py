@@ -1,0 +1,235 @@
+"""Writing and reading WebDataset tar shards.
+
+Shards are plain POSIX tar files (PAX format) with fixed member metadata (mtime 0,
+uid/gid 0, mode 0644), so the same samples always give the same bytes. A shard is
+built in a local temp file while its SHA-256 is computed, then committed to its final
+URI atomically through :mod:`pipeline.storage`.
+
+Reading goes through webdataset's tar expander and key grouping, fed by
+:func:`pipeline.storage.open_read` (webdataset has no ``s3://`` opener of its own). The
+reader checks each shard's size and SHA-256 against the manifest as it streams, so a
+truncated or altered shard is reported by name instead of yielding a silent partial read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from pipeline import storage
+from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
+from pipeline.schema import ClipSample
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(IOError):
+    """A shard is missing, truncated or does not match its manifest entry."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardLimits:
+    """When a shard is full."""
+
+    max_samples: int = 1000
+    """Start a new shard after this many samples."""
+    max_bytes: int = 1 << 30
+    """Start a new shard once the tar reaches this many bytes."""
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.max_bytes < 1024:
+            raise ValueError(f"max_bytes must be >= 1024, got {self.max_bytes}")
+
+
+class _HashingFile(io.RawIOBase):
+    def __init__(self, raw):
+        self._raw, self.sha, self.count = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.count += len(data)
+        return self._raw.write(data)
+
+
+class ShardBuilder:
+    """Accumulates samples into one deterministic tar in a local temp file."""
+
+    def __init__(self, tmp_dir: str | None = None):
+        self._file = tempfile.NamedTemporaryFile(prefix=storage.TEMP_PREFIX, suffix=".tar", dir=tmp_dir, delete=False)
+        self._hashing = _HashingFile(self._file)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.PAX_FORMAT)
+        self.samples = 0
+        self.seconds = 0.0
+        self._closed = False
+
+    @property
+    def bytes(self) -> int:
+        return self._hashing.count
+
+    def add(self, sample: ClipSample) -> None:
+        for name, payload in sample.members():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(payload))
+        self.samples += 1
+        self.seconds += sample.meta.duration
+
+    def commit(self, uri: str, url: str) -> ShardEntry:
+        """Finish the tar, copy it to ``uri`` atomically and return its manifest entry."""
+        self._finish()
+        try:
+            storage.put_file(self._file.name, uri)
+        finally:
+            self.discard()
+        return ShardEntry(
+            url=url,
+            samples=self.samples,
+            bytes=self._hashing.count,
+            sha256=self._hashing.sha.hexdigest(),
+            seconds=round(self.seconds, 3),
+        )
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._tar.close()
+            self._file.flush()
+            self._closed = True
+
+    def discard(self) -> None:
+        self._finish()
+        self._file.close()
+        if os.path.exists(self._file.name):
+            os.remove(self._file.name)
+
+
+class ShardWriter:
+    """Writes samples into ``<root>/<stem>-NNN.tar`` shards, rolling over on the limits.
+
+    Use as a context manager; ``entries`` lists the committed shards in order.
+    """
+
+    def __init__(self, root: str, stem: str, limits: ShardLimits = ShardLimits(), tmp_dir: str | None = None):
+        if "/" in stem or stem.startswith("."):
+            raise ValueError(f"shard stem {stem!r} must be a plain file name")
+        self.root, self.stem, self.limits, self._tmp_dir = root, stem, limits, tmp_dir
+        self.entries: list[ShardEntry] = []
+        self._builder: ShardBuilder | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.flush()
+        elif self._builder is not None:
+            self._builder.discard()
+
+    def write(self, sample: ClipSample) -> None:
+        if self._builder is None:
+            self._builder = ShardBuilder(self._tmp_dir)
+        self._builder.add(sample)
+        if self._builder.samples >= self.limits.max_samples or self._builder.bytes >= self.limits.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._builder is None or self._builder.samples == 0:
+            return
+        url = f"{self.stem}-{len(self.entries):03d}.tar"
+        self.entries.append(self._builder.commit(storage.join(self.root, url), url))
+        self._builder = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _VerifyingReader(io.RawIOBase):
+    """Counts and hashes bytes as they stream past; checks them against the manifest at EOF."""
+
+    def __init__(self, raw, uri: str, entry: ShardEntry | None):
+        self._raw, self.uri, self._entry = raw, uri, entry
+        self._sha, self._count = hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            self._sha.update(memoryview(buffer)[:n])
+            self._count += n
+        elif self._entry is not None:
+            self._check()
+        return n
+
+    def _check(self) -> None:
+        entry = self._entry
+        self._entry = None
+        if self._count != entry.bytes:
+            raise ShardError(f"{self.uri}: truncated or altered shard: {self._count} bytes, manifest says {entry.bytes}")
+        if self._sha.hexdigest() != entry.sha256:
+            raise ShardError(f"{self.uri}: sha256 mismatch with the manifest (corrupt shard)")
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_shard(uri: str, entry: ShardEntry | None = None) -> io.BufferedReader:
+    """Open a shard for streaming; with ``entry``, its size and hash are checked at EOF."""
+    try:
+        raw = storage.open_read(uri)
+    except storage.StorageNotFound as exc:
+        raise ShardError(f"{uri}: shard missing ({exc})") from exc
+    return io.BufferedReader(_VerifyingReader(raw, uri, entry), buffer_size=storage.READ_CHUNK)
+
+
+def iter_shard(uri: str, entry: ShardEntry | None = None) -> Iterator[dict]:
+    """Yield webdataset sample dicts (``__key__``, ``__url__``, extension -> bytes) of one shard."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def reraise(exc: Exception) -> bool:
+        if isinstance(exc, ShardError):
+            raise exc
+        raise ShardError(f"{uri}: unreadable or truncated tar: {exc}") from exc
+
+    with open_shard(uri, entry) as stream:
+        members = tar_file_expander([{"url": uri, "stream": stream}], handler=reraise)
+        yield from group_by_keys(members, handler=reraise)
+        stream.read()  # drain the tar padding so the size and hash are checked
+
+
+def iter_dataset(
+    location: str,
+    manifest: Manifest | None = None,
+    on_error: Callable[[ShardError], None] | None = None,
+) -> Iterator[ClipSample]:
+    """Yield every sample of a data set in manifest order.
+
+    A bad shard raises :class:`ShardError`, unless ``on_error`` is given, which is then
+    called with the error and the stream moves on to the next shard.
+    """
+    manifest = manifest or read_manifest(location)
+    for uri, entry in zip(shard_uris(manifest, location), manifest.shards):
+        yield from _guarded(iter_shard(uri, entry), on_error)
+
+
+def _guarded(samples: Iterable[dict], on_error) -> Iterator[ClipSample]:
+    try:
+        for sample in samples:
+            yield ClipSample.from_wds(sample)
+    except ShardError as exc:
+        if on_error is None:
+            raise
+        on_error(exc)

@@ -1,0 +1,359 @@
+"""The one place that knows ``file://`` and ``s3://``.
+
+Every URI in the project goes through here. Plain paths and ``file://`` URIs are local;
+``s3://bucket/key`` goes through boto3, which takes the endpoint, region and credentials
+from the standard AWS environment and config files (``AWS_ENDPOINT_URL``,
+``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``~/.aws/config``...). Credentials are never
+logged or put into error messages.
+
+Writes are atomic: a local write goes to a hidden temp file in the target folder and is
+renamed into place; an S3 write is spooled to a local temp file and uploaded in one
+PutObject or one multipart upload that is completed only when every part is in (and
+aborted otherwise), so no reader sees a partial object under its final name.
+
+Reads stream. An S3 read whose connection is cut part-way re-opens the object with a
+ranged GET from the last byte received (pinned to the object's ETag), up to
+``READ_RETRIES`` times in a row.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+READ_RETRIES = 8
+MULTIPART_THRESHOLD = 64 << 20
+TEMP_PREFIX = ".tmp-"
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and the reason."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The object, file or bucket does not exist."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``scheme`` is ``file`` or ``s3``; ``path`` is the local path or the S3 key."""
+
+    scheme: str
+    bucket: str
+    path: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.path}" if self.scheme == "s3" else self.path
+
+
+def parse(uri: str) -> Location:
+    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` URI."""
+    if not isinstance(uri, str) or not uri:
+        raise StorageError(f"empty or non-string URI: {uri!r}")
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri}: no bucket name")
+        return Location("s3", bucket, key)
+    if uri.startswith("file://"):
+        return Location("file", "", uri[7:])
+    if "://" in uri:
+        raise StorageError(f"{uri}: unsupported scheme (use a local path, file:// or s3://)")
+    return Location("file", "", uri)
+
+
+def join(base: str, *names: str) -> str:
+    """Join names onto a base URI with ``/`` (works for local paths and S3)."""
+    out = base.rstrip("/")
+    for name in names:
+        out = f"{out}/{name.strip('/')}"
+    return out
+
+
+def is_remote(uri: str) -> bool:
+    return parse(uri).scheme == "s3"
+
+
+# --------------------------------------------------------------------------- S3 client
+
+
+@functools.cache
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+    return boto3.session.Session().client("s3", config=config)
+
+
+def reset_clients() -> None:
+    """Forget cached S3 clients (after the AWS environment changed)."""
+    _s3_client.cache_clear()
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    """Turn a botocore error into a StorageError with a readable reason."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint: {exc}")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket":
+            return StorageNotFound(f"{uri}: bucket {parse(uri).bucket!r} does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageNotFound(f"{uri}: no such object")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"):
+            return StorageError(f"{uri}: access denied by S3 ({code}): check the AWS credentials and permissions")
+        return StorageError(f"{uri}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from exc
+
+
+# --------------------------------------------------------------------------- reads
+
+
+_TRANSIENT = (OSError, http.client.HTTPException)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import urllib3.exceptions
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return _TRANSIENT + (
+        urllib3.exceptions.HTTPError,
+        BotoConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+
+class S3ObjectReader(io.RawIOBase):
+    """A streaming, resuming reader of one S3 object (use through ``open_read``)."""
+
+    def __init__(self, uri: str, retries: int = READ_RETRIES):
+        loc = parse(uri)
+        self.uri, self._bucket, self._key, self._retries = uri, loc.bucket, loc.path, retries
+        self._pos = 0
+        self._transient = _transient_errors()
+        self.resumes = 0
+        response = self._get(None)
+        self.size = int(response["ContentLength"])
+        self._etag = response["ETag"]
+        self._body = response["Body"]
+
+    def _get(self, start: int | None) -> dict:
+        kwargs = {"Bucket": self._bucket, "Key": self._key}
+        if start is not None:
+            kwargs.update(Range=f"bytes={start}-", IfMatch=self._etag)
+        with _s3_errors(self.uri):
+            return _s3_client().get_object(**kwargs)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._pos >= self.size:
+            return 0
+        failures = 0
+        while True:
+            try:
+                data = self._body.read(len(buffer))
+                if not data:
+                    raise http.client.IncompleteRead(b"", self.size - self._pos)
+                break
+            except self._transient as exc:
+                failures += 1
+                if failures > self._retries:
+                    raise StorageError(f"{self.uri}: read failed at byte {self._pos} after {self._retries} resumes: {exc}") from exc
+                self._resume(exc, failures)
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def _resume(self, exc: BaseException, attempt: int) -> None:
+        log.warning("%s: connection lost at byte %d (%s); resuming with a ranged GET", self.uri, self._pos, type(exc).__name__)
+        with contextlib.suppress(Exception):
+            self._body.close()
+        time.sleep(min(0.05 * 2**attempt, 2.0))
+        self._body = self._get(self._pos)["Body"]
+        self.resumes += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+        super().close()
+
+
+def open_read(uri: str, buffer_size: int = READ_CHUNK) -> BinaryIO:
+    """Open a URI for streaming binary reads."""
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        return io.BufferedReader(S3ObjectReader(uri), buffer_size=buffer_size)
+    try:
+        return open(loc.path, "rb", buffering=buffer_size)
+    except FileNotFoundError as exc:
+        raise StorageNotFound(f"{uri}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise StorageError(f"{uri}: is a directory, not a file") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_read(uri) as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return os.path.exists(loc.path)
+    try:
+        with _s3_errors(uri):
+            _s3_client().head_object(Bucket=loc.bucket, Key=loc.path)
+        return True
+    except StorageNotFound:
+        return False
+
+
+def size(uri: str) -> int:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        try:
+            return os.path.getsize(loc.path)
+        except FileNotFoundError as exc:
+            raise StorageNotFound(f"{uri}: no such file") from exc
+    with _s3_errors(uri):
+        return int(_s3_client().head_object(Bucket=loc.bucket, Key=loc.path)["ContentLength"])
+
+
+def list_files(prefix: str) -> list[str]:
+    """URIs of the files directly or indirectly under a folder/prefix, sorted; temp files excluded."""
+    loc = parse(prefix)
+    if loc.scheme == "file":
+        root = loc.path
+        if not os.path.isdir(root):
+            return []
+        found = []
+        for folder, _, files in os.walk(root):
+            found += [os.path.join(folder, f) for f in files if not f.startswith(TEMP_PREFIX)]
+        return sorted(found)
+    key_prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+    found = []
+    with _s3_errors(prefix):
+        pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=key_prefix)
+        for page in pages:
+            found += [f"s3://{loc.bucket}/{o['Key']}" for o in page.get("Contents", [])]
+    return sorted(found)
+
+
+def delete(uri: str) -> None:
+    """Delete a file or object; a missing one is not an error."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(loc.path)
+        return
+    with _s3_errors(uri):
+        _s3_client().delete_object(Bucket=loc.bucket, Key=loc.path)
+
+
+# --------------------------------------------------------------------------- writes
+
+
+@contextlib.contextmanager
+def open_write(uri: str) -> Iterator[BinaryIO]:
+    """Write a file atomically: it appears under ``uri`` only if the block exits cleanly."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        with _local_atomic(loc.path) as f:
+            yield f
+        return
+    with tempfile.TemporaryFile(prefix=TEMP_PREFIX) as spool:
+        yield spool
+        spool.flush()
+        spool.seek(0)
+        upload(spool, uri)
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[BinaryIO]:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def upload(fileobj: BinaryIO, uri: str) -> None:
+    """Upload a seekable file object to S3 (multipart above the threshold, completed only when whole)."""
+    from boto3.s3.transfer import TransferConfig
+
+    loc = parse(uri)
+    part = MULTIPART_THRESHOLD
+    config = TransferConfig(multipart_threshold=part, multipart_chunksize=part, use_threads=True)
+    with _s3_errors(uri):
+        _s3_client().upload_fileobj(fileobj, loc.bucket, loc.path, Config=config)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_write(uri) as f:
+        f.write(data)
+
+
+def put_file(local_path: str, uri: str) -> None:
+    """Copy a local file to ``uri`` atomically."""
+    if is_remote(uri):
+        with open(local_path, "rb") as src:
+            upload(src, uri)
+        return
+    with open(local_path, "rb") as src, open_write(uri) as dst:
+        shutil.copyfileobj(src, dst, READ_CHUNK)
+
+
+def cleanup_temp(prefix: str) -> int:
+    """Remove temp files that a killed writer left under a local folder; returns how many."""
+    loc = parse(prefix)
+    if loc.scheme != "file" or not os.path.isdir(loc.path):
+        return 0
+    removed = 0
+    for folder, _, files in os.walk(loc.path):
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed

@@ -1,0 +1,128 @@
+import json
+import subprocess
+import tarfile
+
+import pytest
+
+from pipeline import storage
+from pipeline.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from pipeline.shards import ShardError, ShardLimits, ShardWriter, iter_dataset, iter_shard
+from tests.support.samples import make_sample
+from tests.support.ids import CLIP_IDS
+
+
+def write_dataset(root: str, clip_ids, limits=ShardLimits(max_samples=3)) -> Manifest:
+    with ShardWriter(root, "part", limits) as writer:
+        for i, clip_id in enumerate(clip_ids):
+            writer.write(make_sample(clip_id, num_frames=2 + i % 3, video_id=f"v{i}"))
+    manifest = Manifest(shards=tuple(writer.entries), config={"test": True})
+    write_manifest(root, manifest)
+    return manifest
+
+
+@pytest.fixture(params=["file", "s3"])
+def root(request, tmp_path):
+    if request.param == "file":
+        return str(tmp_path / "ds")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/some/prefix"
+
+
+def test_round_trip(root):
+    manifest = write_dataset(root, CLIP_IDS)
+    assert [s.samples for s in manifest.shards] == [3, 3, 2]
+    back = read_manifest(root)
+    assert back == manifest
+    got = list(iter_dataset(root))
+    assert [s.meta.clip_id for s in got] == CLIP_IDS
+    for i, sample in enumerate(got):
+        want = make_sample(CLIP_IDS[i], num_frames=2 + i % 3, video_id=f"v{i}")
+        assert sample == want
+    assert storage.exists(storage.join(root, "sizes.json"))
+    assert json.loads(storage.read_bytes(storage.join(root, "sizes.json"))) == manifest.sizes
+
+
+def test_same_samples_same_bytes(tmp_path):
+    a = write_dataset(str(tmp_path / "a"), CLIP_IDS)
+    b = write_dataset(str(tmp_path / "b"), CLIP_IDS)
+    assert a.shards == b.shards
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+
+
+def test_byte_limit_rolls_over(tmp_path):
+    manifest = write_dataset(str(tmp_path), CLIP_IDS, ShardLimits(max_samples=100, max_bytes=4096))
+    assert len(manifest.shards) > 1
+    assert sum(s.samples for s in manifest.shards) == len(CLIP_IDS)
+
+
+def test_stock_webdataset_and_tar_read_shards(tmp_path):
+    import webdataset as wds
+
+    write_dataset(str(tmp_path), CLIP_IDS)
+    url = str(tmp_path / "part-000.tar")
+    samples = list(wds.WebDataset(url, shardshuffle=False).decode("pil"))
+    assert len(samples) == 3
+    assert samples[0]["f000.jpg"].size == (32, 24)
+    assert json.loads(samples[0]["json"])["clip_id"] == CLIP_IDS[0] if isinstance(samples[0]["json"], (bytes, str)) else samples[0]["json"]["clip_id"] == CLIP_IDS[0]
+    listing = subprocess.run(["tar", "tf", url], capture_output=True, text=True, check=True).stdout.split()
+    assert listing[0].endswith(".f000.jpg") and all("/" not in n for n in listing)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    manifest = write_dataset(str(tmp_path), CLIP_IDS)
+    path = tmp_path / "part-001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="part-001.tar.*(truncated|unreadable)"):
+        list(iter_dataset(str(tmp_path), manifest))
+
+
+def test_truncated_tar_without_manifest_is_named(tmp_path):
+    write_dataset(str(tmp_path), CLIP_IDS)
+    path = tmp_path / "part-000.tar"
+    path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(ShardError, match="part-000.tar: unreadable or truncated tar"):
+        list(iter_shard(str(path)))
+
+
+def test_altered_shard_fails_hash(tmp_path):
+    write_dataset(str(tmp_path), CLIP_IDS)
+    path = tmp_path / "part-002.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF  # inside the first JPEG payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="part-002.tar: sha256 mismatch"):
+        list(iter_dataset(str(tmp_path)))
+
+
+def test_bad_shard_can_be_skipped_and_reported(tmp_path):
+    write_dataset(str(tmp_path), CLIP_IDS)
+    (tmp_path / "part-001.tar").unlink()
+    errors = []
+    got = list(iter_dataset(str(tmp_path), on_error=errors.append))
+    assert len(got) == 5
+    assert len(errors) == 1 and "part-001.tar: shard missing" in str(errors[0])
+
+
+def test_failed_writer_commits_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(str(tmp_path), "part", ShardLimits(max_samples=10)) as writer:
+            writer.write(make_sample("a.mp4"))
+            raise RuntimeError("worker died")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tar_headers_are_deterministic(tmp_path):
+    write_dataset(str(tmp_path), CLIP_IDS[:2])
+    with tarfile.open(tmp_path / "part-000.tar") as tar:
+        for info in tar.getmembers():
+            assert (info.mtime, info.uid, info.gid, info.uname, info.mode) == (0, 0, 0, "", 0o644)
+
+
+def test_manifest_lists_only_committed_shards(tmp_path):
+    """A stray tar in the folder (say a half-written one from a killed job) is not read."""
+    write_dataset(str(tmp_path), CLIP_IDS)
+    (tmp_path / "part-099.tar").write_bytes(b"garbage")
+    assert len(list(iter_dataset(str(tmp_path)))) == len(CLIP_IDS)
+    with pytest.raises(ManifestError):
+        read_manifest(str(tmp_path / "nope"))

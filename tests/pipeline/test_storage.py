@@ -1,0 +1,140 @@
+import os
+import uuid
+
+import pytest
+
+from pipeline import storage
+from pipeline.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from pipeline.shards import ShardWriter, iter_dataset
+from tests.support.cutproxy import CuttingProxy
+from tests.support.samples import make_sample
+
+
+@pytest.fixture(params=["file", "s3"])
+def root(request, tmp_path):
+    if request.param == "file":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
+def test_write_read_list_delete(root):
+    a, b = storage.join(root, "a.bin"), storage.join(root, "sub/b.bin")
+    storage.write_bytes(a, b"alpha")
+    storage.write_bytes(b, b"beta" * 1000)
+    assert storage.read_bytes(a) == b"alpha"
+    assert storage.size(b) == 4000
+    assert storage.list_files(root) == sorted([a, b])
+    storage.delete(a)
+    assert not storage.exists(a) and storage.exists(b)
+    storage.delete(a)  # deleting a missing object is fine
+
+
+def test_missing_object_is_named(root):
+    uri = storage.join(root, "nothing-here.tar")
+    with pytest.raises(storage.StorageNotFound, match="nothing-here.tar"):
+        storage.read_bytes(uri)
+
+
+def test_failed_write_leaves_nothing(root):
+    uri = storage.join(root, "partial.tar")
+    with pytest.raises(RuntimeError):
+        with storage.open_write(uri) as f:
+            f.write(b"x" * 100_000)
+            raise RuntimeError("killed mid-write")
+    assert not storage.exists(uri)
+    assert storage.list_files(root) == []
+
+
+def test_local_write_is_a_rename(tmp_path):
+    """While a write is in progress only a hidden temp file exists; the final name appears whole."""
+    uri = str(tmp_path / "x.bin")
+    with storage.open_write(uri) as f:
+        f.write(b"half")
+        assert not os.path.exists(uri)
+        assert [p.name.startswith(storage.TEMP_PREFIX) for p in tmp_path.iterdir()] == [True]
+    assert storage.read_bytes(uri) == b"half"
+    assert storage.list_files(str(tmp_path)) == [uri]
+
+
+def test_multipart_upload_round_trip(s3_bucket, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 << 20)
+    payload = os.urandom(12 << 20)
+    uri = f"{s3_bucket}/big.bin"
+    storage.write_bytes(uri, payload)
+    assert storage.read_bytes(uri) == payload
+
+
+def test_wrong_credentials_are_reported(s3_bucket, monkeypatch):
+    storage.write_bytes(f"{s3_bucket}/x", b"1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    storage.reset_clients()
+    try:
+        with pytest.raises(storage.StorageError, match=r"s3://.*/x: access denied by S3 \(SignatureDoesNotMatch\)") as info:
+            storage.read_bytes(f"{s3_bucket}/x")
+        assert "not-the-secret" not in str(info.value)
+    finally:
+        monkeypatch.undo()
+        storage.reset_clients()
+
+
+def test_missing_bucket_is_reported(s3_server):
+    uri = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/manifest.json"
+    with pytest.raises(storage.StorageNotFound, match="bucket 'no-such-bucket-.*' does not exist"):
+        storage.read_bytes(uri)
+
+
+def test_unsupported_scheme():
+    with pytest.raises(storage.StorageError, match="gs://b/x: unsupported scheme"):
+        storage.parse("gs://b/x")
+
+
+def test_missing_manifest_is_reported(root):
+    with pytest.raises(ManifestError, match="manifest.json: manifest not found"):
+        read_manifest(root)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"schema_version": 7, "shards": []}', "schema version 7, this code reads version 1"),
+        (b'{"schema_version": 1}', "missing field 'shards'"),
+        (b'{"schema_version": 1, "shards": [{"url": "../x.tar", "samples": 1, "bytes": 1, "sha256": "' + b"0" * 64 + b'", "seconds": 1}]}', "must be a relative path"),
+        (b'{"schema_version": 1, "shards": [{"url": "x.tar", "samples": 1, "bytes": 1, "sha256": "abc", "seconds": 1}]}', "not 64 hex digits"),
+        (b'{"schema_version": 1, "shards": [], "totals": {"samples": 3}}', "totals.samples is 3 but the shards add up to 0"),
+    ],
+)
+def test_corrupt_manifest_is_reported(root, payload, message):
+    uri = storage.join(root, "manifest.json")
+    storage.write_bytes(uri, payload)
+    with pytest.raises(ManifestError, match=f"manifest.json: .*{message}"):
+        read_manifest(root)
+
+
+def _write_dataset(root: str, n: int) -> Manifest:
+    with ShardWriter(root, "s") as writer:
+        for i in range(n):
+            writer.write(make_sample(f"clip.{i}.mp4", num_frames=6))
+    manifest = Manifest(shards=tuple(writer.entries))
+    write_manifest(root, manifest)
+    return manifest
+
+
+def test_connection_cut_mid_read_resumes(s3_bucket, s3_server, monkeypatch):
+    """Every connection through the proxy is dropped after 20 kB: the reader resumes each time."""
+    root = f"{s3_bucket}/cut"
+    manifest = _write_dataset(root, 12)
+    assert manifest.num_bytes > 60_000
+    host, port = s3_server.endpoint.removeprefix("http://").split(":")
+    proxy = CuttingProxy((host, int(port)), cut_after=20_000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    storage.reset_clients()
+    try:
+        got = [s.meta.clip_id for s in iter_dataset(root)]
+    finally:
+        monkeypatch.undo()
+        storage.reset_clients()
+        proxy.close()
+    assert got == [f"clip.{i}.mp4" for i in range(12)]
+    assert proxy.cuts_made >= 3
