@@ -1,0 +1,276 @@
+"""Clip decoding speed and memory: our decoder vs ffmpeg-per-clip and vs decoding every frame.
+
+Makes (once, cached in the temp folder) a corpus of 720p H.264 sources (GOP 2 s, B-frames) with
+five or six 10 s clips each, then runs each method in a fresh process pinned to one core with one
+decoder thread, and prints side by side:
+
+1. our clips/s vs running the ffmpeg CLI once per clip to cut (-ss/-t), resample and write 12
+   JPEGs, video2dataset style (target >= 1.8x);
+2. our time vs decoding every frame of the sources once with PyAV (target <= 0.7x);
+3. peak RSS of a worker decoding clips from a 10-minute source vs a 10-second one (target < 2x).
+
+decord's ``get_batch`` per clip is timed as well, for reference.
+
+    python bench/preprocess.py            # full size, a few minutes (plus ~5 CPU-minutes once to encode)
+    python bench/preprocess.py --quick    # small corpus, smoke test in under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FRAMES = 12
+SHORT_SIDE = 224
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Sizes of the benchmark corpus."""
+
+    sources: int
+    seconds: int
+    width: int
+    height: int
+    fps: int
+    clip_seconds: float
+    long_copies: int
+    """The long source for the memory test is this many sources concatenated."""
+
+    def key(self) -> str:
+        return "-".join(str(v) for v in asdict(self).values())
+
+
+FULL = Corpus(sources=8, seconds=60, width=1280, height=720, fps=30, clip_seconds=10.0, long_copies=10)
+QUICK = Corpus(sources=2, seconds=12, width=640, height=360, fps=30, clip_seconds=4.0, long_copies=5)
+
+
+# -- corpus ------------------------------------------------------------------------------------
+def make_corpus(spec: Corpus, root: Path) -> dict:
+    """Encode the sources and the clip list into ``root`` unless already there; returns the plan."""
+    plan_path = root / "plan.json"
+    if plan_path.exists():
+        return json.loads(plan_path.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"src{i}.mp4" for i in range(spec.sources)]
+    print(f"encoding {spec.sources} sources of {spec.seconds} s at {spec.width}x{spec.height} into {root} ...",
+          flush=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda ip: _encode_source(spec, ip[0], ip[1]), enumerate(paths)))
+    long_path, short_path = root / "long.mp4", root / "short.mp4"
+    _concat(paths, spec.long_copies, long_path)
+    _ffmpeg("-i", str(paths[0]), "-t", "10", "-c", "copy", str(short_path))
+    plan = {"sources": [{"path": str(p), "clips": _clips(spec, i)} for i, p in enumerate(paths)],
+            "long": str(long_path), "short": str(short_path), "long_seconds": spec.seconds * spec.long_copies}
+    plan_path.write_text(json.dumps(plan))
+    return plan
+
+
+def _encode_source(spec: Corpus, index: int, path: Path) -> None:
+    """testsrc2 with a drifting hue and light temporal noise, so it is not trivially compressible."""
+    src = f"testsrc2=size={spec.width}x{spec.height}:rate={spec.fps}"
+    vf = f"hue=H=2*PI*t/{7 + index},noise=alls=6:allf=t+u"
+    _ffmpeg("-f", "lavfi", "-i", src, "-t", str(spec.seconds), "-vf", vf, "-c:v", "libx264", "-preset", "veryfast",
+            "-crf", "26", "-g", str(2 * spec.fps), "-bf", "3", "-pix_fmt", "yuv420p", "-threads", "1", str(path))
+
+
+def _concat(paths: list[Path], copies: int, out: Path) -> None:
+    listing = out.with_suffix(".txt")
+    listing.write_text("".join(f"file '{paths[i % len(paths)]}'\n" for i in range(copies)))
+    _ffmpeg("-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(out))
+
+
+def _clips(spec: Corpus, index: int) -> list[list[float]]:
+    """Five or six non-overlapping clips spread over the source."""
+    rng = random.Random(index)
+    count = min(5 + index % 2, int(spec.seconds // spec.clip_seconds))
+    slack = spec.seconds - count * spec.clip_seconds
+    cuts = sorted(rng.uniform(0, slack) for _ in range(count))
+    return [[round(c + k * spec.clip_seconds, 3), round(c + (k + 1) * spec.clip_seconds, 3)]
+            for k, c in enumerate(cuts)]
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True)
+
+
+# -- methods (each runs in a worker process pinned to one core) ---------------------------------
+def run_ours(plan: dict) -> dict:
+    from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
+
+    cfg = DecodeConfig(num_frames=FRAMES, short_side=SHORT_SIDE, threads=1)
+    clips = frames = 0
+    for src in plan["sources"]:
+        requests = [ClipRequest(clip_id=str(k), start=s, end=e) for k, (s, e) in enumerate(src["clips"])]
+        for result in decode_clips(src["path"], requests, cfg):
+            assert isinstance(result, DecodedClip), result
+            clips, frames = clips + 1, frames + len(result.frames)
+    return {"clips": clips, "frames": frames}
+
+
+def run_ffmpeg_per_clip(plan: dict) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-ffmpeg-"))
+    clips = frames = 0
+    try:
+        for src in plan["sources"]:
+            for k, (start, end) in enumerate(src["clips"]):
+                d = out / f"{Path(src['path']).stem}-{k}"
+                d.mkdir()
+                vf = f"fps={FRAMES}/{end - start},scale=-2:{SHORT_SIDE}"
+                _ffmpeg("-threads", "1", "-ss", str(start), "-t", str(end - start), "-i", src["path"],
+                        "-vf", vf, "-filter_threads", "1", "-frames:v", str(FRAMES), "-q:v", "3", str(d / "%02d.jpg"))
+                clips, frames = clips + 1, frames + len(list(d.iterdir()))
+    finally:
+        shutil.rmtree(out)
+    return {"clips": clips, "frames": frames}
+
+
+def run_decode_everything(plan: dict) -> dict:
+    import av
+
+    frames = 0
+    for src in plan["sources"]:
+        with av.open(src["path"]) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            for _ in container.decode(stream):
+                frames += 1
+    return {"clips": sum(len(s["clips"]) for s in plan["sources"]), "frames": frames}
+
+
+def run_decord_per_clip(plan: dict) -> dict:
+    import decord
+    from PIL import Image
+
+    clips = frames = 0
+    for src in plan["sources"]:
+        reader = decord.VideoReader(src["path"], num_threads=1)
+        fps = reader.get_avg_fps()
+        for start, end in src["clips"]:
+            step = (end - start) / FRAMES
+            idx = [min(len(reader) - 1, round((start + (i + 0.5) * step) * fps)) for i in range(FRAMES)]
+            for rgb in reader.get_batch(idx).asnumpy():
+                image = Image.fromarray(rgb)
+                w = round(image.width * SHORT_SIDE / image.height)
+                image.resize((w, SHORT_SIDE), Image.BICUBIC).save(io.BytesIO(), format="JPEG", quality=90)
+                frames += 1
+            clips += 1
+    return {"clips": clips, "frames": frames}
+
+
+def run_memory(plan: dict, which: str) -> dict:
+    """Decode six 10 s clips spread over the long source, or one clip of the short one."""
+    from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
+
+    if which == "long":
+        total = plan["long_seconds"]
+        spans = [(k * total / 6 + 1.0, k * total / 6 + 11.0) for k in range(6)]
+    else:
+        spans = [(0.0, 9.5)]
+    requests = [ClipRequest(clip_id=str(k), start=s, end=e) for k, (s, e) in enumerate(spans)]
+    results = list(decode_clips(plan[which], requests, DecodeConfig(num_frames=FRAMES, threads=1)))
+    assert all(isinstance(r, DecodedClip) for r in results), results
+    return {"clips": len(results), "frames": sum(len(r.frames) for r in results)}
+
+
+METHODS = {
+    "ours": run_ours, "ffmpeg_per_clip": run_ffmpeg_per_clip, "decode_everything": run_decode_everything,
+    "decord_per_clip": run_decord_per_clip,
+    "memory_long": lambda plan: run_memory(plan, "long"), "memory_short": lambda plan: run_memory(plan, "short"),
+}
+
+
+def worker(method: str, plan_path: str, core: int) -> None:
+    os.sched_setaffinity(0, {core})  # children (ffmpeg) inherit the single core
+    plan = json.loads(Path(plan_path).read_text())
+    start = time.perf_counter()
+    result = METHODS[method](plan)
+    result["seconds"] = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu_seconds"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    result["max_rss_mib"] = own.ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def measure(method: str, plan_path: Path, core: int, repeat: int) -> dict:
+    """Best of ``repeat`` runs, each in a fresh pinned process."""
+    best = None
+    for _ in range(repeat):
+        cmd = [sys.executable, __file__, "--worker", method, "--plan", str(plan_path), "--core", str(core)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if best is None or result["seconds"] < best["seconds"]:
+            best = result
+    return best
+
+
+# -- report ------------------------------------------------------------------------------------
+def report(spec: Corpus, plan: dict, plan_path: Path, core: int, repeat: int, with_decord: bool) -> None:
+    methods = ["ours", "ffmpeg_per_clip", "decode_everything"] + (["decord_per_clip"] if with_decord else [])
+    results = {}
+    for m in methods:
+        results[m] = measure(m, plan_path, core, repeat)
+        r = results[m]
+        print(f"  {m:<18} {r['seconds']:7.2f} s  (cpu {r['cpu_seconds']:6.2f} s)  {r['clips']:3d} clips "
+              f"{r['frames']:6d} frames  {r['clips'] / r['seconds']:6.2f} clips/s", flush=True)
+    ours, base, full = results["ours"], results["ffmpeg_per_clip"], results["decode_everything"]
+    speedup = (ours["clips"] / ours["seconds"]) / (base["clips"] / base["seconds"])
+    ratio = ours["seconds"] / full["seconds"]
+    long_, short = measure("memory_long", plan_path, core, 1), measure("memory_short", plan_path, core, 1)
+    rss = long_["max_rss_mib"] / short["max_rss_mib"]
+    print(f"  peak RSS: {plan['long_seconds'] / 60:.0f}-minute source {long_['max_rss_mib']:.0f} MiB, "
+          f"10-second source {short['max_rss_mib']:.0f} MiB")
+    print("")
+    print(f"(1) clips/s per core, ours vs ffmpeg per clip : {speedup:5.2f}x   target >= 1.8x  "
+          f"{'ok' if speedup >= 1.8 else 'MISSED'}")
+    print(f"(2) time, ours vs decoding every frame (PyAV) : {ratio:5.2f}x   target <= 0.7x  "
+          f"{'ok' if ratio <= 0.7 else 'MISSED'}")
+    print(f"(3) peak RSS, long vs short source            : {rss:5.2f}x   target <  2x    "
+          f"{'ok' if rss < 2 else 'MISSED'}")
+    cpu_speedup = (ours["clips"] / ours["cpu_seconds"]) / (base["clips"] / base["cpu_seconds"])
+    print(f"    by CPU seconds (less sensitive to a busy machine): (1) {cpu_speedup:.2f}x  "
+          f"(2) {ours['cpu_seconds'] / full['cpu_seconds']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small corpus (smoke test)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per method; the best counts")
+    parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vidproxy-bench-preprocess"))
+    parser.add_argument("--no-decord", action="store_true", help="skip the decord reference")
+    parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    core = args.core if args.core is not None else max(os.sched_getaffinity(0))
+    if args.worker:
+        worker(args.worker, args.plan, core)
+        return
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    spec = QUICK if args.quick else FULL
+    root = Path(args.cache) / spec.key()
+    plan = make_corpus(spec, root)
+    clips = sum(len(s["clips"]) for s in plan["sources"])
+    print(f"corpus: {spec.sources} x {spec.seconds} s {spec.width}x{spec.height} H.264 (GOP {2 * spec.fps} frames, "
+          f"B-frames), {clips} clips of {spec.clip_seconds:g} s, {FRAMES} frames per clip at short side "
+          f"{SHORT_SIDE}; one core (cpu {core}), one decoder thread")
+    report(spec, plan, root / "plan.json", core, args.repeat, not args.no_decord)
+
+
+if __name__ == "__main__":
+    main()

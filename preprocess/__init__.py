@@ -1,0 +1,1 @@
+"""Preprocessing: video corpora to WebDataset shards (decoding, synthetic data, the Ray job)."""

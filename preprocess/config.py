@@ -1,0 +1,136 @@
+"""Configuration of the preprocessing job: one dataclass per concern, composed into PreprocessConfig.
+
+``DecodeConfig`` (what to decode per clip) lives next to the decoder in
+:mod:`preprocess.decode`. Only the parts that decide the output's bytes go into the
+manifest (:meth:`PreprocessConfig.manifest_config`); where the output goes and how the
+cluster runs it (Ray settings, retries, timeouts) do not, so a 1-worker and an N-worker
+run, or a resumed run, write the same manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+from preprocess.decode import DecodeConfig
+
+
+class Layout(str, enum.Enum):
+    """How videos are laid out under the videos folder."""
+
+    SOURCE = "source"
+    """Whole source videos ``<video_id>.<ext>``, cut by each clip's span."""
+    CLIPS = "clips"
+    """Pre-cut clip files ``<video_id>/<clip_id>`` (HD-VILA's released layout)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputConfig:
+    """Where the metadata, videos and texts come from."""
+
+    metadata: str
+    """HD-VILA metadata jsonl (local path, file:// or s3://)."""
+    videos: str
+    """Folder or s3:// prefix holding the videos."""
+    layout: Layout = Layout.SOURCE
+    """``source`` (whole videos cut by span) or ``clips`` (pre-cut clip files)."""
+    subtitles: str | None = None
+    """Optional jsonl of ``{clip_id, text}``."""
+    captions: str | None = None
+    """Optional jsonl of ``{clip_id, caption}``."""
+    max_text_chars: int = 2000
+    """Subtitles and captions longer than this are truncated (and counted in the stats)."""
+
+    def __post_init__(self) -> None:
+        for name in ("metadata", "videos"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty path or URI")
+        object.__setattr__(self, "layout", Layout(self.layout))
+        if self.max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be >= 1, got {self.max_text_chars}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardingConfig:
+    """How clips are grouped into shards and where the shards go."""
+
+    output: str
+    """Output folder or s3:// prefix (shards, stats, failures, manifest)."""
+    clips_per_shard: int = 1000
+    """Clips of the metadata (in order) per shard; shard k holds clip positions [k*n, (k+1)*n)."""
+    max_shard_bytes: int = 1 << 30
+    """A shard's tar is split into ``-001``, ``-002``... once it reaches this size."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.output, str) or not self.output:
+            raise ValueError("output must be a non-empty path or URI")
+        if self.clips_per_shard < 1:
+            raise ValueError(f"clips_per_shard must be >= 1, got {self.clips_per_shard}")
+        if self.max_shard_bytes < 1024:
+            raise ValueError(f"max_shard_bytes must be >= 1024, got {self.max_shard_bytes}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """How the job runs on Ray (never part of the manifest)."""
+
+    address: str | None = None
+    """None: RAY_ADDRESS or a running cluster, else a new local one; ``local``: always a new local one."""
+    num_cpus: int | None = None
+    """CPUs of a new local cluster (only with ``address`` None/``local``)."""
+    max_in_flight: int | None = None
+    """Shard tasks submitted but not finished at once; default 2x the cluster's CPUs."""
+    max_retries: int = 3
+    """Reruns of a shard task whose worker died or that raised."""
+    video_timeout_s: float = 600.0
+    """A video decoding for longer than this is cancelled and its clips fail with ``timeout``."""
+    task_cpus: float = 1.0
+    """CPUs reserved per shard task."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not self.video_timeout_s > 0:
+            raise ValueError(f"video_timeout_s must be > 0, got {self.video_timeout_s}")
+        if not self.task_cpus > 0:
+            raise ValueError(f"task_cpus must be > 0, got {self.task_cpus}")
+        if self.num_cpus is not None and self.address not in (None, "local"):
+            raise ValueError(f"num_cpus applies to a new local cluster, not to address {self.address!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    """The whole job."""
+
+    inputs: InputConfig
+    """Metadata, videos, texts."""
+    sharding: ShardingConfig
+    """Shard grouping and output location."""
+    decode: DecodeConfig = DecodeConfig()
+    """Frames per clip, resize, JPEG quality, decoder threads."""
+    ray: RayConfig = RayConfig()
+    """Cluster connection, backpressure, retries, timeouts."""
+    retry_failed: bool = False
+    """Redo committed shards that recorded failed clips."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def manifest_config(self) -> dict:
+        """The resolved config that decides the output bytes (goes into the manifest)."""
+        inputs = dataclasses.asdict(self.inputs)
+        inputs["layout"] = self.inputs.layout.value
+        sharding = dataclasses.asdict(self.sharding)
+        sharding.pop("output")
+        return {"inputs": inputs, "sharding": sharding, "decode": dataclasses.asdict(self.decode)}
+
+    def run_config(self) -> dict:
+        """Everything, for the run log."""
+        out = self.manifest_config()
+        out["sharding"]["output"] = self.sharding.output
+        out["ray"] = dataclasses.asdict(self.ray)
+        out["retry_failed"] = self.retry_failed
+        return out

@@ -1,0 +1,524 @@
+"""Decode only the frames each clip needs from a local video file, as resized JPEG bytes.
+
+One call of :func:`decode_clips` opens the file once and serves every clip of that video in a
+single forward pass over its packets (with a keyframe seek across long gaps between clips):
+
+* each clip asks for a few target times (uniform or fixed-rate, see :func:`target_times`);
+* packets are grouped by GOP (keyframe to keyframe) without decoding; a GOP whose packets hold
+  no chosen frame is never fed to the decoder;
+* inside a needed GOP the decoder gets the packets up to the last chosen frame (in decode order)
+  and skips non-reference frames that are not chosen (``skip_frame = "NONREF"``), then drains;
+* every chosen frame is resized (swscale) and JPEG-encoded at once, so at most the JPEGs of the
+  clips in progress and one GOP of compressed packets are held, whatever the video's length.
+
+Times are seconds on the source timeline: packet and frame timestamps (``pts * time_base``)
+minus the video stream's start time, never frame counts, so variable frame rate files work.
+Bad input never raises: it becomes a :class:`ClipFailure` with a stage, an error class and a
+message naming the file. See docs/decoding.md.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+STAGES = ("open", "probe", "span", "decode", "encode")
+MAX_GOP_BYTES = 256 << 20
+"""Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """Which frames to take from a clip and how to store them."""
+
+    num_frames: int = 12
+    """Frames per clip in uniform mode (used when ``fps`` is None)."""
+    fps: float | None = None
+    """If set: fixed-rate mode, frames at this rate from the clip start, capped at ``max_frames``."""
+    max_frames: int = 32
+    """Cap on frames per clip in fixed-rate mode (evenly subsampled above it)."""
+    short_side: int = 224
+    """Resize so the short side has this many pixels, aspect kept; 0 keeps the decoded size."""
+    jpeg_quality: int = 90
+    """JPEG quality, 1..95."""
+    threads: int = 1
+    """Decoder threads, 1..16."""
+    seek_gap: float = 6.0
+    """Seek (instead of reading on) when the next needed frame is more than this many seconds ahead."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_frames <= 1024:
+            raise ValueError(f"num_frames must be in 1..1024, got {self.num_frames}")
+        if self.fps is not None and not (math.isfinite(self.fps) and 0 < self.fps <= 240):
+            raise ValueError(f"fps must be None or in (0, 240], got {self.fps}")
+        if not 1 <= self.max_frames <= 1024:
+            raise ValueError(f"max_frames must be in 1..1024, got {self.max_frames}")
+        if not 0 <= self.short_side <= 4096:
+            raise ValueError(f"short_side must be 0 (keep size) or in 1..4096, got {self.short_side}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        if not 1 <= self.threads <= 16:
+            raise ValueError(f"threads must be in 1..16, got {self.threads}")
+        if not (math.isfinite(self.seek_gap) and self.seek_gap > 0):
+            raise ValueError(f"seek_gap must be a positive number of seconds, got {self.seek_gap}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipRequest:
+    """One clip to take from a video file."""
+
+    clip_id: str
+    """Identifier carried into the result."""
+    start: float
+    """Start in seconds on the source timeline; 0.0 for a pre-cut clip file."""
+    end: float | None
+    """End in seconds; None means the end of the file (a pre-cut clip)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodedClip:
+    """The frames of one clip."""
+
+    clip_id: str
+    frames: tuple[bytes, ...]
+    """JPEG bytes, in time order."""
+    frame_times: tuple[float, ...]
+    """Source-timeline seconds of each stored frame (non-decreasing; repeats if the clip has fewer frames)."""
+    frame_size: tuple[int, int]
+    """(width, height) of the stored frames."""
+    source_fps: float
+    """The stream's average frame rate (0.0 if unknown)."""
+    span: tuple[float, float]
+    """The span used: the request, with the end resolved (pre-cut) or clamped to the video's end."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipFailure:
+    """Why a clip produced no frames."""
+
+    clip_id: str
+    stage: str
+    """One of STAGES: open, probe, span, decode, encode."""
+    error: str
+    """Short error class, e.g. missing_file, corrupt_file, span_reversed, truncated_stream."""
+    message: str
+    """Human-readable; names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A file-level problem that fails every clip of the file."""
+
+    stage: str
+    error: str
+    message: str
+
+
+@dataclass(frozen=True)
+class _VideoInfo:
+    time_base: Fraction
+    start_pts: int
+    duration: float
+    """Seconds; math.inf when the container does not say."""
+    fps: float
+
+
+@dataclass
+class _Clip:
+    """A clip in progress: its targets and the JPEGs found for them so far."""
+
+    index: int
+    request: ClipRequest
+    span: tuple[float, float]
+    targets: tuple[float, ...]
+    frames: list[bytes | None] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    size: tuple[int, int] | None = None
+    missing: int = 0
+
+    def __post_init__(self) -> None:
+        self.frames = [None] * len(self.targets)
+        self.times = [0.0] * len(self.targets)
+        self.missing = len(self.targets)
+
+
+@dataclass
+class _Target:
+    time: float
+    clip: _Clip
+    slot: int
+    planned_pts: int | None = None
+
+
+def target_times(start: float, end: float, cfg: DecodeConfig) -> tuple[float, ...]:
+    """Seconds to sample in [start, end).
+
+    Uniform mode: the centres of ``num_frames`` equal segments (never the exact span edges, which
+    often sit on a cut). Fixed-rate mode: ``start + k / fps`` below ``end``, evenly subsampled
+    down to ``max_frames`` when there are more.
+    """
+    length = end - start
+    if cfg.fps is None:
+        n = cfg.num_frames
+        return tuple(start + (i + 0.5) * length / n for i in range(n))
+    count = max(1, math.ceil(length * cfg.fps - 1e-9))
+    times = [start + k / cfg.fps for k in range(count)]
+    if count > cfg.max_frames:
+        step = count / cfg.max_frames
+        times = [times[int(i * step)] for i in range(cfg.max_frames)]
+    return tuple(times)
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(w, h) with the short side scaled to ``short_side`` and the aspect kept; 0 keeps the size."""
+    if short_side == 0:
+        return width, height
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+def decode_clips(
+    path: str, clips: Sequence[ClipRequest], cfg: DecodeConfig
+) -> Iterator[DecodedClip | ClipFailure]:
+    """Open the local video at ``path`` once and yield one result per request, in request order.
+
+    Never raises for bad input: a file-level problem yields a ClipFailure for every clip.
+    Closing the generator early closes the file.
+    """
+    requests = list(clips)
+    opened = _open(path)
+    if isinstance(opened, _Problem):
+        yield from _fail_all(requests, opened)
+        return
+    container = opened
+    try:
+        probed = _probe(path, container)
+        if isinstance(probed, _Problem):
+            yield from _fail_all(requests, probed)
+            return
+        stream, info = probed
+        planned = [_plan_clip(path, i, r, info, cfg) for i, r in enumerate(requests)]
+        yield from _Pass(path, container, stream, info, cfg).run(planned)
+    finally:
+        container.close()
+
+
+def _fail_all(requests: list[ClipRequest], problem: _Problem) -> Iterator[ClipFailure]:
+    for r in requests:
+        yield ClipFailure(clip_id=r.clip_id, stage=problem.stage, error=problem.error, message=problem.message)
+
+
+def _open(path: str) -> av.container.InputContainer | _Problem:
+    if not os.path.exists(path):
+        return _Problem("open", "missing_file", f"{path}: no such file")
+    if not os.path.isfile(path):
+        return _Problem("open", "not_a_file", f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        return _Problem("open", "empty_file", f"{path}: the file is empty (0 bytes)")
+    try:
+        return av.open(path, mode="r", metadata_errors="ignore")
+    except av.error.InvalidDataError as exc:
+        return _Problem("open", "corrupt_file", f"{path}: not a readable media container ({_short(exc)}); "
+                        "the file is corrupt, truncated, or not a video")
+    except av.FFmpegError as exc:
+        return _Problem("open", "unsupported_format", f"{path}: ffmpeg cannot open it: {_short(exc)}")
+    except OSError as exc:
+        return _Problem("open", "unreadable_file", f"{path}: cannot read it: {exc}")
+
+
+def _probe(path: str, container) -> tuple[av.video.stream.VideoStream, _VideoInfo] | _Problem:
+    if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
+        return _Problem("probe", "no_video_stream", f"{path}: no video stream (streams present: {kinds})")
+    stream = container.streams.video[0]
+    codec_name = stream.codec_context.name if stream.codec_context is not None else None
+    if not codec_name or codec_name == "none":
+        return _Problem("probe", "unsupported_codec", f"{path}: the video stream's codec has no decoder in this ffmpeg")
+    if stream.time_base is None:
+        return _Problem("probe", "no_timestamps", f"{path}: the video stream has no time base")
+    info = _video_info(stream, container)
+    return stream, info
+
+
+def _video_info(stream, container) -> _VideoInfo:
+    tb = Fraction(stream.time_base)
+    start_pts = stream.start_time if stream.start_time is not None else 0
+    if stream.duration is not None and stream.duration > 0:
+        duration = float(stream.duration * tb)
+    elif container.duration is not None and container.duration > 0:
+        offset = float(start_pts * tb) - (container.start_time or 0) / av.time_base
+        duration = max(0.0, container.duration / av.time_base - offset)
+    else:
+        duration = math.inf
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return _VideoInfo(time_base=tb, start_pts=start_pts, duration=duration, fps=float(rate) if rate else 0.0)
+
+
+def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: DecodeConfig) -> _Clip | ClipFailure:
+    def fail(error: str, why: str) -> ClipFailure:
+        return ClipFailure(clip_id=r.clip_id, stage="span", error=error, message=f"{path}: clip {r.clip_id!r}: {why}")
+
+    end = info.duration if r.end is None else r.end
+    if not math.isfinite(r.start) or (r.end is not None and not math.isfinite(r.end)):
+        return fail("span_invalid", f"span ({r.start}, {r.end}) is not finite")
+    if r.start < 0 or end < 0:
+        return fail("span_negative", f"span ({r.start}, {r.end}) has a negative time")
+    if end < r.start:
+        return fail("span_reversed", f"span end {end:.3f} s is before its start {r.start:.3f} s")
+    if end == r.start:
+        return fail("span_empty", f"span ({r.start:.3f}, {end:.3f}) has zero length")
+    if r.start >= info.duration:
+        return fail("span_out_of_range", f"span starts at {r.start:.3f} s, after the video's end at {info.duration:.3f} s")
+    end = min(end, info.duration)
+    frame_dur = 1.0 / info.fps if info.fps > 0 else 0.0
+    if math.isfinite(end) and end - r.start < frame_dur:
+        return fail("span_out_of_range", f"only {end - r.start:.3f} s of the span lies inside the video "
+                    f"(duration {info.duration:.3f} s), less than one frame")
+    if not math.isfinite(end):
+        return fail("span_out_of_range", f"the video's duration is unknown, so a clip without an end cannot be cut")
+    return _Clip(index=index, request=r, span=(r.start, end), targets=target_times(r.start, end, cfg))
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+    return str(text).splitlines()[0][:200]
+
+
+class _Pass:
+    """One forward pass over a video's packets, serving every clip's targets."""
+
+    def __init__(self, path: str, container, stream, info: _VideoInfo, cfg: DecodeConfig) -> None:
+        self.path = path
+        self.container = container
+        self.stream = stream
+        self.info = info
+        self.cfg = cfg
+        self.codec = stream.codec_context
+        self.tb = float(info.time_base)
+        self.interpolation = "AREA"  # swscale box filter: antialiased downscaling, 2x faster than BICUBIC here
+        self.codec.thread_count = cfg.threads
+        self.codec.thread_type = "AUTO" if cfg.threads > 1 else "SLICE"
+        self.pending: list[_Target] = []
+        self.done: dict[int, DecodedClip | ClipFailure] = {}
+        self.last_frame = None
+        self.last_time = -math.inf
+        self.jpeg_cache: tuple[int, tuple[int, int], bytes] | None = None
+        self.decode_errors = 0
+        self.stopped: tuple[str, str] | None = None
+        """(error class, message) when the pass ended before the end of the file."""
+        self.max_gop = 0.0
+        self.prev_gop: list = []
+        """The GOP before the current one, kept (compressed) for open-GOP leading frames."""
+
+    # -- orchestration -----------------------------------------------------------------------
+    def run(self, planned: list[_Clip | ClipFailure]) -> Iterator[DecodedClip | ClipFailure]:
+        for i, item in enumerate(planned):
+            if isinstance(item, ClipFailure):
+                self.done[i] = item
+        clips = [c for c in planned if isinstance(c, _Clip)]
+        self.pending = sorted(
+            (_Target(time=t, clip=c, slot=k) for c in clips for k, t in enumerate(c.targets)),
+            key=lambda tg: (tg.time, tg.clip.index, tg.slot),
+        )
+        next_out = 0
+        for _ in self._gops():
+            while next_out in self.done:
+                yield self.done.pop(next_out)
+                next_out += 1
+        self._finish_at_eof()
+        while next_out < len(planned):
+            yield self.done.pop(next_out)
+            next_out += 1
+
+    def _gops(self) -> Iterator[None]:
+        """Group packets into GOPs and process each; yields after each processed GOP."""
+        gop: list = []
+        gop_bytes = 0
+        skip_until: float | None = None
+        try:
+            for packet in self.container.demux(self.stream):
+                if packet.size == 0:
+                    continue
+                gop_bytes += packet.size
+                if gop_bytes > MAX_GOP_BYTES:
+                    self.stopped = ("gop_too_large", f"a GOP holds over {MAX_GOP_BYTES >> 20} MiB of packets "
+                                    f"after {self.last_time:.3f} s; not buffering more")
+                    return
+                time = self._packet_time(packet)
+                if skip_until is not None:
+                    if not (packet.is_keyframe and time is not None and time >= skip_until):
+                        continue
+                    skip_until = None
+                if packet.is_keyframe and gop:
+                    self._process_gop(gop, eof=False)
+                    gop, gop_bytes = [], packet.size
+                    yield None
+                    if not self.pending:
+                        return
+                    if time is not None and self._seek_ahead(time):
+                        skip_until = time
+                        self.prev_gop = []
+                        continue
+                gop.append(packet)
+        except av.FFmpegError as exc:
+            self.stopped = ("decode_error", f"reading stopped after {self.last_time:.3f} s: {_short(exc)}")
+            log.warning("%s: %s", self.path, self.stopped[1])
+        if gop and self.pending:
+            self._process_gop(gop, eof=True)
+
+    def _seek_ahead(self, keyframe_time: float) -> bool:
+        """Seek to the keyframe before the next target when it is far ahead; True if it did."""
+        gap = self.pending[0].time - keyframe_time
+        if gap <= max(self.cfg.seek_gap, 2 * self.max_gop):
+            return False
+        goal = self.pending[0].time - self.max_gop
+        pts = int(goal / self.info.time_base) + self.info.start_pts
+        try:
+            self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
+        except av.FFmpegError as exc:
+            log.debug("%s: seek to %.3f s failed (%s); reading on", self.path, goal, _short(exc))
+            return False
+        return True
+
+    # -- one GOP -----------------------------------------------------------------------------
+    def _process_gop(self, gop: list, eof: bool) -> None:
+        times = [t for t in (self._packet_time(p) for p in gop) if t is not None]
+        previous, self.prev_gop = self.prev_gop, gop
+        if not times:
+            return
+        gop_start, gop_end = min(times), max(times)
+        self.max_gop = max(self.max_gop, gop_end - gop_start)
+        needed = [tg for tg in self.pending if eof or tg.time <= gop_end]
+        if not needed:
+            return
+        chosen = self._plan_frames(gop, needed)
+        if previous and gop[0].pts is not None and min(chosen) < gop[0].pts:
+            gop = previous + gop  # open GOP: a chosen leading frame references the previous GOP
+        self._decode_gop(gop, needed, chosen)
+        assigned = {id(tg) for tg in needed if tg.clip.frames[tg.slot] is not None}
+        self.pending = [tg for tg in self.pending if id(tg) not in assigned and tg.clip.index not in self.done]
+
+    def _plan_frames(self, gop: list, needed: list[_Target]) -> set[int]:
+        """Pick each target's frame: the first at or after it, or the last before it when that one
+        would fall past the clip's end; returns the chosen pts."""
+        frames = sorted(p.pts for p in gop if p.pts is not None)
+        secs = [self._seconds(p) for p in frames]
+        chosen: set[int] = set()
+        for tg in needed:
+            after = next((i for i, s in enumerate(secs) if s >= tg.time - 1e-6), None)
+            if after is None:
+                pick = len(frames) - 1
+            elif secs[after] >= tg.clip.span[1] and after > 0 and secs[after - 1] >= tg.clip.span[0]:
+                pick = after - 1
+            else:
+                pick = after
+            tg.planned_pts = frames[pick]
+            chosen.add(frames[pick])
+        return chosen
+
+    def _decode_gop(self, gop: list, needed: list[_Target], chosen: set[int]) -> None:
+        last_needed = max(i for i, p in enumerate(gop) if p.pts is None or p.pts in chosen)
+        for packet in gop[: last_needed + 1]:
+            wanted = packet.pts is None or packet.pts in chosen
+            skip = "DEFAULT" if wanted else "NONREF"
+            if self.codec.skip_frame != skip:
+                self.codec.skip_frame = skip
+            self._feed(packet, needed)
+        self._feed(None, needed)
+        self.codec.flush_buffers()
+
+    def _feed(self, packet, needed: list[_Target]) -> None:
+        try:
+            frames = self.codec.decode(packet)
+        except av.FFmpegError as exc:
+            self.decode_errors += 1
+            log.debug("%s: decode error: %s", self.path, _short(exc))
+            return
+        for frame in frames:
+            self._take(frame, needed)
+
+    def _take(self, frame, needed: list[_Target]) -> None:
+        """Give a decoded frame to the targets that planned it, or that lost their planned frame."""
+        pts = frame.pts
+        time = self._seconds(pts) if pts is not None else self.last_time
+        self.last_frame, self.last_time = frame, time
+        for tg in needed:
+            if tg.clip.frames[tg.slot] is not None or tg.clip.index in self.done:
+                continue
+            exact = pts is not None and tg.planned_pts == pts
+            lost = pts is not None and tg.planned_pts is not None and pts > tg.planned_pts and time >= tg.time
+            if exact or lost:
+                self._store(tg, frame, time)
+
+    # -- storing frames ----------------------------------------------------------------------
+    def _store(self, tg: _Target, frame, time: float) -> None:
+        clip = tg.clip
+        if clip.size is None:
+            clip.size = output_size(frame.width, frame.height, self.cfg.short_side)
+        try:
+            jpeg = self._jpeg(frame, clip.size)
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            self._fail(clip, "encode", "encode_error", f"cannot resize or JPEG-encode a frame: {_short(exc)}")
+            return
+        clip.frames[tg.slot], clip.times[tg.slot] = jpeg, time
+        clip.missing -= 1
+        if clip.missing == 0:
+            self.done[clip.index] = DecodedClip(
+                clip_id=clip.request.clip_id, frames=tuple(clip.frames), frame_times=tuple(clip.times),
+                frame_size=clip.size, source_fps=self.info.fps, span=clip.span,
+            )
+
+    def _jpeg(self, frame, size: tuple[int, int]) -> bytes:
+        key = frame.pts if frame.pts is not None else -1
+        if self.jpeg_cache is not None and self.jpeg_cache[:2] == (key, size):
+            return self.jpeg_cache[2]
+        image = frame.to_image(width=size[0], height=size[1], interpolation=self.interpolation)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=self.cfg.jpeg_quality)
+        data = buf.getvalue()
+        self.jpeg_cache = (key, size, data)
+        return data
+
+    def _fail(self, clip: _Clip, stage: str, error: str, why: str) -> None:
+        self.done[clip.index] = ClipFailure(
+            clip_id=clip.request.clip_id, stage=stage, error=error,
+            message=f"{self.path}: clip {clip.request.clip_id!r}: {why}",
+        )
+
+    def _finish_at_eof(self) -> None:
+        """Targets past the last decoded frame take it if close enough; other clips fail."""
+        tolerance = max(0.5, 2.0 / self.info.fps) if self.info.fps > 0 else 0.5
+        for tg in self.pending:
+            clip = tg.clip
+            if clip.index in self.done or clip.frames[tg.slot] is not None:
+                continue
+            if self.last_frame is not None and tg.time - self.last_time <= tolerance:
+                self._store(tg, self.last_frame, self.last_time)
+                continue
+            self._fail(clip, "decode", *self._eof_reason(tg))
+        self.pending = []
+
+    def _eof_reason(self, tg: _Target) -> tuple[str, str]:
+        if self.stopped is not None:
+            return self.stopped
+        if self.last_frame is None:
+            return "no_frames", f"no frame could be decoded ({self.decode_errors} decode errors)"
+        return "truncated_stream", (f"the stream ends at {self.last_time:.3f} s but the clip needs a frame at "
+                                    f"{tg.time:.3f} s (truncated or corrupt file; {self.decode_errors} decode errors)")
+
+    # -- time ----------------------------------------------------------------------------------
+    def _seconds(self, pts: int) -> float:
+        return (pts - self.info.start_pts) * self.tb
+
+    def _packet_time(self, packet) -> float | None:
+        return self._seconds(packet.pts) if packet.pts is not None else None

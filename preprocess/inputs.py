@@ -1,0 +1,293 @@
+"""Reading the job's inputs: HD-VILA metadata, subtitles, captions and the video listing.
+
+Everything here runs once on the driver and is deterministic: the same input files give
+the same clip positions, problems and texts. A clip that cannot be processed because of
+its metadata (bad span, duplicate or unsafe id) keeps its position and carries its
+problem, so the worker records it in its shard's failures; a line that yields no clip at
+all (malformed JSON, a record without a video id) becomes an input-level :class:`Failure`.
+
+Text files are read as UTF-8; a line that is not valid UTF-8 is decoded with
+``errors="replace"``, kept, and recorded as a ``non_utf8`` row (``dropped=False``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline import storage
+from preprocess.config import InputConfig, Layout
+
+log = logging.getLogger(__name__)
+
+_SPAN_RE = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """One row of the failures table."""
+
+    video_id: str
+    clip_id: str
+    stage: str
+    """Where it failed: metadata, subtitles, captions, span, open, fetch, decode, sample, task."""
+    error: str
+    """Short machine-readable class, e.g. ``malformed_json``, ``missing_file``, ``timeout``."""
+    message: str
+    """Human-readable reason naming the input."""
+    line: int = 0
+    """1-based line of the metadata or text file, 0 when not from a line."""
+    dropped: bool = True
+    """True when the clip is not in the shards (False for a repaired text, for instance)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextEntry:
+    """A subtitle or caption for one clip."""
+
+    text: str
+    truncated: bool
+    origin: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipItem:
+    """One clip entry of the metadata, at its input position."""
+
+    position: int
+    line: int
+    video_id: str
+    clip_id: str
+    span: tuple[float, float] | None
+    problem: tuple[str, str, str] | None = None
+    """(stage, error, message) when the metadata already rules the clip out."""
+    subtitle: TextEntry | None = None
+    caption: TextEntry | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputPlan:
+    """All clips in input order plus the input-level failures."""
+
+    clips: tuple[ClipItem, ...]
+    failures: tuple[Failure, ...]
+
+    def chunks(self, clips_per_shard: int) -> list[tuple[ClipItem, ...]]:
+        """Clip positions [k*n, (k+1)*n) form shard k."""
+        n = clips_per_shard
+        return [self.clips[i : i + n] for i in range(0, len(self.clips), n)]
+
+
+class SpanError(ValueError):
+    """A span value cannot be parsed."""
+
+
+def parse_time(value) -> float:
+    """``HH:MM:SS.mmm`` (or ``MM:SS.mmm``, or a number of seconds) to seconds."""
+    if isinstance(value, bool):
+        raise SpanError(f"time {value!r} is not a timestamp")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        raise SpanError(f"time {value!r} is not a string or number")
+    text = value.strip()
+    negative = text.startswith("-")
+    match = _SPAN_RE.match(text.lstrip("-"))
+    if not match:
+        raise SpanError(f"time {value!r} is not HH:MM:SS.mmm")
+    hours, minutes, seconds = match.group(1) or "0", match.group(2), match.group(3)
+    total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return -total if negative else total
+
+
+def check_span(raw) -> tuple[tuple[float, float] | None, tuple[str, str, str] | None]:
+    """Parse a ``[start, end]`` span; returns (span, None) or (None, problem)."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != 2:
+        return None, ("span", "span_invalid", f"span {raw!r} is not a [start, end] pair")
+    try:
+        start, end = parse_time(raw[0]), parse_time(raw[1])
+    except SpanError as exc:
+        return None, ("span", "span_invalid", f"span {raw!r}: {exc}")
+    if start < 0 or end < 0:
+        return None, ("span", "span_negative", f"span {raw!r} has a negative time")
+    if end < start:
+        return None, ("span", "span_reversed", f"span {raw!r} ends before it starts")
+    if end == start:
+        return None, ("span", "span_empty", f"span {raw!r} has zero length")
+    return (round(start, 6), round(end, 6)), None
+
+
+# --------------------------------------------------------------------------- lines
+
+
+def _lines(uri: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of a text file, blank lines skipped."""
+    with storage.open_read(uri) as stream:
+        for number, raw in enumerate(stream, start=1):
+            raw = raw.strip()
+            if raw:
+                yield number, raw
+
+
+def _json_line(uri: str, number: int, raw: bytes, stage: str) -> tuple[object, list[Failure]]:
+    """Decode one JSON line; non-UTF-8 is replaced (and reported), bad JSON is a failure."""
+    notes = []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", errors="replace")
+        notes.append(_line_failure(stage, "non_utf8", f"{uri} line {number}: not UTF-8 ({exc.reason}); bad bytes replaced", number, dropped=False))
+    try:
+        return json.loads(text), notes
+    except json.JSONDecodeError as exc:
+        notes.append(_line_failure(stage, "malformed_json", f"{uri} line {number}: malformed JSON ({exc.msg} at column {exc.colno})", number))
+        return None, notes
+
+
+def _line_failure(stage: str, error: str, message: str, line: int, video_id: str = "", clip_id: str = "", dropped: bool = True) -> Failure:
+    return Failure(video_id=video_id, clip_id=clip_id, stage=stage, error=error, message=message, line=line, dropped=dropped)
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def read_texts(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[str, TextEntry], list[Failure]]:
+    """Read a ``{clip_id, <field>}`` jsonl into clip id -> text."""
+    texts: dict[str, TextEntry] = {}
+    failures: list[Failure] = []
+    for number, raw in _lines(uri):
+        record, notes = _json_line(uri, number, raw, stage)
+        failures += notes
+        if record is None:
+            continue
+        clip_id = record.get("clip_id") if isinstance(record, dict) else None
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(clip_id, str) or not clip_id or not isinstance(text, str):
+            failures.append(_line_failure(stage, "bad_record", f"{uri} line {number}: expected {{\"clip_id\": str, \"{field}\": str}}", number))
+            continue
+        if clip_id in texts:
+            failures.append(_line_failure(stage, "duplicate_text", f"{uri} line {number}: second {field} for clip {clip_id!r} ignored", number, clip_id=clip_id, dropped=False))
+            continue
+        texts[clip_id] = TextEntry(text=text[:max_chars], truncated=len(text) > max_chars, origin=uri)
+    return texts, failures
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _unsafe_video_id(video_id: str) -> str | None:
+    if "/" in video_id or "\\" in video_id or "\0" in video_id or video_id in (".", ".."):
+        return f"video id {video_id!r} contains a path separator or is . or .."
+    return None
+
+
+def _unsafe_clip_id(clip_id: str, layout: Layout) -> str | None:
+    try:
+        clip_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"clip id {clip_id!r} is not valid Unicode text"
+    if "\0" in clip_id:
+        return f"clip id {clip_id!r} contains a NUL byte"
+    if layout is Layout.CLIPS:
+        norm = posixpath.normpath(clip_id.replace("\\", "/"))
+        if norm.startswith("/") or norm == ".." or norm.startswith("../") or norm == ".":
+            return f"clip id {clip_id!r} would point outside its video's folder"
+    return None
+
+
+def _clip_items(record: dict, where: str, number: int, layout: Layout, seen: set[str], start: int) -> tuple[list[ClipItem], list[Failure]]:
+    """Clip entries of one metadata record; ``where`` is ``<file> line <n>``."""
+    video_id = record["video_id"]
+    video_problem = _unsafe_video_id(video_id)
+    items, failures = [], []
+    for raw in record["clip"]:
+        clip_id = raw.get("clip_id") if isinstance(raw, dict) else None
+        if not isinstance(clip_id, str) or not clip_id:
+            failures.append(_line_failure("metadata", "bad_record", f"{where}: clip entry {raw!r} has no clip_id", number, video_id=video_id))
+            continue
+        span, problem = check_span(raw.get("span"))
+        if problem:
+            problem = (problem[0], problem[1], f"{where}: clip {clip_id!r}: {problem[2]}")
+        unsafe = video_problem or _unsafe_clip_id(clip_id, layout)
+        if unsafe:
+            problem = ("metadata", "unsafe_id", f"{where}: {unsafe}")
+        elif clip_id in seen:
+            problem = ("metadata", "duplicate_clip_id", f"{where}: clip id {clip_id!r} already appeared earlier")
+        seen.add(clip_id)
+        items.append(ClipItem(position=start + len(items), line=number, video_id=video_id, clip_id=clip_id, span=span, problem=problem))
+    return items, failures
+
+
+def read_metadata(uri: str, layout: Layout) -> tuple[list[ClipItem], list[Failure]]:
+    """All clip entries of an HD-VILA metadata jsonl in order, plus line-level failures."""
+    clips: list[ClipItem] = []
+    failures: list[Failure] = []
+    seen: set[str] = set()
+    for number, raw in _lines(uri):
+        record, notes = _json_line(uri, number, raw, "metadata")
+        failures += [n for n in notes if n.error != "non_utf8"] if record is None else notes
+        if record is None:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("video_id"), str) or not record["video_id"] or not isinstance(record.get("clip"), list):
+            failures.append(_line_failure("metadata", "bad_record", f"{uri} line {number}: expected {{\"video_id\": str, \"clip\": [...]}}", number))
+            continue
+        items, bad = _clip_items(record, f"{uri} line {number}", number, layout, seen, len(clips))
+        clips += items
+        failures += bad
+    return clips, failures
+
+
+def read_inputs(cfg: InputConfig) -> InputPlan:
+    """Metadata plus texts, joined by clip id."""
+    try:
+        clips, failures = read_metadata(cfg.metadata, cfg.layout)
+    except storage.StorageNotFound as exc:
+        raise ValueError(f"metadata {cfg.metadata}: not found ({exc})") from exc
+    subtitles, captions = {}, {}
+    if cfg.subtitles:
+        subtitles, bad = _read_text_file(cfg.subtitles, "text", "subtitles", cfg.max_text_chars)
+        failures += bad
+    if cfg.captions:
+        captions, bad = _read_text_file(cfg.captions, "caption", "captions", cfg.max_text_chars)
+        failures += bad
+    joined = tuple(
+        ClipItem(**{**item.__dict__, "subtitle": subtitles.get(item.clip_id), "caption": captions.get(item.clip_id)})
+        for item in clips
+    )
+    return InputPlan(clips=joined, failures=tuple(failures))
+
+
+def _read_text_file(uri: str, field: str, stage: str, max_chars: int):
+    try:
+        return read_texts(uri, field, stage, max_chars)
+    except storage.StorageNotFound as exc:
+        raise ValueError(f"{stage} {uri}: not found ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def list_source_videos(videos: str) -> dict[str, str]:
+    """video id -> URI of ``<video_id>.<ext>`` directly under the videos folder (listed once)."""
+    root = videos.rstrip("/")
+    loc = storage.parse(root)
+    base = root if loc.scheme == "s3" else loc.path.rstrip("/")
+    found: dict[str, str] = {}
+    for uri in storage.list_files(root):
+        rel = uri[len(base) + 1 :]
+        if "/" in rel or "." not in rel.lstrip("."):
+            continue
+        video_id = rel.rsplit(".", 1)[0]
+        if video_id in found:
+            log.warning("video %s: several files (%s, %s); using the first in name order", video_id, found[video_id], uri)
+            continue
+        found[video_id] = uri
+    return found
+
+
+def clip_file(videos: str, video_id: str, clip_id: str) -> str:
+    """URI of a pre-cut clip ``<videos>/<video_id>/<clip_id>`` (ids already checked safe)."""
+    return storage.join(videos, video_id, posixpath.normpath(clip_id.replace("\\", "/")))

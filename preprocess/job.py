@@ -1,0 +1,407 @@
+"""The Ray job: inputs -> shard tasks (bounded, retried, timed out) -> stats -> manifest last.
+
+The only module that imports ray. One Ray task per shard runs :func:`process_shard`.
+
+- Backpressure: at most ``max_in_flight`` shard tasks are submitted at once (a ``ray.wait`` loop).
+- Worker death: Ray reruns the task up to ``max_retries`` times; a task that raised is
+  resubmitted by the driver up to ``max_retries`` times. If the worker keeps dying on the
+  same video, that video's clips are recorded as ``worker_died`` and the shard is rerun
+  without it.
+- Timeouts: each task reports the video it is working on to a small board actor; a video
+  busy for longer than ``video_timeout_s`` gets its task killed (``ray.cancel(force=True)``)
+  and the shard is rerun without that video, whose clips are recorded as ``timeout``. The
+  shard's bytes are then exactly those of a run where that video was missing.
+- Resume: shards whose stats JSON exists are skipped; ``retry_failed`` uncommits shards
+  that recorded failures first. The manifest is written only when every shard is committed.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from pipeline import storage
+from pipeline.manifest import MANIFEST_NAME, Manifest, write_manifest
+from preprocess.config import Layout, PreprocessConfig, RayConfig
+from preprocess.inputs import InputPlan, list_source_videos, read_inputs
+from preprocess.work import (
+    Faults,
+    ShardStats,
+    ShardTask,
+    WorkSettings,
+    failure_rows,
+    failures_table,
+    failures_uri,
+    process_shard,
+    read_parquet,
+    shard_stem,
+    stats_uri,
+    write_parquet,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+FAILURES_NAME = "failures.parquet"
+
+
+@dataclass(kw_only=True)
+class JobResult:
+    """What a run did (also written to ``logs/run-<time>.json``)."""
+
+    shards_total: int = 0
+    shards_skipped: int = 0
+    shards_run: int = 0
+    shards_failed: dict[int, str] = field(default_factory=dict)
+    clips: int = 0
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    input_failures: dict[str, int] = field(default_factory=dict)
+    texts: dict[str, int] = field(default_factory=dict)
+    run_clips: int = 0
+    run_clip_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    manifest: str | None = None
+
+    def summary(self) -> str:
+        rate = self.run_clips / self.wall_seconds if self.wall_seconds else 0.0
+        hours = self.run_clip_seconds / 3600 / self.wall_seconds if self.wall_seconds else 0.0
+        lines = [
+            f"clips: {self.clips} total, {self.ok} ok, {sum(self.failed.values())} failed {_reasons(self.failed)}",
+            f"input line problems: {sum(self.input_failures.values())} {_reasons(self.input_failures)}",
+            f"shards: {self.shards_total} total, {self.shards_run} run now, {self.shards_skipped} already committed, {len(self.shards_failed)} failed",
+            f"speed: {rate:.2f} clips/s, {hours:.4f} hours of video/s, {self.wall_seconds:.1f} s wall",
+        ]
+        if self.texts:
+            lines.append(f"texts: {_reasons(self.texts)}")
+        for index, message in sorted(self.shards_failed.items()):
+            lines.append(f"shard {shard_stem(index)} not committed: {message}")
+        lines.append(f"manifest: {self.manifest}" if self.manifest else "manifest: not written (rerun the same command to finish)")
+        return "\n".join(lines)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return "(" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_job(cfg: PreprocessConfig) -> JobResult:
+    """Run (or resume) the whole job; returns what happened. Writes the manifest last."""
+    started = time.monotonic()
+    out = cfg.sharding.output
+    plan = read_inputs(cfg.inputs)
+    _check_config(out, cfg.manifest_config())
+    removed = storage.cleanup_temp(out)
+    if removed:
+        log.info("removed %d temp files a killed run left under %s", removed, out)
+    chunks = plan.chunks(cfg.sharding.clips_per_shard)
+    committed = _committed(out, len(chunks))
+    if cfg.retry_failed:
+        _uncommit_failed(out, committed)
+    tasks = _tasks(cfg, chunks, committed)
+    if tasks:
+        storage.delete(storage.join(out, MANIFEST_NAME))
+    result = JobResult(shards_total=len(chunks), shards_skipped=len(committed), shards_run=len(tasks))
+    result.shards_failed = _dispatch(tasks, _settings(cfg), cfg, committed, result)
+    _tally(result, plan, committed)
+    if len(committed) == len(chunks):
+        result.manifest = _finalize(cfg, plan, committed)
+    result.wall_seconds = round(time.monotonic() - started, 3)
+    _write_run_log(cfg, result)
+    return result
+
+
+def _check_config(out: str, config: dict) -> None:
+    """An output folder holds one data set: refuse to mix shards made with another config."""
+    uri = storage.join(out, CONFIG_NAME)
+    encoded = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
+    try:
+        existing = storage.read_bytes(uri)
+    except storage.StorageNotFound:
+        storage.write_bytes(uri, encoded)
+        return
+    if existing != encoded:
+        old = json.loads(existing)
+        diff = sorted(f"{s}.{k}" for s in config for k in config[s] if old.get(s, {}).get(k) != config[s][k])
+        raise ValueError(f"{out} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); use a new --output")
+
+
+def _committed(out: str, num_chunks: int) -> dict[int, ShardStats]:
+    """Stats of the shards already committed (one listing of the stats folder)."""
+    found = {}
+    for uri in storage.list_files(storage.join(out, "stats")):
+        name = uri.rsplit("/", 1)[-1]
+        if not (name.startswith("shard-") and name.endswith(".json")):
+            continue
+        index = int(name[6:-5])
+        if index >= num_chunks:
+            log.warning("%s: no such shard for this metadata (%d shards); ignored", uri, num_chunks)
+            continue
+        found[index] = ShardStats.from_json(storage.read_bytes(uri), uri)
+    return found
+
+
+def _uncommit_failed(out: str, committed: dict[int, ShardStats]) -> None:
+    failed = [k for k, s in committed.items() if s.num_failed]
+    if failed:
+        storage.delete(storage.join(out, MANIFEST_NAME))
+    for index in failed:
+        storage.delete(stats_uri(out, index))
+        del committed[index]
+    log.info("retry-failed: redoing %d shards that had failed clips", len(failed))
+
+
+def _tasks(cfg: PreprocessConfig, chunks, committed: dict[int, ShardStats]) -> list[ShardTask]:
+    todo = [k for k in range(len(chunks)) if k not in committed]
+    if not todo:
+        return []
+    out = cfg.sharding.output
+    tars = collections.defaultdict(list)
+    for name in _top_level_names(out):
+        if name.startswith("shard-") and name.endswith(".tar"):
+            tars[name[: len(shard_stem(0))]].append(name)
+    uris = list_source_videos(cfg.inputs.videos) if cfg.inputs.layout is Layout.SOURCE else {}
+    tasks = []
+    for k in todo:
+        videos = {c.video_id for c in chunks[k]}
+        tasks.append(ShardTask(index=k, clips=chunks[k], video_uris={v: uris[v] for v in videos if v in uris}, stale=tuple(tars[shard_stem(k)])))
+    return tasks
+
+
+def _top_level_names(folder: str) -> list[str]:
+    loc = storage.parse(folder.rstrip("/"))
+    base = folder.rstrip("/") if loc.scheme == "s3" else loc.path.rstrip("/")
+    names = (uri[len(base) + 1 :] for uri in storage.list_files(folder))
+    return [name for name in names if "/" not in name]
+
+
+def _settings(cfg: PreprocessConfig) -> WorkSettings:
+    return WorkSettings(
+        output=cfg.sharding.output,
+        videos=cfg.inputs.videos,
+        layout=cfg.inputs.layout,
+        decode=cfg.decode,
+        max_shard_bytes=cfg.sharding.max_shard_bytes,
+        faults=Faults.from_env(),
+    )
+
+
+# --------------------------------------------------------------------------- Ray dispatch
+
+
+@ray.remote
+class _Board:
+    """Which video each running shard task is on, and since when (one clock: this actor's)."""
+
+    def __init__(self):
+        self._current: dict[str, tuple[str, float]] = {}
+
+    def report(self, token: str, video_id: str) -> None:
+        self._current[token] = (video_id, time.monotonic())
+
+    def forget(self, token: str) -> None:
+        self._current.pop(token, None)
+
+    def current(self, token: str) -> str | None:
+        return self._current.get(token, (None, 0.0))[0]
+
+    def busy(self) -> dict[str, tuple[str, float]]:
+        """token -> (video id, seconds on it so far)."""
+        now = time.monotonic()
+        return {t: (v, now - since) for t, (v, since) in self._current.items()}
+
+
+def _run_shard(task: ShardTask, settings: WorkSettings, board, token: str) -> ShardStats:
+    return process_shard(task, settings, on_video=lambda video_id: board.report.remote(token, video_id))
+
+
+@dataclass
+class _Attempt:
+    task: ShardTask
+    token: str
+    errors: int = 0
+
+
+class _Dispatcher:
+    """Keeps at most ``max_in_flight`` shard tasks running; handles results, deaths and timeouts."""
+
+    def __init__(self, settings: WorkSettings, cfg: PreprocessConfig, committed: dict[int, ShardStats], progress, result: JobResult):
+        rc = cfg.ray
+        self.rc, self.committed, self.progress, self.result = rc, committed, progress, result
+        self.remote = ray.remote(_run_shard).options(num_cpus=rc.task_cpus, max_retries=rc.max_retries, retry_exceptions=False)
+        self.board = _Board.options(num_cpus=0).remote()
+        self.settings_ref = ray.put(settings)
+        self.max_in_flight = rc.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.pending: dict[ray.ObjectRef, _Attempt] = {}
+        self.failed: dict[int, str] = {}
+        self.given_up: dict[str, tuple[str, str]] = {}
+        """Videos that timed out or killed workers: later shards skip them at once (same outcome, no second wait)."""
+        self._generation = 0
+
+    def submit(self, task: ShardTask, errors: int = 0) -> None:
+        known = {c.video_id for c in task.clips if c.video_id in self.given_up and c.video_id not in task.excluded}
+        if known:
+            task = dataclasses.replace(task, excluded={**task.excluded, **{v: self.given_up[v] for v in known}})
+        self._generation += 1
+        token = f"{task.index}.{self._generation}"
+        ref = self.remote.remote(task, self.settings_ref, self.board, token)
+        self.pending[ref] = _Attempt(task=task, token=token, errors=errors)
+
+    def run(self, tasks: list[ShardTask]) -> dict[int, str]:
+        queue = collections.deque(tasks)
+        while queue or self.pending:
+            while queue and len(self.pending) < self.max_in_flight:
+                self.submit(queue.popleft())
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+            if ready:
+                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in ready:
+                self._finished(ref, self.pending.pop(ref))
+            self._cancel_stuck()
+        return self.failed
+
+    def _finished(self, ref, attempt: _Attempt) -> None:
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.WorkerCrashedError as exc:
+            self._died(attempt, exc)
+            return
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayError) as exc:
+            self._raised(attempt, exc)
+            return
+        finally:
+            self.board.forget.remote(attempt.token)
+        self.committed[attempt.task.index] = stats
+        self.result.run_clips += stats.clips
+        self.result.run_clip_seconds += stats.clip_seconds
+        self.progress.update(stats.clips)
+
+    def _died(self, attempt: _Attempt, exc: Exception) -> None:
+        video = ray.get(self.board.current.remote(attempt.token))
+        task = attempt.task
+        if video is None or video in task.excluded:
+            self._give_up(task, f"worker died {self.rc.max_retries + 1} times: {_first_line(exc)}")
+            return
+        log.warning("shard %s: worker died %d times on video %s; rerunning the shard without it", shard_stem(task.index), self.rc.max_retries + 1, video)
+        message = f"the worker process died {self.rc.max_retries + 1} times while decoding video {video}"
+        self.submit(self._exclude(task, video, "worker_died", message))
+
+    def _raised(self, attempt: _Attempt, exc: Exception) -> None:
+        if attempt.errors < self.rc.max_retries:
+            log.warning("shard %s raised (%s); retrying", shard_stem(attempt.task.index), _first_line(exc))
+            self.submit(attempt.task, attempt.errors + 1)
+            return
+        self._give_up(attempt.task, f"raised {attempt.errors + 1} times: {_first_line(exc)}")
+
+    def _give_up(self, task: ShardTask, message: str) -> None:
+        log.error("shard %s not committed: %s", shard_stem(task.index), message)
+        self.failed[task.index] = message
+        self.progress.update(len(task.clips))
+
+    def _cancel_stuck(self) -> None:
+        if not self.pending:
+            return
+        busy = ray.get(self.board.busy.remote())
+        for ref, attempt in list(self.pending.items()):
+            video, seconds = busy.get(attempt.token, (None, 0.0))
+            if video is None or (seconds <= self.rc.video_timeout_s and video not in self.given_up):
+                continue
+            log.warning("shard %s: video %s busy for over %.0f s; cancelling the task", shard_stem(attempt.task.index), video, self.rc.video_timeout_s)
+            ray.cancel(ref, force=True)
+            del self.pending[ref]
+            self.board.forget.remote(attempt.token)
+            message = f"video {video} was still being read or decoded after {self.rc.video_timeout_s:g} s (the task was cancelled)"
+            error, message = self.given_up.get(video, ("timeout", message))
+            self.submit(self._exclude(attempt.task, video, error, message), attempt.errors)
+
+    def _exclude(self, task: ShardTask, video: str, error: str, message: str) -> ShardTask:
+        self.given_up[video] = (error, message)
+        return dataclasses.replace(task, excluded={**task.excluded, video: (error, message)})
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+def _dispatch(tasks: list[ShardTask], settings: WorkSettings, cfg: PreprocessConfig, committed, result: JobResult) -> dict[int, str]:
+    if not tasks:
+        return {}
+    from tqdm import tqdm
+
+    owns_ray = _init_ray(cfg.ray)
+    try:
+        with tqdm(total=sum(len(t.clips) for t in tasks), unit="clip", disable=not cfg.progress, file=sys.stderr, desc="preprocess") as bar:
+            return _Dispatcher(settings, cfg, committed, bar, result).run(tasks)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _init_ray(rc: RayConfig) -> bool:
+    """Connect to (or start) a cluster; True when this call started the connection."""
+    if ray.is_initialized():
+        return False
+    runtime_env = None if os.environ.get(_JOBS_API_ENV) else {"py_modules": _code_packages()}
+    if rc.address == "local" or rc.num_cpus is not None:
+        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    else:
+        ray.init(address=rc.address, runtime_env=runtime_env)
+    log.info("ray cluster: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "memory")})
+    return True
+
+
+_JOBS_API_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set in a driver started by ``ray job submit``, whose runtime env (working dir) already ships the code."""
+
+
+def _code_packages() -> list:
+    """Ship our packages to the workers, so any cluster can import them, whatever its folders."""
+    import pipeline
+    import preprocess
+
+    return [pipeline, preprocess]
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _tally(result: JobResult, plan: InputPlan, committed: dict[int, ShardStats]) -> None:
+    result.clips = len(plan.clips)
+    for stats in committed.values():
+        result.ok += stats.ok
+        for reason, n in stats.failed.items():
+            result.failed[reason] = result.failed.get(reason, 0) + n
+        for name, n in stats.texts.items():
+            result.texts[name] = result.texts.get(name, 0) + n
+    for failure in plan.failures:
+        result.input_failures[failure.error] = result.input_failures.get(failure.error, 0) + 1
+
+
+def _finalize(cfg: PreprocessConfig, plan: InputPlan, committed: dict[int, ShardStats]) -> str:
+    """Merge the failures tables, then write the manifest (last)."""
+    import pyarrow as pa
+
+    out = cfg.sharding.output
+    tables = [failures_table(failure_rows([(-1, -1, f) for f in plan.failures]))]
+    tables += [read_parquet(failures_uri(out, k)) for k in sorted(committed)]
+    write_parquet(storage.join(out, FAILURES_NAME), pa.concat_tables(tables))
+    entries = tuple(e for k in sorted(committed) for e in committed[k].entries)
+    return write_manifest(out, Manifest(shards=entries, config=cfg.manifest_config()))
+
+
+def _write_run_log(cfg: PreprocessConfig, result: JobResult) -> None:
+    """Run-specific facts (wall time, host) go here, never into the manifest."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    record = {"config": cfg.run_config(), "result": dataclasses.asdict(result), "host": os.uname().nodename, "pid": os.getpid()}
+    uri = storage.join(cfg.sharding.output, "logs", f"run-{stamp}-{os.getpid()}.json")
+    storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())

@@ -1,0 +1,127 @@
+"""Command line: HD-VILA-style metadata and videos -> WebDataset shards, on Ray.
+
+    python preprocess/shard.py --metadata meta.jsonl --videos videos/ --output out/
+    ray job submit --working-dir . -- python preprocess/shard.py ...
+    ray submit launch/ray-local.yaml preprocess/shard.py -- ...
+
+Exit codes: 0 all shards committed and the manifest written; 1 some shards could not be
+committed (rerun the same command to finish them); 2 bad arguments or inputs.
+See docs/preprocessing.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+
+
+def _ensure_importable() -> None:
+    """Make ``python preprocess/shard.py`` work from any folder: put the repo root on sys.path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
+        sys.path.pop(0)  # the script's own folder would shadow modules with its file names
+    if importlib.util.find_spec("preprocess") is None or importlib.util.find_spec("pipeline") is None:
+        sys.path.insert(0, os.environ.get("VIDPROXY_ROOT") or os.path.dirname(here))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="preprocess/shard.py", description="HD-VILA metadata + videos -> WebDataset shards (Ray).")
+    io_ = p.add_argument_group("inputs and output")
+    io_.add_argument("--metadata", required=True, help="HD-VILA metadata jsonl (path or s3://)")
+    io_.add_argument("--videos", required=True, help="folder or s3:// prefix of the videos")
+    io_.add_argument("--layout", choices=("source", "clips"), default="source", help="source: <video_id>.<ext> cut by span; clips: pre-cut <video_id>/<clip_id>")
+    io_.add_argument("--subtitles", help="jsonl of {clip_id, text}")
+    io_.add_argument("--captions", help="jsonl of {clip_id, caption}")
+    io_.add_argument("--max-text-chars", type=int, default=2000, help="truncate longer subtitles/captions (counted in the stats)")
+    io_.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    io_.add_argument("--clips-per-shard", type=int, default=1000, help="metadata clips per shard (shard ids follow input position)")
+    io_.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="split a shard's tar beyond this size")
+    dec = p.add_argument_group("decoding")
+    dec.add_argument("--num-frames", type=int, default=12, help="uniformly spaced frames per clip (when --fps is not set)")
+    dec.add_argument("--fps", type=float, default=None, help="sample at this rate instead, capped at --max-frames")
+    dec.add_argument("--max-frames", type=int, default=32, help="cap on frames per clip with --fps")
+    dec.add_argument("--short-side", type=int, default=224, help="resize so the short side is this many pixels")
+    dec.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100")
+    dec.add_argument("--decoder-threads", type=int, default=1, help="decoder threads per task")
+    run = p.add_argument_group("ray and run control")
+    run.add_argument("--ray-address", default=None, help="cluster address; default RAY_ADDRESS or a running cluster, else a new local one; 'local' for a new local one")
+    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster")
+    run.add_argument("--max-in-flight", type=int, default=None, help="shard tasks in flight at once (default 2x cluster CPUs)")
+    run.add_argument("--max-retries", type=int, default=3, help="reruns of a shard task after a worker death or an error")
+    run.add_argument("--video-timeout", type=float, default=600.0, help="seconds one video may take before its task is killed")
+    run.add_argument("--retry-failed", action="store_true", help="redo the committed shards that recorded failed clips")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    """Arguments -> PreprocessConfig (ValueError on a bad value, naming the field)."""
+    from preprocess.config import InputConfig, PreprocessConfig, RayConfig, ShardingConfig
+    from preprocess.decode import DecodeConfig
+
+    return PreprocessConfig(
+        inputs=InputConfig(
+            metadata=args.metadata,
+            videos=args.videos,
+            layout=args.layout,
+            subtitles=args.subtitles,
+            captions=args.captions,
+            max_text_chars=args.max_text_chars,
+        ),
+        sharding=ShardingConfig(output=args.output, clips_per_shard=args.clips_per_shard, max_shard_bytes=args.max_shard_bytes),
+        decode=DecodeConfig(
+            num_frames=args.num_frames,
+            fps=args.fps,
+            max_frames=args.max_frames,
+            short_side=args.short_side,
+            jpeg_quality=args.jpeg_quality,
+            threads=args.decoder_threads,
+        ),
+        ray=RayConfig(
+            address=args.ray_address,
+            num_cpus=args.num_cpus,
+            max_in_flight=args.max_in_flight,
+            max_retries=args.max_retries,
+            video_timeout_s=args.video_timeout,
+        ),
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+
+
+def setup_logging(level: str) -> None:
+    """One handler on the project's loggers (the root logger is left alone)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("preprocess", "pipeline"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    _ensure_importable()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    setup_logging(args.log_level)
+    from preprocess.job import run_job
+
+    try:
+        result = run_job(cfg)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0 if result.manifest else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

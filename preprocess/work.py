@@ -1,0 +1,397 @@
+"""The work of one shard, with no Ray in sight: clips -> decode -> ClipSample -> tars -> stats.
+
+Shard ``k`` holds the clips at input positions ``[k*n, (k+1)*n)``. Its outputs, written in
+this order, are the tars ``shard-<k>-000.tar`` (``-001``... when the byte limit splits
+it), the failures table ``failures/shard-<k>.parquet`` and, last, the stats
+``stats/shard-<k>.json``; a shard is committed once its stats exist. The stats carry the
+shards' manifest entries, so the manifest is built without re-reading any tar. Every write
+is atomic (:mod:`pipeline.storage`), so a killed worker leaves no partial file under a
+final name, and a rerun writes the same bytes again.
+
+Consecutive clips of the same video are decoded from one open file. A video on S3 is
+streamed to a local scratch file first (bounded disk, constant RAM) and deleted after.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pipeline import storage
+from pipeline.manifest import ShardEntry
+from pipeline.schema import ClipMeta, ClipSample, SchemaError, TextSource
+from pipeline.shards import ShardLimits, ShardWriter
+from preprocess.config import Layout
+from preprocess.decode import ClipFailure, ClipRequest, DecodeConfig, DecodedClip, decode_clips
+from preprocess.inputs import ClipItem, Failure, TextEntry, clip_file
+
+log = logging.getLogger(__name__)
+
+FAULT_EXIT_ENV = "VIDPROXY_FAULT_EXIT_SHARD"
+"""Fault injection: ``<shard index>:<marker file>`` makes the worker os._exit() once on that shard."""
+FAULT_HANG_ENV = "VIDPROXY_FAULT_HANG_VIDEO"
+"""Fault injection: a video id whose decode hangs (sleeps) until the job's timeout kills it."""
+FAULT_DELAY_ENV = "VIDPROXY_FAULT_DELAY_S"
+"""Fault injection: seconds to sleep at the start of every shard (widens timing windows in tests)."""
+
+FAILURE_COLUMNS = ("shard", "position", "line", "video_id", "clip_id", "stage", "error", "message", "dropped")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Faults:
+    """Fault injection for tests of the real system (read from the driver's environment)."""
+
+    exit_shard: int | None = None
+    exit_marker: str = ""
+    hang_video: str | None = None
+    delay_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "Faults":
+        env = os.environ if env is None else env
+        exit_shard, exit_marker = None, ""
+        if env.get(FAULT_EXIT_ENV):
+            index, _, exit_marker = env[FAULT_EXIT_ENV].partition(":")
+            exit_shard = int(index)
+        delay = float(env.get(FAULT_DELAY_ENV) or 0.0)
+        return cls(exit_shard=exit_shard, exit_marker=exit_marker, hang_video=env.get(FAULT_HANG_ENV) or None, delay_s=delay)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkSettings:
+    """What every shard task needs besides its clips."""
+
+    output: str
+    videos: str
+    layout: Layout
+    decode: DecodeConfig
+    max_shard_bytes: int
+    scratch: str = ""
+    """Local scratch root (temp tars, downloaded videos); default: the system temp dir."""
+    faults: Faults = Faults()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardTask:
+    """One shard's clips, plus what the driver learned about its videos."""
+
+    index: int
+    clips: tuple[ClipItem, ...]
+    video_uris: dict[str, str] = field(default_factory=dict)
+    """Source layout: video id -> URI, from the one listing of the videos folder."""
+    excluded: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """video id -> (error, message): videos the driver gave up on (timeout, worker death)."""
+    stale: tuple[str, ...] = ()
+    """Tar names of this shard that existed before the run (removed if not rewritten)."""
+
+
+@dataclass(kw_only=True)
+class ShardStats:
+    """Per-shard counts, written as ``stats/shard-<k>.json`` after the shard's tars."""
+
+    shard: int
+    clips: int = 0
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    texts: dict[str, int] = field(default_factory=dict)
+    clip_seconds: float = 0.0
+    bytes: int = 0
+    decode_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    entries: list[ShardEntry] = field(default_factory=list)
+
+    @property
+    def num_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def to_json(self) -> bytes:
+        data = dataclasses.asdict(self)
+        return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, uri: str) -> "ShardStats":
+        try:
+            data = json.loads(raw)
+            data["entries"] = [ShardEntry(**e) for e in data["entries"]]
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{uri}: unreadable shard stats ({exc})") from exc
+
+
+def shard_stem(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def stats_uri(output: str, index: int) -> str:
+    return storage.join(output, "stats", f"{shard_stem(index)}.json")
+
+
+def failures_uri(output: str, index: int) -> str:
+    return storage.join(output, "failures", f"{shard_stem(index)}.parquet")
+
+
+# --------------------------------------------------------------------------- failures table
+
+
+def failure_rows(failures: Sequence[tuple[int, int, Failure]]) -> dict[str, list]:
+    """Columns of the failures table from (shard, position, failure) triples."""
+    cols: dict[str, list] = {name: [] for name in FAILURE_COLUMNS}
+    for shard, position, f in failures:
+        for name, value in zip(FAILURE_COLUMNS, (shard, position, f.line, f.video_id, f.clip_id, f.stage, f.error, f.message, f.dropped)):
+            cols[name].append(value)
+    return cols
+
+
+def failures_table(cols: dict[str, list]):
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [("shard", pa.int64()), ("position", pa.int64()), ("line", pa.int64())]
+        + [(name, pa.string()) for name in ("video_id", "clip_id", "stage", "error", "message")]
+        + [("dropped", pa.bool_())]
+    )
+    return pa.table({name: cols[name] for name in schema.names}, schema=schema)
+
+
+def write_parquet(uri: str, table) -> None:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+# --------------------------------------------------------------------------- the shard
+
+
+class _Shard:
+    """Collects the outcome of each clip of one shard."""
+
+    def __init__(self, task: ShardTask, writer: ShardWriter):
+        self.task, self.writer = task, writer
+        self.stats = ShardStats(shard=task.index, clips=len(task.clips))
+        self.failures: list[tuple[int, int, Failure]] = []
+
+    def add(self, item: ClipItem, outcome: ClipSample | Failure) -> None:
+        if isinstance(outcome, Failure):
+            self.failures.append((self.task.index, item.position, outcome))
+            self.stats.failed[outcome.error] = self.stats.failed.get(outcome.error, 0) + 1
+            return
+        self.writer.write(outcome)
+        self.stats.ok += 1
+        self.stats.clip_seconds = round(self.stats.clip_seconds + outcome.meta.duration, 6)
+        for name, entry in (("subtitle", item.subtitle), ("caption", item.caption)):
+            _count_text(self.stats.texts, name, entry)
+
+
+def _count_text(counts: dict[str, int], name: str, entry: TextEntry | None) -> None:
+    keys = [f"{name}_missing"] if entry is None else [f"{name}_empty"] if not entry.text else []
+    if entry is not None and entry.truncated:
+        keys.append(f"{name}_truncated")
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+
+
+def process_shard(task: ShardTask, settings: WorkSettings, on_video: Callable[[str], None] = lambda _: None) -> ShardStats:
+    """Decode, write and commit one shard; returns its stats (also written as its commit marker)."""
+    _maybe_exit(task.index, settings.faults)
+    time.sleep(settings.faults.delay_s)
+    started = time.monotonic()
+    scratch = _fresh_scratch(settings, task.index)
+    try:
+        limits = ShardLimits(max_samples=max(1, len(task.clips)), max_bytes=settings.max_shard_bytes)
+        with ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer:
+            shard = _Shard(task, writer)
+            for run in video_runs(task.clips):
+                on_video(run[0].video_id)
+                for item, outcome in _process_run(run, task, settings, scratch, shard.stats):
+                    shard.add(item, outcome)
+        shard.stats.entries = list(writer.entries)
+        shard.stats.bytes = sum(e.bytes for e in writer.entries)
+        shard.stats.wall_seconds = round(time.monotonic() - started, 3)
+        _commit(task, settings, shard)
+        return shard.stats
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _commit(task: ShardTask, settings: WorkSettings, shard: _Shard) -> None:
+    shard.failures.sort(key=lambda row: row[1])
+    write_parquet(failures_uri(settings.output, task.index), failures_table(failure_rows(shard.failures)))
+    storage.write_bytes(stats_uri(settings.output, task.index), shard.stats.to_json())
+    written = {e.url for e in shard.stats.entries}
+    for name in task.stale:
+        if name not in written:
+            storage.delete(storage.join(settings.output, name))
+
+
+def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
+    """Consecutive clips of the same video, in input order."""
+    run: list[ClipItem] = []
+    for item in clips:
+        if run and item.video_id != run[0].video_id:
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
+def _fail(item: ClipItem, stage: str, error: str, message: str) -> Failure:
+    return Failure(video_id=item.video_id, clip_id=item.clip_id, stage=stage, error=error, message=message, line=item.line)
+
+
+def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, stats: ShardStats):
+    todo = []
+    for item in run:
+        if item.problem:
+            yield item, _fail(item, *item.problem)
+        elif item.video_id in task.excluded:
+            error, message = task.excluded[item.video_id]
+            yield item, _fail(item, "task", error, message)
+        else:
+            todo.append(item)
+    if not todo:
+        return
+    if settings.layout is Layout.CLIPS:
+        for item in todo:
+            yield from _decode_file(clip_file(settings.videos, item.video_id, item.clip_id), [item], settings, scratch, stats)
+        return
+    uri = task.video_uris.get(run[0].video_id)
+    if uri is None:
+        message = f"no file {run[0].video_id}.<ext> under {settings.videos}"
+        yield from ((item, _fail(item, "open", "missing_file", message)) for item in todo)
+        return
+    yield from _decode_file(uri, todo, settings, scratch, stats)
+
+
+def _decode_file(uri: str, items: list[ClipItem], settings: WorkSettings, scratch: str, stats: ShardStats):
+    """Open one video file once and turn each requested clip into a sample or a failure."""
+    whole = settings.layout is Layout.CLIPS
+    done = 0
+    try:
+        with _local_copy(uri, scratch) as path:
+            _maybe_hang(items[0].video_id, settings.faults)
+            requests = [ClipRequest(clip_id=i.clip_id, start=0.0 if whole else i.span[0], end=None if whole else i.span[1]) for i in items]
+            results = decode_clips(path, requests, settings.decode)
+            while done < len(items):
+                t0 = time.monotonic()
+                result = next(results, None)
+                stats.decode_seconds = round(stats.decode_seconds + time.monotonic() - t0, 6)
+                if result is None:
+                    break
+                yield items[done], _outcome(items[done], result, uri, path, whole)
+                done += 1
+    except storage.StorageNotFound as exc:
+        yield from ((i, _fail(i, "open", "missing_file", str(exc))) for i in items[done:])
+        return
+    except storage.StorageError as exc:
+        yield from ((i, _fail(i, "fetch", "read_error", str(exc))) for i in items[done:])
+        return
+    except Exception as exc:  # the decoder promises not to raise; if it does, record it per clip
+        log.exception("%s: decoder raised", uri)
+        yield from ((i, _fail(i, "decode", type(exc).__name__, f"{uri}: {exc}")) for i in items[done:])
+        return
+    yield from ((i, _fail(i, "decode", "missing_result", f"{uri}: the decoder returned no result for this clip")) for i in items[done:])
+
+
+def _outcome(item: ClipItem, result: DecodedClip | ClipFailure, uri: str, path: str, whole: bool) -> ClipSample | Failure:
+    if isinstance(result, ClipFailure):
+        message = result.message.replace(path, uri) if path != uri else result.message
+        message = message if uri in message else f"{uri}: {message}"
+        return _fail(item, result.stage, result.error, message)
+    try:
+        return _sample(item, result, uri, whole)
+    except SchemaError as exc:
+        return _fail(item, "sample", "bad_sample", f"{uri}: {exc}")
+
+
+def _text(entry: TextEntry | None) -> tuple[str, TextSource]:
+    if entry is None:
+        return "", TextSource(kind="missing")
+    return entry.text, TextSource(kind="given", origin=entry.origin, truncated=entry.truncated)
+
+
+def _sample(item: ClipItem, clip: DecodedClip, uri: str, whole: bool) -> ClipSample:
+    """A pre-cut clip's times are shifted by the metadata start onto the source timeline."""
+    offset = item.span[0] if whole else 0.0
+    times = tuple(round(t + offset, 6) for t in clip.frame_times)
+    subtitle, subtitle_source = _text(item.subtitle)
+    caption, caption_source = _text(item.caption)
+    meta = ClipMeta(
+        video_id=item.video_id,
+        clip_id=item.clip_id,
+        span=(round(clip.span[0] + offset, 6), round(clip.span[1] + offset, 6)),
+        source_fps=float(clip.source_fps),
+        frame_times=times,
+        frame_size=tuple(clip.frame_size),
+        middle_frame=len(times) // 2,
+        source_uri=uri,
+        subtitle_source=subtitle_source,
+        caption_source=caption_source,
+    )
+    return ClipSample(meta=meta, frames=tuple(clip.frames), subtitle=subtitle, caption=caption)
+
+
+# --------------------------------------------------------------------------- local files
+
+
+@contextlib.contextmanager
+def _local_copy(uri: str, scratch: str) -> Iterator[str]:
+    """A local path for the video: the file itself, or an S3 object streamed to scratch."""
+    if not storage.is_remote(uri):
+        path = storage.parse(uri).path
+        if not os.path.isfile(path):
+            raise storage.StorageNotFound(f"{uri}: no such file")
+        yield path
+        return
+    fd, path = tempfile.mkstemp(prefix=storage.TEMP_PREFIX, suffix=os.path.splitext(uri)[1], dir=scratch)
+    try:
+        with os.fdopen(fd, "wb") as dst, storage.open_read(uri) as src:
+            shutil.copyfileobj(src, dst, storage.READ_CHUNK)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _fresh_scratch(settings: WorkSettings, index: int) -> str:
+    """An empty per-shard scratch folder (what a killed earlier attempt left is removed)."""
+    root = settings.scratch or os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
+    digest = hashlib.sha256(settings.output.encode()).hexdigest()[:12]
+    path = os.path.join(root, f"{digest}-{shard_stem(index)}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+def _maybe_exit(index: int, faults: Faults) -> None:
+    if faults.exit_shard == index and faults.exit_marker and not os.path.exists(faults.exit_marker):
+        with open(faults.exit_marker, "w") as f:
+            f.write(f"worker {os.getpid()} exits on shard {index}\n")
+        log.warning("fault injection: worker exits on shard %d", index)
+        os._exit(17)
+
+
+def _maybe_hang(video_id: str, faults: Faults) -> None:
+    if faults.hang_video == video_id:
+        log.warning("fault injection: video %s hangs", video_id)
+        time.sleep(3600)
