@@ -1,0 +1,1 @@
+"""CLIP-ViP post-pretraining: model, loss, metrics, weight conversion, data and engine."""
