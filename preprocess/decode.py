@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
-from PIL import Image
 
 log = logging.getLogger(__name__)
 
