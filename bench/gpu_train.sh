@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU training benchmark: ViT-B/32 and ViT-B/16, 12 frames at 224, bf16, ZeRO-1, synthetic shards,
+# fused vs dense (original-style masked) proxy attention. Prints samples/s per GPU and MFU per run.
+#
+#   bash bench/gpu_train.sh [steps=30] [gpus=all]
+#
+# Random-init weights (throughput does not depend on them). The data set is synthetic moving shapes
+# at 224x224 written once into $BENCH_DIR (default /tmp/vidproxy-bench); the loader decodes real JPEGs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS="${1:-30}"
+GPUS="${2:-$(.venv/bin/python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
+DIR="${BENCH_DIR:-/tmp/vidproxy-bench}"
+PY=.venv/bin/python
+export PYTHONPATH="$PWD"
+if [ ! -f "$DIR/data/manifest.json" ]; then
+  $PY -c "
+from tests.train.fixtures_train import moving_dataset
+moving_dataset('$DIR/data', 1024, seed=0, num_frames=16, size=224, max_samples=64)
+print('wrote $DIR/data')"
+fi
+summary() {  # median of the logged rows after the first (warm-up) one
+  $PY - "$1" "$2" <<'PYEOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"train"' in l][1:]
+sps = statistics.median(r["samples_per_s_per_device"] for r in rows)
+mfu = statistics.median(r.get("mfu", 0.0) for r in rows)
+wait = statistics.median(r["data_wait_fraction"] for r in rows)
+print(f"RESULT {sys.argv[2]:<28} samples/s/GPU {sps:8.1f}   MFU {100 * mfu:5.1f}%   data wait {100 * wait:4.1f}%")
+PYEOF
+}
+for model in vit-b32 vit-b16; do
+  for attention in fused dense; do
+    run="$DIR/runs/$model-$attention"
+    rm -rf "$run"
+    bash launch/pretrain.sh --gpus "$GPUS" -- --config "launch/configs/train/$model.yaml" run_dir="$run" \
+      data.train="[$DIR/data]" max_steps="$STEPS" model.attention="$attention" zero.stage=1 zero.precision=bf16 \
+      data.num_workers=6 log.every_steps=5 log.progress_bar=false log.eval_at_start=false \
+      checkpoint.every_steps=100000 optim.lr=5e-6 > "$run.log" 2>&1 || { echo "FAILED $model $attention (see $run.log)"; tail -20 "$run.log"; continue; }
+    summary "$run" "$model $attention"
+  done
+done

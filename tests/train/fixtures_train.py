@@ -1,0 +1,131 @@
+"""Helpers for the trainer tests: moving-shape clips as real JPEG shards, configs, launcher runs.
+
+A clip shows one coloured shape moving left, right, up or down over its frames; the caption and
+subtitle name colour, shape and direction, so matching a caption to its clip needs frame order.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from pipeline.manifest import Manifest, write_manifest
+from pipeline.schema import ClipMeta, ClipSample, TextSource
+from pipeline.shards import ShardLimits, ShardWriter
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = sys.executable
+COLOURS = {"red": (230, 40, 40), "green": (40, 210, 60), "blue": (50, 90, 240), "yellow": (235, 225, 40)}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+
+
+def render_frames(colour: str, shape: str, direction: str, rng: np.random.Generator,
+                  num_frames: int = 8, size: int = 32) -> tuple[bytes, ...]:
+    """JPEG frames of a shape crossing the frame; the start point is random along both axes."""
+    from PIL import Image, ImageDraw
+
+    obj = size // 4
+    travel = size - obj - 4
+    dx, dy = DIRECTIONS[direction]
+    cross = int(rng.integers(2, size - obj - 2))
+    offset = int(rng.integers(0, 3))
+    frames = []
+    for t in range(num_frames):
+        along = offset + int(round(t * travel / max(num_frames - 1, 1)))
+        along = along if (dx + dy) > 0 else size - obj - along
+        x, y = (along, cross) if dx else (cross, along)
+        img = Image.new("RGB", (size, size), (30, 30, 30))
+        draw = ImageDraw.Draw(img)
+        box = (x, y, x + obj, y + obj)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=92)
+        frames.append(buf.getvalue())
+    return tuple(frames)
+
+
+def moving_clip(index: int, combo: tuple[str, str, str], rng: np.random.Generator, num_frames: int = 8,
+                size: int = 32, prefix: str = "clip") -> ClipSample:
+    colour, shape, direction = combo
+    times = tuple(0.25 * t for t in range(num_frames))
+    meta = ClipMeta(
+        video_id=f"{prefix}{index}", clip_id=f"{prefix}{index}.0.mp4", span=(0.0, 0.25 * num_frames),
+        source_fps=4.0, frame_times=times, frame_size=(size, size), middle_frame=num_frames // 2,
+        source_uri="synthetic", subtitle_source=TextSource(kind="given", origin="synthetic"),
+        caption_source=TextSource(kind="generated", origin="synthetic"),
+    )
+    return ClipSample(meta=meta, frames=render_frames(colour, shape, direction, rng, num_frames, size),
+                      subtitle=f"the {colour} {shape} goes {direction}",
+                      caption=f"a {colour} {shape} moving {direction}")
+
+
+def write_dataset(root: str, clips: list[ClipSample], shard_sizes: list[int] | None = None,
+                  max_samples: int = 16) -> str:
+    """Write clips as shards (sizes as given, or max_samples each) plus the manifest; returns root."""
+    entries = []
+    if shard_sizes is None:
+        shard_sizes = [max_samples] * ((len(clips) + max_samples - 1) // max_samples)
+    assert sum(shard_sizes) >= len(clips) or shard_sizes
+    start = 0
+    for i, n in enumerate(shard_sizes):
+        with ShardWriter(root, f"part{i:02d}", ShardLimits(max_samples=10 ** 6)) as writer:
+            for clip in clips[start:start + n]:
+                writer.write(clip)
+        entries.extend(writer.entries)
+        start += n
+    write_manifest(root, Manifest(shards=tuple(entries), config={"synthetic": True}))
+    return root
+
+
+def moving_dataset(root: str, num_clips: int, seed: int, *, num_frames: int = 8, size: int = 32,
+                   shard_sizes: list[int] | None = None, max_samples: int = 16, prefix: str = "clip") -> str:
+    rng = np.random.default_rng(seed)
+    clips = [moving_clip(i, COMBOS[i % len(COMBOS)], rng, num_frames, size, prefix) for i in range(num_clips)]
+    return write_dataset(root, clips, shard_sizes, max_samples)
+
+
+def tiny_overrides(run_dir: str, train: list[str], *extra: str, eval_: list[str] | None = None) -> list[str]:
+    """CLI overrides for a tiny CPU run (the tiny YAML plus data and run folder)."""
+    out = [f"run_dir={run_dir}", f"data.train=[{','.join(train)}]"]
+    if eval_:
+        out.append(f"data.eval=[{','.join(eval_)}]")
+    return out + list(extra)
+
+
+def env() -> dict:
+    out = dict(os.environ)
+    out.update({"DS_ACCELERATOR": "cpu", "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", })
+    out.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))  # DS's CPU op cache
+    return out
+
+
+def run_single(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """python -m train.main as one rank (no launcher)."""
+    cmd = [PYTHON, "-m", "train.main", "--config", os.path.join(REPO, "launch/configs/train/tiny.yaml"), *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_launcher(overrides: list[str], nproc: int = 2, timeout: float = 400, port: int | None = None,
+                 extra_args: list[str] | None = None, popen: bool = False):
+    """launch/pretrain.sh with NPROC ranks on this machine (gloo on CPU)."""
+    run_env = env()
+    run_env["NPROC_PER_NODE"] = str(nproc)
+    if port is not None:
+        run_env["MASTER_PORT"] = str(port)
+    cmd = ["bash", os.path.join(REPO, "launch/pretrain.sh"), *(extra_args or []), "--",
+           "--config", os.path.join(REPO, "launch/configs/train/tiny.yaml"), *overrides]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+
+
+def failure(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{(proc.stderr or '')[-6000:]}"

@@ -1,0 +1,387 @@
+"""Training configuration: one dataclass per concern, composed into `TrainConfig`.
+
+Precedence: dataclass defaults, then a YAML file, then dotted CLI overrides such as
+``optim.lr=1e-5 data.train=[s3://b/a,s3://b/b]`` (values are parsed as YAML scalars/lists).
+Every section validates itself in ``__post_init__`` and raises ``ValueError`` naming the field;
+`TrainConfig` checks the values that must agree across sections. The resolved config is dumped
+to ``<run_dir>/config.yaml`` by the entry point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DECODERS = ("pillow", "torchvision")
+EVAL_TEXTS = ("caption", "subtitle")
+RESUME_MODES = ("auto", "never")
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The network (fields of train.model.VideoCLIPConfig) and the loss variant."""
+
+    clip_model: str = "ViT-B-32"
+    """open_clip model name, e.g. ViT-B-32, ViT-B-16 (OpenAI weights want the -quickgelu names)."""
+    num_proxies: int = 4
+    """M video proxy tokens (proxy 0 is CLIP's class embedding)."""
+    temporal_slots: int = 12
+    """Slots of the temporal embedding, resampled to the frame count."""
+    attention: str = "fused"
+    """fused (two mask-free SDPA calls) or dense (one SDPA with an N x N mask, original-style cost)."""
+    grad_checkpointing: bool = False
+    """Recompute transformer blocks in backward."""
+    pretrained: str | None = None
+    """Local path of CLIP weights to start from (None: random init)."""
+    clip_overrides: dict = field(default_factory=dict)
+    """Merged into open_clip's model config (embed_dim, quick_gelu, vision_cfg, text_cfg)."""
+    logit_scale_init: float = 4.60
+    """Initial log logit scale."""
+    loss: str = "d"
+    """OCL variant of train.loss (d = the final CLIP-ViP loss)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_proxies >= 1, "model.num_proxies", f"must be >= 1, got {self.num_proxies}")
+        _check(self.loss in ("vs", "a", "b", "c", "d"), "model.loss", f"must be vs/a/b/c/d, got {self.loss!r}")
+
+    def video_clip_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loss"}
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """The streaming loader: sources, sampling, decode and tokenisation."""
+
+    train: list = field(default_factory=list)
+    """Manifest URIs (or data set folders) to train on: local path, file:// or s3://."""
+    weights: list | None = None
+    """Sampling weight per train source (None: proportional to each source's sample count)."""
+    eval: list = field(default_factory=list)
+    """Held-out manifests for zero-shot retrieval (empty: no evaluation)."""
+    eval_text: str = "caption"
+    """Which text is the retrieval query: caption or subtitle."""
+    eval_max_samples: int = 1000
+    """Cap on held-out clips (the first ones in manifest order)."""
+    batch_size: int = 32
+    """Clips per rank per micro-step."""
+    num_frames: int = 12
+    """Frames per clip fed to the model."""
+    image_size: int = 224
+    """Frames are resized (squashed) to image_size x image_size."""
+    context_length: int = 70
+    """Text tokens (open_clip tokenizer); padded with zeros to the model's context."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    shards_per_window: int = 4
+    """Shards read interleaved by one worker; the unit of deterministic shuffling."""
+    shuffle_buffer: int = 256
+    """Sample-level shuffle buffer (raw samples, decoded after the buffer)."""
+    decoder: str = "torchvision"
+    """JPEG decoder: torchvision (libjpeg-turbo + bicubic antialiased resize, faster) or pillow."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker."""
+    shuffle_frames: bool = False
+    """Permute frame order (a no-temporal-order baseline; off for real training)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.eval, str):
+            self.eval = [self.eval]
+        self.train, self.eval = list(self.train), list(self.eval)
+        if self.weights is not None:
+            _check(len(self.weights) == len(self.train), "data.weights",
+                   f"{len(self.weights)} weights for {len(self.train)} train sources")
+            _check(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, "data.weights",
+                   f"must be non-negative with a positive sum, got {self.weights}")
+        _check(self.eval_text in EVAL_TEXTS, "data.eval_text", f"must be one of {EVAL_TEXTS}")
+        _check(self.decoder in DECODERS, "data.decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
+        for name in ("batch_size", "num_frames", "image_size", "context_length", "shards_per_window",
+                     "shuffle_buffer", "prefetch_factor", "eval_max_samples"):
+            _check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.context_length >= 3, "data.context_length", "must hold at least SOT, one token and EOT")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and the warmup + cosine schedule (brief §4.1 defaults)."""
+
+    lr: float = 5e-6
+    """Peak learning rate."""
+    min_lr: float = 1e-8
+    """Floor of the cosine decay."""
+    betas: tuple = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay of the decayed group."""
+    decay_all: bool = False
+    """Also decay norms, embeddings, proxies (the original's accidental behaviour); biases and logit scale never."""
+    warmup_fraction: float = 0.01
+    """Fraction of the total steps with linear warmup."""
+    grad_clip: float = 5.0
+    """Global gradient-norm clip (0 disables)."""
+    logit_scale_lr_mul: float = 1.0
+    """Learning-rate multiplier of the logit scale."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two values in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.logit_scale_lr_mul > 0, "optim.logit_scale_lr_mul", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    """DeepSpeed: ZeRO stage, precision, accumulation."""
+
+    stage: int = 1
+    """ZeRO stage 1, 2 or 3."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimiser step."""
+    grad_accum_dtype: str = "fp32"
+    """Gradient accumulation dtype under bf16 (fp32 avoids drift)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {self.stage}")
+        _check(self.precision in PRECISIONS, "zero.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.grad_accum_steps >= 1, "zero.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        _check(self.grad_accum_dtype in ("fp32", "bf16"), "zero.grad_accum_dtype", "must be fp32 or bf16")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """DeepSpeed checkpoints (saved by every rank) and resume."""
+
+    every_steps: int = 1000
+    """Save every this many optimiser steps (and at the end)."""
+    keep_last: int = 3
+    """Keep only the newest N checkpoints."""
+    resume: str = "auto"
+    """auto: continue from <run_dir>/checkpoints if present; never: start fresh."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(self.resume in RESUME_MODES, "checkpoint.resume", f"must be one of {RESUME_MODES}")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """Metrics, progress bar, evaluation cadence."""
+
+    every_steps: int = 10
+    """Write a metrics row every this many steps."""
+    eval_every_steps: int = 1000
+    """Zero-shot retrieval every this many steps (and at the end)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard events on rank 0."""
+    plots: bool = True
+    """Write loss/recall PNGs into the run folder."""
+    batch_digests: bool = False
+    """Record a digest of every rank's batch per step (used by the resume test)."""
+    peak_tflops: float = 0.0
+    """Accelerator peak TFLOP/s for MFU (0: auto for known GPUs, no MFU on CPU)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "log.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.eval_every_steps >= 1, "log.eval_every_steps", f"must be >= 1, got {self.eval_every_steps}")
+        _check(self.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run needs."""
+
+    run_dir: str
+    """Output folder: config, ds_config.json, checkpoints, metrics, plots."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+    """Seeds the model init, the shard order, the shuffle buffer and frame jitter."""
+    epochs: float = 1.0
+    """Passes over the train sources' total samples (sets the schedule length)."""
+    max_steps: int | None = None
+    """Total optimiser steps (overrides epochs)."""
+    stop_at_step: int | None = None
+    """Stop (after checkpointing) at this step without changing the schedule: time-sliced jobs."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir", "must be set")
+        _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.stop_at_step is None or self.stop_at_step >= 1, "stop_at_step", "must be >= 1")
+        self._check_cross_section()
+
+    def _check_cross_section(self) -> None:
+        vision_size = self.model.clip_overrides.get("vision_cfg", {}).get("image_size")
+        if vision_size is not None and vision_size != self.data.image_size:
+            raise ValueError(f"data.image_size={self.data.image_size} conflicts with "
+                             f"model.clip_overrides.vision_cfg.image_size={vision_size}")
+        text_ctx = self.model.clip_overrides.get("text_cfg", {}).get("context_length", 77)
+        if self.data.context_length > text_ctx:
+            raise ValueError(f"data.context_length={self.data.context_length} exceeds the text tower's "
+                             f"context_length={text_ctx}")
+        if self.zero.precision == "bf16" and self.zero.stage == 0:
+            raise ValueError("zero.precision=bf16 needs zero.stage >= 1")
+        if self.stop_at_step is not None and self.max_steps is not None and self.stop_at_step > self.max_steps:
+            raise ValueError(f"stop_at_step={self.stop_at_step} is beyond max_steps={self.max_steps}")
+
+    def total_steps(self, samples_per_epoch: int, world_size: int) -> int:
+        """Optimiser steps of the run: max_steps, or epochs over the train samples."""
+        if self.max_steps is not None:
+            return self.max_steps
+        global_batch = self.data.batch_size * world_size * self.zero.grad_accum_steps
+        return max(1, math.ceil(self.epochs * samples_per_epoch / global_batch))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-data (YAML-safe) view of a config dataclass."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping, got {value!r}")
+            value = _build(hint, value, f"{prefix}{name}.")
+        else:
+            value = _coerce(value, hint, f"{prefix}{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Numbers written as strings (YAML reads ``3e-3`` as a string) become int/float; bad types fail."""
+    options = set(typing.get_args(hint) or (hint,))
+    if type(None) in options and value in ("None", "none", "null"):
+        return None
+    numeric = {float, int} & options
+    if not numeric or isinstance(value, bool) or value is None:
+        return value
+    if float in numeric and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if int in numeric and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``a.b=value`` strings -> nested dict; values are parsed as YAML (numbers, bools, lists)."""
+    tree: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- dotted overrides; validated."""
+    values: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path!r}: expected a mapping at the top level")
+        values = loaded
+    values = _merge(values, parse_overrides(overrides or []))
+    if "run_dir" not in values:
+        raise ValueError("run_dir: required (set it in the YAML or pass run_dir=...)")
+    return _build(TrainConfig, values, "")
+
+
+def dump_config(cfg: TrainConfig, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,441 @@
+"""Streaming training data: manifests -> per-(rank, worker) shard streams -> decoded batches.
+
+Design (every choice serves "same number of batches everywhere" and "exact resume"):
+
+* **Streams.** Each (rank, DataLoader worker) pair is one *stream* ``s`` of ``S = world * workers``.
+  The shard sequence of a stream is infinite and a pure function of the seed: epoch ``e`` of the
+  global order is a seeded permutation of all shards (or, with source weights, a seeded weighted
+  draw); stream ``s`` takes every S-th entry of the concatenated epochs. A stream therefore never
+  runs dry, also with fewer shards than streams or uneven shard sizes, and the training loop simply
+  stops after the same number of steps on every rank: no rank can hang waiting for another.
+* **Windows.** A stream reads ``shards_per_window`` shards at a time, interleaved at random in
+  proportion to their remaining samples, through a raw-sample shuffle buffer that is drained at the
+  end of the window. The order inside window ``k`` depends only on ``(seed, s, k)``.
+* **Position.** A stream's position is ``(window, offset)``: the window index and the number of raw
+  samples already emitted from it. Resuming regenerates that window and skips ``offset`` raw samples
+  without decoding any JPEG. Frame jitter is seeded per sample from ``(seed, s, window, offset)``.
+* **Workers.** The DataLoader takes batches from workers round-robin. After a resume at batch ``g``
+  worker ``w`` serves logical stream ``(w + g) mod W`` so the global batch order is unchanged.
+* **Bad shards.** A missing or corrupt shard (`ShardError`) ends that shard only; it is counted and
+  logged, and the stream goes on. A bad sample (bad JPEG / metadata) is skipped and counted too.
+
+Batches hold uint8 frames (normalised on the training device, see `normalize_frames`).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypedDict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
+from pipeline.schema import ClipSample, SchemaError
+from pipeline.shards import ShardError, iter_shard
+from train.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_EMPTY_WINDOWS = 64
+
+
+class StreamPosition(TypedDict):
+    """Where one stream stands, plus its error counters."""
+
+    window: int
+    offset: int
+    shard_errors: int
+    sample_errors: int
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    uri: str
+    entry: ShardEntry
+
+
+@dataclass(frozen=True)
+class Source:
+    location: str
+    shards: tuple[ShardRef, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(ref.entry.samples for ref in self.shards)
+
+
+def open_source(location: str) -> Source:
+    """Read a manifest (ManifestError names the file on failure) and list its shards."""
+    manifest: Manifest = read_manifest(location)
+    refs = tuple(ShardRef(uri, entry) for uri, entry in zip(shard_uris(manifest, location), manifest.shards)
+                 if entry.samples > 0)
+    if not refs:
+        raise ValueError(f"{location}: the manifest lists no non-empty shard")
+    return Source(location, refs)
+
+
+def open_sources(locations: list[str]) -> list[Source]:
+    if not locations:
+        raise ValueError("data.train: no training manifest given")
+    return [open_source(loc) for loc in locations]
+
+
+# ----------------------------------------------------------------------------- shard plan
+
+
+class ShardPlan:
+    """The infinite, seeded shard sequence of every stream."""
+
+    def __init__(self, sources: list[Source], weights: list[float] | None, seed: int, num_streams: int):
+        self.shards = [ref for source in sources for ref in source.shards]
+        self._source_of = [i for i, source in enumerate(sources) for _ in source.shards]
+        self._offsets = np.cumsum([0] + [len(s.shards) for s in sources])
+        self.weights = None if weights is None else np.asarray(weights, dtype=float) / sum(weights)
+        self.seed, self.num_streams = seed, num_streams
+
+    @functools.lru_cache(maxsize=8)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 17])
+        if self.weights is None:
+            return rng.permutation(len(self.shards))
+        picks = rng.choice(len(self.weights), size=len(self.shards), p=self.weights)
+        sizes = np.diff(self._offsets)
+        return self._offsets[picks] + rng.integers(0, sizes[picks])
+
+    def shard_at(self, stream: int, position: int) -> ShardRef:
+        index = stream + position * self.num_streams
+        epoch, slot = divmod(index, len(self.shards))
+        return self.shards[int(self.epoch_order(epoch)[slot])]
+
+    def window(self, stream: int, window: int, size: int) -> list[ShardRef]:
+        return [self.shard_at(stream, window * size + j) for j in range(size)]
+
+
+# ----------------------------------------------------------------------------- raw window stream
+
+
+class ErrorCounter:
+    """Counts skipped shards and samples; logs each one (never silent)."""
+
+    def __init__(self, shard_errors: int = 0, sample_errors: int = 0):
+        self.shard_errors, self.sample_errors = shard_errors, sample_errors
+
+    def shard(self, exc: Exception) -> None:
+        self.shard_errors += 1
+        logger.warning("skipping the rest of a shard: %s", exc)
+
+    def sample(self, key: str, exc: Exception) -> None:
+        self.sample_errors += 1
+        logger.warning("skipping sample %s: %s", key, exc)
+
+
+def _safe_next(iterator: Iterator[dict], errors: ErrorCounter) -> dict | None:
+    try:
+        return next(iterator)
+    except StopIteration:
+        return None
+    except ShardError as exc:
+        errors.shard(exc)
+        return None
+
+
+def window_samples(shards: list[ShardRef], rng: np.random.Generator, buffer_size: int,
+                   errors: ErrorCounter) -> Iterator[dict]:
+    """Raw webdataset samples of a window: random interleave of its shards, then a shuffle buffer."""
+    readers = [iter_shard(ref.uri, ref.entry) for ref in shards]
+    remaining = [max(ref.entry.samples, 1) for ref in shards]
+    buffer: list[dict] = []
+    while readers:
+        weights = np.asarray(remaining, dtype=float)
+        j = int(rng.choice(len(readers), p=weights / weights.sum()))
+        sample = _safe_next(readers[j], errors)
+        if sample is None:
+            del readers[j], remaining[j]
+            continue
+        remaining[j] = max(remaining[j] - 1, 1)
+        buffer.append(sample)
+        if len(buffer) >= buffer_size:
+            yield _pop_random(buffer, rng)
+    while buffer:
+        yield _pop_random(buffer, rng)
+
+
+def _pop_random(buffer: list, rng: np.random.Generator):
+    i = int(rng.integers(len(buffer)))
+    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+    return buffer.pop()
+
+
+# ----------------------------------------------------------------------------- per-sample transform
+
+
+def frame_indices(stored: int, wanted: int, rng: np.random.Generator | None) -> list[int]:
+    """Brief §3.3: uniform linspace; for training (rng given) with jittered ends when stored > wanted."""
+    if rng is None or stored <= wanted or wanted == 1:
+        return [int(i) for i in np.linspace(0, stored - 1, wanted)]
+    interval = stored // (wanted - 1)
+    start = int(rng.integers(0, interval + 1))
+    end = int(rng.integers(max(stored - 1 - interval, start), stored))
+    return [int(i) for i in np.floor(np.linspace(start, end, wanted))]
+
+
+def decode_pillow(jpegs: list[bytes], size: int) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(jpegs), size, size, 3), dtype=np.uint8)
+    for i, data in enumerate(jpegs):
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            out[i] = np.asarray(img)
+    return out.transpose(0, 3, 1, 2)
+
+
+def decode_torchvision(jpegs: list[bytes], size: int) -> np.ndarray:
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+    frames = decode_jpeg(tensors, mode=ImageReadMode.RGB)
+    out = [resize(f, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True) if f.shape[-2:] != (size, size) else f for f in frames]
+    return torch.stack(out).numpy()
+
+
+DECODE_FNS = {"pillow": decode_pillow, "torchvision": decode_torchvision}
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+@dataclass(frozen=True)
+class SampleTransform:
+    """ClipSample -> frames (uint8 T,3,S,S), middle frame (3,S,S) and the two texts."""
+
+    num_frames: int
+    image_size: int
+    decoder: str = "pillow"
+    shuffle_frames: bool = False
+
+    def __call__(self, sample: ClipSample, rng: np.random.Generator | None) -> dict:
+        stored = len(sample.frames)
+        indices = frame_indices(stored, self.num_frames, rng)
+        if self.shuffle_frames:
+            order = (rng or np.random.default_rng(stored)).permutation(len(indices))
+            indices = [indices[i] for i in order]
+        middle = sample.meta.middle_frame
+        wanted = sorted(set(indices) | {middle})
+        decoded = DECODE_FNS[self.decoder]([sample.frames[i] for i in wanted], self.image_size)
+        where = {index: row for row, index in enumerate(wanted)}
+        return {
+            "frames": decoded[[where[i] for i in indices]],
+            "image": decoded[where[middle]],
+            "subtitle": sample.subtitle,
+            "caption": sample.caption,
+            "key": sample.key,
+            "indices": indices,
+        }
+
+
+def collate(items: list[dict], context_length: int) -> dict:
+    tokenizer = get_tokenizer(context_length)
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(f"{item['key']}:{item['indices']};".encode())
+    return {
+        "frames": torch.from_numpy(np.stack([it["frames"] for it in items])),
+        "image": torch.from_numpy(np.stack([it["image"] for it in items])),
+        "subtitle": tokenizer([it["subtitle"] for it in items]),
+        "caption": tokenizer([it["caption"] for it in items]),
+        "keys": [it["key"] for it in items],
+        "digest": digest.hexdigest()[:16],
+    }
+
+
+def normalize_frames(frames_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> CLIP-normalised float, on whatever device the input is."""
+    mean = torch.tensor(CLIP_MEAN, device=frames_uint8.device, dtype=dtype).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=frames_uint8.device, dtype=dtype).view(3, 1, 1)
+    return (frames_uint8.to(dtype) / 255.0 - mean) / std
+
+
+# ----------------------------------------------------------------------------- the training stream
+
+
+def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: DataConfig,
+                   transform: SampleTransform, seed: int) -> Iterator[dict]:
+    """Infinite batches of one stream, starting at ``start``; each carries the position after it."""
+    errors = ErrorCounter(start["shard_errors"], start["sample_errors"])
+    window, skip = start["window"], start["offset"]
+    items: list[dict] = []
+    empty_windows = 0
+    while True:
+        rng = np.random.default_rng([seed, stream, window, 1])
+        shards = plan.window(stream, window, cfg.shards_per_window)
+        offset = 0
+        for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors):
+            offset += 1
+            if offset <= skip:
+                continue
+            item = _transform(raw, transform, np.random.default_rng([seed, stream, window, offset, 2]), errors)
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == cfg.batch_size:
+                batch = collate(items, cfg.context_length)
+                batch["position"] = StreamPosition(window=window, offset=offset, shard_errors=errors.shard_errors,
+                                                   sample_errors=errors.sample_errors)
+                items = []
+                yield batch
+        empty_windows = empty_windows + 1 if offset == 0 else 0
+        if empty_windows >= MAX_EMPTY_WINDOWS:
+            raise RuntimeError(f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample "
+                               f"({errors.shard_errors} shard errors); is the data set reachable?")
+        window, skip = window + 1, 0
+
+
+def _transform(raw: dict, transform: SampleTransform, rng: np.random.Generator, errors: ErrorCounter) -> dict | None:
+    try:
+        return transform(ClipSample.from_wds(raw), rng)
+    except (SchemaError, OSError, ValueError, RuntimeError) as exc:
+        errors.sample(f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", exc)
+        return None
+
+
+def initial_position() -> StreamPosition:
+    return StreamPosition(window=0, offset=0, shard_errors=0, sample_errors=0)
+
+
+class StreamingDataset(IterableDataset):
+    """One rank's view: its DataLoader workers each run one stream (see module docstring)."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int,
+                 state: dict | None = None):
+        self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        self.num_workers = max(cfg.num_workers, 1)
+        self.sources = open_sources(cfg.train)
+        self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
+        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames)
+        self.state = state or fresh_state(self.num_workers)
+        check_state(self.state, self.num_workers)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(source.num_samples for source in self.sources)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        logical = (worker + self.state["batches"]) % self.num_workers
+        stream = self.rank * self.num_workers + logical
+        start = self.state["streams"][logical]
+        for batch in stream_batches(self.plan, stream, start, self.cfg, self.transform, self.seed):
+            batch["stream"] = logical
+            yield batch
+
+
+def fresh_state(num_workers: int) -> dict:
+    return {"batches": 0, "streams": [initial_position() for _ in range(num_workers)]}
+
+
+def check_state(state: dict, num_workers: int) -> None:
+    if len(state.get("streams", [])) != num_workers:
+        raise ValueError(f"data state has {len(state.get('streams', []))} worker streams but data.num_workers "
+                         f"gives {num_workers}: resume with the same num_workers and world size")
+
+
+class StreamingLoader:
+    """Iterates batches of one rank and tracks its data state (what goes into client_state)."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
+        self.dataset = StreamingDataset(cfg, seed, rank, world_size, state)
+        get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
+        self.state = {"batches": self.dataset.state["batches"],
+                      "streams": [dict(p) for p in self.dataset.state["streams"]]}
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
+                                 prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                                 persistent_workers=cfg.num_workers > 0)
+        self._iter: Iterator[dict] | None = None
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.dataset.samples_per_epoch
+
+    def next(self) -> dict:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        batch = next(self._iter)
+        self.state["streams"][batch.pop("stream")] = batch.pop("position")
+        self.state["batches"] += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._iter = None
+
+    def errors(self) -> tuple[int, int]:
+        streams = self.state["streams"]
+        return sum(p["shard_errors"] for p in streams), sum(p["sample_errors"] for p in streams)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.state["batches"], "streams": [dict(p) for p in self.state["streams"]]}
+
+
+# ----------------------------------------------------------------------------- evaluation data
+
+
+def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
+    """Held-out clips in manifest order (first eval_max_samples), split over ranks.
+
+    Every rank gets the same number of batches of the same size (the last rank's share is padded by
+    repeating a clip, marked with index -1) so ZeRO-3 forwards stay in lock-step.
+    """
+    samples = _eval_samples(cfg)
+    per_rank = math.ceil(len(samples) / world_size)
+    mine = list(range(rank, len(samples), world_size))
+    mine += [-1] * (per_rank - len(mine))
+    transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames)
+    tokenizer = get_tokenizer(cfg.context_length)
+    for start in range(0, per_rank, cfg.batch_size):
+        chunk = mine[start:start + cfg.batch_size]
+        items = [transform(samples[i if i >= 0 else 0], None) for i in chunk]
+        texts = [it[cfg.eval_text] for it in items]
+        yield {
+            "frames": torch.from_numpy(np.stack([it["frames"] for it in items])),
+            "text": tokenizer(texts),
+            "index": torch.tensor(chunk, dtype=torch.long),
+        }
+
+
+def _eval_samples(cfg: DataConfig) -> list[ClipSample]:
+    errors = ErrorCounter()
+    out: list[ClipSample] = []
+    for location in cfg.eval:
+        for ref in open_source(location).shards:
+            try:
+                for raw in iter_shard(ref.uri, ref.entry):
+                    out.append(ClipSample.from_wds(raw))
+                    if len(out) >= cfg.eval_max_samples:
+                        return out
+            except ShardError as exc:
+                errors.shard(exc)
+    if not out:
+        raise ValueError(f"data.eval: no readable held-out clip in {cfg.eval}")
+    return out

@@ -1,0 +1,207 @@
+"""The only module that imports deepspeed: config dict, initialisation, checkpoints, collectives.
+
+Everything else sees a plain ``nn.Module`` plus the small API below.
+
+* `ds_config` builds the DeepSpeed JSON from `TrainConfig` (ZeRO stage, bf16 on GPU / fp32 on CPU,
+  ``gradient_clipping`` and ``gradient_accumulation_steps`` always explicit: DeepSpeed's code
+  default for clipping is 0 = off) and `write_ds_config` saves it to the run folder.
+* `save_checkpoint` must be called by every rank (DeepSpeed hangs otherwise). DeepSpeed writes
+  ``client_state`` from rank 0 only, so each rank's own state (data position, RNG states) is
+  all-gathered first and stored as a list indexed by rank. Only the newest ``keep_last``
+  checkpoints are kept.
+* `clamp_param_` clamps a parameter in the optimiser's fp32 master copy *and* the model copy, for
+  ZeRO 1/2/3 (clamping only ``param.data`` would be undone by the next step's master update).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TAG_PREFIX = "step"
+
+
+def device_type() -> str:
+    """``cuda``, ``cpu``, ... as DeepSpeed's accelerator (DS_ACCELERATOR) sees it."""
+    return get_accelerator().device_name()
+
+
+def current_device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher set up (env RANK/WORLD_SIZE/MASTER_*); returns (rank, world)."""
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               auto_mpi_discovery=False, verbose=False)
+    if device_type() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.zero.precision == "auto":
+        return device_type() != "cpu"
+    return cfg.zero.precision == "bf16"
+
+
+def ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run (every value explicit)."""
+    bf16 = use_bf16(cfg)
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.zero.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.zero.stage,
+            "overlap_comm": cfg.zero.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+        },
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "Warn"},
+        "seed": cfg.seed,
+    }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": cfg.zero.grad_accum_dtype}
+    return config
+
+
+def write_ds_config(config: dict, run_dir: str) -> str:
+    path = os.path.join(run_dir, "ds_config.json")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    return path
+
+
+def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, external_params=()):
+    """deepspeed.initialize with a client optimizer (torch AdamW: no compiled op on CPU).
+
+    ``external_params``: parameters read outside their owner's forward; under ZeRO-3 they are
+    registered on ``module`` so they are gathered for its whole forward.
+    """
+    if config["zero_optimization"]["stage"] == 3:
+        for param in external_params:
+            deepspeed.zero.register_external_parameter(module, param)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config, dist_init_required=False)
+    return engine
+
+
+def model_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if use_bf16(cfg) else torch.float32
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@torch.no_grad()
+def clamp_param_(param: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter in place in the fp32 master copy *and* the model copy (ZeRO 1/2/3).
+
+    Clamping is elementwise, so each rank clamps only the fragments it holds: no collective.
+    """
+    if hasattr(param, "ds_id"):  # ZeRO-3: partitioned master and model copies (padding is 0)
+        master, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=True)
+        master.data.clamp_(low, high)
+        param.ds_tensor.data.clamp_(low, high)
+        return
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:  # ZeRO-1/2: this rank's slice of the fp32 master partition
+        mapping.get_hp_fragment().data.clamp_(low, high)
+    param.data.clamp_(low, high)
+
+
+@torch.no_grad()
+def read_param(param: torch.nn.Parameter) -> float:
+    """Value of a scalar parameter (gathers it under ZeRO-3; call on every rank)."""
+    if hasattr(param, "ds_id"):
+        with deepspeed.zero.GatheredParameters([param]):
+            return float(param.data.float().reshape(-1)[0])
+    return float(param.data.float().reshape(-1)[0])
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from all ranks along dim 0 (no autograd)."""
+    world = dist.get_world_size()
+    if world == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_objects(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(value: float, op: str = "max") -> float:
+    """Max or sum of a number over ranks."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=current_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(tensor[0])
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_tags(ckpt_dir: str) -> list[str]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, d))]
+    return sorted(tags)
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, rank_state: dict, shared_state: dict, keep_last: int) -> str:
+    """Collective: all ranks save; ``rank_state`` of every rank ends up in ``client_state['ranks']``."""
+    tag = f"{TAG_PREFIX}{step:09d}"
+    client_state = {"ranks": all_gather_objects(rank_state), **shared_state}
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+    barrier()
+    if dist.get_rank() == 0:
+        for old in checkpoint_tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+            logger.info("removed old checkpoint %s", old)
+    barrier()
+    logger.info("saved checkpoint %s", os.path.join(ckpt_dir, tag))
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
+    """Load the newest checkpoint (model, optimizer, scheduler); return its client_state or None."""
+    if not os.path.exists(os.path.join(ckpt_dir, "latest")):
+        return None
+    path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the checkpoint named in 'latest'")
+    ranks = client_state.get("ranks", [])
+    if len(ranks) != dist.get_world_size():
+        raise ValueError(f"{path}: saved by {len(ranks)} ranks, this run has {dist.get_world_size()}; "
+                         "exact resume needs the same world size")
+    logger.info("resumed from %s", path)
+    return client_state

@@ -1,0 +1,132 @@
+"""Run outputs on rank 0: log setup, progress bar, JSONL + TensorBoard metrics, PNG plots.
+
+`MetricLogger` does the rank-0 gating itself, so callers never check ``rank == 0``.
+Files in the run folder: ``metrics.jsonl`` (one JSON object per logged step or evaluation, with
+``kind`` = ``train`` or ``eval``), ``tb/`` (TensorBoard events), ``loss.png``, ``recall.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """One handler on the ``train``/``pipeline`` loggers (not the root); ranks > 0 log warnings only."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("train", "pipeline", "launch"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(level if rank == 0 else logging.WARNING)
+        log.propagate = False
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricLogger:
+    """Writes metrics rows (rank 0 only) and owns the progress bar."""
+
+    def __init__(self, run_dir: str, rank: int, total_steps: int, start_step: int, *,
+                 tensorboard: bool = True, progress_bar: bool = True, plots: bool = True):
+        self.enabled = rank == 0
+        self.run_dir, self.plots = run_dir, plots
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                             file=sys.stderr)
+
+    def log(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, **{k: _plain(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if kind == "eval":
+            logger.info("eval @ step %d: %s", step, _short(values))
+
+    def advance(self, step: int, values: dict) -> None:
+        """Tick the progress bar with a few headline numbers."""
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self.plots and os.path.exists(self.path):
+            write_plots(self.path, self.run_dir)
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _short(values: dict) -> str:
+    keys = [k for k in values if k.endswith(("t2v_r1", "t2v_r5", "v2t_r1"))]
+    return ", ".join(f"{k}={values[k]:.1f}" for k in keys)
+
+
+def write_plots(metrics_path: str, out_dir: str) -> list[str]:
+    """loss.png (every loss term vs step) and recall.png (eval R@k vs step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    written = []
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    for name, data, prefix in (("loss.png", train, "loss"), ("recall.png", evals, "")):
+        keys = sorted({k for r in data for k in r if k.startswith(prefix) and _is_curve(k, name)})
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in keys:
+            points = [(r["step"], r[key]) for r in data if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss" if name == "loss.png" else "recall (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _is_curve(key: str, plot: str) -> bool:
+    if plot == "loss.png":
+        return key.startswith("loss")
+    return "_r1" in key or "_r5" in key or "_r10" in key

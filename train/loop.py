@@ -1,0 +1,278 @@
+"""The training task (model + loss in one module), train step, zero-shot evaluation and the loop.
+
+Distributed details stay in `train.engine`; this file sees the DeepSpeed engine only through
+``engine(...)``, ``engine.backward``, ``engine.step`` and the engine helpers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train import engine as ds
+from train.config import TrainConfig
+from train.data import StreamingLoader, eval_batches, normalize_frames
+from train.logging_utils import MetricLogger
+from train.loss import OCLLoss
+from train.metrics import retrieval_metrics
+from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
+from train.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+class TrainingTask(nn.Module):
+    """Model + OCL loss as one module for DeepSpeed (ZeRO-3 hooks need a single forward)."""
+
+    def __init__(self, model: VideoCLIP, loss: OCLLoss):
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.text_context = model.clip.context_length
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _text(self, tokens: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(tokens, (0, self.text_context - tokens.shape[1]))  # after EOT: masked by causality
+        return self.model.encode_text(padded).float()
+
+    def forward(self, frames, image=None, subtitle=None, caption=None, text=None):
+        """Training: loss dict. Evaluation (``text`` given): (video, text) embeddings."""
+        dtype = self._dtype()
+        video = self.model.encode_video(normalize_frames(frames, dtype)).float()
+        if text is not None:
+            return video, self._text(text)
+        features = {"video": video}
+        wanted = self.loss.features
+        if "subtitle" in wanted:
+            features["subtitle"] = self._text(subtitle)
+        if "caption" in wanted:
+            features["caption"] = self._text(caption)
+        if "frame" in wanted:
+            features["frame"] = self.model.encode_image(normalize_frames(image, dtype)).float()
+        return self.loss(features, self.model.logit_scale.float())
+
+
+def register_direct_params(task: nn.Module) -> list[nn.Parameter]:
+    """Parameters used outside their own module's forward (ZeRO-3 must gather them for the task)."""
+    params = []
+    for module in task.modules():
+        if any(True for _ in module.children()):
+            params.extend(p for p in module.parameters(recurse=False))
+    return params
+
+
+def build_task(cfg: TrainConfig, rank: int, world_size: int) -> TrainingTask:
+    torch.manual_seed(cfg.seed)
+    model = build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs()))
+    return TrainingTask(model, OCLLoss(cfg.model.loss, rank, world_size))
+
+
+# ----------------------------------------------------------------------------- FLOPs / MFU
+
+
+def flops_per_sample(model: VideoCLIP, num_frames: int, num_texts: int, with_frame: bool) -> float:
+    """Analytic training FLOPs (3x forward) of one clip: matmuls and attention, both towers."""
+    visual = model.clip.visual
+    width = visual.conv1.out_channels
+    patch = visual.conv1.kernel_size[0]
+    layers = len(visual.transformer.resblocks)
+    grid = visual.grid_size[0] * visual.grid_size[1]
+    proxies = model.cfg.num_proxies
+
+    def video_forward(frames: int) -> float:
+        tokens = proxies + frames * grid
+        matmul = 2 * tokens * 12 * width * width * layers
+        keys = frames * grid * (proxies + grid) + proxies * tokens  # proxy-guided pattern
+        attention = 4 * keys * width * layers
+        return matmul + attention + 2 * frames * grid * 3 * patch * patch * width
+
+    text_width = model.clip.transformer.width
+    text_layers = len(model.clip.transformer.resblocks)
+    ctx = model.text_context if hasattr(model, "text_context") else model.clip.context_length
+    text = 2 * ctx * 12 * text_width ** 2 * text_layers + 4 * ctx * ctx * text_width * text_layers
+    forward = video_forward(num_frames) + num_texts * text + (video_forward(1) if with_frame else 0.0)
+    return 3.0 * forward
+
+
+def peak_flops(cfg: TrainConfig) -> float:
+    if cfg.log.peak_tflops > 0:
+        return cfg.log.peak_tflops * 1e12
+    if ds.device_type() == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, tflops in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples: int = 0
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+# ----------------------------------------------------------------------------- step + eval
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def train_step(engine, loader: StreamingLoader, grad_accum: int, device: torch.device) -> tuple[dict, float, list]:
+    """One optimiser step (grad_accum micro-batches); returns (loss terms, data seconds, digests)."""
+    data_seconds, terms, digests = 0.0, {}, []
+    for _ in range(grad_accum):
+        start = time.perf_counter()
+        batch = loader.next()
+        data_seconds += time.perf_counter() - start
+        digests.append(batch["digest"])
+        inputs = to_device(batch, device)
+        losses = engine(inputs["frames"], image=inputs["image"], subtitle=inputs["subtitle"],
+                        caption=inputs["caption"])
+        engine.backward(losses["loss"])
+        engine.step()
+        for name, value in losses.items():
+            terms[name] = terms.get(name, 0.0) + float(value.detach()) / grad_accum
+    return terms, data_seconds, digests
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict:
+    """Zero-shot text->video retrieval on the held-out clips (all ranks take part)."""
+    engine.eval()
+    videos, texts, indices = [], [], []
+    for batch in eval_batches(cfg.data, rank, world_size):
+        video, text = engine(batch["frames"].to(device), text=batch["text"].to(device))
+        videos.append(video.float())
+        texts.append(text.float())
+        indices.append(batch["index"].to(device))
+    engine.train()
+    video = ds.all_gather_rows(torch.cat(videos)).cpu()
+    text = ds.all_gather_rows(torch.cat(texts)).cpu()
+    index = ds.all_gather_rows(torch.cat(indices)).cpu()
+    keep = index >= 0
+    order = torch.argsort(index[keep])
+    video, text = video[keep][order], text[keep][order]
+    results = retrieval_metrics((text @ video.T).numpy(), list(range(len(text))), dsl=True)
+    results["clips"] = int(len(text))
+    return results
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def resume(engine, loader_cfg: TrainConfig, rank: int) -> tuple[TrainState, dict | None]:
+    client = ds.load_checkpoint(engine, os.path.join(loader_cfg.run_dir, "checkpoints")) \
+        if loader_cfg.checkpoint.resume == "auto" else None
+    if client is None:
+        return TrainState(), None
+    mine = client["ranks"][rank]
+    set_rng_state(mine["rng"])
+    return TrainState(step=client["step"], samples=client["samples"]), mine["data"]
+
+
+def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -> None:
+    rank_state = {"data": loader.state_dict(), "rng": rng_state()}
+    ds.save_checkpoint(engine, os.path.join(cfg.run_dir, "checkpoints"), state.step, rank_state,
+                       {"step": state.step, "samples": state.samples}, cfg.checkpoint.keep_last)
+
+
+def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
+    """Build everything, resume if possible, train, evaluate; returns the last eval metrics."""
+    device = ds.current_device()
+    probe = StreamingLoader(cfg.data, cfg.seed, rank, world_size)
+    total_steps = cfg.total_steps(probe.samples_per_epoch, world_size)
+    del probe
+    task = build_task(cfg, rank, world_size)
+    optimizer = build_optimizer(task, cfg.optim)
+    scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+    ds_config = ds.ds_config(cfg, world_size)
+    if rank == 0:
+        ds.write_ds_config(ds_config, cfg.run_dir)
+    engine = ds.initialize(task, optimizer, scheduler, ds_config, register_direct_params(task))
+    state, data_state = resume(engine, cfg, rank)
+    loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, data_state)
+    metrics = MetricLogger(cfg.run_dir, rank, total_steps, state.step, tensorboard=cfg.log.tensorboard,
+                           progress_bar=cfg.log.progress_bar, plots=cfg.log.plots)
+    logger.info("training %d steps (from step %d) on %d rank(s), %d samples per epoch", total_steps, state.step,
+                world_size, loader.samples_per_epoch)
+    try:
+        last_eval = run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size, device)
+    finally:
+        metrics.close()
+    return last_eval
+
+
+def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size, device) -> dict:
+    task: TrainingTask = engine.module
+    flops = flops_per_sample(task.model, cfg.data.num_frames, 2, "frame" in task.loss.features)
+    peak = peak_flops(cfg)
+    last_eval: dict = {}
+    if cfg.log.eval_at_start and cfg.data.eval and state.step == 0:
+        last_eval = evaluate(engine, cfg, rank, world_size, device)
+        metrics.log("eval", 0, last_eval)
+    stop = min(total_steps, cfg.stop_at_step or total_steps)
+    window_start, window_data, window_samples = time.perf_counter(), 0.0, 0
+    while state.step < stop:
+        terms, data_seconds, digests = train_step(engine, loader, cfg.zero.grad_accum_steps, device)
+        ds.clamp_param_(task.model.logit_scale, 0.0, LOGIT_SCALE_MAX)
+        state.step += 1
+        step_samples = cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size
+        state.samples += step_samples
+        window_data += data_seconds
+        window_samples += step_samples
+        if state.step % cfg.log.every_steps == 0 or state.step == stop or cfg.log.batch_digests:
+            elapsed = time.perf_counter() - window_start
+            row = step_row(engine, cfg, terms, loader, elapsed, window_data, window_samples, flops, peak, world_size)
+            if cfg.log.batch_digests:
+                row["digests"] = ds.all_gather_objects(digests)
+            metrics.log("train", state.step, row)
+            metrics.advance(state.step, {"loss": terms["loss"], "samples/s": row["samples_per_s"]})
+            window_start, window_data, window_samples = time.perf_counter(), 0.0, 0
+        if cfg.data.eval and (state.step % cfg.log.eval_every_steps == 0 or state.step == total_steps):
+            last_eval = evaluate(engine, cfg, rank, world_size, device)
+            metrics.log("eval", state.step, last_eval)
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step == stop:
+            save(engine, cfg, state, loader)
+    return last_eval
+
+
+def step_row(engine, cfg, terms, loader, elapsed, data_seconds, samples, flops, peak, world_size) -> dict:
+    shard_errors, sample_errors = loader.errors()
+    row = {("loss" if name == "loss" else f"loss/{name}"): value for name, value in terms.items()}
+    samples_per_s = samples / max(elapsed, 1e-9)
+    row.update({
+        "logit_scale": ds.read_param(engine.module.model.logit_scale),
+        "lr": engine.get_lr()[0],
+        "samples_per_s": samples_per_s,
+        "samples_per_s_per_device": samples_per_s / world_size,
+        "data_wait_fraction": min(1.0, ds.all_reduce(data_seconds, "max") / max(elapsed, 1e-9)),
+        "data/shard_errors": int(ds.all_reduce(shard_errors, "sum")),
+        "data/sample_errors": int(ds.all_reduce(sample_errors, "sum")),
+    })
+    if peak > 0:
+        row["mfu"] = samples_per_s / world_size * flops / peak
+    return row
