@@ -17,10 +17,13 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m launch.demo --out demo_out
+	$(PY) -m launch.demo --out demo_out $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/storage.py
+	$(PY) bench/attention.py --quick
+	$(PY) bench/preprocess.py --quick
+	$(PY) bench/loader.py
 
 clean:
 	rm -rf demo_out runs .cache
