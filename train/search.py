@@ -1,0 +1,295 @@
+"""Text/video search over a Parquet table of embeddings.
+
+    python -m train.search embed --checkpoint RUN --videos clips/ --out index.parquet
+    python -m train.search embed --checkpoint RUN --data shards/msrvtt/test --out index.parquet
+    python -m train.search query --checkpoint RUN --index index.parquet --text "a dog runs" -k 5
+    python -m train.search query --checkpoint RUN --index index.parquet --video clip.mp4 --target texts
+
+``embed`` writes one row per video (``kind = video``) and, for a shard data set, one row per text
+(``kind = text``, every line of the text member). ``query`` embeds the query with the same
+checkpoint and prints the top-k rows of the wanted kind by cosine similarity. Runs on CPU or GPU
+(``--device``); checkpoints are read as in :mod:`train.evaluate`.
+
+Table columns: kind, id, video (the clip id a row belongs to), text, source, embedding
+(float32 list). The table's metadata records the checkpoint, embedding size and frame count,
+and a query with a checkpoint of another embedding size is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.data import decode_pillow
+from train.evaluate import LoadedModel, embed_dataset, encode_frames, encode_texts, load_model
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv", ".ts")
+META_KEY = b"vidproxy.search"
+KINDS = ("video", "text")
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True, kw_only=True)
+class Index:
+    """An embeddings table in memory."""
+
+    kind: list[str]
+    id: list[str]
+    video: list[str]
+    text: list[str]
+    source: list[str]
+    embeddings: np.ndarray
+    """[rows, E] float32, L2-normalised."""
+    meta: dict
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_kinds", np.asarray(self.kind))  # one conversion, not one per query
+
+    def rows_of(self, kind: str) -> np.ndarray:
+        return np.flatnonzero(self._kinds == kind)
+
+
+def write_index(index: Index, path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = index.embeddings.shape[1]
+    flat = pa.array(index.embeddings.astype(np.float32).reshape(-1), type=pa.float32())
+    table = pa.table({
+        "kind": index.kind, "id": index.id, "video": index.video, "text": index.text, "source": index.source,
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+    table = table.replace_schema_metadata({META_KEY: json.dumps(index.meta).encode()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path)
+
+
+def read_index(path: str) -> Index:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"index {path}: not a readable Parquet file ({exc})") from exc
+    raw_meta = (table.schema.metadata or {}).get(META_KEY)
+    missing = [c for c in ("kind", "id", "video", "text", "source", "embedding") if c not in table.column_names]
+    if raw_meta is None or missing:
+        raise ValueError(f"index {path}: not a table written by `train.search embed` (missing {missing or 'metadata'})")
+    column = table.column("embedding").combine_chunks()
+    embeddings = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32)
+    return Index(kind=table.column("kind").to_pylist(), id=table.column("id").to_pylist(),
+                 video=table.column("video").to_pylist(), text=table.column("text").to_pylist(),
+                 source=table.column("source").to_pylist(), embeddings=embeddings, meta=json.loads(raw_meta))
+
+
+def index_meta(loaded: LoadedModel, source: str) -> dict:
+    return {"checkpoint": loaded.checkpoint, "embed_dim": int(loaded.model.clip.text_projection.shape[1]),
+            "num_frames": loaded.num_frames, "image_size": loaded.image_size, "source": source}
+
+
+# ----------------------------------------------------------------------------- embedding videos
+
+
+def list_video_files(folder: str) -> list[str]:
+    """Video files under a local folder (recursive), sorted."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"videos {folder}: not a local folder")
+    found = []
+    for root, _, names in os.walk(folder):
+        found += [os.path.join(root, n) for n in names if n.lower().endswith(VIDEO_EXTENSIONS)]
+    if not found:
+        raise ValueError(f"videos {folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
+    return sorted(found)
+
+
+def decode_video(path: str, num_frames: int, image_size: int) -> np.ndarray:
+    """uint8 [T, 3, S, S]: T frames spread uniformly over the whole file, squashed to S x S."""
+    from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
+
+    cfg = DecodeConfig(num_frames=num_frames, short_side=image_size, jpeg_quality=95)
+    (result,) = list(decode_clips(path, [ClipRequest(clip_id=path, start=0.0, end=None)], cfg))
+    if not isinstance(result, DecodedClip):
+        raise ValueError(f"{result.error}: {result.message}")
+    return decode_pillow(list(result.frames), image_size)
+
+
+def embed_files(loaded: LoadedModel, paths: list[str], batch_size: int = 8, progress: bool = True
+                ) -> tuple[list[str], np.ndarray, list[str]]:
+    """(paths embedded, [N, E] embeddings, 'path: reason' of files that could not be decoded)."""
+    from tqdm import tqdm
+
+    done, rows, failed, pending, frames = [], [], [], [], []
+    for path in tqdm(paths, desc="videos", unit="video", disable=not progress, file=sys.stderr):
+        try:
+            frames.append(decode_video(path, loaded.num_frames, loaded.image_size))
+            pending.append(path)
+        except ValueError as exc:
+            failed.append(f"{path}: {exc}")
+            logger.warning("skipping %s: %s", path, exc)
+        if len(pending) == batch_size:
+            rows.append(encode_frames(loaded, np.stack(frames)).numpy())
+            done, pending, frames = done + pending, [], []
+    if pending:
+        rows.append(encode_frames(loaded, np.stack(frames)).numpy())
+        done += pending
+    embeddings = np.concatenate(rows) if rows else np.zeros((0, int(loaded.model.clip.text_projection.shape[1])))
+    return done, embeddings.astype(np.float32), failed
+
+
+def index_from_folder(loaded: LoadedModel, folder: str, batch_size: int, progress: bool) -> tuple[Index, list[str]]:
+    paths = list_video_files(folder)
+    done, embeddings, failed = embed_files(loaded, paths, batch_size, progress)
+    ids = [os.path.relpath(p, folder) for p in done]
+    index = Index(kind=["video"] * len(done), id=ids, video=ids, text=[""] * len(done), source=done,
+                  embeddings=embeddings, meta={**index_meta(loaded, folder), "failed": failed})
+    return index, failed
+
+
+def index_from_dataset(loaded: LoadedModel, location: str, text_field: str, batch_size: int, progress: bool) -> Index:
+    emb = embed_dataset(loaded, location, text_field, batch_size, progress)
+    n_videos = len(emb.clip_ids)
+    seen: dict[int, int] = {}
+    text_ids = []
+    for v in emb.text_to_video:
+        text_ids.append(f"{emb.clip_ids[v]}#{seen.get(v, 0)}")
+        seen[v] = seen.get(v, 0) + 1
+    return Index(
+        kind=["video"] * n_videos + ["text"] * len(emb.texts),
+        id=emb.clip_ids + text_ids,
+        video=emb.clip_ids + [emb.clip_ids[v] for v in emb.text_to_video],
+        text=[""] * n_videos + emb.texts,
+        source=[location] * (n_videos + len(emb.texts)),
+        embeddings=torch.cat([emb.videos, emb.text_embeddings]).numpy().astype(np.float32),
+        meta=index_meta(loaded, location),
+    )
+
+
+# ----------------------------------------------------------------------------- querying
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hit:
+    rank: int
+    score: float
+    kind: str
+    id: str
+    video: str
+    text: str
+
+
+def top_k(index: Index, query: np.ndarray, kind: str, k: int) -> list[Hit]:
+    """The k rows of ``kind`` most similar (cosine) to the L2-normalised query vector."""
+    if query.shape[-1] != index.embeddings.shape[1]:
+        raise ValueError(f"the query embedding has {query.shape[-1]} dims, the index {index.embeddings.shape[1]}: "
+                         f"embed and query with the same checkpoint (index made with {index.meta.get('checkpoint')})")
+    rows = index.rows_of(kind)
+    if len(rows) == 0:
+        raise ValueError(f"the index has no {kind} rows" + (" (embed a shard data set to get texts)" if kind == "text" else ""))
+    contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
+    block = index.embeddings[rows[0]:rows[-1] + 1] if contiguous else index.embeddings[rows]
+    scores = block @ query.astype(np.float32)
+    k = min(k, len(scores))
+    best = np.argpartition(-scores, k - 1)[:k]
+    order = best[np.argsort(-scores[best], kind="stable")]
+    return [Hit(rank=r + 1, score=float(scores[i]), kind=kind, id=index.id[rows[i]], video=index.video[rows[i]],
+                text=index.text[rows[i]]) for r, i in enumerate(order)]
+
+
+def query_vector(loaded: LoadedModel, text: str | None, video: str | None) -> np.ndarray:
+    if text is not None:
+        if not text.strip():
+            raise ValueError("--text: empty query")
+        return encode_texts(loaded, [text])[0].numpy()
+    frames = decode_video(video, loaded.num_frames, loaded.image_size)
+    return encode_frames(loaded, frames[None])[0].numpy()
+
+
+def format_hits(hits: list[Hit]) -> str:
+    lines = []
+    for hit in hits:
+        what = hit.id if hit.kind == "video" else f"{hit.text!r} ({hit.video})"
+        lines.append(f"{hit.rank:3d}  {hit.score:+.4f}  {what}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.search", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("embed", "query"):
+        s = sub.add_parser(name)
+        s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or weights file")
+        s.add_argument("--config", help="training YAML (default: the run's config.yaml)")
+        s.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+        s.add_argument("--num-frames", type=int, help="frames per video (default: the training config's)")
+    embed = sub.choices["embed"]
+    src = embed.add_mutually_exclusive_group(required=True)
+    src.add_argument("--videos", help="local folder of video files (searched recursively)")
+    src.add_argument("--data", help="shard data set (folder or s3:// prefix): its videos and texts")
+    embed.add_argument("--text", choices=("subtitle", "caption"), default="subtitle", help="text member of --data")
+    embed.add_argument("--out", required=True, help="Parquet file to write")
+    embed.add_argument("--batch-size", type=int, default=8)
+    embed.add_argument("--no-progress", action="store_true")
+    query = sub.choices["query"]
+    query.add_argument("--index", required=True, help="Parquet table from `embed`")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="text query: returns videos")
+    what.add_argument("--video", help="video file query: returns --target rows")
+    query.add_argument("--target", choices=KINDS, default=None, help="rows to return (text query: video; video query: video)")
+    query.add_argument("-k", type=int, default=5, help="results")
+    query.add_argument("--json", action="store_true", help="print the hits as JSON")
+    return p
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
+    if args.videos:
+        index, failed = index_from_folder(loaded, args.videos, args.batch_size, not args.no_progress)
+        if failed:
+            print(f"{len(failed)} files could not be decoded (listed in the table metadata); first: {failed[0]}",
+                  file=sys.stderr)
+    else:
+        index = index_from_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress)
+    write_index(index, args.out)
+    counts = {kind: index.kind.count(kind) for kind in KINDS}
+    print(f"wrote {args.out}: {counts['video']} videos, {counts['text']} texts, {index.embeddings.shape[1]} dims")
+    return 0
+
+
+def run_query(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+    index = read_index(args.index)
+    loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames or index.meta.get("num_frames"))
+    hits = top_k(index, query_vector(loaded, args.text, args.video), args.target or "video", args.k)
+    if args.json:
+        print(json.dumps([hit.__dict__ for hit in hits], indent=1))
+    else:
+        print(format_hits(hits))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_embed(args) if args.command == "embed" else run_query(args)
+    except (ValueError, OSError) as exc:
+        print(f"train.search: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
