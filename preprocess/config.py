@@ -12,6 +12,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
+from preprocess.asr import AsrConfig
+from preprocess.captions import CaptionConfig
 from preprocess.decode import DecodeConfig
 
 
@@ -86,6 +88,10 @@ class RayConfig:
     """A video decoding for longer than this is cancelled and its clips fail with ``timeout``."""
     task_cpus: float = 1.0
     """CPUs reserved per shard task."""
+    model_actors: int | None = None
+    """Actors per model stage (caption, ASR); default: one per GPU of the cluster, or 1 without GPUs."""
+    model_cpus: float = 1.0
+    """CPUs reserved per model actor (its torch threads)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
@@ -98,6 +104,10 @@ class RayConfig:
             raise ValueError(f"video_timeout_s must be > 0, got {self.video_timeout_s}")
         if not self.task_cpus > 0:
             raise ValueError(f"task_cpus must be > 0, got {self.task_cpus}")
+        if self.model_actors is not None and self.model_actors < 1:
+            raise ValueError(f"model_actors must be >= 1, got {self.model_actors}")
+        if not self.model_cpus > 0:
+            raise ValueError(f"model_cpus must be > 0, got {self.model_cpus}")
         if self.num_cpus is not None and self.address not in (None, "local"):
             raise ValueError(f"num_cpus applies to a new local cluster, not to address {self.address!r}")
 
@@ -114,6 +124,10 @@ class PreprocessConfig:
     """Frames per clip, resize, JPEG quality, decoder threads."""
     ray: RayConfig = RayConfig()
     """Cluster connection, backpressure, retries, timeouts."""
+    captioner: CaptionConfig | None = None
+    """Caption stage: generate the captions of clips that have none given."""
+    asr: AsrConfig | None = None
+    """ASR stage: transcribe the audio of clips that have no subtitle given."""
     retry_failed: bool = False
     """Redo committed shards that recorded failed clips."""
     progress: bool = True
@@ -125,7 +139,11 @@ class PreprocessConfig:
         inputs["layout"] = self.inputs.layout.value
         sharding = dataclasses.asdict(self.sharding)
         sharding.pop("output")
-        return {"inputs": inputs, "sharding": sharding, "decode": dataclasses.asdict(self.decode)}
+        out = {"inputs": inputs, "sharding": sharding, "decode": dataclasses.asdict(self.decode)}
+        for name in ("captioner", "asr"):  # only when enabled: a job without them keeps its old manifest
+            if getattr(self, name) is not None:
+                out[name] = dataclasses.asdict(getattr(self, name))
+        return out
 
     def run_config(self) -> dict:
         """Everything, for the run log."""

@@ -15,6 +15,11 @@ Times are seconds on the source timeline: packet and frame timestamps (``pts * t
 minus the video stream's start time, never frame counts, so variable frame rate files work.
 Bad input never raises: it becomes a :class:`ClipFailure` with a stage, an error class and a
 message naming the file. See docs/decoding.md.
+
+A clip that asks for audio (``ClipRequest.audio``, for the ASR stage) also gets its span's audio,
+decoded in the same pass (the audio packets are demuxed together with the video packets) and
+resampled to 16 kHz mono float32; a file without an audio stream gives ``audio=None``. Without
+such a request the audio stream is never read.
 """
 from __future__ import annotations
 
@@ -27,10 +32,13 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 STAGES = ("open", "probe", "span", "decode", "encode")
+AUDIO_RATE = 16_000
+"""Sample rate of the audio given to clips that ask for it (mono float32)."""
 MAX_GOP_BYTES = 256 << 20
 """Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 
@@ -81,6 +89,8 @@ class ClipRequest:
     """Start in seconds on the source timeline; 0.0 for a pre-cut clip file."""
     end: float | None
     """End in seconds; None means the end of the file (a pre-cut clip)."""
+    audio: bool = False
+    """Also return the span's audio (16 kHz mono float32), read in the same pass."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +108,8 @@ class DecodedClip:
     """The stream's average frame rate (0.0 if unknown)."""
     span: tuple[float, float]
     """The span used: the request, with the end resolved (pre-cut) or clamped to the video's end."""
+    audio: np.ndarray | None = None
+    """With ``ClipRequest.audio``: the span's audio, 16 kHz mono float32; None when the file has no audio stream."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +155,10 @@ class _Clip:
     times: list[float] = field(default_factory=list)
     size: tuple[int, int] | None = None
     missing: int = 0
+    audio_parts: list | None = None
+    """Audio chunks of the span so far; None when no audio was asked for (or there is none)."""
+    audio_done: bool = True
+    audio_until: float = -math.inf
 
     def __post_init__(self) -> None:
         self.frames = [None] * len(self.targets)
@@ -207,7 +223,8 @@ def decode_clips(
             return
         stream, info = probed
         planned = [_plan_clip(path, i, r, info, cfg) for i, r in enumerate(requests)]
-        yield from _Pass(path, container, stream, info, cfg).run(planned)
+        audio = _audio_track(path, container, info) if any(r.audio for r in requests) else None
+        yield from _Pass(path, container, stream, info, cfg, audio).run(planned)
     finally:
         container.close()
 
@@ -288,6 +305,87 @@ def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: Dec
     return _Clip(index=index, request=r, span=(r.start, end), targets=target_times(r.start, end, cfg))
 
 
+def _audio_track(path: str, container, info: _VideoInfo) -> "_AudioTrack | None":
+    if not container.streams.audio:
+        return None
+    stream = container.streams.audio[0]
+    if stream.codec_context is None or not stream.codec_context.name:
+        log.warning("%s: the audio stream's codec has no decoder; no audio", path)
+        return None
+    return _AudioTrack(stream, origin=float(info.start_pts * info.time_base))
+
+
+class _AudioTrack:
+    """Decodes the audio packets met during the pass and hands each asking clip its span, resampled."""
+
+    def __init__(self, stream, origin: float) -> None:
+        self.stream = stream
+        self.codec = stream.codec_context
+        self.origin = origin
+        """Seconds (audio time base) of the video's start: audio times go onto the video's timeline."""
+        self.clips: list[_Clip] = []
+        self.resampler = None
+        self.cursor = 0.0
+        self.expected: float | None = None
+        self.errors = 0
+
+    def pending(self) -> bool:
+        return any(not c.audio_done for c in self.clips)
+
+    def next_need(self) -> float:
+        return min((max(c.span[0], c.audio_until) for c in self.clips if not c.audio_done), default=math.inf)
+
+    def feed(self, packet) -> list[_Clip]:
+        """Decode one audio packet; returns the clips whose audio is now complete."""
+        try:
+            frames = self.codec.decode(packet)
+        except av.FFmpegError as exc:
+            self.errors += 1
+            log.debug("audio decode error: %s", _short(exc))
+            return []
+        fallback = float(packet.pts * packet.time_base) - self.origin if packet.pts is not None else self.expected
+        finished: list[_Clip] = []
+        for frame in frames:
+            finished += self._frame(frame, fallback)
+        return finished
+
+    def _frame(self, frame, fallback: float | None) -> list[_Clip]:
+        if frame.pts is not None and frame.time_base is not None:
+            time = float(frame.pts * frame.time_base) - self.origin
+        else:
+            time = fallback if fallback is not None else (self.expected or 0.0)
+        if self.resampler is None or self.expected is None or abs(time - self.expected) > 0.1:
+            self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)  # start or gap (seek)
+            self.cursor = time
+        self.expected = time + frame.samples / frame.sample_rate
+        finished: list[_Clip] = []
+        for chunk in self.resampler.resample(frame):
+            samples = chunk.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            finished += self._deliver(self.cursor, samples)
+            self.cursor += len(samples) / AUDIO_RATE
+        return finished
+
+    def _deliver(self, t0: float, samples: np.ndarray) -> list[_Clip]:
+        t1 = t0 + len(samples) / AUDIO_RATE
+        finished = []
+        for clip in self.clips:
+            if clip.audio_done:
+                continue
+            lo, hi = max(t0, clip.span[0], clip.audio_until), min(t1, clip.span[1])
+            if hi > lo:
+                clip.audio_parts.append(samples[round((lo - t0) * AUDIO_RATE): round((hi - t0) * AUDIO_RATE)])
+                clip.audio_until = hi
+            if t1 >= clip.span[1]:
+                clip.audio_done = True
+                finished.append(clip)
+        return finished
+
+    def finish(self) -> None:
+        """End of file: whatever each clip got is its audio."""
+        for clip in self.clips:
+            clip.audio_done = True
+
+
 def _short(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
     return str(text).splitlines()[0][:200]
@@ -296,8 +394,10 @@ def _short(exc: BaseException) -> str:
 class _Pass:
     """One forward pass over a video's packets, serving every clip's targets."""
 
-    def __init__(self, path: str, container, stream, info: _VideoInfo, cfg: DecodeConfig) -> None:
+    def __init__(self, path: str, container, stream, info: _VideoInfo, cfg: DecodeConfig, audio: _AudioTrack | None = None) -> None:
         self.path = path
+        self.audio = audio
+        self.clips: list[_Clip] = []
         self.container = container
         self.stream = stream
         self.info = info
@@ -325,6 +425,11 @@ class _Pass:
             if isinstance(item, ClipFailure):
                 self.done[i] = item
         clips = [c for c in planned if isinstance(c, _Clip)]
+        self.clips = clips
+        if self.audio is not None:
+            self.audio.clips = [c for c in clips if c.request.audio]
+            for c in self.audio.clips:
+                c.audio_parts, c.audio_done = [], False
         self.pending = sorted(
             (_Target(time=t, clip=c, slot=k) for c in clips for k, t in enumerate(c.targets)),
             key=lambda tg: (tg.time, tg.clip.index, tg.slot),
@@ -344,10 +449,22 @@ class _Pass:
         gop: list = []
         gop_bytes = 0
         skip_until: float | None = None
+        audio = self.audio if self.audio is not None and self.audio.clips else None
+        streams = (self.stream, audio.stream) if audio else (self.stream,)
         try:
-            for packet in self.container.demux(self.stream):
+            for packet in self.container.demux(*streams):
                 if packet.size == 0:
                     continue
+                if audio is not None and packet.stream.index == audio.stream.index:
+                    if any(self._complete(c) for c in audio.feed(packet)):
+                        yield None
+                    if not self._wanted():
+                        return
+                    continue
+                if not self.pending:
+                    if not self._wanted():
+                        return
+                    continue  # frames all found; reading on for audio only
                 gop_bytes += packet.size
                 if gop_bytes > MAX_GOP_BYTES:
                     self.stopped = ("gop_too_large", f"a GOP holds over {MAX_GOP_BYTES >> 20} MiB of packets "
@@ -362,7 +479,7 @@ class _Pass:
                     self._process_gop(gop, eof=False)
                     gop, gop_bytes = [], packet.size
                     yield None
-                    if not self.pending:
+                    if not self._wanted():
                         return
                     if time is not None and self._seek_ahead(time):
                         skip_until = time
@@ -375,12 +492,21 @@ class _Pass:
         if gop and self.pending:
             self._process_gop(gop, eof=True)
 
+    def _wanted(self) -> bool:
+        return bool(self.pending) or (self.audio is not None and self.audio.pending())
+
+    def _next_need(self) -> float:
+        """Earliest time still needed: the next frame target or the next audio a clip lacks."""
+        frame = self.pending[0].time if self.pending else math.inf
+        return min(frame, self.audio.next_need()) if self.audio is not None else frame
+
     def _seek_ahead(self, keyframe_time: float) -> bool:
         """Seek to the keyframe before the next target when it is far ahead; True if it did."""
-        gap = self.pending[0].time - keyframe_time
-        if gap <= max(self.cfg.seek_gap, 2 * self.max_gop):
+        need = self._next_need()
+        gap = need - keyframe_time
+        if not math.isfinite(need) or gap <= max(self.cfg.seek_gap, 2 * self.max_gop):
             return False
-        goal = self.pending[0].time - self.max_gop
+        goal = need - self.max_gop
         pts = int(goal / self.info.time_base) + self.info.start_pts
         try:
             self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
@@ -471,11 +597,20 @@ class _Pass:
             return
         clip.frames[tg.slot], clip.times[tg.slot] = jpeg, time
         clip.missing -= 1
-        if clip.missing == 0:
-            self.done[clip.index] = DecodedClip(
-                clip_id=clip.request.clip_id, frames=tuple(clip.frames), frame_times=tuple(clip.times),
-                frame_size=clip.size, source_fps=self.info.fps, span=clip.span,
-            )
+        self._complete(clip)
+
+    def _complete(self, clip: _Clip) -> bool:
+        """Finish a clip whose frames (and audio, if asked for) are all in; True if it did."""
+        if clip.missing or not clip.audio_done or clip.index in self.done:
+            return False
+        audio = None
+        if clip.audio_parts is not None:
+            audio = np.concatenate(clip.audio_parts) if clip.audio_parts else np.zeros(0, np.float32)
+        self.done[clip.index] = DecodedClip(
+            clip_id=clip.request.clip_id, frames=tuple(clip.frames), frame_times=tuple(clip.times),
+            frame_size=clip.size, source_fps=self.info.fps, span=clip.span, audio=audio,
+        )
+        return True
 
     def _jpeg(self, frame, size: tuple[int, int]) -> bytes:
         key = frame.pts if frame.pts is not None else -1
@@ -497,6 +632,8 @@ class _Pass:
     def _finish_at_eof(self) -> None:
         """Targets past the last decoded frame take it if close enough; other clips fail."""
         tolerance = max(0.5, 2.0 / self.info.fps) if self.info.fps > 0 else 0.5
+        if self.audio is not None:
+            self.audio.finish()
         for tg in self.pending:
             clip = tg.clip
             if clip.index in self.done or clip.frames[tg.slot] is not None:
@@ -506,6 +643,8 @@ class _Pass:
                 continue
             self._fail(clip, "decode", *self._eof_reason(tg))
         self.pending = []
+        for clip in self.clips:
+            self._complete(clip)
 
     def _eof_reason(self, tg: _Target) -> tuple[str, str]:
         if self.stopped is not None:

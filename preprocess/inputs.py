@@ -8,11 +8,17 @@ all (malformed JSON, a record without a video id) becomes an input-level :class:
 
 Text files are read as UTF-8; a line that is not valid UTF-8 is decoded with
 ``errors="replace"``, kept, and recorded as a ``non_utf8`` row (``dropped=False``).
+
+Texts come in three forms (:func:`read_text_source` picks by content): jsonl of
+``{clip_id, <field>}``, a JSON list of ``{image_id, caption}`` (the original release's caption
+list; ``image_id`` is the clip id) and a local LMDB folder of clip id -> UTF-8 text (needs the
+``lmdb`` package, imported only then).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 from collections.abc import Iterator
@@ -175,6 +181,84 @@ def read_texts(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[s
     return texts, failures
 
 
+def read_text_list(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[str, TextEntry], list[Failure]]:
+    """Read a JSON list of ``{image_id (or clip_id), caption (or <field>)}`` into clip id -> text."""
+    raw = storage.read_bytes(uri)
+    failures: list[Failure] = []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", errors="replace")
+        failures.append(_line_failure(stage, "non_utf8", f"{uri}: not UTF-8 ({exc.reason}); bad bytes replaced", 0, dropped=False))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{stage} {uri}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    if not isinstance(records, list):
+        raise ValueError(f"{stage} {uri}: expected a JSON list of {{\"image_id\", \"caption\"}} records")
+    texts: dict[str, TextEntry] = {}
+    for index, record in enumerate(records):
+        where = f"{uri} entry {index}"
+        if not isinstance(record, dict):
+            failures.append(_line_failure(stage, "bad_record", f"{where}: expected {{\"image_id\": str, \"caption\": str}}", 0))
+            continue
+        clip_id = record.get("image_id", record.get("clip_id"))
+        value = record.get("caption", record.get(field))
+        if not isinstance(clip_id, str) or not clip_id or not isinstance(value, str):
+            failures.append(_line_failure(stage, "bad_record", f"{where}: expected {{\"image_id\": str, \"caption\": str}}", 0))
+            continue
+        if clip_id in texts:
+            failures.append(_line_failure(stage, "duplicate_text", f"{where}: second text for clip {clip_id!r} ignored", 0, clip_id=clip_id, dropped=False))
+            continue
+        texts[clip_id] = TextEntry(text=value[:max_chars], truncated=len(value) > max_chars, origin=uri)
+    return texts, failures
+
+
+def read_lmdb_texts(uri: str, stage: str, max_chars: int) -> tuple[dict[str, TextEntry], list[Failure]]:
+    """Read a local LMDB (folder or file) of UTF-8 clip id -> UTF-8 text."""
+    try:
+        import lmdb
+    except ImportError as exc:
+        raise ValueError(f"{stage} {uri}: an LMDB input needs the 'lmdb' package (pip install lmdb)") from exc
+    path = storage.parse(uri).path
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path), max_dbs=0)
+    except lmdb.Error as exc:
+        raise ValueError(f"{stage} {uri}: not a readable LMDB ({exc})") from exc
+    texts: dict[str, TextEntry] = {}
+    failures: list[Failure] = []
+    with env, env.begin() as txn:
+        for number, (key, value) in enumerate(txn.cursor(), start=1):
+            try:
+                clip_id, text = key.decode("utf-8"), value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                clip_id, text = key.decode("utf-8", errors="replace"), value.decode("utf-8", errors="replace")
+                failures.append(_line_failure(stage, "non_utf8", f"{uri} record {number} ({clip_id!r}): not UTF-8 ({exc.reason}); bad bytes replaced", 0, clip_id=clip_id, dropped=False))
+            texts[clip_id] = TextEntry(text=text[:max_chars], truncated=len(text) > max_chars, origin=uri)
+    return texts, failures
+
+
+def text_format(uri: str) -> str:
+    """``lmdb`` (a local folder, or a ``.lmdb``/``.mdb`` file), ``list`` (JSON list) or ``jsonl``, by content."""
+    if not storage.is_remote(uri):
+        path = storage.parse(uri).path
+        if os.path.isdir(path) or path.endswith((".lmdb", ".mdb")):
+            return "lmdb"
+    with storage.open_read(uri) as stream:
+        head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return "list" if head.startswith(b"[") else "jsonl"
+
+
+def read_text_source(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[str, TextEntry], list[Failure]]:
+    """Texts from any of the three forms (see the module docstring)."""
+    kind = text_format(uri)
+    if kind == "lmdb":
+        return read_lmdb_texts(uri, stage, max_chars)
+    if kind == "list":
+        return read_text_list(uri, field, stage, max_chars)
+    return read_texts(uri, field, stage, max_chars)
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -262,7 +346,7 @@ def read_inputs(cfg: InputConfig) -> InputPlan:
 
 def _read_text_file(uri: str, field: str, stage: str, max_chars: int):
     try:
-        return read_texts(uri, field, stage, max_chars)
+        return read_text_source(uri, field, stage, max_chars)
     except storage.StorageNotFound as exc:
         raise ValueError(f"{stage} {uri}: not found ({exc})") from exc
 

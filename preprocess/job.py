@@ -13,6 +13,10 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
   shard's bytes are then exactly those of a run where that video was missing.
 - Resume: shards whose stats JSON exists are skipped; ``retry_failed`` uncommits shards
   that recorded failures first. The manifest is written only when every shard is committed.
+- Model stages (captions, ASR): the models are checked before any work, then loaded once per
+  actor of a small pool per stage (GPU actors when the cluster has GPUs); a shard task sends its
+  batches to one actor of each pool. A model failure on a batch is a ``ModelError`` (retried
+  per sample in the task); an actor that dies fails the task, which is rerun like any other.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import ray
 
 from pipeline import storage
 from pipeline.manifest import MANIFEST_NAME, Manifest, write_manifest
+from preprocess.asr import Transcriber, check_transcriber
+from preprocess.captions import Captioner, check_captioner
 from preprocess.config import Layout, PreprocessConfig, RayConfig
 from preprocess.inputs import InputPlan, list_source_videos, read_inputs
 from preprocess.work import (
@@ -45,6 +51,7 @@ from preprocess.work import (
     stats_uri,
     write_parquet,
 )
+from preprocess.stages import ModelError, guarded
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,7 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     """Run (or resume) the whole job; returns what happened. Writes the manifest last."""
     started = time.monotonic()
     out = cfg.sharding.output
+    _check_models(cfg)
     plan = read_inputs(cfg.inputs)
     _check_config(out, cfg.manifest_config())
     removed = storage.cleanup_temp(out)
@@ -120,6 +128,14 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     return result
 
 
+def _check_models(cfg: PreprocessConfig) -> None:
+    """A missing model folder, or one that holds the wrong kind of model, stops the job before any work."""
+    if cfg.captioner is not None:
+        check_captioner(cfg.captioner)
+    if cfg.asr is not None:
+        check_transcriber(cfg.asr)
+
+
 def _check_config(out: str, config: dict) -> None:
     """An output folder holds one data set: refuse to mix shards made with another config."""
     uri = storage.join(out, CONFIG_NAME)
@@ -132,6 +148,7 @@ def _check_config(out: str, config: dict) -> None:
     if existing != encoded:
         old = json.loads(existing)
         diff = sorted(f"{s}.{k}" for s in config for k in config[s] if old.get(s, {}).get(k) != config[s][k])
+        diff += sorted(set(config) ^ set(old))
         raise ValueError(f"{out} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); use a new --output")
 
 
@@ -192,6 +209,8 @@ def _settings(cfg: PreprocessConfig) -> WorkSettings:
         decode=cfg.decode,
         max_shard_bytes=cfg.sharding.max_shard_bytes,
         faults=Faults.from_env(),
+        captioner=cfg.captioner,
+        asr=cfg.asr,
     )
 
 
@@ -220,8 +239,62 @@ class _Board:
         return {t: (v, now - since) for t, (v, since) in self._current.items()}
 
 
-def _run_shard(task: ShardTask, settings: WorkSettings, board, token: str) -> ShardStats:
-    return process_shard(task, settings, on_video=lambda video_id: board.report.remote(token, video_id))
+@ray.remote
+class _ModelActor:
+    """One loaded model of a stage (caption or ASR); ``run`` maps a batch of inputs to texts."""
+
+    def __init__(self, kind: str, cfg, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        if kind == "caption":
+            self.fn = Captioner(cfg, device).from_jpegs
+        else:
+            self.fn = Transcriber(cfg, device)
+
+    def run(self, batch: list) -> list[str]:
+        return guarded(self.fn, batch)
+
+
+def _model_fn(actors: list, index: int):
+    """The task side of a stage: a batch goes to one actor of the pool (chosen by shard index)."""
+    if not actors:
+        return None
+    actor = actors[index % len(actors)]
+
+    def call(batch: list) -> list[str]:
+        try:
+            return ray.get(actor.run.remote(batch))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ModelError):
+                raise ModelError(str(exc.cause)) from None
+            raise
+
+    return call
+
+
+def _run_shard(task: ShardTask, settings: WorkSettings, board, token: str, captioners: list, transcribers: list) -> ShardStats:
+    return process_shard(
+        task, settings, on_video=lambda video_id: board.report.remote(token, video_id),
+        caption=_model_fn(captioners, task.index), transcribe=_model_fn(transcribers, task.index),
+    )
+
+
+def _model_pools(cfg: PreprocessConfig) -> dict[str, list]:
+    """Actor pools of the configured stages: one actor per GPU (a share of it per stage), else ``model_actors`` CPU actors."""
+    stages = {name: c for name, c in (("caption", cfg.captioner), ("asr", cfg.asr)) if c is not None}
+    if not stages:
+        return {}
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = cfg.ray.model_actors or max(1, gpus)
+    share = 1.0 / len(stages) if gpus else 0
+    pools = {}
+    for name, stage_cfg in stages.items():
+        options = _ModelActor.options(num_cpus=cfg.ray.model_cpus, num_gpus=share, max_restarts=3)
+        pools[name] = [options.remote(name, stage_cfg, int(cfg.ray.model_cpus)) for _ in range(count)]
+    log.info("model stages: %s, %d actor(s) each, %s GPU each", ", ".join(stages), count, share)
+    return pools
 
 
 @dataclass
@@ -240,6 +313,7 @@ class _Dispatcher:
         self.remote = ray.remote(_run_shard).options(num_cpus=rc.task_cpus, max_retries=rc.max_retries, retry_exceptions=False)
         self.board = _Board.options(num_cpus=0).remote()
         self.settings_ref = ray.put(settings)
+        self.pools = _model_pools(cfg)
         self.max_in_flight = rc.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         self.pending: dict[ray.ObjectRef, _Attempt] = {}
         self.failed: dict[int, str] = {}
@@ -253,7 +327,7 @@ class _Dispatcher:
             task = dataclasses.replace(task, excluded={**task.excluded, **{v: self.given_up[v] for v in known}})
         self._generation += 1
         token = f"{task.index}.{self._generation}"
-        ref = self.remote.remote(task, self.settings_ref, self.board, token)
+        ref = self.remote.remote(task, self.settings_ref, self.board, token, self.pools.get("caption", []), self.pools.get("asr", []))
         self.pending[ref] = _Attempt(task=task, token=token, errors=errors)
 
     def run(self, tasks: list[ShardTask]) -> dict[int, str]:
@@ -267,6 +341,8 @@ class _Dispatcher:
             for ref in ready:
                 self._finished(ref, self.pending.pop(ref))
             self._cancel_stuck()
+        for actor in (a for pool in self.pools.values() for a in pool):
+            ray.kill(actor)
         return self.failed
 
     def _finished(self, ref, attempt: _Attempt) -> None:

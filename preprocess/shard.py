@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--metadata", required=True, help="HD-VILA metadata jsonl (path or s3://)")
     io_.add_argument("--videos", required=True, help="folder or s3:// prefix of the videos")
     io_.add_argument("--layout", choices=("source", "clips"), default="source", help="source: <video_id>.<ext> cut by span; clips: pre-cut <video_id>/<clip_id>")
-    io_.add_argument("--subtitles", help="jsonl of {clip_id, text}")
-    io_.add_argument("--captions", help="jsonl of {clip_id, caption}")
+    io_.add_argument("--subtitles", help="jsonl of {clip_id, text}, or an LMDB folder of clip_id -> text")
+    io_.add_argument("--captions", help="jsonl of {clip_id, caption}, a JSON list of {image_id, caption}, or an LMDB folder")
     io_.add_argument("--max-text-chars", type=int, default=2000, help="truncate longer subtitles/captions (counted in the stats)")
     io_.add_argument("--output", required=True, help="output folder or s3:// prefix")
     io_.add_argument("--clips-per-shard", type=int, default=1000, help="metadata clips per shard (shard ids follow input position)")
@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--short-side", type=int, default=224, help="resize so the short side is this many pixels")
     dec.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100")
     dec.add_argument("--decoder-threads", type=int, default=1, help="decoder threads per task")
+    gen = p.add_argument_group("generated texts (model stages)")
+    gen.add_argument("--caption-model", help="local folder of a transformers image captioner: caption the middle frame of clips without a given caption")
+    gen.add_argument("--caption-batch-size", type=int, default=16, help="middle frames per captioner call")
+    gen.add_argument("--caption-beams", type=int, default=1, help="beam size (1: greedy)")
+    gen.add_argument("--caption-max-tokens", type=int, default=30, help="longest caption in tokens")
+    gen.add_argument("--caption-prompt", default="", help="text the caption continues (conditional captioners)")
+    gen.add_argument("--asr-model", help="local folder of a Whisper-family model: transcribe clips without a given subtitle")
+    gen.add_argument("--asr-batch-size", type=int, default=8, help="clips per ASR call")
+    gen.add_argument("--asr-beams", type=int, default=1, help="beam size (1: greedy)")
+    gen.add_argument("--asr-max-tokens", type=int, default=128, help="longest transcript in tokens")
+    gen.add_argument("--asr-language", default=None, help="spoken language for multilingual models (default: detect)")
+    gen.add_argument("--model-actors", type=int, default=None, help="actors per model stage (default: one per GPU, or 1)")
+    gen.add_argument("--model-cpus", type=float, default=1.0, help="CPUs reserved per model actor")
     run = p.add_argument_group("ray and run control")
     run.add_argument("--ray-address", default=None, help="cluster address; default RAY_ADDRESS or a running cluster, else a new local one; 'local' for a new local one")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster")
@@ -59,8 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace):
     """Arguments -> PreprocessConfig (ValueError on a bad value, naming the field)."""
+    from preprocess.asr import AsrConfig
+    from preprocess.captions import CaptionConfig
     from preprocess.config import InputConfig, PreprocessConfig, RayConfig, ShardingConfig
     from preprocess.decode import DecodeConfig
+
+    captioner = asr = None
+    if args.caption_model:
+        captioner = CaptionConfig(model=args.caption_model, batch_size=args.caption_batch_size, num_beams=args.caption_beams,
+                                  max_new_tokens=args.caption_max_tokens, prompt=args.caption_prompt)
+    if args.asr_model:
+        asr = AsrConfig(model=args.asr_model, batch_size=args.asr_batch_size, num_beams=args.asr_beams,
+                        max_new_tokens=args.asr_max_tokens, language=args.asr_language)
 
     return PreprocessConfig(
         inputs=InputConfig(
@@ -86,7 +109,11 @@ def build_config(args: argparse.Namespace):
             max_in_flight=args.max_in_flight,
             max_retries=args.max_retries,
             video_timeout_s=args.video_timeout,
+            model_actors=args.model_actors,
+            model_cpus=args.model_cpus,
         ),
+        captioner=captioner,
+        asr=asr,
         retry_failed=args.retry_failed,
         progress=not args.no_progress,
     )

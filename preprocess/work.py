@@ -10,6 +10,11 @@ final name, and a rerun writes the same bytes again.
 
 Consecutive clips of the same video are decoded from one open file. A video on S3 is
 streamed to a local scratch file first (bounded disk, constant RAM) and deleted after.
+
+With a caption or ASR stage, samples pass through :class:`preprocess.stages.TextStages`
+(batched model calls, input order kept) on their way to the writer; the models themselves are
+callables handed in by the caller (Ray actors in :mod:`preprocess.job`). Clips without a given
+subtitle ask the decoder for their audio, read in the same pass as their frames.
 """
 from __future__ import annotations
 
@@ -30,9 +35,12 @@ from pipeline import storage
 from pipeline.manifest import ShardEntry
 from pipeline.schema import ClipMeta, ClipSample, SchemaError, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
+from preprocess.asr import AsrConfig
+from preprocess.captions import CaptionConfig
 from preprocess.config import Layout
 from preprocess.decode import ClipFailure, ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from preprocess.inputs import ClipItem, Failure, TextEntry, clip_file
+from preprocess.stages import ModelFn, StageModel, TextStages
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,10 @@ class WorkSettings:
     scratch: str = ""
     """Local scratch root (temp tars, downloaded videos); default: the system temp dir."""
     faults: Faults = Faults()
+    captioner: CaptionConfig | None = None
+    """Generate captions of the clips that have none given (the model is passed to process_shard)."""
+    asr: AsrConfig | None = None
+    """Transcribe the audio of the clips that have no subtitle given."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,20 +207,50 @@ class _Shard:
         self.writer.write(outcome)
         self.stats.ok += 1
         self.stats.clip_seconds = round(self.stats.clip_seconds + outcome.meta.duration, 6)
-        for name, entry in (("subtitle", item.subtitle), ("caption", item.caption)):
-            _count_text(self.stats.texts, name, entry)
+        for name, text, source in (("subtitle", outcome.subtitle, outcome.meta.subtitle_source), ("caption", outcome.caption, outcome.meta.caption_source)):
+            _count_text(self.stats.texts, name, text, source)
+
+    def note(self, item: ClipItem, what: Failure | str) -> None:
+        """A text stage's failure (the clip is kept) or a counter such as ``subtitle_no_audio``."""
+        key = what if isinstance(what, str) else what.error
+        self.stats.texts[key] = self.stats.texts.get(key, 0) + 1
+        if isinstance(what, Failure):
+            self.failures.append((self.task.index, item.position, what))
 
 
-def _count_text(counts: dict[str, int], name: str, entry: TextEntry | None) -> None:
-    keys = [f"{name}_missing"] if entry is None else [f"{name}_empty"] if not entry.text else []
-    if entry is not None and entry.truncated:
+def _count_text(counts: dict[str, int], name: str, text: str, source: TextSource) -> None:
+    keys = {"missing": [f"{name}_missing"], "generated": [f"{name}_generated"]}.get(source.kind, [f"{name}_empty"] if not text else [])
+    if source.truncated:
         keys.append(f"{name}_truncated")
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
 
 
-def process_shard(task: ShardTask, settings: WorkSettings, on_video: Callable[[str], None] = lambda _: None) -> ShardStats:
-    """Decode, write and commit one shard; returns its stats (also written as its commit marker)."""
+def _stage_models(settings: WorkSettings, caption: ModelFn | None, transcribe: ModelFn | None) -> dict[str, StageModel]:
+    out = {}
+    for name, cfg, fn in (("caption", settings.captioner, caption), ("asr", settings.asr, transcribe)):
+        if cfg is None:
+            continue
+        if fn is None:
+            raise ValueError(f"the {name} stage is configured ({cfg.model}) but no model was given to process_shard")
+        out[name] = StageModel(fn=fn, origin=cfg.model, batch_size=cfg.batch_size)
+    return out
+
+
+def process_shard(
+    task: ShardTask,
+    settings: WorkSettings,
+    on_video: Callable[[str], None] = lambda _: None,
+    caption: ModelFn | None = None,
+    transcribe: ModelFn | None = None,
+) -> ShardStats:
+    """Decode, write and commit one shard; returns its stats (also written as its commit marker).
+
+    ``caption`` (middle-frame JPEGs -> captions) and ``transcribe`` (16 kHz audio -> subtitles)
+    are the models of the stages configured in ``settings``; they raise
+    :class:`preprocess.stages.ModelError` when the model fails on its inputs.
+    """
+    models = _stage_models(settings, caption, transcribe)
     _maybe_exit(task.index, settings.faults)
     time.sleep(settings.faults.delay_s)
     started = time.monotonic()
@@ -217,10 +259,12 @@ def process_shard(task: ShardTask, settings: WorkSettings, on_video: Callable[[s
         limits = ShardLimits(max_samples=max(1, len(task.clips)), max_bytes=settings.max_shard_bytes)
         with ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer:
             shard = _Shard(task, writer)
+            stages = TextStages(shard.add, shard.note, caption=models.get("caption"), asr=models.get("asr"))
             for run in video_runs(task.clips):
                 on_video(run[0].video_id)
-                for item, outcome in _process_run(run, task, settings, scratch, shard.stats):
-                    shard.add(item, outcome)
+                for item, outcome, audio in _process_run(run, task, settings, scratch, shard.stats):
+                    stages.add(item, outcome, audio)
+            stages.finish()
         shard.stats.entries = list(writer.entries)
         shard.stats.bytes = sum(e.bytes for e in writer.entries)
         shard.stats.wall_seconds = round(time.monotonic() - started, 3)
@@ -260,10 +304,10 @@ def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, sta
     todo = []
     for item in run:
         if item.problem:
-            yield item, _fail(item, *item.problem)
+            yield item, _fail(item, *item.problem), None
         elif item.video_id in task.excluded:
             error, message = task.excluded[item.video_id]
-            yield item, _fail(item, "task", error, message)
+            yield item, _fail(item, "task", error, message), None
         else:
             todo.append(item)
     if not todo:
@@ -275,19 +319,23 @@ def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, sta
     uri = task.video_uris.get(run[0].video_id)
     if uri is None:
         message = f"no file {run[0].video_id}.<ext> under {settings.videos}"
-        yield from ((item, _fail(item, "open", "missing_file", message)) for item in todo)
+        yield from ((item, _fail(item, "open", "missing_file", message), None) for item in todo)
         return
     yield from _decode_file(uri, todo, settings, scratch, stats)
 
 
 def _decode_file(uri: str, items: list[ClipItem], settings: WorkSettings, scratch: str, stats: ShardStats):
-    """Open one video file once and turn each requested clip into a sample or a failure."""
+    """Open one video file once and turn each requested clip into (item, sample or failure, audio or None)."""
     whole = settings.layout is Layout.CLIPS
     done = 0
     try:
         with _local_copy(uri, scratch) as path:
             _maybe_hang(items[0].video_id, settings.faults)
-            requests = [ClipRequest(clip_id=i.clip_id, start=0.0 if whole else i.span[0], end=None if whole else i.span[1]) for i in items]
+            asr = settings.asr is not None
+            requests = [
+                ClipRequest(clip_id=i.clip_id, start=0.0 if whole else i.span[0], end=None if whole else i.span[1], audio=asr and i.subtitle is None)
+                for i in items
+            ]
             results = decode_clips(path, requests, settings.decode)
             while done < len(items):
                 t0 = time.monotonic()
@@ -295,19 +343,20 @@ def _decode_file(uri: str, items: list[ClipItem], settings: WorkSettings, scratc
                 stats.decode_seconds = round(stats.decode_seconds + time.monotonic() - t0, 6)
                 if result is None:
                     break
-                yield items[done], _outcome(items[done], result, uri, path, whole)
+                audio = result.audio if isinstance(result, DecodedClip) else None
+                yield items[done], _outcome(items[done], result, uri, path, whole), audio
                 done += 1
     except storage.StorageNotFound as exc:
-        yield from ((i, _fail(i, "open", "missing_file", str(exc))) for i in items[done:])
+        yield from ((i, _fail(i, "open", "missing_file", str(exc)), None) for i in items[done:])
         return
     except storage.StorageError as exc:
-        yield from ((i, _fail(i, "fetch", "read_error", str(exc))) for i in items[done:])
+        yield from ((i, _fail(i, "fetch", "read_error", str(exc)), None) for i in items[done:])
         return
     except Exception as exc:  # the decoder promises not to raise; if it does, record it per clip
         log.exception("%s: decoder raised", uri)
-        yield from ((i, _fail(i, "decode", type(exc).__name__, f"{uri}: {exc}")) for i in items[done:])
+        yield from ((i, _fail(i, "decode", type(exc).__name__, f"{uri}: {exc}"), None) for i in items[done:])
         return
-    yield from ((i, _fail(i, "decode", "missing_result", f"{uri}: the decoder returned no result for this clip")) for i in items[done:])
+    yield from ((i, _fail(i, "decode", "missing_result", f"{uri}: the decoder returned no result for this clip"), None) for i in items[done:])
 
 
 def _outcome(item: ClipItem, result: DecodedClip | ClipFailure, uri: str, path: str, whole: bool) -> ClipSample | Failure:
