@@ -21,6 +21,7 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -414,12 +415,19 @@ def _dispatch(tasks: list[ShardTask], settings: WorkSettings, cfg: PreprocessCon
         return {}
     from tqdm import tqdm
 
-    owns_ray = _init_ray(cfg.ray)
-    try:
+    with ray_session(cfg.ray):
         with tqdm(total=sum(len(t.clips) for t in tasks), unit="clip", disable=not cfg.progress, file=sys.stderr, desc="preprocess") as bar:
             return _Dispatcher(settings, cfg, committed, bar, result).run(tasks)
+
+
+@contextlib.contextmanager
+def ray_session(rc: RayConfig):
+    """Connect to (or start) a cluster for the block; jobs run inside reuse it. Closed only if opened here."""
+    owns = _init_ray(rc)
+    try:
+        yield
     finally:
-        if owns_ray:
+        if owns:
             ray.shutdown()
 
 

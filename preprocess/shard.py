@@ -126,6 +126,9 @@ def setup_logging(level: str) -> None:
     for name in ("preprocess", "pipeline"):
         logger = logging.getLogger(name)
         logger.setLevel(level)
+        for old in [h for h in logger.handlers if getattr(h, "_vidproxy", False)]:
+            logger.removeHandler(old)
+        handler._vidproxy = True
         logger.addHandler(handler)
         logger.propagate = False
 

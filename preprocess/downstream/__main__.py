@@ -69,17 +69,11 @@ def prepare(dataset: str, cfg: ConvertConfig) -> dict[str, SplitInputs]:
     return {name: write_split_inputs(splits[name], videos, split_folder(cfg.out, name)) for name in cfg.splits}
 
 
-@contextlib.contextmanager
 def ray_session(ray_cfg: RayConfig):
     """One Ray connection for all splits (each run_job reuses it); closed if this call opened it."""
     from preprocess import job
 
-    owns = job._init_ray(ray_cfg)
-    try:
-        yield
-    finally:
-        if owns:
-            job.ray.shutdown()
+    return job.ray_session(ray_cfg)
 
 
 def run_splits(dataset: str, cfg: ConvertConfig, inputs: dict[str, SplitInputs], ray_cfg: RayConfig,
