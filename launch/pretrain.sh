@@ -6,8 +6,10 @@
 # Options (each also read from the environment variable in brackets):
 #   --gpus N          ranks per node [NPROC_PER_NODE]; default: all GPUs, or 2 CPU ranks without a GPU
 #   --nodes N         number of nodes [NNODES], default 1
-#   --hostfile F      DeepSpeed hostfile ("host slots=N" lines) [HOSTFILE]; with ssh (pdsh) one call starts all nodes
-#   --node-rank R     this node's rank: run the launcher on every node yourself, no ssh [NODE_RANK]
+#   --hostfile F      DeepSpeed hostfile ("host slots=N" lines) [HOSTFILE]; without --node-rank one call
+#                     starts all nodes over ssh (pdsh, DeepSpeed's runner)
+#   --node-rank R     this node's rank: run the script on every node yourself, no ssh [NODE_RANK];
+#                     starts DeepSpeed's per-node launcher (what `deepspeed --no_ssh` runs) directly
 #   --master-addr A   rendezvous address [MASTER_ADDR], default 127.0.0.1
 #   --master-port P   rendezvous port [MASTER_PORT], default 29500
 #   --dry-run         print the deepspeed command and run train.main --dry-run on one process
@@ -45,20 +47,40 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extension
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 
-ARGS=(--num_gpus "$NPROC" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-if [ -n "$NODE_RANK" ]; then
-  if [ -z "$HOSTFILE" ]; then   # no hostfile given: describe NNODES identical nodes
-    HOSTFILE="$(mktemp -t hostfile.XXXX)"
-    for i in $(seq 0 $((NNODES - 1))); do echo "node$i slots=$NPROC" >> "$HOSTFILE"; done
-  fi
-  ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --no_ssh --node_rank "$NODE_RANK")
-elif [ -n "$HOSTFILE" ]; then
-  ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES")
+if [ -n "$HOSTFILE" ] && [ -z "$NODE_RANK" ]; then
+  # One call starts every node over ssh (pdsh): DeepSpeed's runner does that.
+  ARGS=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NPROC" --master_addr "$MASTER_ADDR"
+        --master_port "$MASTER_PORT")
+  LAUNCH=("$PY" -m deepspeed.launcher.runner "${ARGS[@]}")
 else
-  [ "$NNODES" = "1" ] || { echo "pretrain.sh: --nodes $NNODES needs --hostfile or --node-rank" >&2; exit 2; }
+  # This node only (one node, or --node-rank without ssh): DeepSpeed's per-node launcher, which is
+  # what `deepspeed --no_ssh --node_rank R` runs; calling it directly saves one deepspeed import.
+  [ "$NNODES" = "1" ] || [ -n "$NODE_RANK" ] || { echo "pretrain.sh: --nodes $NNODES needs --hostfile or --node-rank" >&2; exit 2; }
+  NODE_RANK="${NODE_RANK:-0}"
+  WORLD_INFO=$("$PY" - "$NNODES" "$NPROC" "$NODE_RANK" "$HOSTFILE" <<'PYEOF'
+import base64, json, sys
+nodes, slots, rank, hostfile = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if hostfile:  # "host slots=N" lines, as DeepSpeed's hostfile
+    hosts = {}
+    for line in open(hostfile):
+        line = line.split("#")[0].strip()
+        if line:
+            host, _, count = line.partition("slots=")
+            hosts[host.strip()] = list(range(int(count)))
+    if len(hosts) != nodes:
+        sys.exit(f"pretrain.sh: {hostfile} lists {len(hosts)} hosts, --nodes is {nodes}")
+else:
+    hosts = {f"node{i}": list(range(slots)) for i in range(nodes)}
+if not 0 <= rank < nodes:
+    sys.exit(f"pretrain.sh: --node-rank {rank} is outside [0, {nodes})")
+print(base64.urlsafe_b64encode(json.dumps(hosts).encode()).decode())
+PYEOF
+)
+  LAUNCH=("$PY" -u -m deepspeed.launcher.launch "--world_info=$WORLD_INFO" "--node_rank=$NODE_RANK"
+          "--master_addr=$MASTER_ADDR" "--master_port=$MASTER_PORT")
 fi
 if [ "$DRY" = 1 ]; then
-  echo "deepspeed ${ARGS[*]} --module train.main $*"
+  echo "${LAUNCH[*]} --module train.main $*"
   exec "$PY" -m train.main --dry-run "$@"
 fi
-exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module train.main "$@"
+exec "${LAUNCH[@]}" --module train.main "$@"

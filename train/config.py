@@ -269,6 +269,36 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * samples_per_epoch / global_batch))
 
 
+def deepspeed_json(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON of a run, every value explicit (DeepSpeed's code default for
+    ``gradient_clipping`` is 0 = off, so clipping and accumulation are always written out).
+
+    Plain data: the engine (`train.engine.ds_config`) decides ``bf16`` from the device.
+    """
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.zero.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.zero.stage,
+            "overlap_comm": cfg.zero.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+        },
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "Warn"},
+        "seed": cfg.seed,
+    }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": cfg.zero.grad_accum_dtype}
+    return config
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -2,9 +2,9 @@
 
 Everything else sees a plain ``nn.Module`` plus the small API below.
 
-* `ds_config` builds the DeepSpeed JSON from `TrainConfig` (ZeRO stage, bf16 on GPU / fp32 on CPU,
-  ``gradient_clipping`` and ``gradient_accumulation_steps`` always explicit: DeepSpeed's code
-  default for clipping is 0 = off) and `write_ds_config` saves it to the run folder.
+* `ds_config` resolves the precision (bf16 on GPU / fp32 on CPU) and builds the DeepSpeed JSON with
+  `train.config.deepspeed_json` (plain data, no deepspeed import); `write_ds_config` saves it to the
+  run folder.
 * `save_checkpoint` must be called by every rank (DeepSpeed hangs otherwise). DeepSpeed writes
   ``client_state`` from rank 0 only, so each rank's own state (data position, RNG states) is
   all-gathered first and stored as a list indexed by rank. Only the newest ``keep_last``
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from train.config import TrainConfig
+from train.config import TrainConfig, deepspeed_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,30 +56,8 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run (every value explicit)."""
-    bf16 = use_bf16(cfg)
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.zero.grad_accum_steps,
-        "train_batch_size": cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {
-            "stage": cfg.zero.stage,
-            "overlap_comm": cfg.zero.overlap_comm,
-            "contiguous_gradients": True,
-            "reduce_scatter": True,
-        },
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"tag_validation": "Warn"},
-        "seed": cfg.seed,
-    }
-    if bf16:
-        config["data_types"] = {"grad_accum_dtype": cfg.zero.grad_accum_dtype}
-    return config
+    """The DeepSpeed JSON for this run (every value explicit; see `train.config.deepspeed_json`)."""
+    return deepspeed_json(cfg, world_size, bf16=use_bf16(cfg))
 
 
 def write_ds_config(config: dict, run_dir: str) -> str:

@@ -1,15 +1,24 @@
-"""Helpers for the trainer tests: moving-shape clips as real JPEG shards, configs, launcher runs.
+"""Helpers for the trainer tests: moving-shape clips as real JPEG shards, configs, rank processes.
 
 A clip shows one coloured shape moving left, right, up or down over its frames; the caption and
 subtitle name colour, shape and direction, so matching a caption to its clip needs frame order.
+
+Runs start real DeepSpeed ranks in one of two ways: `run_launcher` goes through
+``launch/pretrain.sh`` and the ``deepspeed`` launcher (used where the launcher itself is under test:
+the two-node run), `spawn_ranks` starts the ``python -m train.main`` rank processes directly with
+the environment the launcher would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*). Every process
+that imports deepspeed costs ~10-15 CPU-seconds on our 2-core machines, and the launcher adds two
+such processes per run, so the other tests use `spawn_ranks`.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -106,10 +115,80 @@ def env() -> dict:
     return out
 
 
+TINY_CONFIG = os.path.join(REPO, "launch/configs/train/tiny.yaml")
+
+
 def run_single(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """python -m train.main as one rank (no launcher)."""
-    cmd = [PYTHON, "-m", "train.main", "--config", os.path.join(REPO, "launch/configs/train/tiny.yaml"), *overrides]
+    cmd = [PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+class Ranks:
+    """The rank processes of one run, each in its own session with its output in a log file."""
+
+    def __init__(self, procs: list[subprocess.Popen], logs: list[str]):
+        self.procs, self.logs = procs, logs
+
+    @property
+    def returncode(self) -> int | None:
+        codes = [p.poll() for p in self.procs]
+        return None if None in codes else max(codes, key=abs)
+
+    def poll(self) -> bool:
+        """True once any rank has ended."""
+        return any(p.poll() is not None for p in self.procs)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            for proc in self.procs:
+                proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"ranks still running after {timeout}s:\n{self.output()}") from None
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL every rank and its DataLoader workers (the rank's process group)."""
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            proc.wait()
+
+    def output(self) -> str:
+        parts = []
+        for rank, path in enumerate(self.logs):
+            with open(path, errors="replace") as f:
+                parts.append(f"--- rank {rank} (exit {self.procs[rank].poll()}) ---\n{f.read()[-5000:]}")
+        return "\n".join(parts)
+
+
+def spawn_ranks(overrides: list[str], nproc: int = 2, port: int | None = None, single: bool = False) -> Ranks:
+    """Start NPROC ``train.main`` ranks on this machine, as the deepspeed launcher would (gloo on CPU).
+
+    ``single``: one process without any rank variables (train.main then acts as rank 0 of 1).
+    """
+    from tests.support.s3server import free_port
+
+    port = port or free_port()
+    run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
+    log_dir = tempfile.mkdtemp(prefix="rank-logs-", dir=os.path.dirname(run_dir) if run_dir else None)
+    procs, logs = [], []
+    for rank in range(nproc):
+        rank_env = env()
+        if not single:
+            rank_env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                             "LOCAL_WORLD_SIZE": str(nproc), "LOCAL_SIZE": str(nproc),
+                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        logs.append(os.path.join(log_dir, f"rank{rank}.log"))
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen([PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides],
+                                          cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    return Ranks(procs, logs)
 
 
 def run_launcher(overrides: list[str], nproc: int = 2, timeout: float = 400, port: int | None = None,
@@ -125,7 +204,3 @@ def run_launcher(overrides: list[str], nproc: int = 2, timeout: float = 400, por
         return subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
-
-
-def failure(proc) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{(proc.stderr or '')[-6000:]}"

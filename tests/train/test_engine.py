@@ -1,0 +1,116 @@
+"""Config, DeepSpeed JSON and optimizer groups; real 2-rank DeepSpeed runs: ZeRO-3 on local shards
+with a missing shard, ZeRO-2 over two simulated nodes (two launcher invocations) reading from the
+loopback S3 server. ZeRO-1 runs in test_resume.py."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.support.s3server import free_port
+from tests.train.fixtures_train import REPO, moving_dataset, run_launcher, spawn_ranks, tiny_overrides
+from train.config import deepspeed_json, load_config
+from train.logging_utils import read_metrics
+
+TINY = os.path.join(REPO, "launch/configs/train/tiny.yaml")
+
+
+def test_config_layers_and_errors(tmp_path):
+    cfg = load_config(TINY, ["run_dir=x", "optim.lr=1e-4", "data.train=[a,s3://b/c]", "zero.stage=2"])
+    assert cfg.optim.lr == 1e-4 and cfg.data.train == ["a", "s3://b/c"] and cfg.zero.stage == 2
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-6
+    with pytest.raises(ValueError, match="conflicts with model.clip_overrides.vision_cfg.image_size=32"):
+        load_config(TINY, ["run_dir=x", "data.image_size=64"])
+    with pytest.raises(ValueError, match=r"optim: unknown key\(s\) \['lrr'\]"):
+        load_config(TINY, ["run_dir=x", "optim.lrr=1"])
+    with pytest.raises(ValueError, match="zero.stage"):
+        load_config(TINY, ["run_dir=x", "zero.stage=4"])
+    with pytest.raises(ValueError, match="stop_at_step=9 is beyond max_steps=5"):
+        load_config(TINY, ["run_dir=x", "max_steps=5", "stop_at_step=9"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"), [])
+
+
+def test_ds_config_is_explicit():
+    cfg = load_config(TINY, ["run_dir=x", "zero.stage=3", "zero.grad_accum_steps=2", "optim.grad_clip=5"])
+    ds = deepspeed_json(cfg, world_size=4, bf16=False)
+    assert ds["gradient_clipping"] == 5.0 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 * 2 * 4 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is False and "data_types" not in ds
+    bf16 = deepspeed_json(cfg, world_size=1, bf16=True)
+    assert bf16["bf16"]["enabled"] is True and bf16["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_weight_decay_groups():
+    from train.model import VideoCLIPConfig, build_model
+    from train.optim import is_decayed, lr_factor, param_groups
+
+    cfg = load_config(TINY, ["run_dir=x"])
+    task = build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs()))  # the task's parameters are the model's
+    named = dict(task.named_parameters())
+    default = {n for n, p in named.items() if is_decayed(n, p, False)}
+    everything = {n for n, p in named.items() if is_decayed(n, p, True)}
+    assert "clip.visual.transformer.resblocks.0.attn.in_proj_weight" in default
+    for excluded in ("proxy_tokens", "temporal_embedding", "clip.visual.ln_pre.weight",
+                     "clip.token_embedding.weight", "clip.visual.positional_embedding"):
+        assert excluded not in default and excluded in everything
+    for never in ("clip.logit_scale", "clip.visual.ln_pre.bias"):
+        assert never not in everything
+    groups = param_groups(task, cfg.optim)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert lr_factor(0, 100, cfg.optim) < lr_factor(4, 100, cfg.optim) == pytest.approx(1.0)
+    assert lr_factor(99, 100, cfg.optim) < 0.01
+
+
+def _metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+def test_zero3_two_ranks_skips_missing_shard(tmp_path):
+    train = moving_dataset(str(tmp_path / "train"), 24, seed=1, max_samples=4)
+    os.remove(os.path.join(train, "part03-000.tar"))
+    held = moving_dataset(str(tmp_path / "eval"), 7, seed=2, prefix="held")  # odd: one rank's share is padded
+    run_dir = str(tmp_path / "run")
+    ranks = spawn_ranks(tiny_overrides(run_dir, [train], "zero.stage=3", "max_steps=3", "data.batch_size=4",
+                                       "data.num_workers=0", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+                                       "log.every_steps=1", eval_=[held]))
+    assert ranks.wait(240) == 0, ranks.output()
+    train_rows, eval_rows = _metrics(run_dir)
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(r["loss"] > 0 and 0 < r["logit_scale"] <= 5.3 for r in train_rows)
+    assert {"loss/s2v", "loss/v2s_joint", "loss/f2c", "lr", "samples_per_s", "data_wait_fraction"} <= set(train_rows[0])
+    assert max(r["data/shard_errors"] for r in train_rows) >= 1
+    assert eval_rows and eval_rows[-1]["clips"] == 7 and "dsl/t2v_r1" in eval_rows[-1]
+    with open(os.path.join(run_dir, "ds_config.json")) as f:
+        assert json.load(f)["zero_optimization"]["stage"] == 3
+    saved = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(("step", "latest")))
+    assert saved == ["latest", "step000000002", "step000000003"]  # keep_last=2
+    for name in ("config.yaml", "loss.png", "recall.png"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+
+
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+def test_two_nodes_zero2_from_s3(tmp_path, s3_bucket):
+    """Two launcher invocations (node ranks 0 and 1, one rank each) sharing a master address."""
+    train = moving_dataset(f"{s3_bucket}/train", 24, seed=3, max_samples=4)
+    run_dir = str(tmp_path / "run")
+    port = free_port()
+    overrides = tiny_overrides(run_dir, [train], "zero.stage=2", "max_steps=3", "data.batch_size=4",
+                               "data.num_workers=0", "checkpoint.every_steps=3", "log.every_steps=1",
+                               "log.tensorboard=false", "log.plots=false")
+    nodes = [run_launcher(overrides, nproc=1, port=port, popen=True,
+                          extra_args=["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1"])
+             for r in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    for node, out in zip(nodes, outputs):
+        assert node.returncode == 0, out[-6000:]
+    train_rows, _ = _metrics(run_dir)
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert train_rows[0]["samples_per_s"] / train_rows[0]["samples_per_s_per_device"] == pytest.approx(2.0)
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "step000000003",
+                                       "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
