@@ -25,3 +25,11 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
+
+# DeepSpeed compiles a CPU shared-memory comm op on first use (1-4 min); build it once here.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+if [ ! -d "$TORCH_EXTENSIONS_DIR" ] || [ -z "$(find "$TORCH_EXTENSIONS_DIR" -name '*.so' 2>/dev/null | head -1)" ]; then
+  echo "building DeepSpeed's CPU comm op into $TORCH_EXTENSIONS_DIR (once)"
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+    || echo "warning: could not prebuild DeepSpeed's comm op; it will build on first use"
+fi
