@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODERS = ("pillow", "torchvision")
 EVAL_TEXTS = ("caption", "subtitle")
+TEXT_LINES = ("all", "sample")
+LOSSES = ("vs", "a", "b", "c", "d", "infonce")
 RESUME_MODES = ("auto", "never")
 
 
@@ -52,14 +54,20 @@ class ModelConfig:
     logit_scale_init: float = 4.60
     """Initial log logit scale."""
     loss: str = "d"
-    """OCL variant of train.loss (d = the final CLIP-ViP loss)."""
+    """OCL variant of train.loss (d = the final CLIP-ViP loss; infonce = video <-> data.train_text, fine-tuning)."""
+    init_checkpoint: str | None = None
+    """Fine-tuning start: a run folder, checkpoints/tag folder or weights file of ours, or a released
+    CLIP-ViP checkpoint (loaded strictly after `pretrained`; a resumed run's own checkpoint wins)."""
 
     def __post_init__(self) -> None:
         _check(self.num_proxies >= 1, "model.num_proxies", f"must be >= 1, got {self.num_proxies}")
-        _check(self.loss in ("vs", "a", "b", "c", "d"), "model.loss", f"must be vs/a/b/c/d, got {self.loss!r}")
+        _check(self.loss in LOSSES, "model.loss", f"must be one of {LOSSES}, got {self.loss!r}")
+        _check(self.init_checkpoint is None or bool(self.init_checkpoint), "model.init_checkpoint",
+               "must be a path or null")
 
     def video_clip_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loss"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("loss", "init_checkpoint")}
 
 
 @dataclass(kw_only=True)
@@ -74,6 +82,11 @@ class DataConfig:
     """Held-out manifests for zero-shot retrieval (empty: no evaluation)."""
     eval_text: str = "caption"
     """Which text is the retrieval query: caption or subtitle."""
+    train_text: str = "subtitle"
+    """Text member the infonce loss pairs with the video: subtitle or caption."""
+    text_lines: str = "all"
+    """all: a text member is used whole; sample: training picks one non-empty line per visit (seeded by
+    the sample's position), evaluation takes the first line (downstream shards: one text per line)."""
     eval_max_samples: int = 1000
     """Cap on held-out clips (the first ones in manifest order)."""
     batch_size: int = 32
@@ -109,6 +122,10 @@ class DataConfig:
             _check(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, "data.weights",
                    f"must be non-negative with a positive sum, got {self.weights}")
         _check(self.eval_text in EVAL_TEXTS, "data.eval_text", f"must be one of {EVAL_TEXTS}")
+        _check(self.train_text in EVAL_TEXTS, "data.train_text",
+               f"must be one of {EVAL_TEXTS}, got {self.train_text!r}")
+        _check(self.text_lines in TEXT_LINES, "data.text_lines",
+               f"must be one of {TEXT_LINES}, got {self.text_lines!r}")
         _check(self.decoder in DECODERS, "data.decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
         for name in ("batch_size", "num_frames", "image_size", "context_length", "shards_per_window",
                      "shuffle_buffer", "prefetch_factor", "eval_max_samples"):
@@ -139,6 +156,8 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     logit_scale_lr_mul: float = 1.0
     """Learning-rate multiplier of the logit scale."""
+    temporal_lr_mul: float = 1.0
+    """Learning-rate multiplier of the video-only parameters (temporal embedding, proxy tokens)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -151,6 +170,7 @@ class OptimConfig:
         _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.logit_scale_lr_mul > 0, "optim.logit_scale_lr_mul", "must be > 0")
+        _check(self.temporal_lr_mul > 0, "optim.temporal_lr_mul", f"must be > 0, got {self.temporal_lr_mul}")
 
 
 @dataclass(kw_only=True)

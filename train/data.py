@@ -225,14 +225,27 @@ def get_tokenizer(context_length: int):
     return SimpleTokenizer(context_length=context_length)
 
 
+def pick_line(text: str, rng: np.random.Generator | None) -> str:
+    """One non-empty line of ``text``: a seeded random one for training (rng given), else the first."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[int(rng.integers(len(lines)))] if rng is not None else lines[0]
+
+
 @dataclass(frozen=True)
 class SampleTransform:
-    """ClipSample -> frames (uint8 T,3,S,S), middle frame (3,S,S) and the two texts."""
+    """ClipSample -> frames (uint8 T,3,S,S), middle frame (3,S,S) and the two texts.
+
+    ``text_lines="sample"`` reduces each text member to one line (`pick_line`), drawn after the frame
+    jitter from the same per-sample rng, so it is a pure function of seed and stream position.
+    """
 
     num_frames: int
     image_size: int
     decoder: str = "pillow"
     shuffle_frames: bool = False
+    text_lines: str = "all"
 
     def __call__(self, sample: ClipSample, rng: np.random.Generator | None) -> dict:
         stored = len(sample.frames)
@@ -244,11 +257,14 @@ class SampleTransform:
         wanted = sorted(set(indices) | {middle})
         decoded = DECODE_FNS[self.decoder]([sample.frames[i] for i in wanted], self.image_size)
         where = {index: row for row, index in enumerate(wanted)}
+        subtitle, caption = sample.subtitle, sample.caption
+        if self.text_lines == "sample":
+            subtitle, caption = pick_line(subtitle, rng), pick_line(caption, rng)
         return {
             "frames": decoded[[where[i] for i in indices]],
             "image": decoded[where[middle]],
-            "subtitle": sample.subtitle,
-            "caption": sample.caption,
+            "subtitle": subtitle,
+            "caption": caption,
             "key": sample.key,
             "indices": indices,
         }
@@ -332,7 +348,7 @@ class StreamingDataset(IterableDataset):
         self.num_workers = max(cfg.num_workers, 1)
         self.sources = open_sources(cfg.train)
         self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
-        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames)
+        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines)
         self.state = state or fresh_state(self.num_workers)
         check_state(self.state, self.num_workers)
 
@@ -411,7 +427,7 @@ def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
     per_rank = math.ceil(len(samples) / world_size)
     mine = list(range(rank, len(samples), world_size))
     mine += [-1] * (per_rank - len(mine))
-    transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames)
+    transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines)
     tokenizer = get_tokenizer(cfg.context_length)
     for start in range(0, per_rank, cfg.batch_size):
         chunk = mine[start:start + cfg.batch_size]

@@ -24,6 +24,7 @@ from train.loss import OCLLoss
 from train.metrics import retrieval_metrics
 from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
 from train.optim import build_optimizer, build_scheduler
+from train.weights import CheckpointKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "
 class TrainingTask(nn.Module):
     """Model + OCL loss as one module for DeepSpeed (ZeRO-3 hooks need a single forward)."""
 
-    def __init__(self, model: VideoCLIP, loss: OCLLoss):
+    def __init__(self, model: VideoCLIP, loss: OCLLoss, train_text: str = "subtitle"):
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.train_text = model, loss, train_text
         self.text_context = model.clip.context_length
 
     def _dtype(self) -> torch.dtype:
@@ -57,6 +58,8 @@ class TrainingTask(nn.Module):
             features["subtitle"] = self._text(subtitle)
         if "caption" in wanted:
             features["caption"] = self._text(caption)
+        if "text" in wanted:  # infonce: the configured text member
+            features["text"] = self._text(subtitle if self.train_text == "subtitle" else caption)
         if "frame" in wanted:
             features["frame"] = self.model.encode_image(normalize_frames(image, dtype)).float()
         return self.loss(features, self.model.logit_scale.float())
@@ -74,7 +77,27 @@ def register_direct_params(task: nn.Module) -> list[nn.Parameter]:
 def build_task(cfg: TrainConfig, rank: int, world_size: int) -> TrainingTask:
     torch.manual_seed(cfg.seed)
     model = build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs()))
-    return TrainingTask(model, OCLLoss(cfg.model.loss, rank, world_size))
+    if cfg.model.init_checkpoint:
+        load_init_checkpoint(model, cfg.model.init_checkpoint)
+    return TrainingTask(model, OCLLoss(cfg.model.loss, rank, world_size), cfg.data.train_text)
+
+
+def load_init_checkpoint(model: VideoCLIP, path: str) -> None:
+    """Load a fine-tuning start (ours or a released CLIP-ViP checkpoint) strictly into ``model``.
+
+    Raises ValueError naming model.init_checkpoint and listing every mismatched tensor.
+    """
+    from train.evaluate import match_state, read_weights, resolve_checkpoint
+
+    try:
+        weights, _ = resolve_checkpoint(path)
+        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.init_checkpoint: {exc}") from exc
+    except CheckpointKeyError as exc:
+        raise ValueError(f"model.init_checkpoint={path}: {weights} does not fit the configured model "
+                         f"({model.cfg.clip_model}, {model.cfg.num_proxies} proxies): {exc}") from exc
+    logger.info("fine-tuning from %s", weights)
 
 
 # ----------------------------------------------------------------------------- FLOPs / MFU
