@@ -156,8 +156,6 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     logit_scale_lr_mul: float = 1.0
     """Learning-rate multiplier of the logit scale."""
-    temporal_lr_mul: float = 1.0
-    """Learning-rate multiplier of the video-only parameters (temporal embedding, proxy tokens)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -170,7 +168,6 @@ class OptimConfig:
         _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.logit_scale_lr_mul > 0, "optim.logit_scale_lr_mul", "must be > 0")
-        _check(self.temporal_lr_mul > 0, "optim.temporal_lr_mul", f"must be > 0, got {self.temporal_lr_mul}")
 
 
 @dataclass(kw_only=True)
