@@ -55,6 +55,10 @@ class ModelConfig:
     """Initial log logit scale."""
     loss: str = "d"
     """OCL variant of train.loss (d = the final CLIP-ViP loss; infonce = video <-> data.train_text, fine-tuning)."""
+    lock_text: bool = False
+    """Freeze the text tower (LiT-style, open_clip's lock_text_tower); the logit scale stays trainable."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave this many layer groups at the top of the text tower trainable."""
     init_checkpoint: str | None = None
     """Fine-tuning start: a run folder, checkpoints/tag folder or weights file of ours, or a released
     CLIP-ViP checkpoint (loaded strictly after `pretrained`; a resumed run's own checkpoint wins)."""
@@ -64,10 +68,14 @@ class ModelConfig:
         _check(self.loss in LOSSES, "model.loss", f"must be one of {LOSSES}, got {self.loss!r}")
         _check(self.init_checkpoint is None or bool(self.init_checkpoint), "model.init_checkpoint",
                "must be a path or null")
+        _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers",
+               f"must be >= 0, got {self.lock_text_unlocked_layers}")
+        _check(self.lock_text or self.lock_text_unlocked_layers == 0, "model.lock_text_unlocked_layers",
+               "is only used with model.lock_text=true")
 
     def video_clip_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("loss", "init_checkpoint")}
+                if f.name not in ("loss", "init_checkpoint", "lock_text", "lock_text_unlocked_layers")}
 
 
 @dataclass(kw_only=True)
@@ -156,6 +164,8 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     logit_scale_lr_mul: float = 1.0
     """Learning-rate multiplier of the logit scale."""
+    embedding_lr_mul: float = 1.0
+    """Learning-rate multiplier of the embedding tables (token, position, class, temporal) and proxies."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -168,6 +178,7 @@ class OptimConfig:
         _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.logit_scale_lr_mul > 0, "optim.logit_scale_lr_mul", "must be > 0")
+        _check(self.embedding_lr_mul > 0, "optim.embedding_lr_mul", "must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -426,6 +437,51 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if "run_dir" not in values:
         raise ValueError("run_dir: required (set it in the YAML or pass run_dir=...)")
     return _build(TrainConfig, values, "")
+
+
+# Settings a resumed run may change: where output goes, how often it is written, evaluation, the
+# stopping point. Everything else decides the model, the optimiser layout or the data order.
+RESUME_FREE = ("run_dir", "max_steps", "stop_at_step", "log.", "checkpoint.every_steps", "checkpoint.keep_last",
+               "data.eval", "data.eval_text", "data.eval_max_samples")
+
+
+def _flatten(values: Any, prefix: str = "") -> dict:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    out: dict = {}
+    for key, value in values.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out or {prefix: {}}
+
+
+def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'key: saved -> new' for every setting that differs from a saved run's config and must not."""
+    old = {k.rstrip("."): v for k, v in _flatten(saved).items()}
+    new = {k.rstrip("."): v for k, v in _flatten(config_to_dict(cfg)).items()}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUME_FREE) or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}")
+    return out
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """Refuse to resume the checkpoints in cfg.run_dir under a config that changes the run (ValueError)."""
+    saved_path = os.path.join(cfg.run_dir, "config.yaml")
+    has_checkpoint = os.path.exists(os.path.join(cfg.run_dir, "checkpoints", "latest"))
+    if cfg.checkpoint.resume != "auto" or not has_checkpoint or not os.path.exists(saved_path):
+        return
+    try:  # through the loader, so settings added since then compare as their defaults
+        saved = config_to_dict(load_config(saved_path, []))
+    except ValueError:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f) or {}
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise ValueError(f"run_dir={cfg.run_dir} holds checkpoints of a run with other settings ("
+                         + "; ".join(conflicts) + "): resume with the same values, use a new run_dir, or pass "
+                         "checkpoint.resume=never to start over there")
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:

@@ -79,6 +79,10 @@ def build_task(cfg: TrainConfig, rank: int, world_size: int) -> TrainingTask:
     model = build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs()))
     if cfg.model.init_checkpoint:
         load_init_checkpoint(model, cfg.model.init_checkpoint)
+    if cfg.model.lock_text:
+        model.clip.lock_text_tower(unlocked_layers=cfg.model.lock_text_unlocked_layers)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        logger.info("text tower locked: %d parameters frozen", frozen)
     return TrainingTask(model, OCLLoss(cfg.model.loss, rank, world_size), cfg.data.train_text)
 
 

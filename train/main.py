@@ -55,11 +55,12 @@ def dry_run(cfg, rank: int, world_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from train.config import dump_config, load_config
+    from train.config import check_resumable, dump_config, load_config
     from train.logging_utils import setup_logging
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_resumable(cfg)
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,13 @@ norm weights, the logit scale, embeddings (token, position, class, temporal) and
 are not. The original CLIP-ViP meant to exclude norms but its name pattern never matched HF CLIP's
 names, so it decayed norms, embeddings and proxies too; ``decay_all=True`` reproduces that (biases
 and the logit scale stay excluded, as in the original).
+
+Learning-rate multipliers: the logit scale (``logit_scale_lr_mul``; the original used 10x for DiDeMo
+B/16) and the embedding tables and proxies (``embedding_lr_mul``). Adam moves every parameter by
+about lr per step whatever its gradient, so a zero-initialised temporal embedding needs ~0.1/lr
+steps before frame order reaches the tokens. Post-pretraining from CLIP keeps the multiplier at 1;
+a model trained from scratch (the tiny test/demo config) learns order in a few hundred steps only
+with a large one (tests/train/test_learning.py).
 """
 from __future__ import annotations
 
@@ -20,6 +27,18 @@ logger = logging.getLogger(__name__)
 
 _NO_DECAY_WORDS = ("embedding", "proxy_tokens", "class_embedding", "ln_", "norm", "logit_scale", "bias")
 _ALWAYS_NO_DECAY = ("bias", "logit_scale")
+_EMBEDDING_WORDS = ("embedding", "proxy_tokens")
+
+
+def lr_class(name: str) -> str:
+    """Which learning-rate multiplier a parameter gets: "logit_scale", "embedding" or "main"."""
+    if name.endswith("logit_scale"):
+        return "logit_scale"
+    leaf = name.rsplit(".", 1)[-1]
+    owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+    if any(word in leaf or word in owner for word in _EMBEDDING_WORDS):
+        return "embedding"
+    return "main"
 
 
 def is_decayed(name: str, param: nn.Parameter, decay_all: bool) -> bool:
@@ -35,24 +54,25 @@ def is_decayed(name: str, param: nn.Parameter, decay_all: bool) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Up to four groups: {logit scale, rest} x {decay, no decay}; each carries its lr multiplier."""
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    names: dict[tuple[bool, bool], list[str]] = {}
+    """Up to six groups: {main, embedding, logit scale} x {decay, no decay}, each with its lr multiplier."""
+    lr_mul = {"main": 1.0, "embedding": cfg.embedding_lr_mul, "logit_scale": cfg.logit_scale_lr_mul}
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    names: dict[tuple[str, bool], list[str]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = (name.endswith("logit_scale"), is_decayed(name, param, cfg.decay_all))
+        key = (lr_class(name), is_decayed(name, param, cfg.decay_all))
         buckets.setdefault(key, []).append(param)
         names.setdefault(key, []).append(name)
     groups = []
-    for (is_scale, decay), params in sorted(buckets.items()):
+    for (kind, decay), params in sorted(buckets.items()):
         groups.append({
             "params": params,
             "weight_decay": cfg.weight_decay if decay else 0.0,
-            "lr_mul": cfg.logit_scale_lr_mul if is_scale else 1.0,
-            "name": f"{'logit_scale' if is_scale else 'main'}/{'decay' if decay else 'no_decay'}",
+            "lr_mul": lr_mul[kind],
+            "name": f"{kind}/{'decay' if decay else 'no_decay'}",
         })
-        logger.debug("param group %s: %s", groups[-1]["name"], names[(is_scale, decay)])
+        logger.debug("param group %s: %s", groups[-1]["name"], names[(kind, decay)])
     return groups
 
 

@@ -30,6 +30,45 @@ def test_config_layers_and_errors(tmp_path):
         load_config(TINY, ["run_dir=x", "max_steps=5", "stop_at_step=9"])
     with pytest.raises(ValueError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"), [])
+    with pytest.raises(ValueError, match="optim.embedding_lr_mul"):
+        load_config(TINY, ["run_dir=x", "optim.embedding_lr_mul=0"])
+    with pytest.raises(ValueError, match="model.lock_text_unlocked_layers: is only used with model.lock_text=true"):
+        load_config(TINY, ["run_dir=x", "model.lock_text_unlocked_layers=1"])
+
+
+def test_resume_refuses_a_changed_run(tmp_path):
+    from train.config import check_resumable, dump_config
+
+    run = str(tmp_path / "run")
+    base = ["run_dir=" + run, "data.train=[a]"]
+    dump_config(load_config(TINY, base), os.path.join(run, "config.yaml"))
+    check_resumable(load_config(TINY, base + ["optim.lr=1"]))  # no checkpoint yet: a fresh start
+    os.makedirs(os.path.join(run, "checkpoints"))
+    with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
+        f.write("global_step10")
+    with pytest.raises(ValueError, match=r"holds checkpoints of a run with other settings \(data.batch_size: 16 -> 8; "
+                                         r"optim.embedding_lr_mul: 30.0 -> 1.0\)"):
+        check_resumable(load_config(TINY, base + ["optim.embedding_lr_mul=1.0", "data.batch_size=8"]))
+    check_resumable(load_config(TINY, base + ["max_steps=50", "log.every_steps=1", "checkpoint.keep_last=5",
+                                              "data.eval=[b]"]))
+    check_resumable(load_config(TINY, base + ["optim.lr=1", "checkpoint.resume=never"]))
+
+
+def test_lock_text_freezes_the_text_tower_only():
+    from train.loop import build_task
+    from train.optim import param_groups
+
+    cfg = load_config(TINY, ["run_dir=x", "model.lock_text=true"])
+    task = build_task(cfg, rank=0, world_size=1)
+    frozen = {n for n, p in task.model.named_parameters() if not p.requires_grad}
+    assert "clip.token_embedding.weight" in frozen and "clip.text_projection" in frozen
+    assert "clip.transformer.resblocks.1.mlp.c_fc.weight" in frozen and "clip.ln_final.weight" in frozen
+    assert not any(n.startswith("clip.visual") or n in ("proxy_tokens", "temporal_embedding", "clip.logit_scale")
+                   for n in frozen)
+    grouped = {id(p) for g in param_groups(task, cfg.optim) for p in g["params"]}
+    assert grouped == {id(p) for p in task.parameters() if p.requires_grad}
+    top = build_task(load_config(TINY, ["run_dir=x", "model.lock_text=true", "model.lock_text_unlocked_layers=1"]), 0, 1)
+    assert top.model.clip.text_projection.requires_grad and not top.model.clip.ln_final.weight.requires_grad
 
 
 def test_ds_config_is_explicit():
@@ -59,6 +98,15 @@ def test_weight_decay_groups():
         assert never not in everything
     groups = param_groups(task, cfg.optim)
     assert sum(len(g["params"]) for g in groups) == len(named)
+    ids = {name: id(p) for name, p in named.items()}
+    mul = {ids_: g["lr_mul"] for g in groups for ids_ in map(id, g["params"])}
+    assert cfg.optim.embedding_lr_mul > 1  # the tiny config learns frame order only with it
+    for name in ("proxy_tokens", "temporal_embedding", "clip.visual.positional_embedding",
+                 "clip.visual.class_embedding", "clip.token_embedding.weight", "clip.positional_embedding"):
+        assert mul[ids[name]] == cfg.optim.embedding_lr_mul, name
+    for name in ("clip.visual.conv1.weight", "clip.visual.ln_pre.weight", "clip.text_projection"):
+        assert mul[ids[name]] == 1.0, name
+    assert mul[ids["clip.logit_scale"]] == cfg.optim.logit_scale_lr_mul
     assert lr_factor(0, 100, cfg.optim) < lr_factor(4, 100, cfg.optim) == pytest.approx(1.0)
     assert lr_factor(99, 100, cfg.optim) < 0.01
 

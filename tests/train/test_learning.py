@@ -6,12 +6,13 @@ time (data.shuffle_frames: no frame order reaches the model, like a frame-mean m
 colour and shape (and at best the axis of motion) but not left from right or up from down, so it
 tops out at 25-50%. Both runs go at once (one core each).
 
-Known gap (issue 5): within a test-sized budget (up to 160 steps of 32 clips; learning rates 1e-3 to
-1e-2, loss variants d/b/vs, random temporal-embedding init, larger objects and patches) the tiny
-model learns colour and shape (R@1 ~25%) but not the direction of motion, so it does not beat the
-baseline. Direction does emerge later: loss vs, lr 2e-3, 400 steps reached R@1 47% (direction right
-for 59% of clips, axis for 97%) from step ~300, i.e. about 4x this test's CPU budget. The comparison
-is therefore a strict xfail: it fails (XPASS) as soon as it holds, so the marker must then go.
+Two settings make direction learnable in a test-sized budget (measured in the closing note of
+issue 5): the tiny config's ``optim.embedding_lr_mul`` (Adam moves a zero-initialised temporal
+embedding by ~lr per step, so frame order reaches the tokens late) and ``model.lock_text``: the
+random text tower is frozen (LiT-style), so distinct captions are fixed, distinct targets. With both
+towers learning from scratch, colour and shape are learned but direction stays at chance for
+hundreds of steps (the text tower must separate "left" from "right" while the video tower has no
+reason to yet). With both settings, 240 steps, seeds 0/1/2: R@1 87.5/65.6/75.0 against 40.6/31.2/46.9.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from train.logging_utils import read_metrics
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
-STEPS = 80
+STEPS = 240
 CHANCE = 100.0 / len(COMBOS)
 
 
@@ -38,7 +39,8 @@ def recall(tmp_path_factory) -> dict[str, float]:
     train = moving_dataset(str(root / "train"), 8 * len(COMBOS), seed=10, max_samples=32)
     held = moving_dataset(str(root / "eval"), len(COMBOS), seed=11, prefix="held")
     common = ("data.batch_size=32", f"max_steps={STEPS}", "checkpoint.every_steps=1000", "log.tensorboard=false",
-              "log.plots=false", "data.num_workers=0", "optim.lr=3e-3", "log.every_steps=20")
+              "log.plots=false", "data.num_workers=0", "log.every_steps=20", f"log.eval_every_steps={STEPS // 4}",
+              "model.lock_text=true")
     runs = {}
     for name, extra in (("temporal", ()), ("shuffled", ("data.shuffle_frames=true",))):
         run_dir = str(root / name)
@@ -59,7 +61,5 @@ def test_tiny_model_learns_retrieval_far_above_chance(recall):
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5): the tiny model does not learn direction of motion "
-                                      "within the test budget; see the module docstring")
 def test_temporal_model_beats_frame_order_free_baseline(recall):
     assert recall["temporal"] >= recall["shuffled"] + 15.0, recall
