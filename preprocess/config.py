@@ -139,7 +139,12 @@ class PreprocessConfig:
         inputs["layout"] = self.inputs.layout.value
         sharding = dataclasses.asdict(self.sharding)
         sharding.pop("output")
-        out = {"inputs": inputs, "sharding": sharding, "decode": dataclasses.asdict(self.decode)}
+        decode = dataclasses.asdict(self.decode)
+        if decode["frame_size"] is None:  # unset: manifests stay as they were before the option existed
+            decode.pop("frame_size")
+        else:
+            decode["frame_size"] = list(decode["frame_size"])
+        out = {"inputs": inputs, "sharding": sharding, "decode": decode}
         for name in ("captioner", "asr"):  # only when enabled: a job without them keeps its old manifest
             if getattr(self, name) is not None:
                 out[name] = dataclasses.asdict(getattr(self, name))

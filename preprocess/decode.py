@@ -55,6 +55,9 @@ class DecodeConfig:
     """Cap on frames per clip in fixed-rate mode (evenly subsampled above it)."""
     short_side: int = 224
     """Resize so the short side has this many pixels, aspect kept; 0 keeps the decoded size."""
+    frame_size: tuple[int, int] | None = None
+    """Exact stored (width, height), aspect not kept; overrides ``short_side``. Storing the training
+    size (224x224, as the paper resizes) spares the loader its resize on every visit."""
     jpeg_quality: int = 90
     """JPEG quality, 1..95."""
     threads: int = 1
@@ -71,6 +74,10 @@ class DecodeConfig:
             raise ValueError(f"max_frames must be in 1..1024, got {self.max_frames}")
         if not 0 <= self.short_side <= 4096:
             raise ValueError(f"short_side must be 0 (keep size) or in 1..4096, got {self.short_side}")
+        if self.frame_size is not None:
+            if (len(self.frame_size) != 2 or not all(isinstance(v, int) and 16 <= v <= 4096 for v in self.frame_size)):
+                raise ValueError(f"frame_size must be None or (width, height) within 16..4096, got {self.frame_size}")
+            object.__setattr__(self, "frame_size", tuple(self.frame_size))
         if not 1 <= self.jpeg_quality <= 95:
             raise ValueError(f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
         if not 1 <= self.threads <= 16:
@@ -193,8 +200,12 @@ def target_times(start: float, end: float, cfg: DecodeConfig) -> tuple[float, ..
     return tuple(times)
 
 
-def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(w, h) with the short side scaled to ``short_side`` and the aspect kept; 0 keeps the size."""
+def output_size(width: int, height: int, short_side: int,
+                frame_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(w, h): ``frame_size`` if given, else the short side scaled to ``short_side`` with the aspect
+    kept; 0 keeps the size."""
+    if frame_size is not None:
+        return frame_size
     if short_side == 0:
         return width, height
     if width <= height:
@@ -589,7 +600,7 @@ class _Pass:
     def _store(self, tg: _Target, frame, time: float) -> None:
         clip = tg.clip
         if clip.size is None:
-            clip.size = output_size(frame.width, frame.height, self.cfg.short_side)
+            clip.size = output_size(frame.width, frame.height, self.cfg.short_side, self.cfg.frame_size)
         try:
             jpeg = self._jpeg(frame, clip.size)
         except (av.FFmpegError, OSError, ValueError) as exc:

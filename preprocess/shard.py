@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--fps", type=float, default=None, help="sample at this rate instead, capped at --max-frames")
     dec.add_argument("--max-frames", type=int, default=32, help="cap on frames per clip with --fps")
     dec.add_argument("--short-side", type=int, default=224, help="resize so the short side is this many pixels")
+    dec.add_argument("--frame-size", type=frame_size_arg, default=None, metavar="WxH",
+                     help="store frames at exactly WxH, aspect not kept (e.g. 224x224, the training size); "
+                          "overrides --short-side")
     dec.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100")
     dec.add_argument("--decoder-threads", type=int, default=1, help="decoder threads per task")
     gen = p.add_argument_group("generated texts (model stages)")
@@ -68,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
+
+
+def frame_size_arg(text: str) -> tuple[int, int]:
+    """argparse type for WxH, e.g. 224x224."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 224x224, got {text!r}") from None
+    return width, height
 
 
 def build_config(args: argparse.Namespace):
@@ -100,6 +112,7 @@ def build_config(args: argparse.Namespace):
             fps=args.fps,
             max_frames=args.max_frames,
             short_side=args.short_side,
+            frame_size=args.frame_size,
             jpeg_quality=args.jpeg_quality,
             threads=args.decoder_threads,
         ),

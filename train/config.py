@@ -21,7 +21,7 @@ import yaml
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
-DECODERS = ("pillow", "torchvision")
+DECODERS = ("simplejpeg", "torchvision", "pillow")
 EVAL_TEXTS = ("caption", "subtitle")
 TEXT_LINES = ("all", "sample")
 LOSSES = ("vs", "a", "b", "c", "d", "infonce")
@@ -111,8 +111,9 @@ class DataConfig:
     """Shards read interleaved by one worker; the unit of deterministic shuffling."""
     shuffle_buffer: int = 256
     """Sample-level shuffle buffer (raw samples, decoded after the buffer)."""
-    decoder: str = "torchvision"
-    """JPEG decoder: torchvision (libjpeg-turbo + bicubic antialiased resize, faster) or pillow."""
+    decoder: str = "simplejpeg"
+    """JPEG decoder: simplejpeg (libjpeg-turbo straight into the batch tensor, fastest), torchvision or
+    pillow; frames not stored at image_size get a bicubic antialiased resize."""
     prefetch_factor: int = 2
     """Batches prefetched per worker."""
     shuffle_frames: bool = False

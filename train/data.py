@@ -28,6 +28,7 @@ import hashlib
 import io
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypedDict
@@ -191,31 +192,76 @@ def frame_indices(stored: int, wanted: int, rng: np.random.Generator | None) -> 
     return [int(i) for i in np.floor(np.linspace(start, end, wanted))]
 
 
-def decode_pillow(jpegs: list[bytes], size: int) -> np.ndarray:
-    from PIL import Image
-
-    out = np.empty((len(jpegs), size, size, 3), dtype=np.uint8)
-    for i, data in enumerate(jpegs):
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BICUBIC)
-            out[i] = np.asarray(img)
-    return out.transpose(0, 3, 1, 2)
+# Frames are decoded straight into their slot of the batch tensor, which is laid out
+# [B, T, S, S, 3] (the decoders' native pixel order) and handed on as a [B, T, 3, S, S] view: no
+# frame is copied after decoding when the stored size is the training size. Inside DataLoader
+# workers the batch tensor lives in shared memory, so passing it to the trainer copies nothing either.
+# A decoder takes (JPEG bytes, destination [S, S, 3] uint8 tensor) pairs.
 
 
-def decode_torchvision(jpegs: list[bytes], size: int) -> np.ndarray:
-    from torchvision.io import ImageReadMode, decode_jpeg
+def _resize_into(dest: torch.Tensor, image_HWC: torch.Tensor) -> None:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2.functional import resize
 
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
-    frames = decode_jpeg(tensors, mode=ImageReadMode.RGB)
-    out = [resize(f, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True) if f.shape[-2:] != (size, size) else f for f in frames]
-    return torch.stack(out).numpy()
+    size = list(dest.shape[:2])
+    resized = resize(image_HWC.permute(2, 0, 1), size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    dest.copy_(resized.permute(1, 2, 0))
 
 
-DECODE_FNS = {"pillow": decode_pillow, "torchvision": decode_torchvision}
+def decode_simplejpeg(jobs: list[tuple[bytes, torch.Tensor]]) -> None:
+    """libjpeg-turbo via simplejpeg: in place when the stored size is the target, else DCT-domain
+    downscaling (never below the target) and a bicubic antialiased resize."""
+    import simplejpeg
+
+    for data, dest in jobs:
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        size = dest.shape[0]
+        if (height, width) == (size, size):
+            simplejpeg.decode_jpeg(data, "RGB", buffer=dest.numpy())
+        else:
+            image = simplejpeg.decode_jpeg(data, "RGB", min_height=size, min_width=size)
+            _resize_into(dest, torch.from_numpy(image))
+
+
+def decode_torchvision(jobs: list[tuple[bytes, torch.Tensor]]) -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # bytes are read-only; decode_jpeg only reads them
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        frames = decode_jpeg([torch.frombuffer(data, dtype=torch.uint8) for data, _ in jobs], mode=ImageReadMode.RGB)
+    for (_, dest), frame_CHW in zip(jobs, frames):
+        image = frame_CHW.permute(1, 2, 0)
+        dest.copy_(image) if image.shape == dest.shape else _resize_into(dest, image)
+
+
+def decode_pillow(jobs: list[tuple[bytes, torch.Tensor]]) -> None:
+    from PIL import Image
+
+    for data, dest in jobs:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            size = dest.shape[0]
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            dest.numpy()[:] = np.asarray(img)
+
+
+DECODE_FNS = {"simplejpeg": decode_simplejpeg, "torchvision": decode_torchvision, "pillow": decode_pillow}
+
+
+def empty_frames(*shape: int) -> torch.Tensor:
+    """Uninitialised uint8 tensor; in shared memory inside a DataLoader worker (as default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def decode_jpegs(jpegs: list[bytes], size: int, decoder: str = "simplejpeg") -> torch.Tensor:
+    """JPEGs -> uint8 [N, 3, S, S] (a view of an [N, S, S, 3] tensor)."""
+    out = empty_frames(len(jpegs), size, size, 3)
+    DECODE_FNS[decoder](list(zip(jpegs, out)))
+    return out.permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=4)
@@ -235,49 +281,84 @@ def pick_line(text: str, rng: np.random.Generator | None) -> str:
 
 @dataclass(frozen=True)
 class SampleTransform:
-    """ClipSample -> frames (uint8 T,3,S,S), middle frame (3,S,S) and the two texts.
+    """ClipSample -> frames (uint8 [T, 3, S, S]), middle frame ([3, S, S]) and the two texts.
 
-    ``text_lines="sample"`` reduces each text member to one line (`pick_line`), drawn after the frame
-    jitter from the same per-sample rng, so it is a pure function of seed and stream position.
+    Frames are decoded into ``out`` (a [T, S, S, 3] and an [S, S, 3] slot of the batch tensors) when
+    given, else into fresh tensors. Each stored frame is decoded once, also when picked twice or when
+    it is the middle frame too. ``text_lines="sample"`` reduces each text member to one line
+    (`pick_line`), drawn after the frame jitter from the same per-sample rng, so it is a pure function
+    of seed and stream position.
     """
 
     num_frames: int
     image_size: int
-    decoder: str = "pillow"
+    decoder: str = "simplejpeg"
     shuffle_frames: bool = False
     text_lines: str = "all"
 
-    def __call__(self, sample: ClipSample, rng: np.random.Generator | None) -> dict:
-        stored = len(sample.frames)
-        indices = frame_indices(stored, self.num_frames, rng)
+    def __call__(self, sample: ClipSample, rng: np.random.Generator | None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        indices = frame_indices(len(sample.frames), self.num_frames, rng)
         if self.shuffle_frames:
-            order = (rng or np.random.default_rng(stored)).permutation(len(indices))
+            order = (rng or np.random.default_rng(len(sample.frames))).permutation(len(indices))
             indices = [indices[i] for i in order]
-        middle = sample.meta.middle_frame
-        wanted = sorted(set(indices) | {middle})
-        decoded = DECODE_FNS[self.decoder]([sample.frames[i] for i in wanted], self.image_size)
-        where = {index: row for row, index in enumerate(wanted)}
+        size = self.image_size
+        frames_TSS3, image_SS3 = out or (empty_frames(len(indices), size, size, 3), empty_frames(size, size, 3))
+        self.decode(sample, indices, frames_TSS3, image_SS3)
         subtitle, caption = sample.subtitle, sample.caption
         if self.text_lines == "sample":
             subtitle, caption = pick_line(subtitle, rng), pick_line(caption, rng)
         return {
-            "frames": decoded[[where[i] for i in indices]],
-            "image": decoded[where[middle]],
+            "frames": frames_TSS3.permute(0, 3, 1, 2),
+            "image": image_SS3.permute(2, 0, 1),
             "subtitle": subtitle,
             "caption": caption,
             "key": sample.key,
             "indices": indices,
         }
 
+    def decode(self, sample: ClipSample, indices: list[int], frames_TSS3: torch.Tensor, image_SS3: torch.Tensor) -> None:
+        first: dict[int, int] = {}  # stored frame -> the slot it is decoded into
+        jobs = []
+        for slot, index in enumerate(indices):
+            if index not in first:
+                first[index] = slot
+                jobs.append((sample.frames[index], frames_TSS3[slot]))
+        middle = sample.meta.middle_frame
+        if middle not in first:
+            jobs.append((sample.frames[middle], image_SS3))
+        DECODE_FNS[self.decoder](jobs)
+        for slot, index in enumerate(indices):
+            if first[index] != slot:
+                frames_TSS3[slot].copy_(frames_TSS3[first[index]])
+        if middle in first:
+            image_SS3.copy_(frames_TSS3[first[middle]])
 
-def collate(items: list[dict], context_length: int) -> dict:
+
+class BatchFrames:
+    """The frame tensors of one batch being filled: [B, T, S, S, 3] and [B, S, S, 3]."""
+
+    def __init__(self, batch_size: int, num_frames: int, size: int):
+        self.frames = empty_frames(batch_size, num_frames, size, size, 3)
+        self.images = empty_frames(batch_size, size, size, 3)
+
+    def slot(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.frames[row], self.images[row]
+
+
+def collate(items: list[dict], context_length: int, filled: BatchFrames | None = None) -> dict:
+    """Items -> batch; with ``filled`` the items' frames already sit in its tensors (row i = item i)."""
     tokenizer = get_tokenizer(context_length)
     digest = hashlib.sha1()
     for item in items:
         digest.update(f"{item['key']}:{item['indices']};".encode())
+    if filled is not None:
+        frames, images = filled.frames.permute(0, 1, 4, 2, 3), filled.images.permute(0, 3, 1, 2)
+    else:
+        frames, images = torch.stack([it["frames"] for it in items]), torch.stack([it["image"] for it in items])
     return {
-        "frames": torch.from_numpy(np.stack([it["frames"] for it in items])),
-        "image": torch.from_numpy(np.stack([it["image"] for it in items])),
+        "frames": frames,
+        "image": images,
         "subtitle": tokenizer([it["subtitle"] for it in items]),
         "caption": tokenizer([it["caption"] for it in items]),
         "keys": [it["key"] for it in items],
@@ -301,6 +382,7 @@ def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: Dat
     errors = ErrorCounter(start["shard_errors"], start["sample_errors"])
     window, skip = start["window"], start["offset"]
     items: list[dict] = []
+    filled = BatchFrames(cfg.batch_size, cfg.num_frames, cfg.image_size)
     empty_windows = 0
     while True:
         rng = np.random.default_rng([seed, stream, window, 1])
@@ -310,12 +392,14 @@ def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: Dat
             offset += 1
             if offset <= skip:
                 continue
-            item = _transform(raw, transform, np.random.default_rng([seed, stream, window, offset, 2]), errors)
+            item = _transform(raw, transform, np.random.default_rng([seed, stream, window, offset, 2]), errors,
+                              filled.slot(len(items)))
             if item is None:
-                continue
+                continue  # the next sample overwrites the slot
             items.append(item)
             if len(items) == cfg.batch_size:
-                batch = collate(items, cfg.context_length)
+                batch = collate(items, cfg.context_length, filled)
+                filled = BatchFrames(cfg.batch_size, cfg.num_frames, cfg.image_size)
                 batch["position"] = StreamPosition(window=window, offset=offset, shard_errors=errors.shard_errors,
                                                    sample_errors=errors.sample_errors)
                 items = []
@@ -327,9 +411,10 @@ def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: Dat
         window, skip = window + 1, 0
 
 
-def _transform(raw: dict, transform: SampleTransform, rng: np.random.Generator, errors: ErrorCounter) -> dict | None:
+def _transform(raw: dict, transform: SampleTransform, rng: np.random.Generator, errors: ErrorCounter,
+               out: tuple[torch.Tensor, torch.Tensor]) -> dict | None:
     try:
-        return transform(ClipSample.from_wds(raw), rng)
+        return transform(ClipSample.from_wds(raw), rng, out)
     except (SchemaError, OSError, ValueError, RuntimeError) as exc:
         errors.sample(f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", exc)
         return None

@@ -202,10 +202,10 @@ def video_batches(samples: Iterator[ClipSample], transform: SampleTransform, bat
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield batch, np.stack([transform(s, None)["frames"] for s in batch])
+            yield batch, torch.stack([transform(s, None)["frames"] for s in batch])
             batch = []
     if batch:
-        yield batch, np.stack([transform(s, None)["frames"] for s in batch])
+        yield batch, torch.stack([transform(s, None)["frames"] for s in batch])
 
 
 def embed_dataset(loaded: LoadedModel, location: str, text_field: str = "subtitle", batch_size: int = 16,

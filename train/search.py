@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.data import decode_pillow
+from train.data import decode_jpegs
 from train.evaluate import LoadedModel, embed_dataset, encode_frames, encode_texts, load_model
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def decode_video(path: str, num_frames: int, image_size: int) -> np.ndarray:
     (result,) = list(decode_clips(path, [ClipRequest(clip_id=path, start=0.0, end=None)], cfg))
     if not isinstance(result, DecodedClip):
         raise ValueError(f"{result.error}: {result.message}")
-    return decode_pillow(list(result.frames), image_size)
+    return decode_jpegs(list(result.frames), image_size).contiguous().numpy()
 
 
 def embed_files(loaded: LoadedModel, paths: list[str], batch_size: int = 8, progress: bool = True

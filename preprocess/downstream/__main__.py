@@ -18,6 +18,7 @@ import sys
 from pipeline import storage
 from preprocess.config import RayConfig
 from preprocess.downstream import DATASETS
+from preprocess.shard import frame_size_arg
 from preprocess.downstream.common import (
     SPLITS,
     ConvertConfig,
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="frames per val/test video (default 12; 32 ActivityNet)")
     p.add_argument("--train-frames", type=int, default=None, help="frames stored per train video (default 2x --frames)")
     p.add_argument("--short-side", type=int, default=224, help="stored frames' short side")
+    p.add_argument("--frame-size", type=frame_size_arg, default=None, metavar="WxH",
+                   help="store frames at exactly WxH (e.g. 224x224), aspect not kept; overrides --short-side")
     p.add_argument("--val-count", type=int, default=None, help="train videos held out for validation where the "
                    "benchmark has no val split (MSR-VTT, ActivityNet; default 500)")
     p.add_argument("--clips-per-shard", type=int, default=1000, help="videos per shard")
@@ -58,6 +61,7 @@ def build_config(args: argparse.Namespace) -> ConvertConfig:
     return ConvertConfig(annotations=args.annotations, videos=args.videos, out=args.out,
                          splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
                          frames=args.frames, train_frames=args.train_frames, short_side=args.short_side,
+                         frame_size=args.frame_size,
                          val_count=args.val_count, clips_per_shard=args.clips_per_shard,
                          convert_only=args.convert_only)
 

@@ -346,6 +346,8 @@ class ConvertConfig:
     """Frames per video stored for train (None: 2x frames, so training can jitter its picks)."""
     short_side: int = 224
     """Stored frames' short side in pixels."""
+    frame_size: tuple[int, int] | None = None
+    """Exact stored (width, height), aspect not kept; overrides short_side."""
     val_count: int | None = None
     """Videos held out of train as the validation split where a data set has none (None: its default)."""
     clips_per_shard: int = 1000
@@ -383,7 +385,7 @@ def job_config(cfg: ConvertConfig, inputs: SplitInputs, split: str, frames: int,
         inputs=InputConfig(metadata=inputs.metadata, videos=cfg.videos, subtitles=inputs.subtitles,
                            captions=inputs.captions, max_text_chars=MAX_TEXT_CHARS),
         sharding=ShardingConfig(output=storage.join(cfg.out, split), clips_per_shard=cfg.clips_per_shard),
-        decode=DecodeConfig(num_frames=frames, short_side=cfg.short_side),
+        decode=DecodeConfig(num_frames=frames, short_side=cfg.short_side, frame_size=cfg.frame_size),
         ray=ray_cfg,
         progress=progress,
     )

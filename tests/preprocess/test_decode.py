@@ -71,10 +71,11 @@ def _check_against_reference(path, results, cfg: DecodeConfig) -> None:
             assert _psnr(ours, ref) > 30, (r.clip_id, t)
 
 
-@pytest.mark.parametrize("name,size", [("bigbuckbunny.mp4", (398, 224)), ("bikes.mp4", (527, 224))])
-def test_real_videos_match_decode_everything(real_videos, name, size):
+@pytest.mark.parametrize("name,size,frame_size", [("bigbuckbunny.mp4", (398, 224), None), ("bikes.mp4", (527, 224), None),
+                                                 ("bigbuckbunny.mp4", (224, 224), (224, 224))])
+def test_real_videos_match_decode_everything(real_videos, name, size, frame_size):
     path = real_videos[name]
-    cfg = DecodeConfig(num_frames=6, seek_gap=1.5)
+    cfg = DecodeConfig(num_frames=6, seek_gap=1.5, frame_size=frame_size)
     clips = [_clip("late", 3.1, 4.9), _clip("early", 0.2, 1.4), _clip("overlap", 1.0, 2.0), _clip("tail", 4.5, 60.0)]
     results = list(decode_clips(str(path), clips, cfg))
     assert [r.clip_id for r in results] == ["late", "early", "overlap", "tail"]
@@ -112,10 +113,12 @@ def test_target_times_and_sizes():
     assert output_size(1280, 720, 224) == (398, 224)
     assert output_size(720, 1280, 224) == (224, 398)
     assert output_size(160, 120, 0) == (160, 120)
+    assert output_size(1280, 720, 224, (224, 224)) == (224, 224)
 
 
 @pytest.mark.parametrize("field,value", [("num_frames", 0), ("fps", -1.0), ("short_side", -5), ("jpeg_quality", 0),
-                                         ("threads", 0), ("max_frames", 0)])
+                                         ("threads", 0), ("max_frames", 0), ("frame_size", (224,)),
+                                         ("frame_size", (8, 224)), ("frame_size", (224.0, 224))])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DecodeConfig(**{field: value})

@@ -41,6 +41,7 @@ def test_output_content(clean, corpus):
     assert first.meta.source_uri.endswith("vid00.mp4") and samples[2].meta.source_uri.endswith("vid01.webm")
     assert all(s.meta.span[0] <= t <= s.meta.span[1] for s in samples for t in s.meta.frame_times)
     assert manifest.config["decode"]["num_frames"] == 4 and "output" not in manifest.config["sharding"]
+    assert "frame_size" not in manifest.config["decode"]  # unset options leave the manifest as before
     assert pq.read_table(clean / "failures.parquet").num_rows == 0
     assert list(clean.glob("logs/run-*.json")), "the run log is missing"
 
@@ -61,6 +62,8 @@ def test_rerun_skips_committed_shards(clean, corpus):
 def test_other_config_into_same_output_is_refused(clean, corpus):
     with pytest.raises(ValueError, match="decode.num_frames"):
         run_job(config(corpus, clean, "--num-frames", "5"))
+    with pytest.raises(ValueError, match="decode.frame_size"):
+        run_job(config(corpus, clean, "--frame-size", "64x64"))
 
 
 def test_worker_death_is_retried(clean, corpus, tmp_path, monkeypatch):

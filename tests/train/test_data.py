@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.manifest import ManifestError
-from tests.train.fixtures_train import moving_dataset
+from tests.train.fixtures_train import COMBOS, moving_clip, moving_dataset
 from train.config import DataConfig
 from train.data import StreamingLoader, frame_indices, normalize_frames
 
@@ -114,7 +115,6 @@ def test_bad_inputs_have_clear_messages(tmp_path):
 
 def test_frame_sampling_and_normalisation():
     assert frame_indices(8, 4, None) == [0, 2, 4, 7]
-    import numpy as np
 
     draws = {tuple(frame_indices(24, 4, np.random.default_rng(i))) for i in range(20)}
     assert len(draws) > 1 and all(list(d) == sorted(d) and 0 <= d[0] and d[-1] <= 23 for d in draws)
@@ -125,8 +125,27 @@ def test_frame_sampling_and_normalisation():
                                         (1 - 0.40821073) / 0.27577711]))
 
 
-def test_torchvision_and_pillow_decoders_agree(uneven):
-    pil = take(StreamingLoader(data_cfg([uneven]), seed=0, rank=0, world_size=1), 1)[0]
-    tv = take(StreamingLoader(data_cfg([uneven], decoder="torchvision"), seed=0, rank=0, world_size=1), 1)[0]
-    assert pil["keys"] == tv["keys"]
-    assert (pil["frames"].float() - tv["frames"].float()).abs().mean() < 6
+def test_decoders_agree(uneven):
+    batches = {name: take(StreamingLoader(data_cfg([uneven], decoder=name), seed=0, rank=0, world_size=1), 1)[0]
+               for name in ("simplejpeg", "torchvision", "pillow")}
+    ref = batches.pop("simplejpeg")
+    assert ref["frames"].shape == (2, 4, 3, 32, 32) and ref["image"].shape == (2, 3, 32, 32)
+    for batch in batches.values():
+        assert batch["keys"] == ref["keys"]
+        assert (batch["frames"].float() - ref["frames"].float()).abs().mean() < 6
+        assert (batch["image"].float() - ref["image"].float()).abs().mean() < 6
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "torchvision", "pillow"])
+@pytest.mark.parametrize("size", [32, 24])  # stored size (decoded in place) and a resize
+def test_transform_decodes_each_frame_once_into_its_slot(decoder, size):
+    from train.data import SampleTransform, decode_jpegs
+
+    clip = moving_clip(0, COMBOS[5], np.random.default_rng(3), num_frames=3)  # middle frame 1
+    transform = SampleTransform(num_frames=4, image_size=size, decoder=decoder)
+    item = transform(clip, None)  # 3 stored frames for 4 slots: indices [0, 0, 1, 2]
+    assert item["indices"] == [0, 0, 1, 2] and item["frames"].shape == (4, 3, size, size)
+    each = decode_jpegs(list(clip.frames), size, decoder)
+    assert torch.equal(item["frames"], each[[0, 0, 1, 2]]) and torch.equal(item["image"], each[1])
+    with pytest.raises((ValueError, RuntimeError, OSError)):  # the errors the stream counts and skips
+        transform(clip.__class__(meta=clip.meta, frames=(b"not a jpeg",) * 3, subtitle="s", caption="c"), None)
