@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import tarfile
@@ -126,3 +127,30 @@ def test_manifest_lists_only_committed_shards(tmp_path):
     assert len(list(iter_dataset(str(tmp_path)))) == len(CLIP_IDS)
     with pytest.raises(ManifestError):
         read_manifest(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_members_reads_what_tarfile_writes(fmt):
+    from pipeline.shards import tar_members
+
+    files = [("a.000.jpg", b"x" * 1000), ("d" * 90 + "/" + "k" * 90 + ".json", b"{}"), ("empty.txt", b""),
+             ("b" * 150 + ".txt", b"long name"), ("caf\u00e9.txt", "unicode".encode())]
+    if fmt == tarfile.USTAR_FORMAT:
+        files = [f for f in files if len(f[0]) < 100 and f[0].isascii()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        info = tarfile.TarInfo("somedir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    assert list(tar_members(buf, "mem.tar")) == files  # the directory is skipped
+    damaged = bytearray(buf.getvalue())
+    damaged[520] ^= 0xFF  # inside the first header's name field (after the directory's header)
+    with pytest.raises(ShardError, match="mem.tar: unreadable or truncated tar: bad header checksum"):
+        list(tar_members(io.BytesIO(bytes(damaged)), "mem.tar"))
+    with pytest.raises(ShardError, match="mem.tar: unreadable or truncated tar"):
+        list(tar_members(io.BytesIO(buf.getvalue()[:1500]), "mem.tar"))
