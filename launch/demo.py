@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ METRIC_ROWS = ["t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_r5", "v
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="output folder (reused: finished steps are skipped)")
+    parser.add_argument("--out", default="demo_out", help="output folder (its shards are reused by a rerun with the "
+                        "same data arguments; training always starts afresh)")
     parser.add_argument("--videos", type=int, default=48, help="training source videos")
     parser.add_argument("--clips-per-video", type=int, default=4)
     parser.add_argument("--heldout-videos", type=int, default=8)
@@ -54,6 +56,19 @@ def run(cmd: list[str], log: Path) -> None:
                 sys.stdout.write("  " + line)
         if proc.wait() != 0:
             raise SystemExit(f"demo: step failed with exit code {proc.returncode}; see {log}")
+
+
+def prepare_out(out: Path, args) -> None:
+    """Keep shards only from a demo run with the same data arguments; always train from step 0.
+
+    (A stale run folder would otherwise be resumed, or refused when the tiny config has changed.)
+    """
+    stamp = out / "demo-data.json"
+    wanted = {name: getattr(args, name) for name in ("videos", "clips_per_video", "heldout_videos", "frames")}
+    if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+        shutil.rmtree(out / "shards", ignore_errors=True)
+    shutil.rmtree(out / "run", ignore_errors=True)
+    stamp.write_text(json.dumps(wanted))
 
 
 def shard(corpus, output: Path, frames: int, log: Path) -> None:
@@ -108,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, args)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     timings = {}
     start = time.perf_counter()
