@@ -241,8 +241,7 @@ def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
             raise ShardError(f"{uri}: unreadable or truncated tar: bad header checksum")
         kind = header[156:157]
         size = int(extended["size"]) if "size" in extended and kind not in b"xgL" else _number(header[124:136])
-        padded = _read_exact(stream, size + -size % _BLOCK, uri)  # one read: data and its padding
-        data = padded[:size] if len(padded) != size else padded
+        data = _read_exact(stream, size + -size % _BLOCK, uri)[:size]  # one read: data and its padding
         if kind == b"x":
             extended.update(_pax_records(data))
         elif kind == b"L":

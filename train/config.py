@@ -447,18 +447,18 @@ RESUME_FREE = ("run_dir", "max_steps", "stop_at_step", "log.", "checkpoint.every
 
 
 def _flatten(values: Any, prefix: str = "") -> dict:
-    if not isinstance(values, dict):
+    """Nested dicts -> {"a.b.c": leaf}; an empty dict is a leaf."""
+    if not isinstance(values, dict) or not values:
         return {prefix: values}
     out: dict = {}
     for key, value in values.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out or {prefix: {}}
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
 
 
 def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
     """'key: saved -> new' for every setting that differs from a saved run's config and must not."""
-    old = {k.rstrip("."): v for k, v in _flatten(saved).items()}
-    new = {k.rstrip("."): v for k, v in _flatten(config_to_dict(cfg)).items()}
+    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
     out = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUME_FREE) or old.get(key) == new.get(key):

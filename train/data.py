@@ -347,17 +347,24 @@ class BatchFrames:
     def slot(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.frames[row], self.images[row]
 
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames [B, T, 3, S, S] and middle frames [B, 3, S, S] (views, no copy)."""
+        return self.frames.permute(0, 1, 4, 2, 3), self.images.permute(0, 3, 1, 2)
 
-def collate(items: list[dict], context_length: int, filled: BatchFrames | None = None) -> dict:
-    """Items -> batch; with ``filled`` the items' frames already sit in its tensors (row i = item i)."""
+
+def decode_batch(samples: list[ClipSample], transform: SampleTransform) -> tuple[BatchFrames, list[dict]]:
+    """Evaluation: samples transformed without jitter, row i of the batch tensors = sample i."""
+    filled = BatchFrames(len(samples), transform.num_frames, transform.image_size)
+    return filled, [transform(sample, None, filled.slot(row)) for row, sample in enumerate(samples)]
+
+
+def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict:
+    """Items -> batch; their frames already sit in ``filled`` (row i = item i)."""
     tokenizer = get_tokenizer(context_length)
     digest = hashlib.sha1()
     for item in items:
         digest.update(f"{item['key']}:{item['indices']};".encode())
-    if filled is not None:
-        frames, images = filled.frames.permute(0, 1, 4, 2, 3), filled.images.permute(0, 3, 1, 2)
-    else:
-        frames, images = torch.stack([it["frames"] for it in items]), torch.stack([it["image"] for it in items])
+    frames, images = filled.views()
     return {
         "frames": frames,
         "image": images,
@@ -518,10 +525,10 @@ def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
     tokenizer = get_tokenizer(cfg.context_length)
     for start in range(0, per_rank, cfg.batch_size):
         chunk = mine[start:start + cfg.batch_size]
-        items = [transform(samples[i if i >= 0 else 0], None) for i in chunk]
+        filled, items = decode_batch([samples[i if i >= 0 else 0] for i in chunk], transform)
         texts = [it[cfg.eval_text] for it in items]
         yield {
-            "frames": torch.from_numpy(np.stack([it["frames"] for it in items])),
+            "frames": filled.views()[0],
             "text": tokenizer(texts),
             "index": torch.tensor(chunk, dtype=torch.long),
         }

@@ -32,7 +32,7 @@ from torch import Tensor
 from pipeline.schema import ClipSample
 from pipeline.shards import iter_dataset
 from train.config import TrainConfig, load_config
-from train.data import SampleTransform, get_tokenizer, normalize_frames
+from train.data import SampleTransform, decode_batch, get_tokenizer, normalize_frames
 from train.metrics import retrieval_metrics
 from train.model import VideoCLIP, VideoCLIPConfig, build_model
 from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_state_dict
@@ -202,10 +202,10 @@ def video_batches(samples: Iterator[ClipSample], transform: SampleTransform, bat
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield batch, torch.stack([transform(s, None)["frames"] for s in batch])
+            yield batch, decode_batch(batch, transform)[0].views()[0]
             batch = []
     if batch:
-        yield batch, torch.stack([transform(s, None)["frames"] for s in batch])
+        yield batch, decode_batch(batch, transform)[0].views()[0]
 
 
 def embed_dataset(loaded: LoadedModel, location: str, text_field: str = "subtitle", batch_size: int = 16,

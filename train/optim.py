@@ -34,9 +34,7 @@ def lr_class(name: str) -> str:
     """Which learning-rate multiplier a parameter gets: "logit_scale", "embedding" or "main"."""
     if name.endswith("logit_scale"):
         return "logit_scale"
-    leaf = name.rsplit(".", 1)[-1]
-    owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
-    if any(word in leaf or word in owner for word in _EMBEDDING_WORDS):
+    if any(word in name for word in _EMBEDDING_WORDS):
         return "embedding"
     return "main"
 
