@@ -241,11 +241,18 @@ class LogConfig:
     """Record a digest of every rank's batch per step (used by the resume test)."""
     peak_tflops: float = 0.0
     """Accelerator peak TFLOP/s for MFU (0: auto for known GPUs, no MFU on CPU)."""
+    profile_steps: int = 0
+    """Profile this many steps with torch.profiler on rank 0 (0: off); writes profile.txt (op tables)
+    and profile_trace.json (Perfetto / chrome://tracing) into the run folder."""
+    profile_skip: int = 5
+    """Steps left unprofiled first (loader start-up, kernel selection), plus one profiler warm-up step."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "log.every_steps", f"must be >= 1, got {self.every_steps}")
         _check(self.eval_every_steps >= 1, "log.eval_every_steps", f"must be >= 1, got {self.eval_every_steps}")
         _check(self.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
+        _check(self.profile_steps >= 0, "log.profile_steps", f"must be >= 0, got {self.profile_steps}")
+        _check(self.profile_skip >= 0, "log.profile_skip", f"must be >= 0, got {self.profile_skip}")
 
 
 @dataclass(kw_only=True)

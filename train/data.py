@@ -481,7 +481,7 @@ class StreamingLoader:
                       "streams": [dict(p) for p in self.dataset.state["streams"]]}
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
                                  prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-                                 persistent_workers=cfg.num_workers > 0)
+                                 persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
         self._iter: Iterator[dict] | None = None
 
     @property

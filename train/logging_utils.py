@@ -130,3 +130,43 @@ def _is_curve(key: str, plot: str) -> bool:
     if plot == "loss.png":
         return key.startswith("loss")
     return "_r1" in key or "_r5" in key or "_r10" in key
+
+
+class StepProfiler:
+    """Optional torch.profiler window over training steps (rank 0): ``log.profile_steps`` > 0.
+
+    Skips the first ``skip`` steps and one warm-up step, records ``steps`` steps, then writes ``profile.txt`` (ops by device time, then by host time) and
+    ``profile_trace.json`` (open in Perfetto or chrome://tracing) into the run folder.
+    """
+
+    def __init__(self, run_dir: str, rank: int, steps: int, skip: int):
+        self.profiler = None
+        if rank != 0 or steps <= 0:
+            return
+        import torch
+        import torch.profiler as tp
+
+        self.run_dir, self.cuda = run_dir, torch.cuda.is_available()
+        activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if self.cuda else [])
+        self.profiler = tp.profile(activities=activities, on_trace_ready=self._write,
+                                   schedule=tp.schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1))
+        self.profiler.start()
+
+    def step(self) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+    def _write(self, prof) -> None:
+        averages = prof.key_averages()
+        device_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        with open(os.path.join(self.run_dir, "profile.txt"), "w") as f:
+            f.write(averages.table(sort_by=device_key, row_limit=40) + "\n")
+            f.write(averages.table(sort_by="cpu_time_total", row_limit=40) + "\n")
+        prof.export_chrome_trace(os.path.join(self.run_dir, "profile_trace.json"))
+        logger.info("wrote %s/profile.txt and profile_trace.json", self.run_dir)
+

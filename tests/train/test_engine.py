@@ -125,7 +125,8 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
     run_dir = str(tmp_path / "run")
     ranks = spawn_ranks(tiny_overrides(run_dir, [train], "zero.stage=3", "max_steps=3", "data.batch_size=4",
                                        "data.num_workers=0", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
-                                       "log.every_steps=1", eval_=[held]))
+                                       "log.every_steps=1", "log.profile_skip=0", "log.profile_steps=2",
+                                       eval_=[held]))
     assert ranks.wait(240) == 0, ranks.output()
     train_rows, eval_rows = _metrics(run_dir)
     assert [r["step"] for r in train_rows] == [1, 2, 3]
@@ -137,8 +138,10 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
         assert json.load(f)["zero_optimization"]["stage"] == 3
     saved = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(("step", "latest")))
     assert saved == ["latest", "step000000002", "step000000003"]  # keep_last=2
-    for name in ("config.yaml", "loss.png", "recall.png"):
+    for name in ("config.yaml", "loss.png", "recall.png", "profile_trace.json"):
         assert os.path.exists(os.path.join(run_dir, name)), name
+    with open(os.path.join(run_dir, "profile.txt")) as f:
+        assert "aten::" in f.read()  # rank 0's op table of steps 2 and 3
 
 
 @pytest.mark.deepspeed
