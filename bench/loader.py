@@ -12,7 +12,9 @@ For each layout it measures, in the same run:
           each into a new array (for simplejpeg also into one reused, cache-hot buffer: stricter)
   loader  train.data.StreamingLoader with num_workers=0: tar streaming with checksum, shuffle, frame
           jitter, decode, bicubic resize to size x size when needed, tokenisation, collation
-and prints samples/s for both (best of --rounds interleaved rounds) and their ratio (target >= 0.8).
+  worker  the same in one DataLoader worker process (batches in shared memory, as in training);
+          the worker's core does all the work, the main process only receives
+and prints samples/s for each (best of --rounds interleaved rounds) and the ratios (target >= 0.8).
 With --step-time it also prints the CPU step time of the tiny and ViT-B/32 configs (forward + backward + AdamW, no DeepSpeed).
 """
 from __future__ import annotations
@@ -108,11 +110,11 @@ def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse:
     return len(samples) / (time.perf_counter() - start)
 
 
-def make_loader(root: str, frames: int, size: int, decoder: str):
+def make_loader(root: str, frames: int, size: int, decoder: str, workers: int = 0):
     from train.config import DataConfig
     from train.data import StreamingLoader
 
-    cfg = DataConfig(train=[root], batch_size=8, num_frames=frames, image_size=size, num_workers=0,
+    cfg = DataConfig(train=[root], batch_size=8, num_frames=frames, image_size=size, num_workers=workers,
                      shards_per_window=1, shuffle_buffer=16, decoder=decoder)
     loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
     loader.next()  # warm up (tokenizer, imports)
@@ -128,16 +130,20 @@ def loader_rate(loader, clips: int) -> float:
     return batches * 8 / (time.perf_counter() - start)
 
 
-def best_rates(samples: list[ClipSample], root: str, args) -> tuple[float, float, float]:
-    """Best of ``args.rounds`` interleaved rounds (this machine is noisy) of raw, loader and hot-buffer rates."""
-    loader = make_loader(root, args.frames, args.size, args.decoder)
-    raw, ours, hot = [], [], []
+def best_rates(samples: list[ClipSample], root: str, args) -> dict[str, float]:
+    """Best of ``args.rounds`` interleaved rounds (this machine is noisy) of each rate."""
+    loaders = {"loader": make_loader(root, args.frames, args.size, args.decoder),
+               "worker": make_loader(root, args.frames, args.size, args.decoder, workers=1)}
+    rates: dict[str, list[float]] = {"raw": [], "loader": [], "worker": [], "hot": []}
     for _ in range(args.rounds):
-        raw.append(raw_decode_rate(samples, args.frames, args.decoder))
-        ours.append(loader_rate(loader, args.clips))
+        rates["raw"].append(raw_decode_rate(samples, args.frames, args.decoder))
+        for name, loader in loaders.items():
+            rates[name].append(loader_rate(loader, args.clips))
         if args.decoder == "simplejpeg":
-            hot.append(raw_decode_rate(samples, args.frames, args.decoder, reuse=True))
-    return max(raw), max(ours), max(hot, default=0.0)
+            rates["hot"].append(raw_decode_rate(samples, args.frames, args.decoder, reuse=True))
+    for loader in loaders.values():
+        loader.close()
+    return {name: max(values, default=0.0) for name, values in rates.items()}
 
 
 def step_times() -> None:
@@ -193,12 +199,15 @@ def main() -> None:
         clips = decoded_clips(video, args.stored_frames, frame_size)
         with tempfile.TemporaryDirectory() as root:
             samples = write_data(root, clips, args.clips)
-            raw, loader, hot = best_rates(samples, root, args)
+            rates = best_rates(samples, root, args)
         w, h = clips[0].frame_size
-        strict = f"; vs decoding into one reused buffer {hot:.1f} clips/s: {loader / hot:.2f}" if hot else ""
-        print(f"stored {name} ({w}x{h}), decoder {args.decoder}: raw JPEG decode {raw:.1f} clips/s/core, "
-              f"loader {loader:.1f} clips/s/core ({args.frames} frames at {args.size}), "
-              f"ratio {loader / raw:.2f} (target >= 0.8){strict}", flush=True)
+        raw, hot = rates["raw"], rates["hot"]
+        print(f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}: "
+              f"raw JPEG decode {raw:.1f} clips/s/core" + (f" (into one reused buffer {hot:.1f})" if hot else ""))
+        for kind in ("loader", "worker"):
+            strict = f", vs reused buffer {rates[kind] / hot:.2f}" if hot else ""
+            print(f"  {kind:<6} {rates[kind]:6.1f} clips/s/core  ratio {rates[kind] / raw:.2f} (target >= 0.8){strict}",
+                  flush=True)
     if args.step_time:
         step_times()
 

@@ -149,3 +149,35 @@ def test_transform_decodes_each_frame_once_into_its_slot(decoder, size):
     assert torch.equal(item["frames"], each[[0, 0, 1, 2]]) and torch.equal(item["image"], each[1])
     with pytest.raises((ValueError, RuntimeError, OSError)):  # the errors the stream counts and skips
         transform(clip.__class__(meta=clip.meta, frames=(b"not a jpeg",) * 3, subtitle="s", caption="c"), None)
+
+
+def segment_id(tensor: torch.Tensor) -> tuple:
+    """Which memory holds a batch tensor: its address here, or the shared-memory segment's inode."""
+    storage = tensor.untyped_storage()
+    if storage.is_shared():
+        return ("shm", os.fstat(storage._share_fd_cpu_()[0]).st_ino)
+    return ("local", storage.data_ptr())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pooled_buffers_are_reused_but_never_overwrite_a_held_batch(uneven, workers):
+    """Batches used one at a time come back to the pool; batches kept alive are never refilled."""
+    cfg = data_cfg([uneven], num_workers=workers)
+    steps = 14  # more than a worker's pool slots (prefetch_factor + 4 = 6)
+    loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
+    streamed, segments = [], set()
+    for _ in range(steps):
+        batch = loader.next()
+        segments.add(segment_id(batch["frames"]))
+        streamed.append((batch["digest"], batch["frames"].clone(), batch["image"].clone()))
+        del batch
+    loader.close()
+    # a worker: prefetched batches, the one in use, one released at the next fetch; in this process:
+    # the one in use, the previous one (the generator's locals still hold it at the fetch) and the next
+    in_flight = cfg.prefetch_factor + 2 if workers else 3
+    assert len(segments) <= max(workers, 1) * in_flight, f"{len(segments)} buffers for {steps} batches"
+    held = take(StreamingLoader(cfg, seed=0, rank=0, world_size=1), steps)  # all alive at once
+    for (digest, frames, image), batch in zip(streamed, held):
+        assert batch["digest"] == digest
+        assert torch.equal(batch["frames"], frames) and torch.equal(batch["image"], image)
+    assert len({segment_id(b["frames"]) for b in held}) == steps
