@@ -14,6 +14,7 @@ Everything else sees a plain ``nn.Module`` plus the small API below.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -170,10 +171,22 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank_state: dict, shared_s
     return tag
 
 
+def check_world_size(ckpt_dir: str) -> None:
+    """Refuse, before DeepSpeed tries, a checkpoint saved by another number of ranks (one ZeRO
+    optimizer-state file per data-parallel rank; DeepSpeed itself fails deep in its loader)."""
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        path = os.path.join(ckpt_dir, f.read().strip())
+    saved = len(glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt")))
+    if saved and saved != dist.get_world_size():
+        raise ValueError(f"{path}: saved by {saved} ranks, this run has {dist.get_world_size()}; exact resume "
+                         "needs the same world size (or start a new run_dir with model.init_checkpoint=<this run>)")
+
+
 def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
     """Load the newest checkpoint (model, optimizer, scheduler); return its client_state or None."""
     if not os.path.exists(os.path.join(ckpt_dir, "latest")):
         return None
+    check_world_size(ckpt_dir)
     path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the checkpoint named in 'latest'")

@@ -142,6 +142,12 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
         assert os.path.exists(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, "profile.txt")) as f:
         assert "aten::" in f.read()  # rank 0's op table of steps 2 and 3
+    # resuming this 2-rank run with one rank is refused before DeepSpeed's loader fails on it
+    alone = spawn_ranks(tiny_overrides(run_dir, [train], "zero.stage=3", "max_steps=4", "data.batch_size=4",
+                                       "data.num_workers=0", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+                                       "log.every_steps=1", eval_=[held]), nproc=1)
+    assert alone.wait(120) != 0
+    assert "saved by 2 ranks, this run has 1" in alone.output()
 
 
 @pytest.mark.deepspeed
