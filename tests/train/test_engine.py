@@ -7,10 +7,12 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.support.s3server import free_port
 from tests.train.fixtures_train import REPO, moving_dataset, run_launcher, spawn_ranks, tiny_overrides
 from train.config import deepspeed_json, load_config
+from train.data import normalize_frames
 from train.logging_utils import read_metrics
 
 TINY = os.path.join(REPO, "launch/configs/train/tiny.yaml")
@@ -69,6 +71,31 @@ def test_lock_text_freezes_the_text_tower_only():
     assert grouped == {id(p) for p in task.parameters() if p.requires_grad}
     top = build_task(load_config(TINY, ["run_dir=x", "model.lock_text=true", "model.lock_text_unlocked_layers=1"]), 0, 1)
     assert top.model.clip.text_projection.requires_grad and not top.model.clip.ln_final.weight.requires_grad
+
+
+def test_training_forward_equals_one_text_pass_per_text():
+    """The task encodes subtitle and caption in one batched text-tower pass: same loss and gradients."""
+    from train.loop import build_task
+
+    task = build_task(load_config(TINY, ["run_dir=x"]), rank=0, world_size=1)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    subtitle, caption = (torch.randint(1, 400, (3, 70), generator=g) for _ in range(2))
+    losses = task(frames, image=frames[:, 2], subtitle=subtitle, caption=caption)
+    losses["loss"].backward()
+    batched = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+    task.zero_grad()
+    model = task.model
+    features = {"video": model.encode_video(normalize_frames(frames)).float(),
+                "subtitle": task._text(subtitle), "caption": task._text(caption),
+                "frame": model.encode_image(normalize_frames(frames[:, 2])).float()}
+    reference = task.loss(features, model.logit_scale.float())
+    reference["loss"].backward()
+    for name, value in reference.items():
+        torch.testing.assert_close(losses[name], value)
+    for name, p in task.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(batched[name], p.grad, rtol=1e-4, atol=1e-5)  # summation order
 
 
 def test_ds_config_is_explicit():
