@@ -135,8 +135,9 @@ def _is_curve(key: str, plot: str) -> bool:
 class StepProfiler:
     """Optional torch.profiler window over training steps (rank 0): ``log.profile_steps`` > 0.
 
-    Skips the first ``skip`` steps and one warm-up step, records ``steps`` steps, then writes ``profile.txt`` (ops by device time, then by host time) and
-    ``profile_trace.json`` (open in Perfetto or chrome://tracing) into the run folder.
+    Skips the first ``skip`` steps and one warm-up step, records ``steps`` steps, then writes
+    ``profile.txt`` (ops by device time, then by host time) and ``profile_trace.json`` (open in
+    Perfetto or chrome://tracing) into the run folder.
     """
 
     def __init__(self, run_dir: str, rank: int, steps: int, skip: int):
@@ -169,4 +170,3 @@ class StepProfiler:
             f.write(averages.table(sort_by="cpu_time_total", row_limit=40) + "\n")
         prof.export_chrome_trace(os.path.join(self.run_dir, "profile_trace.json"))
         logger.info("wrote %s/profile.txt and profile_trace.json", self.run_dir)
-
