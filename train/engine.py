@@ -171,13 +171,9 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank_state: dict, shared_s
     return tag
 
 
-def check_world_size(ckpt_dir: str) -> None:
-    """Refuse, before DeepSpeed tries, a checkpoint saved by another number of ranks (one ZeRO
-    optimizer-state file per data-parallel rank; DeepSpeed itself fails deep in its loader)."""
-    with open(os.path.join(ckpt_dir, "latest")) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    saved = len(glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt")))
-    if saved and saved != dist.get_world_size():
+def check_world_size(path: str, saved: int) -> None:
+    """A checkpoint saved by another number of ranks cannot resume exactly: say so."""
+    if saved != dist.get_world_size():
         raise ValueError(f"{path}: saved by {saved} ranks, this run has {dist.get_world_size()}; exact resume "
                          "needs the same world size (or start a new run_dir with model.init_checkpoint=<this run>)")
 
@@ -186,13 +182,16 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
     """Load the newest checkpoint (model, optimizer, scheduler); return its client_state or None."""
     if not os.path.exists(os.path.join(ckpt_dir, "latest")):
         return None
-    check_world_size(ckpt_dir)
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        tag_dir = os.path.join(ckpt_dir, f.read().strip())
+    # before DeepSpeed's loader, which fails deep inside on another world size: one ZeRO
+    # optimizer-state file per data-parallel rank
+    saved = len(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")))
+    if saved:
+        check_world_size(tag_dir, saved)
     path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the checkpoint named in 'latest'")
-    ranks = client_state.get("ranks", [])
-    if len(ranks) != dist.get_world_size():
-        raise ValueError(f"{path}: saved by {len(ranks)} ranks, this run has {dist.get_world_size()}; "
-                         "exact resume needs the same world size")
+    check_world_size(path, len(client_state.get("ranks", [])))
     logger.info("resumed from %s", path)
     return client_state
