@@ -1,8 +1,8 @@
 """The dataset manifest: the list of committed shards, written last as the commit marker.
 
 ``manifest.json`` sits next to the shards. It records the schema version, the config that
-produced the data set, and per shard its relative URL, sample count, byte size, SHA-256
-and total clip seconds, plus totals and a ``sizes`` map (shard file name -> samples) in
+produced the data set, and per shard its relative URL, sample count, byte size, SHA-256, XXH3-64
+(the fast hash that streaming readers verify) and total clip seconds, plus totals and a ``sizes`` map (shard file name -> samples) in
 the layout of open_clip's ``sizes.json`` (also written as its own file, before the
 manifest). Nothing else in a data set folder is authoritative: a shard that is not in
 the manifest does not exist for readers.
@@ -21,6 +21,7 @@ from pipeline.schema import SCHEMA_VERSION
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_XXH_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 class ManifestError(ValueError):
@@ -38,6 +39,9 @@ class ShardEntry:
     sha256: str
     seconds: float
     """Total clip seconds of the shard's samples."""
+    xxh3_64: str = ""
+    """XXH3-64 of the shard (16 hex digits), what streaming readers check; empty in older manifests,
+    whose readers then check the SHA-256."""
 
     def validate(self) -> None:
         if not self.url or self.url.startswith("/") or "://" in self.url or ".." in self.url.split("/"):
@@ -46,6 +50,8 @@ class ShardEntry:
             raise ValueError(f"shard {self.url!r}: negative samples, bytes or seconds")
         if not _SHA_RE.match(self.sha256):
             raise ValueError(f"shard {self.url!r}: sha256 {self.sha256!r} is not 64 hex digits")
+        if self.xxh3_64 and not _XXH_RE.match(self.xxh3_64):
+            raise ValueError(f"shard {self.url!r}: xxh3_64 {self.xxh3_64!r} is not 16 hex digits")
 
     @property
     def name(self) -> str:
