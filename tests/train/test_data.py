@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from pipeline.manifest import ManifestError
 from tests.train.fixtures_train import COMBOS, moving_clip, moving_dataset
 from train.config import DataConfig
-from train.data import StreamingLoader, frame_indices, normalize_frames
+from train.data import StreamingLoader, frame_indices, normalize_frames, seeded
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,9 +117,9 @@ def test_bad_inputs_have_clear_messages(tmp_path):
 def test_frame_sampling_and_normalisation():
     assert frame_indices(8, 4, None) == [0, 2, 4, 7]
 
-    draws = {tuple(frame_indices(24, 4, np.random.default_rng(i))) for i in range(20)}
+    draws = {tuple(frame_indices(24, 4, seeded(i))) for i in range(20)}
     assert len(draws) > 1 and all(list(d) == sorted(d) and 0 <= d[0] and d[-1] <= 23 for d in draws)
-    assert frame_indices(3, 4, np.random.default_rng(0)) == [0, 0, 1, 2]
+    assert frame_indices(3, 4, seeded(0)) == [0, 0, 1, 2]
     white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert torch.allclose(normalize_frames(white)[0, :, 0, 0],
                           torch.tensor([(1 - 0.48145466) / 0.26862954, (1 - 0.4578275) / 0.26130258,
@@ -181,3 +182,19 @@ def test_pooled_buffers_are_reused_but_never_overwrite_a_held_batch(uneven, work
         assert batch["digest"] == digest
         assert torch.equal(batch["frames"], frames) and torch.equal(batch["image"], image)
     assert len({segment_id(b["frames"]) for b in held}) == steps
+
+
+def test_tokenizer_fast_path_gives_open_clips_ids():
+    """Plain ASCII text skips ftfy; every string, plain or not, must get open_clip's own ids."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from train.data import _PLAIN_TEXT, get_tokenizer
+
+    ours, theirs = get_tokenizer(70), SimpleTokenizer(context_length=70)
+    alphabet = list("abcXYZ019 .,!?'-&;#\t\n\r\x0b\x0c\x1b\x7f") + ["&amp;", "&lt;", "\u00e9", "\u00c3\u00a9", "\u201c", "\ufb01"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += ["Don't  STOP\r\nme now", "  spaced\tout\n", "fish &amp; chips", "caf\u00c3\u00a9"]
+    plain = sum(bool(_PLAIN_TEXT.fullmatch(t)) for t in texts)
+    assert 100 < plain < len(texts) - 100  # both paths are exercised
+    assert torch.equal(ours(texts), theirs(texts))
