@@ -1,6 +1,7 @@
 """The streaming loader on real shards: equal batch counts, determinism, resume position, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -150,6 +151,17 @@ def test_transform_decodes_each_frame_once_into_its_slot(decoder, size):
     assert torch.equal(item["frames"], each[[0, 0, 1, 2]]) and torch.equal(item["image"], each[1])
     with pytest.raises((ValueError, RuntimeError, OSError)):  # the errors the stream counts and skips
         transform(clip.__class__(meta=clip.meta, frames=(b"not a jpeg",) * 3, subtitle="s", caption="c"), None)
+
+
+def test_frames_that_contradict_their_metadata_are_refused():
+    """The metadata's frame size spares the header read; a JPEG of another size is an error, never half a frame."""
+    from train.data import SampleTransform
+
+    clip = moving_clip(0, COMBOS[5], np.random.default_rng(3), num_frames=3)  # 32x32 JPEGs
+    for claimed, message in ((24, "too small"), (40, "a frame is 32x32, the sample's metadata says 40x40")):
+        liar = clip.__class__(meta=dataclasses.replace(clip.meta, frame_size=(claimed, claimed)), frames=clip.frames)
+        with pytest.raises(ValueError, match=message):
+            SampleTransform(num_frames=4, image_size=claimed)(liar, None)
 
 
 def segment_id(tensor: torch.Tensor) -> tuple:
