@@ -1,11 +1,11 @@
 """The dataset manifest: the list of committed shards, written last as the commit marker.
 
 ``manifest.json`` sits next to the shards. It records the schema version, the config that
-produced the data set, and per shard its relative URL, sample count, byte size, SHA-256, XXH3-64
-(the fast hash that streaming readers verify) and total clip seconds, plus totals and a ``sizes`` map (shard file name -> samples) in
-the layout of open_clip's ``sizes.json`` (also written as its own file, before the
-manifest). Nothing else in a data set folder is authoritative: a shard that is not in
-the manifest does not exist for readers.
+produced the data set, and per shard its relative URL, sample count, byte size, SHA-256,
+XXH3-64 (the fast hash that streaming readers verify) and total clip seconds, plus totals and a
+``sizes`` map (shard file name -> samples) in the layout of open_clip's ``sizes.json`` (also
+written as its own file, before the manifest). Nothing else in a data set folder is
+authoritative: a shard that is not in the manifest does not exist for readers.
 """
 from __future__ import annotations
 

@@ -174,8 +174,8 @@ class _VerifyingReader(io.RawIOBase):
 
     def __init__(self, raw, uri: str, entry: ShardEntry | None):
         self._raw, self.uri, self._entry, self._count = raw, uri, entry, 0
-        self._field = "xxh3_64" if entry is not None and entry.xxh3_64 else "sha256"
-        self._hash = xxhash.xxh3_64() if self._field == "xxh3_64" else hashlib.sha256()
+        fast = entry is not None and bool(entry.xxh3_64)
+        self._field, self._hash = ("xxh3_64", xxhash.xxh3_64()) if fast else ("sha256", hashlib.sha256())
 
     def readable(self) -> bool:
         return True

@@ -233,17 +233,13 @@ def decode_simplejpeg(jobs: list[tuple[bytes, np.ndarray]], stored: tuple[int, i
 
     for data, dest in jobs:
         size = dest.shape[0]
-        if stored == (size, size):
-            shape = simplejpeg.decode_jpeg(data, "RGB", buffer=dest).shape  # raises if larger
-            if shape != dest.shape:
-                raise ValueError(f"a frame is {shape[1]}x{shape[0]}, the sample's metadata says {size}x{size}")
-            continue
-        height, width = simplejpeg.decode_jpeg_header(data)[:2]
-        if (height, width) == (size, size):
-            simplejpeg.decode_jpeg(data, "RGB", buffer=dest)
-        else:
+        if stored != (size, size) and simplejpeg.decode_jpeg_header(data)[:2] != (size, size):
             image = simplejpeg.decode_jpeg(data, "RGB", min_height=size, min_width=size)
             _resize_into(dest, torch.from_numpy(image))
+            continue
+        shape = simplejpeg.decode_jpeg(data, "RGB", buffer=dest).shape  # raises if larger than dest
+        if shape != dest.shape:
+            raise ValueError(f"a frame is {shape[1]}x{shape[0]}, the sample's metadata says {size}x{size}")
 
 
 def decode_torchvision(jobs: list[tuple[bytes, np.ndarray]], stored: tuple[int, int] | None = None) -> None:
@@ -321,9 +317,9 @@ class SampleTransform:
 
     Frames are decoded into ``out`` (numpy views [T, S, S, 3] and [S, S, 3] of a batch row) when
     given; else into fresh tensors, returned as "frames" and "image". Each stored frame is decoded
-    once, also when picked twice or when it is the middle frame too. ``text_lines="sample"`` reduces each text member to one line
-    (`pick_line`), drawn after the frame jitter from the same per-sample rng, so it is a pure function
-    of seed and stream position.
+    once, also when picked twice or when it is the middle frame too. ``text_lines="sample"`` reduces
+    each text member to one line (`pick_line`), drawn after the frame jitter from the same
+    per-sample rng, so it is a pure function of seed and stream position.
     """
 
     num_frames: int
@@ -336,7 +332,6 @@ class SampleTransform:
                  out: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
         indices = frame_indices(len(sample.frames), self.num_frames, rng)
         if self.shuffle_frames:
-            indices = list(indices)
             (rng or seeded(len(sample.frames))).shuffle(indices)
         subtitle, caption = sample.subtitle, sample.caption
         if self.text_lines == "sample":
@@ -361,7 +356,7 @@ class SampleTransform:
         middle = sample.meta.middle_frame
         if middle not in first:
             jobs.append((sample.frames[middle], image))
-        DECODE_FNS[self.decoder](jobs, tuple(sample.meta.frame_size))
+        DECODE_FNS[self.decoder](jobs, sample.meta.frame_size)
         for slot, index in enumerate(indices):
             if first[index] != slot:
                 frames[slot] = frames[first[index]]
@@ -419,14 +414,12 @@ class FramePool:
         self.buffers: list[BatchFrames] = []
 
     def take(self) -> BatchFrames:
-        free = [b for b in self.buffers if not self.in_use[b.slot]]
-        if free:
-            buffer = free[0]
-        elif len(self.buffers) < len(self.in_use):
+        buffer = next((b for b in self.buffers if not self.in_use[b.slot]), None)
+        if buffer is None:
+            if len(self.buffers) == len(self.in_use):
+                return BatchFrames(*self.shape)  # every slot lent: a fresh, unpooled buffer
             buffer = BatchFrames(*self.shape, slot=len(self.buffers))
             self.buffers.append(buffer)
-        else:
-            return BatchFrames(*self.shape)
         self.in_use[buffer.slot] = 1
         return buffer
 
