@@ -16,6 +16,7 @@ The encoding is reversible (:func:`decode_key`) and the result never contains a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ MAX_FRAMES = 1000
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _FRAME_RE = re.compile(r"^f(\d{3})\.jpg$")
 _KEY_RE = re.compile(r"^(?:[A-Za-z0-9_-]|%[0-9A-F]{2})+$")
+_ASCII_KEY_TABLE = {b: chr(b) if b in _SAFE_BYTES else f"%{b:02X}" for b in range(128)}
 
 
 class SchemaError(ValueError):
@@ -41,6 +43,8 @@ def encode_key(clip_id: str) -> str:
     """Encode a clip id into a tar-safe, dot-free, slash-free sample key."""
     if not isinstance(clip_id, str) or not clip_id:
         raise SchemaError(f"clip id must be a non-empty string, got {clip_id!r}")
+    if clip_id.isascii():  # the usual case: one table lookup per character
+        return clip_id.translate(_ASCII_KEY_TABLE)
     raw = clip_id.encode("utf-8", errors="strict")
     return "".join(chr(b) if b in _SAFE_BYTES else f"%{b:02X}" for b in raw)
 
@@ -176,7 +180,7 @@ class ClipSample:
         if META_MEMBER not in sample:
             raise SchemaError(f"sample {key!r} in {sample.get('__url__', '?')} has no {META_MEMBER} member")
         meta = ClipMeta.from_json(sample[META_MEMBER])
-        frames = _ordered_frames(sample)
+        frames = _ordered_frames(sample, meta.num_frames)
         return cls(
             meta=meta,
             frames=frames,
@@ -185,7 +189,14 @@ class ClipSample:
         )
 
 
-def _ordered_frames(sample: dict) -> tuple[bytes, ...]:
+def _ordered_frames(sample: dict, count: int) -> tuple[bytes, ...]:
+    """The frame members in order. Their numbering must be 0..n-1 (SchemaError otherwise); a count
+    other than the metadata's ``count`` is caught by `ClipSample`."""
+    if len(sample) == count + len(_NOT_FRAMES & sample.keys()):
+        try:  # exactly the announced frames and nothing else: no member name to inspect
+            return tuple(map(sample.__getitem__, _frame_names(count)))
+        except KeyError:
+            pass
     indexed = []
     for name, payload in sample.items():
         match = _FRAME_RE.match(name)
@@ -195,6 +206,14 @@ def _ordered_frames(sample: dict) -> tuple[bytes, ...]:
     if [i for i, _ in indexed] != list(range(len(indexed))):
         raise SchemaError(f"sample {sample.get('__key__')!r}: frame members are not numbered 0..n-1")
     return tuple(payload for _, payload in indexed)
+
+
+_NOT_FRAMES = frozenset(("__key__", "__url__", META_MEMBER, SUBTITLE_MEMBER, CAPTION_MEMBER))
+
+
+@functools.lru_cache(maxsize=64)
+def _frame_names(count: int) -> tuple[str, ...]:
+    return tuple(FRAME_MEMBER.format(index=i) for i in range(count))
 
 
 def _text(sample: dict, member: str) -> str:

@@ -205,7 +205,7 @@ class _VerifyingReader(io.RawIOBase):
 def open_shard(uri: str, entry: ShardEntry | None = None) -> io.BufferedReader:
     """Open a shard for streaming; with ``entry``, its size and hash are checked at EOF."""
     try:
-        raw = storage.open_read(uri)
+        raw = storage.open_read(uri, buffer_size=0)  # buffered once, below
     except storage.StorageNotFound as exc:
         raise ShardError(f"{uri}: shard missing ({exc})") from exc
     return io.BufferedReader(_VerifyingReader(raw, uri, entry), buffer_size=storage.READ_CHUNK)
@@ -244,8 +244,11 @@ def _read_exact(stream, size: int, uri: str) -> bytes:
 def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file of a tar stream, in order; ShardError on a bad header."""
     extended: dict[str, str] = {}
+    padding = 0  # after each member's data: read together with the next header (one read fewer)
     while True:
-        header = _read_exact(stream, _BLOCK, uri)
+        header = _read_exact(stream, padding + _BLOCK, uri)
+        if padding:
+            header = header[padding:]
         if header == _ZERO_BLOCK:
             return
         if not _checksum_ok(header):
@@ -253,8 +256,7 @@ def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
         kind = header[156:157]
         size = int(extended["size"]) if "size" in extended and kind not in b"xgL" else _number(header[124:136])
         data = _read_exact(stream, size, uri)
-        if size % _BLOCK:
-            _read_exact(stream, -size % _BLOCK, uri)  # the padding (a separate read: no copy of the data)
+        padding = -size % _BLOCK
         if kind == b"x":
             extended.update(_pax_records(data))
         elif kind == b"L":
@@ -279,7 +281,7 @@ def _checksum_ok(header: bytes) -> bool:
 
 def _ustar_name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
+    if header[345] and header[257:262] == b"ustar":  # a name prefix
         prefix = header[345:500].split(b"\0", 1)[0]
         name = prefix + b"/" + name if prefix else name
     return name.decode("utf-8", "surrogateescape")

@@ -213,10 +213,12 @@ class S3ObjectReader(io.RawIOBase):
 
 
 def open_read(uri: str, buffer_size: int = READ_CHUNK) -> BinaryIO:
-    """Open a URI for streaming binary reads."""
+    """Open a URI for streaming binary reads; ``buffer_size=0``: unbuffered (a raw reader, for a
+    caller that buffers itself: a buffer over a buffer copies every byte twice)."""
     loc = parse(uri)
     if loc.scheme == "s3":
-        return io.BufferedReader(S3ObjectReader(uri), buffer_size=buffer_size)
+        raw = S3ObjectReader(uri)
+        return io.BufferedReader(raw, buffer_size=buffer_size) if buffer_size else raw
     try:
         return open(loc.path, "rb", buffering=buffer_size)
     except FileNotFoundError as exc:

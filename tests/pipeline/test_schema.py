@@ -76,3 +76,37 @@ def test_sample_requires_one_frame_per_time():
     sample = make_sample("x.mp4", num_frames=3)
     with pytest.raises(SchemaError, match="2 frames but 3"):
         ClipSample(meta=sample.meta, frames=sample.frames[:2])
+
+
+def _wds(sample: ClipSample) -> dict:
+    """A sample dict as the shard reader yields it."""
+    key = sample.key
+    return {"__key__": key, "__url__": "mem.tar", **{name[len(key) + 1:]: data for name, data in sample.members()}}
+
+
+def test_from_wds_orders_frames_and_ignores_other_members():
+    sample = make_sample("x.1.mp4", num_frames=12)
+    raw = _wds(sample)
+    assert ClipSample.from_wds(raw) == sample
+    shuffled = {**dict(reversed(list(raw.items()))), "npy": b"\0"}  # member order and unknown members do not matter
+    assert ClipSample.from_wds(shuffled).frames == sample.frames
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw.pop("f003.jpg"), "not numbered 0..n-1"),
+    (lambda raw: raw.update({"f012.jpg": b"x"}), "13 frames but 12"),
+    (lambda raw: raw.update({"f013.jpg": raw.pop("f011.jpg")}), "not numbered 0..n-1"),
+    (lambda raw: raw.pop("f011.jpg"), "11 frames but 12"),
+])
+def test_from_wds_rejects_missing_extra_or_misnumbered_frames(change, message):
+    raw = _wds(make_sample("x.1.mp4", num_frames=12))
+    change(raw)
+    with pytest.raises(SchemaError, match=message):
+        ClipSample.from_wds(raw)
+
+
+def test_ascii_keys_match_the_byte_wise_encoding():
+    every_ascii = "".join(map(chr, range(1, 128)))
+    expected = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else f"%{ord(c):02X}" for c in every_ascii)
+    assert encode_key(every_ascii) == expected
+    assert decode_key(encode_key(every_ascii + "é")) == every_ascii + "é"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.manifest import ManifestError
-from tests.train.fixtures_train import COMBOS, moving_clip, moving_dataset
+from tests.train.fixtures_train import COMBOS, moving_clip, moving_dataset, write_dataset
 from train.config import DataConfig
 from train.data import StreamingLoader, frame_indices, normalize_frames, seeded
 
@@ -95,6 +95,29 @@ def test_missing_and_corrupt_shards_are_skipped_and_counted(tmp_path):
     assert all(b["frames"].shape[0] == 3 for b in batches)
     assert not any(k.startswith("clip3") or k.startswith("clip4") or k.startswith("clip5")
                    for b in batches for k in b["keys"])
+
+
+def test_undecodable_samples_are_skipped_counted_and_their_rows_refilled(tmp_path):
+    """Clips whose frames are not JPEG sit in intact shards: each is counted once per visit, never
+    reaches a batch, batches stay full, and a resume mid-stream gives the same batches."""
+    rng = np.random.default_rng(7)
+    clips = [moving_clip(i, COMBOS[i % len(COMBOS)], rng) for i in range(12)]
+    bad = {2, 3, 9}
+    clips = [dataclasses.replace(c, frames=(b"not a jpeg",) * len(c.frames)) if i in bad else c
+             for i, c in enumerate(clips)]
+    root = write_dataset(str(tmp_path / "ds"), clips, max_samples=6)
+    cfg = data_cfg([root], batch_size=4, shards_per_window=2, shuffle_buffer=3)
+    loader = StreamingLoader(cfg, seed=1, rank=0, world_size=1)
+    batches = take(loader, 6)  # 24 rows: more than 2 passes over the 9 good clips
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == 24 and not {k for k in keys if k.split("%")[0] in {f"clip{i}" for i in bad}}
+    shard_errors, sample_errors = loader.errors()
+    assert shard_errors == 0 and 6 <= sample_errors <= 9  # each bad clip once per pass, 2 or 3 passes
+    first = StreamingLoader(cfg, seed=1, rank=0, world_size=1)
+    take(first, 2)
+    resumed = StreamingLoader(cfg, seed=1, rank=0, world_size=1, state=first.state_dict())
+    assert [b["digest"] for b in take(resumed, 4)] == [b["digest"] for b in batches[2:]]
+    assert resumed.errors() == loader.errors()
 
 
 def test_bad_inputs_have_clear_messages(tmp_path):
@@ -206,7 +229,8 @@ def test_tokenizer_fast_path_gives_open_clips_ids():
     alphabet = list("abcXYZ019 .,!?'-&;#\t\n\r\x0b\x0c\x1b\x7f") + ["&amp;", "&lt;", "\u00e9", "\u00c3\u00a9", "\u201c", "\ufb01"]
     rng = random.Random(0)
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
-    texts += ["Don't  STOP\r\nme now", "  spaced\tout\n", "fish &amp; chips", "caf\u00c3\u00a9"]
+    texts += ["Don't  STOP\r\nme now", "  spaced\tout\n", "fish &amp; chips", "caf\u00c3\u00a9", ""]
+    texts += ["word " * n for n in (67, 68, 69, 200)] + ["caf\u00e9 " * 90]  # cut at 70 with <eot> kept last
     plain = sum(bool(_PLAIN_TEXT.fullmatch(t)) for t in texts)
     assert 100 < plain < len(texts) - 100  # both paths are exercised
     assert torch.equal(ours(texts), theirs(texts))
