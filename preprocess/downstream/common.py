@@ -344,10 +344,10 @@ class ConvertConfig:
     """Frames per video for val/test (None: the data set's default, 12 or 32 for ActivityNet)."""
     train_frames: int | None = None
     """Frames per video stored for train (None: 2x frames, so training can jitter its picks)."""
-    short_side: int = 224
-    """Stored frames' short side in pixels."""
+    short_side: int | None = None
+    """Keep the aspect ratio: stored frames' short side in pixels (excludes frame_size)."""
     frame_size: tuple[int, int] | None = None
-    """Exact stored (width, height), aspect not kept; overrides short_side."""
+    """Exact stored (width, height), aspect not kept; with neither set 224x224 (see DecodeConfig)."""
     val_count: int | None = None
     """Videos held out of train as the validation split where a data set has none (None: its default)."""
     clips_per_shard: int = 1000
@@ -366,8 +366,7 @@ class ConvertConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "val_count" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'val_count' else 1}, got {value}")
-        if not 1 <= self.short_side <= 4096:
-            raise ValueError(f"short_side must be in 1..4096, got {self.short_side}")
+        DecodeConfig(short_side=self.short_side, frame_size=self.frame_size)  # the same checks as the jobs'
         if self.clips_per_shard < 1:
             raise ValueError(f"clips_per_shard must be >= 1, got {self.clips_per_shard}")
 

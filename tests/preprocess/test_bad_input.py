@@ -197,6 +197,7 @@ def test_precut_layout_rejects_escaping_ids_and_reports_missing_clips(made_video
     (["--layout", "tree"], "invalid choice: 'tree'"),
     (["--frame-size", "224"], "expected WIDTHxHEIGHT such as 224x224, got '224'"),
     (["--frame-size", "8x224"], "frame_size must be None or (width, height) within 16..4096"),
+    (["--frame-size", "224x224", "--short-side", "224"], "give frame_size (exact size) or short_side (aspect kept), not both"),
     (["--num-cpus", "2", "--ray-address", "ray://head:10001"], "num_cpus applies to a new local cluster"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, message):

@@ -75,7 +75,7 @@ def _check_against_reference(path, results, cfg: DecodeConfig) -> None:
                                                  ("bigbuckbunny.mp4", (224, 224), (224, 224))])
 def test_real_videos_match_decode_everything(real_videos, name, size, frame_size):
     path = real_videos[name]
-    cfg = DecodeConfig(num_frames=6, seek_gap=1.5, frame_size=frame_size)
+    cfg = DecodeConfig(num_frames=6, seek_gap=1.5, **({"frame_size": frame_size} if frame_size else {"short_side": 224}))
     clips = [_clip("late", 3.1, 4.9), _clip("early", 0.2, 1.4), _clip("overlap", 1.0, 2.0), _clip("tail", 4.5, 60.0)]
     results = list(decode_clips(str(path), clips, cfg))
     assert [r.clip_id for r in results] == ["late", "early", "overlap", "tail"]
@@ -172,3 +172,11 @@ def test_closing_early_releases_the_file(made_videos):
     gen = decode_clips(str(made_videos["h264"]), [_clip("a", 0.0, 1.0), _clip("b", 2.0, 3.0)], DecodeConfig())
     assert isinstance(next(gen), DecodedClip)
     gen.close()
+
+
+def test_frames_are_stored_at_the_training_size_unless_told_otherwise():
+    assert DecodeConfig().frame_size == (224, 224)
+    assert DecodeConfig(short_side=224).frame_size is None
+    assert DecodeConfig(frame_size=(320, 180)).frame_size == (320, 180)
+    with pytest.raises(ValueError, match="frame_size .* or short_side .*not both"):
+        DecodeConfig(short_side=224, frame_size=(224, 224))
