@@ -508,7 +508,7 @@ def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: Dat
     errors = ErrorCounter(start["shard_errors"], start["sample_errors"])
     window, skip = start["window"], start["offset"]
     rows: list[dict | None] = [None] * cfg.batch_size
-    filled = pool.take()
+    filled: BatchFrames | None = None  # taken at a batch's first sample: by then the last one may be back
     empty_windows = 0
     while True:
         rng = seeded(seed, stream, window, 1)
@@ -519,12 +519,13 @@ def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: Dat
             if offset <= skip:
                 continue
             row = rows.index(None)
+            filled = filled or pool.take()
             rows[row] = _prepare(raw, transform, seeded(seed, stream, window, offset, 2), errors,
                                  filled.row_arrays(row))
             if None in rows or not _decode_rows(rows, errors):
                 continue
             batch = collate(rows, cfg.context_length, filled)
-            filled = pool.take()
+            filled = None
             batch["position"] = StreamPosition(window=window, offset=offset, shard_errors=errors.shard_errors,
                                                sample_errors=errors.sample_errors)
             rows = [None] * cfg.batch_size
