@@ -15,7 +15,8 @@ For each layout it measures, in the same run:
   worker  the same in one DataLoader worker process (batches in shared memory, as in training);
           the worker's core does all the work, the main process only receives
 and prints samples/s for each (best of --rounds interleaved rounds) and the loader/raw ratios (target
->= 0.8): of the best rates, and the median over rounds of each round's own ratio (robust to drift).
+>= 0.8): of the best rates, the median over rounds of each round's own ratio, and (simplejpeg) the
+in-process loader against raw decoding alternated batch by batch, the steadiest on a noisy machine.
 With --step-time it also prints the CPU step time of the tiny and ViT-B/32 configs (forward + backward + AdamW, no DeepSpeed).
 """
 from __future__ import annotations
@@ -70,13 +71,19 @@ def write_data(root: str, clips: list, count: int) -> list[ClipSample]:
     return samples
 
 
-def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse: bool = False) -> float:
+def picked_jpegs(samples: list[ClipSample], frames: int) -> list[list[bytes]]:
+    """Per clip, the JPEGs a loader decodes: ``frames`` jittered picks plus the middle frame, each once."""
     from train.data import frame_indices, seeded
 
     jpegs = []
     for i, s in enumerate(samples):
         idx = frame_indices(len(s.frames), frames, seeded(i))
         jpegs.append([s.frames[j] for j in sorted(set(idx) | {s.meta.middle_frame})])
+    return jpegs
+
+
+def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse: bool = False) -> float:
+    jpegs = picked_jpegs(samples, frames)
     start = time.perf_counter()
     if decoder == "simplejpeg" and reuse:  # a stricter limit: one cache-hot buffer, every result thrown away
         import simplejpeg
@@ -133,17 +140,37 @@ def loader_rate(loader, clips: int) -> float:
     return batches * 8 / (time.perf_counter() - start)
 
 
+def interleaved_ratio(loader, jpegs: list[list[bytes]], clips: int) -> float:
+    """Raw simplejpeg decode time over loader time, alternating one batch of 8 clips of each, so that
+    both see the same moments of a noisy machine (the raw side decodes each frame into a new array)."""
+    import simplejpeg
+
+    loader_s = raw_s = 0.0
+    for b in range(clips // 8):
+        start = time.perf_counter()
+        loader.next()
+        middle = time.perf_counter()
+        for clip in jpegs[8 * b % len(jpegs):][:8]:
+            for data in clip:
+                simplejpeg.decode_jpeg(data, "RGB")
+        raw_s += time.perf_counter() - middle
+        loader_s += middle - start
+    return raw_s / loader_s
+
+
 def round_rates(samples: list[ClipSample], root: str, args) -> dict[str, list[float]]:
     """Each rate in ``args.rounds`` interleaved rounds (this machine is noisy)."""
     loaders = {"loader": make_loader(root, args.frames, args.size, args.decoder),
                "worker": make_loader(root, args.frames, args.size, args.decoder, workers=1)}
-    rates: dict[str, list[float]] = {"raw": [], "loader": [], "worker": [], "hot": []}
+    rates: dict[str, list[float]] = {"raw": [], "loader": [], "worker": [], "hot": [], "interleaved": []}
+    jpegs = picked_jpegs(samples, args.frames)
     for _ in range(args.rounds):
         rates["raw"].append(raw_decode_rate(samples, args.frames, args.decoder))
         for name, loader in loaders.items():
             rates[name].append(loader_rate(loader, args.clips))
         if args.decoder == "simplejpeg":
             rates["hot"].append(raw_decode_rate(samples, args.frames, args.decoder, reuse=True))
+            rates["interleaved"].append(interleaved_ratio(loaders["loader"], jpegs, args.clips))
     for loader in loaders.values():
         loader.close()
     return rates
@@ -158,6 +185,10 @@ def report(rates: dict[str, list[float]]) -> None:
         strict = f", best vs reused buffer {best[kind] / best['hot']:.2f}" if best["hot"] else ""
         print(f"  {kind:<6} {best[kind]:6.1f} clips/s/core  ratio: of bests {best[kind] / best['raw']:.2f}, "
               f"median per round {paired:.2f} (target >= 0.8){strict}", flush=True)
+    if rates["interleaved"]:
+        values = sorted(rates["interleaved"])
+        print(f"  loader/raw alternating batch by batch (the steadiest): median {statistics.median(values):.2f} "
+              f"(min {values[0]:.2f}, max {values[-1]:.2f}, {len(values)} rounds; target >= 0.8)", flush=True)
 
 
 def step_times() -> None:
