@@ -211,3 +211,12 @@ def test_missing_metadata_file_is_a_clear_error(tmp_path):
     cmd = [PYTHON, str(REPO / "preprocess/shard.py"), "--metadata", str(tmp_path / "nope.jsonl"), "--videos", str(tmp_path), "--output", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "nope.jsonl: not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_stores_the_training_size_unless_told_otherwise():
+    from preprocess.shard import build_config, build_parser
+
+    base = ["--metadata", "m.jsonl", "--videos", "v", "--output", "o"]
+    assert build_config(build_parser().parse_args(base)).decode.frame_size == (224, 224)
+    kept = build_config(build_parser().parse_args([*base, "--short-side", "160"])).decode
+    assert kept.frame_size is None and kept.short_side == 160

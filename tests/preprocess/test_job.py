@@ -62,8 +62,8 @@ def test_rerun_skips_committed_shards(clean, corpus):
 def test_other_config_into_same_output_is_refused(clean, corpus):
     with pytest.raises(ValueError, match="decode.num_frames"):
         run_job(config(corpus, clean, "--num-frames", "5"))
-    with pytest.raises(ValueError, match="decode.frame_size"):
-        run_job(config(corpus, clean, "--frame-size", "64x64"))
+    with pytest.raises(ValueError, match="decode.short_side"):
+        run_job(config(corpus, clean, "--short-side", "48"))
 
 
 def test_worker_death_is_retried(clean, corpus, tmp_path, monkeypatch):

@@ -88,6 +88,6 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 def test_precut_clips_decode_to_their_own_length(corpus):
     spec = clip_specs(CorpusConfig(videos=3, clips_per_video=2, seed=7, clip_seconds=2.0))[1]
     path = corpus.clips / spec.video_id / spec.clip_id
-    [clip] = decode_clips(str(path), [ClipRequest(clip_id=spec.clip_id, start=0.0, end=None)], DecodeConfig(num_frames=4))
+    [clip] = decode_clips(str(path), [ClipRequest(clip_id=spec.clip_id, start=0.0, end=None)], DecodeConfig(num_frames=4, short_side=224))
     assert isinstance(clip, DecodedClip) and clip.span == (0.0, pytest.approx(2.0, abs=0.07))
     assert clip.frame_size == (299, 224) and len(clip.frames) == 4
