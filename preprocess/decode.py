@@ -40,9 +40,9 @@ STAGES = ("open", "probe", "span", "decode", "encode")
 AUDIO_RATE = 16_000
 """Sample rate of the audio given to clips that ask for it (mono float32)."""
 MAX_GOP_BYTES = 256 << 20
+"""Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 TRAINING_SIZE = (224, 224)
 """Stored frame size by default: the paper's 224x224 input (brief section 3.3)."""
-"""Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 
 
 @dataclass(frozen=True, kw_only=True)
