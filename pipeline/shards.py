@@ -234,19 +234,14 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _read_exact(stream, size: int, uri: str) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise ShardError(f"{uri}: unreadable or truncated tar: {len(data)} of {size} bytes at the end")
-    return data
-
-
 def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file of a tar stream, in order; ShardError on a bad header."""
-    extended: dict[str, str] = {}
+    read, extended = stream.read, {}
     padding = 0  # after each member's data: read together with the next header (one read fewer)
     while True:
-        header = _read_exact(stream, padding + _BLOCK, uri)
+        header = read(padding + _BLOCK)
+        if len(header) != padding + _BLOCK:
+            raise ShardError(f"{uri}: unreadable or truncated tar: it ends inside a header")
         if padding:
             header = header[padding:]
         if header == _ZERO_BLOCK:
@@ -255,17 +250,24 @@ def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
             raise ShardError(f"{uri}: unreadable or truncated tar: bad header checksum")
         kind = header[156:157]
         size = int(extended["size"]) if "size" in extended and kind not in b"xgL" else _number(header[124:136])
-        data = _read_exact(stream, size, uri)
+        data = read(size)
+        if len(data) != size:
+            raise ShardError(f"{uri}: unreadable or truncated tar: {len(data)} of {size} bytes at the end")
         padding = -size % _BLOCK
-        if kind == b"x":
+        if not extended and kind in _FILE_KINDS:  # the usual member: a file with a plain ustar name
+            yield _ustar_name(header), data
+        elif kind == b"x":
             extended.update(_pax_records(data))
         elif kind == b"L":
             extended["path"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind != b"g":
             name = extended.get("path") or _ustar_name(header)
             extended = {}
-            if kind in (b"0", b"\0", b"7"):
+            if kind in _FILE_KINDS:
                 yield name, data
+
+
+_FILE_KINDS = frozenset((b"0", b"\0", b"7"))
 
 
 def _checksum_ok(header: bytes) -> bool:

@@ -306,7 +306,10 @@ class ClipTokenizer:
             return base.encode(text)
         encoder, bpe, ids = base.encoder, base.bpe, []
         for word in base.pat.findall(" ".join(text.split()).lower()):
-            ids += [encoder[piece] for piece in bpe(word).split(" ")]
+            if len(word) == 1:  # what bpe() returns for one character, uncached
+                ids.append(encoder[word + "</w>"])
+            else:
+                ids += [encoder[piece] for piece in bpe(word).split(" ")]
         return ids
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
