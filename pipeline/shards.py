@@ -236,6 +236,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file of a tar stream, in order; ShardError on a bad header."""
+    try:
+        yield from _members(stream, uri)
+    except (ValueError, IndexError) as exc:  # a numeric field or PAX record that does not parse
+        raise ShardError(f"{uri}: unreadable tar: {exc}") from exc
+
+
+def _members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
     read, extended = stream.read, {}
     padding = 0  # after each member's data: read together with the next header (one read fewer)
     while True:

@@ -612,6 +612,11 @@ def check_state(state: dict, num_workers: int) -> None:
                          f"gives {num_workers}: resume with the same num_workers and world size")
 
 
+def _as_is(batch: dict) -> dict:
+    """The DataLoader's collate step: batches are already tensors (its default walks every field)."""
+    return batch
+
+
 class StreamingLoader:
     """Iterates batches of one rank and tracks its data state (what goes into client_state)."""
 
@@ -620,7 +625,7 @@ class StreamingLoader:
         get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
         self.state = {"batches": self.dataset.state["batches"],
                       "streams": [dict(p) for p in self.dataset.state["streams"]]}
-        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
+        self.loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
                                  prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
                                  persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
         self._iter: Iterator[dict] | None = None

@@ -162,3 +162,8 @@ def test_tar_members_reads_what_tarfile_writes(fmt):
         list(tar_members(io.BytesIO(bytes(damaged)), "mem.tar"))
     with pytest.raises(ShardError, match="mem.tar: unreadable or truncated tar"):
         list(tar_members(io.BytesIO(buf.getvalue()[:1500]), "mem.tar"))
+    for start, end in ((148, 156), (124, 136)):  # the second header's checksum, then size: not octal numbers
+        garbled = bytearray(buf.getvalue())
+        garbled[512 + start:512 + end] = b"zz" + bytes(end - start - 2)
+        with pytest.raises(ShardError, match="mem.tar: unreadable"):  # never a bare ValueError
+            list(tar_members(io.BytesIO(bytes(garbled)), "mem.tar"))
