@@ -82,6 +82,15 @@ def picked_jpegs(samples: list[ClipSample], frames: int) -> list[list[bytes]]:
     return jpegs
 
 
+def decode_into_new_arrays(clips: list[list[bytes]]) -> None:
+    """The raw limit: simplejpeg decodes each frame into its own new array."""
+    import simplejpeg
+
+    for clip in clips:
+        for data in clip:
+            simplejpeg.decode_jpeg(data, "RGB")
+
+
 def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse: bool = False) -> float:
     jpegs = picked_jpegs(samples, frames)
     start = time.perf_counter()
@@ -94,12 +103,8 @@ def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse:
         for clip in jpegs:
             for data in clip:
                 simplejpeg.decode_jpeg(data, "RGB", buffer=scratch)
-    elif decoder == "simplejpeg":  # each frame decoded into its own new array
-        import simplejpeg
-
-        for clip in jpegs:
-            for data in clip:
-                simplejpeg.decode_jpeg(data, "RGB")
+    elif decoder == "simplejpeg":
+        decode_into_new_arrays(jpegs)
     elif decoder == "pillow":
         from PIL import Image
 
@@ -143,16 +148,13 @@ def loader_rate(loader, clips: int) -> float:
 def interleaved_ratio(loader, jpegs: list[list[bytes]], clips: int) -> float:
     """Raw simplejpeg decode time over loader time, alternating one batch of 8 clips of each, so that
     both see the same moments of a noisy machine (the raw side decodes each frame into a new array)."""
-    import simplejpeg
-
     loader_s = raw_s = 0.0
     for b in range(clips // 8):
         start = time.perf_counter()
         loader.next()
         middle = time.perf_counter()
-        for clip in jpegs[8 * b % len(jpegs):][:8]:
-            for data in clip:
-                simplejpeg.decode_jpeg(data, "RGB")
+        first = 8 * b % len(jpegs)
+        decode_into_new_arrays(jpegs[first:first + 8])
         raw_s += time.perf_counter() - middle
         loader_s += middle - start
     return raw_s / loader_s

@@ -231,9 +231,10 @@ def decode_simplejpeg(jobs: list[tuple[bytes, np.ndarray]], stored: tuple[int, i
     """
     import simplejpeg
 
+    size = jobs[0][1].shape[0] if jobs else 0  # every destination is one [S, S, 3] frame
+    as_stored = stored == (size, size)
     for data, dest in jobs:
-        size = dest.shape[0]
-        if stored != (size, size) and simplejpeg.decode_jpeg_header(data)[:2] != (size, size):
+        if not as_stored and simplejpeg.decode_jpeg_header(data)[:2] != (size, size):
             image = simplejpeg.decode_jpeg(data, "RGB", min_height=size, min_width=size)
             _resize_into(dest, torch.from_numpy(image))
             continue
