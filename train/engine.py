@@ -47,7 +47,27 @@ def init_distributed() -> tuple[int, int]:
                                auto_mpi_discovery=False, verbose=False)
     if device_type() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
+    _unlink_shm_buffer(rank)
+    return rank, dist.get_world_size()
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU comm buffer once every rank has mapped it.
+
+    When all ranks share one node, DeepSpeed's CPU comm op (built on CPU backends) creates a 69 MB
+    POSIX shared-memory file per rank, named after the master address and port, and never unlinks
+    it: every run would leave ``world_size`` of them in /dev/shm (RAM) until reboot. After a
+    barrier every rank holds its mappings, so the names can go; the memory is freed at exit,
+    also when a rank is killed.
+    """
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
 
 
 def use_bf16(cfg: TrainConfig) -> bool:

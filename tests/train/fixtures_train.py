@@ -12,6 +12,7 @@ such processes per run, so the other tests use `spawn_ranks`.
 """
 from __future__ import annotations
 
+import glob
 import io
 import itertools
 import os
@@ -127,8 +128,8 @@ def run_single(overrides: list[str], timeout: float = 240) -> subprocess.Complet
 class Ranks:
     """The rank processes of one run, each in its own session with its output in a log file."""
 
-    def __init__(self, procs: list[subprocess.Popen], logs: list[str]):
-        self.procs, self.logs = procs, logs
+    def __init__(self, procs: list[subprocess.Popen], logs: list[str], port: int):
+        self.procs, self.logs, self.port = procs, logs, port
 
     @property
     def returncode(self) -> int | None:
@@ -188,7 +189,12 @@ def spawn_ranks(overrides: list[str], nproc: int = 2, port: int | None = None, s
             procs.append(subprocess.Popen([PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides],
                                           cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
-    return Ranks(procs, logs)
+    return Ranks(procs, logs, port)
+
+
+def shm_buffers(port: int) -> list[str]:
+    """DeepSpeed CPU comm buffers in /dev/shm of a run on this master port (there should be none)."""
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 def run_launcher(overrides: list[str], nproc: int = 2, timeout: float = 400, port: int | None = None,

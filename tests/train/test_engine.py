@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.support.s3server import free_port
-from tests.train.fixtures_train import REPO, moving_dataset, run_launcher, spawn_ranks, tiny_overrides
+from tests.train.fixtures_train import (REPO, moving_dataset, run_launcher, shm_buffers, spawn_ranks,
+                                        tiny_overrides)
 from train.config import deepspeed_json, load_config
 from train.data import normalize_frames
 from train.logging_utils import read_metrics
@@ -155,6 +156,7 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
                                        "log.every_steps=1", "log.profile_skip=0", "log.profile_steps=2",
                                        eval_=[held]))
     assert ranks.wait(240) == 0, ranks.output()
+    assert not shm_buffers(ranks.port), "DeepSpeed's shared-memory comm buffers were left in RAM"
     train_rows, eval_rows = _metrics(run_dir)
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert all(r["loss"] > 0 and 0 < r["logit_scale"] <= 5.3 for r in train_rows)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.train.fixtures_train import moving_dataset, spawn_ranks, tiny_overrides
+from tests.train.fixtures_train import moving_dataset, shm_buffers, spawn_ranks, tiny_overrides
 from train.logging_utils import read_metrics
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -49,6 +49,7 @@ def test_kill_and_resume_gives_identical_batches_and_losses(tmp_path):
 
     first = spawn_ranks(tiny_overrides(killed, [train], *common))
     kill_after_step(killed, KILL_AT, first)
+    assert not shm_buffers(first.port), "killed ranks left DeepSpeed's comm buffers in /dev/shm"
     assert max(by_step(killed)) < STEPS, "the run finished before it was killed"
     latest = open(os.path.join(killed, "checkpoints", "latest")).read().strip()
     assert latest in (f"step{EVERY:09d}", f"step{2 * EVERY:09d}")
