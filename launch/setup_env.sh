@@ -30,6 +30,11 @@ fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 if [ ! -d "$TORCH_EXTENSIONS_DIR" ] || [ -z "$(find "$TORCH_EXTENSIONS_DIR" -name '*.so' 2>/dev/null | head -1)" ]; then
   echo "building DeepSpeed's CPU comm op into $TORCH_EXTENSIONS_DIR (once)"
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
-    || echo "warning: could not prebuild DeepSpeed's comm op; it will build on first use"
+  build_log="$(mktemp)"
+  if ! DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+      >"$build_log" 2>&1; then
+    echo "warning: could not prebuild DeepSpeed's comm op; it will build on first use. Its last lines:"
+    tail -n 15 "$build_log" | sed 's/^/  | /'
+  fi
+  rm -f "$build_log"
 fi
