@@ -14,6 +14,7 @@ Everything else sees a plain ``nn.Module`` plus the small API below.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -45,17 +46,18 @@ def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher set up (env RANK/WORLD_SIZE/MASTER_*); returns (rank, world)."""
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
-    if device_type() != "cpu":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank = dist.get_rank()
-    _unlink_shm_buffer(rank)
+    if device_type() == "cpu":
+        _unlink_shm_buffer(rank)
+    else:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return rank, dist.get_world_size()
 
 
 def _unlink_shm_buffer(rank: int) -> None:
     """Remove the name of this rank's DeepSpeed CPU comm buffer once every rank has mapped it.
 
-    When all ranks share one node, DeepSpeed's CPU comm op (built on CPU backends) creates a 69 MB
+    When all ranks share one node, DeepSpeed's CPU comm op (built for the CPU accelerator) creates a 69 MB
     POSIX shared-memory file per rank, named after the master address and port, and never unlinks
     it: every run would leave ``world_size`` of them in /dev/shm (RAM) until reboot. After a
     barrier every rank holds its mappings, so the names can go; the memory is freed at exit,
@@ -64,10 +66,8 @@ def _unlink_shm_buffer(rank: int) -> None:
     dist.barrier()
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
-    try:
+    with contextlib.suppress(FileNotFoundError):  # several nodes: no buffer
         os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:
-        pass
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
