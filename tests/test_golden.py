@@ -1,0 +1,84 @@
+"""Golden output: a fixed synthetic corpus, sharded through the CLI on a real Ray cluster, gives these exact bytes.
+
+A refactor that changes one byte of a shard, the manifest or the failures table fails here. The corpus lives at a
+fixed path because the manifest records the input paths and every sample its source URI. When a change of output
+is intended, rerun with ``VIDPROXY_PRINT_GOLDEN=1`` and paste the printed digests (say why in the commit).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.preprocess.fixtures_job import ray_local  # noqa: F401
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path("/tmp/vidproxy-golden")
+
+GOLDEN = {
+    "shard-000000-000.tar": "02db0bdead2c3e6fd4f85019e8d041157c7f5a63420015384110748c09292a37",
+    "shard-000001-000.tar": "4a6a35f18c22ade7f33f58f56db01aee1604b93dd366e1c979f1fe84c249af42",
+    "shard-000002-000.tar": "bb4f2258ef1182834946259a560c9287a9be2625f9221561562c42eda77f1c5d",
+    "shard-000003-000.tar": "54ee751fc90fd00954466caeeaf95478287cabe2e1aa2bdc06771ac82f93cb84",
+    "shard-000004-000.tar": "7395afaafb800759bf8b94de32f5fcb87b33c4e8da77b00956ec4cf4c28c32eb",
+    "manifest.json": "30b1f89b55d8bb1b43142c74429a122d99f3b41e59e2225d193a950ed4bf266c",
+    "sizes.json": "e5b2d2b9bf42a8b45a35d7791da274293d10634f792b7111abed1fccef96482c",
+    "failures.parquet": "6e59c091c7537c92ea4b4d41ab0e11b3ca278f5c3e8f8bc9510bc3b31dbbb54c",
+}
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Runs in parallel (other checkouts on this machine) share ROOT: one at a time."""
+    lock_path = f"{path}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            os.unlink(lock_path)
+
+
+def _corpus(root: Path):
+    from preprocess.synthetic import make_corpus
+
+    paths = make_corpus(root / "corpus", videos=5, clips_per_video=3, seed=11, fps=10, clip_seconds=2.0)
+    # a clip whose span lies outside its video, and a clip id used twice: recorded failures
+    rows = [json.loads(line) for line in paths.metadata.read_text().splitlines()]
+    rows[1]["clip"].append({"clip_id": "beyond.mp4", "span": ["00:01:00.000", "00:01:02.000"]})
+    rows[2]["clip"].append(dict(rows[2]["clip"][0]))
+    paths.metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def _digests(out: Path) -> dict[str, str]:
+    names = sorted(p.name for p in out.glob("shard-*.tar")) + ["manifest.json", "sizes.json", "failures.parquet"]
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in names}
+
+
+def test_golden_shards(ray_local):  # noqa: F811
+    from preprocess.shard import main
+
+    with _exclusive(ROOT):
+        shutil.rmtree(ROOT, ignore_errors=True)
+        paths = _corpus(ROOT)
+        out = ROOT / "out"
+        argv = ["--metadata", str(paths.metadata), "--videos", str(paths.videos), "--subtitles", str(paths.subtitles),
+                "--captions", str(paths.captions), "--output", str(out), "--clips-per-shard", "4",
+                "--num-frames", "6", "--frame-size", "96x64", "--jpeg-quality", "85", "--no-progress"]
+        assert main(argv) == 0
+        failures = pq.read_table(out / "failures.parquet").to_pydict()
+        assert sorted(failures["error"]) == ["duplicate_clip_id", "span_out_of_range"], failures
+        digests = _digests(out)
+        if os.environ.get("VIDPROXY_PRINT_GOLDEN"):
+            print(json.dumps(digests, indent=4))
+        assert digests == GOLDEN
