@@ -10,7 +10,7 @@ through the preprocessing decoder, in the two stored layouts the job can write:
 For each layout it measures, in the same run:
   raw     decoding exactly the JPEGs the loader decodes (same frame indices, no resize, no tar),
           each into a new array (for simplejpeg also into one reused, cache-hot buffer: stricter)
-  loader  train.data.StreamingLoader with num_workers=0: tar streaming with checksum, shuffle, frame
+  loader  train.loader.StreamingLoader with num_workers=0: tar streaming with checksum, shuffle, frame
           jitter, decode, bicubic resize to size x size when needed, tokenisation, collation
   worker  the same in one DataLoader worker process (batches in shared memory, as in training);
           the worker's core does all the work, the main process only receives
@@ -73,7 +73,8 @@ def write_data(root: str, clips: list, count: int) -> list[ClipSample]:
 
 def picked_jpegs(samples: list[ClipSample], frames: int) -> list[list[bytes]]:
     """Per clip, the JPEGs a loader decodes: ``frames`` jittered picks plus the middle frame, each once."""
-    from train.data import frame_indices, seeded
+    from train.sample_transform import frame_indices
+    from train.shard_stream import seeded
 
     jpegs = []
     for i, s in enumerate(samples):
@@ -127,7 +128,7 @@ def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse:
 
 def make_loader(root: str, frames: int, size: int, decoder: str, workers: int = 0):
     from train.config import DataConfig
-    from train.data import StreamingLoader
+    from train.loader import StreamingLoader
 
     cfg = DataConfig(train=[root], batch_size=8, num_frames=frames, image_size=size, num_workers=workers,
                      shards_per_window=1, shuffle_buffer=16, decoder=decoder)

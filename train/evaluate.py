@@ -32,7 +32,9 @@ from torch import Tensor
 from pipeline.schema import ClipSample
 from pipeline.shards import iter_dataset
 from train.config import TrainConfig, load_config
-from train.data import SampleTransform, decode_batch, get_tokenizer, normalize_frames
+from train.frames import normalize_frames
+from train.sample_transform import SampleTransform, decode_batch
+from train.tokenizer import get_tokenizer
 from train.metrics import retrieval_metrics
 from train.model import VideoCLIP, VideoCLIPConfig, build_model
 from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_state_dict

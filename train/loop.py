@@ -18,7 +18,9 @@ from torch import nn
 
 from train import engine as ds
 from train.config import TrainConfig
-from train.data import StreamingLoader, eval_batches, normalize_frames
+from train.eval_data import eval_batches
+from train.frames import normalize_frames
+from train.loader import StreamingLoader
 from train.logging_utils import MetricLogger, StepProfiler
 from train.loss import OCLLoss
 from train.metrics import retrieval_metrics

@@ -40,7 +40,7 @@ def single_process_env() -> None:
 
 def dry_run(cfg, rank: int, world_size: int) -> None:
     from train import engine
-    from train.data import StreamingLoader
+    from train.loader import StreamingLoader
     from train.loop import build_task
 
     task = build_task(cfg, rank, world_size)

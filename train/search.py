@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.data import decode_jpegs
+from train.frames import decode_jpegs
 from train.evaluate import LoadedModel, embed_dataset, encode_frames, encode_texts, load_model
 
 logger = logging.getLogger(__name__)

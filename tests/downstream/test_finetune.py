@@ -14,7 +14,8 @@ from tests.downstream.test_converters import ray_local  # noqa: F401 (fixture)
 from tests.train.fixtures_train import (COMBOS, PYTHON, REPO, TINY_CONFIG, env, moving_clip, spawn_ranks,
                                        tiny_overrides)
 from train.config import load_config
-from train.data import SampleTransform, pick_line, seeded
+from train.sample_transform import SampleTransform, pick_line
+from train.shard_stream import seeded
 from train.loop import build_task, load_init_checkpoint
 from train.model import VideoCLIPConfig, build_model
 

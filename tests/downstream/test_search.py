@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from preprocess.synthetic import CorpusConfig, clip_specs, make_corpus
-from train.data import get_tokenizer, normalize_frames
+from train.frames import normalize_frames
+from train.tokenizer import get_tokenizer
 from train.evaluate import train_config
 from train.loss import OCLLoss
 from train.model import VideoCLIPConfig, build_model

@@ -13,7 +13,10 @@ import torch
 from pipeline.manifest import ManifestError
 from tests.train.fixtures_train import COMBOS, moving_clip, moving_dataset, write_dataset
 from train.config import DataConfig
-from train.data import StreamingLoader, frame_indices, normalize_frames, seeded
+from train.frames import normalize_frames
+from train.loader import StreamingLoader
+from train.sample_transform import frame_indices
+from train.shard_stream import seeded
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -164,7 +167,8 @@ def test_decoders_agree(uneven):
 @pytest.mark.parametrize("decoder", ["simplejpeg", "torchvision", "pillow"])
 @pytest.mark.parametrize("size", [32, 24])  # stored size (decoded in place) and a resize
 def test_transform_decodes_each_frame_once_into_its_slot(decoder, size):
-    from train.data import SampleTransform, decode_jpegs
+    from train.frames import decode_jpegs
+    from train.sample_transform import SampleTransform
 
     clip = moving_clip(0, COMBOS[5], np.random.default_rng(3), num_frames=3)  # middle frame 1
     transform = SampleTransform(num_frames=4, image_size=size, decoder=decoder)
@@ -178,7 +182,7 @@ def test_transform_decodes_each_frame_once_into_its_slot(decoder, size):
 
 def test_frames_that_contradict_their_metadata_are_refused():
     """The metadata's frame size spares the header read; a JPEG of another size is an error, never half a frame."""
-    from train.data import SampleTransform
+    from train.sample_transform import SampleTransform
 
     clip = moving_clip(0, COMBOS[5], np.random.default_rng(3), num_frames=3)  # 32x32 JPEGs
     for claimed, message in ((24, "too small"), (40, "a frame is 32x32, the sample's metadata says 40x40")):
@@ -223,7 +227,7 @@ def test_tokenizer_fast_path_gives_open_clips_ids():
     """Plain ASCII text skips ftfy; every string, plain or not, must get open_clip's own ids."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from train.data import _PLAIN_TEXT, get_tokenizer
+    from train.tokenizer import PLAIN_TEXT, get_tokenizer
 
     ours, theirs = get_tokenizer(70), SimpleTokenizer(context_length=70)
     alphabet = list("abcXYZ019 .,!?'-&;#\t\n\r\x0b\x0c\x1b\x7f") + ["&amp;", "&lt;", "\u00e9", "\u00c3\u00a9", "\u201c", "\ufb01"]
@@ -231,6 +235,6 @@ def test_tokenizer_fast_path_gives_open_clips_ids():
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
     texts += ["Don't  STOP\r\nme now", "  spaced\tout\n", "fish &amp; chips", "caf\u00c3\u00a9", ""]
     texts += ["word " * n for n in (67, 68, 69, 200)] + ["caf\u00e9 " * 90]  # cut at 70 with <eot> kept last
-    plain = sum(bool(_PLAIN_TEXT.fullmatch(t)) for t in texts)
+    plain = sum(bool(PLAIN_TEXT.fullmatch(t)) for t in texts)
     assert 100 < plain < len(texts) - 100  # both paths are exercised
     assert torch.equal(ours(texts), theirs(texts))

@@ -1,0 +1,54 @@
+"""Held-out batches for the validation pass during training (train/loop.py `validate`)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from pipeline.schema import ClipSample
+from pipeline.shards import ShardError, iter_shard
+from train.config import DataConfig
+from train.sample_transform import SampleTransform, decode_batch
+from train.shard_stream import ErrorCounter, open_source
+from train.tokenizer import get_tokenizer
+
+
+def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
+    """Held-out clips in manifest order (first eval_max_samples), split over ranks.
+
+    Every rank gets the same number of batches of the same size (the last rank's share is padded by
+    repeating a clip, marked with index -1) so ZeRO-3 forwards stay in lock-step.
+    """
+    samples = _eval_samples(cfg)
+    per_rank = math.ceil(len(samples) / world_size)
+    mine = list(range(rank, len(samples), world_size))
+    mine += [-1] * (per_rank - len(mine))
+    transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines)
+    tokenizer = get_tokenizer(cfg.context_length)
+    for start in range(0, per_rank, cfg.batch_size):
+        chunk = mine[start:start + cfg.batch_size]
+        filled, items = decode_batch([samples[i if i >= 0 else 0] for i in chunk], transform)
+        texts = [it[cfg.eval_text] for it in items]
+        yield {
+            "frames": filled.views()[0],
+            "text": tokenizer(texts),
+            "index": torch.tensor(chunk, dtype=torch.long),
+        }
+
+
+def _eval_samples(cfg: DataConfig) -> list[ClipSample]:
+    errors = ErrorCounter()
+    out: list[ClipSample] = []
+    for location in cfg.eval:
+        for ref in open_source(location).shards:
+            try:
+                for raw in iter_shard(ref.uri, ref.entry):
+                    out.append(ClipSample.from_wds(raw))
+                    if len(out) >= cfg.eval_max_samples:
+                        return out
+            except ShardError as exc:
+                errors.shard(exc)
+    if not out:
+        raise ValueError(f"data.eval: no readable held-out clip in {cfg.eval}")
+    return out

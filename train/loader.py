@@ -1,0 +1,239 @@
+"""The training loader: per-(rank, worker) shard streams -> decoded batches, and its resume state.
+
+Design (every choice serves "same number of batches everywhere" and "exact resume"); which shards
+a stream reads, in which order, is train/shard_stream.py's part:
+
+* **Position.** A stream's position is ``(window, offset)``: the window index and the number of raw
+  samples already emitted from it. Resuming regenerates that window and skips ``offset`` raw samples
+  without decoding any JPEG. Frame jitter is seeded per sample from ``(seed, s, window, offset)``.
+* **Workers.** The DataLoader takes batches from workers round-robin. After a resume at batch ``g``
+  worker ``w`` serves logical stream ``(w + g) mod W`` so the global batch order is unchanged.
+* **Bad samples.** A sample whose metadata or JPEGs do not decode is skipped, counted and logged;
+  its batch row goes to the stream's next sample (bad shards: train/shard_stream.py).
+
+Batches hold uint8 frames in pooled buffers (train/frames.py), normalised on the training device.
+The data state (``StreamingLoader.state_dict``: batches served, each worker stream's position and
+error counts) goes into the checkpoint's client_state.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from typing import TypedDict
+
+import numpy as np
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.schema import ClipSample, SchemaError
+from train.config import DataConfig
+from train.frames import BatchFrames, FramePool
+from train.sample_transform import SampleTransform, decode_item
+from train.shard_stream import ErrorCounter, ShardPlan, open_sources, seeded, window_samples
+from train.tokenizer import get_tokenizer
+
+MAX_EMPTY_WINDOWS = 64
+
+
+class StreamPosition(TypedDict):
+    """Where one stream stands, plus its error counters."""
+
+    window: int
+    offset: int
+    shard_errors: int
+    sample_errors: int
+
+
+def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict:
+    """Items -> batch; their frames already sit in ``filled`` (row i = item i)."""
+    tokenizer = get_tokenizer(context_length)
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(f"{item['key']}:{item['indices']};".encode())
+    frames, images = filled.views()
+    return {
+        "frames": frames,
+        "image": images,
+        "pool_slot": filled.slot,
+        "subtitle": tokenizer([it["subtitle"] for it in items]),
+        "caption": tokenizer([it["caption"] for it in items]),
+        "keys": [it["key"] for it in items],
+        "digest": digest.hexdigest()[:16],
+    }
+
+
+# ----------------------------------------------------------------------------- the training stream
+
+
+def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: DataConfig,
+                   transform: SampleTransform, seed: int, pool: FramePool) -> Iterator[dict]:
+    """Infinite batches of one stream, starting at ``start``; each carries the position after it.
+
+    Rows are prepared sample by sample (metadata, frame and text draws) and decoded together once
+    every row has a sample: the per-sample Python work and the JPEG decoding each stay warm in the
+    caches (bench/loader.py). A sample that fails to decode is counted and its row goes to the next
+    sample of the stream.
+    """
+    errors = ErrorCounter(start["shard_errors"], start["sample_errors"])
+    window, skip = start["window"], start["offset"]
+    rows: list[dict | None] = [None] * cfg.batch_size
+    filled: BatchFrames | None = None  # taken at a batch's first sample: by then the last one may be back
+    empty_windows = 0
+    while True:
+        rng = seeded(seed, stream, window, 1)
+        shards = plan.window(stream, window, cfg.shards_per_window)
+        offset = 0
+        for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors):
+            offset += 1
+            if offset <= skip:
+                continue
+            row = rows.index(None)
+            filled = filled or pool.take()
+            rows[row] = _prepare(raw, transform, seeded(seed, stream, window, offset, 2), errors,
+                                 filled.row_arrays(row))
+            if None in rows or not _decode_rows(rows, errors):
+                continue
+            batch = collate(rows, cfg.context_length, filled)
+            filled = None
+            batch["position"] = StreamPosition(window=window, offset=offset, shard_errors=errors.shard_errors,
+                                               sample_errors=errors.sample_errors)
+            rows = [None] * cfg.batch_size
+            yield batch
+        empty_windows = empty_windows + 1 if offset == 0 else 0
+        if empty_windows >= MAX_EMPTY_WINDOWS:
+            raise RuntimeError(f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample "
+                               f"({errors.shard_errors} shard errors); is the data set reachable?")
+        window, skip = window + 1, 0
+
+
+_SAMPLE_ERRORS = (SchemaError, OSError, ValueError, RuntimeError)
+
+
+def _prepare(raw: dict, transform: SampleTransform, rng: random.Random, errors: ErrorCounter,
+             out: tuple[np.ndarray, np.ndarray]) -> dict | None:
+    try:
+        item = transform.prepare(ClipSample.from_wds(raw), rng, out)
+    except _SAMPLE_ERRORS as exc:
+        errors.sample(f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", exc)
+        return None
+    item["url"] = raw.get("__url__", "?")
+    return item
+
+
+def _decode_rows(rows: list[dict], errors: ErrorCounter) -> bool:
+    """Decode the rows not yet decoded; a row that fails is counted and emptied. True if none failed."""
+    for row, item in enumerate(rows):
+        if "pending" in item:
+            try:
+                decode_item(item)
+            except _SAMPLE_ERRORS as exc:
+                errors.sample(f"{item['url']}:{item['key']}", exc)
+                rows[row] = None
+    return None not in rows
+
+
+def initial_position() -> StreamPosition:
+    return StreamPosition(window=0, offset=0, shard_errors=0, sample_errors=0)
+
+
+class StreamingDataset(IterableDataset):
+    """One rank's view: its DataLoader workers each run one stream (train/shard_stream.py)."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int,
+                 state: dict | None = None):
+        self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        self.num_workers = max(cfg.num_workers, 1)
+        self.sources = open_sources(cfg.train)
+        self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
+        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines)
+        self.state = state or fresh_state(self.num_workers)
+        check_state(self.state, self.num_workers)
+        # per worker, one flag per pooled batch buffer (see FramePool): enough for the batches in
+        # flight (prefetch), the one being used, and one whose release is seen at the next fetch
+        self.buffers_in_use = torch.zeros(self.num_workers, cfg.prefetch_factor + 4, dtype=torch.uint8).share_memory_()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(source.num_samples for source in self.sources)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        logical = (worker + self.state["batches"]) % self.num_workers
+        stream = self.rank * self.num_workers + logical
+        start = self.state["streams"][logical]
+        pool = FramePool(self.buffers_in_use[worker], self.cfg.batch_size, self.cfg.num_frames, self.cfg.image_size)
+        for batch in stream_batches(self.plan, stream, start, self.cfg, self.transform, self.seed, pool):
+            batch["stream"], batch["worker"] = logical, worker
+            yield batch
+
+
+def fresh_state(num_workers: int) -> dict:
+    return {"batches": 0, "streams": [initial_position() for _ in range(num_workers)]}
+
+
+def check_state(state: dict, num_workers: int) -> None:
+    if len(state.get("streams", [])) != num_workers:
+        raise ValueError(f"data state has {len(state.get('streams', []))} worker streams but data.num_workers "
+                         f"gives {num_workers}: resume with the same num_workers and world size")
+
+
+def _as_is(batch: dict) -> dict:
+    """The DataLoader's collate step: batches are already tensors (its default walks every field)."""
+    return batch
+
+
+class StreamingLoader:
+    """Iterates batches of one rank and tracks its data state (what goes into client_state)."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
+        self.dataset = StreamingDataset(cfg, seed, rank, world_size, state)
+        get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
+        self.state = {"batches": self.dataset.state["batches"],
+                      "streams": [dict(p) for p in self.dataset.state["streams"]]}
+        self.loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
+                                 prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                                 persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
+        self._iter: Iterator[dict] | None = None
+        self._lent: list[tuple[StorageWeakRef, int, int]] = []
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.dataset.samples_per_epoch
+
+    def next(self) -> dict:
+        """The next batch. Its frame tensors live in a pooled buffer that is refilled only after
+        every reference to them (views included) is gone; keep a tensor to keep its data."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        self._return_buffers()
+        batch = next(self._iter)
+        self.state["streams"][batch.pop("stream")] = batch.pop("position")
+        self.state["batches"] += 1
+        worker, slot = batch.pop("worker"), batch.pop("pool_slot")
+        if slot >= 0:
+            self._lent.append((StorageWeakRef(batch["frames"].untyped_storage()), worker, slot))
+        return batch
+
+    def _return_buffers(self) -> None:
+        """Clear the in-use flag of each lent buffer whose storage here has no reference left."""
+        in_use, still_lent = self.dataset.buffers_in_use, []
+        for ref, worker, slot in self._lent:
+            if ref.expired():
+                in_use[worker, slot] = 0
+            else:
+                still_lent.append((ref, worker, slot))
+        self._lent = still_lent
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._iter = None
+
+    def errors(self) -> tuple[int, int]:
+        streams = self.state["streams"]
+        return sum(p["shard_errors"] for p in streams), sum(p["sample_errors"] for p in streams)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.state["batches"], "streams": [dict(p) for p in self.state["streams"]]}
