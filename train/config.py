@@ -8,15 +8,15 @@ to ``<run_dir>/config.yaml`` by the entry point.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
-import typing
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import yaml
+
+from pipeline import config
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW and the warmup + cosine schedule (brief §4.1 defaults)."""
+    """AdamW and the warmup + cosine schedule (defaults: the CLIP-ViP paper's post-pretraining settings)."""
 
     lr: float = 5e-6
     """Peak learning rate."""
@@ -292,8 +292,6 @@ class TrainConfig:
         if self.data.context_length > text_ctx:
             raise ValueError(f"data.context_length={self.data.context_length} exceeds the text tower's "
                              f"context_length={text_ctx}")
-        if self.zero.precision == "bf16" and self.zero.stage == 0:
-            raise ValueError("zero.precision=bf16 needs zero.stage >= 1")
         if self.stop_at_step is not None and self.max_steps is not None and self.stop_at_step > self.max_steps:
             raise ValueError(f"stop_at_step={self.stop_at_step} is beyond max_steps={self.max_steps}")
 
@@ -338,113 +336,12 @@ def deepspeed_json(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def config_to_dict(cfg: Any) -> dict:
-    """Plain-data (YAML-safe) view of a config dataclass."""
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-    return plain(dataclasses.asdict(cfg))
-
-
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{name}: expected a mapping, got {value!r}")
-            value = _build(hint, value, f"{prefix}{name}.")
-        else:
-            value = _coerce(value, hint, f"{prefix}{name}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Numbers written as strings (YAML reads ``3e-3`` as a string) become int/float; bad types fail."""
-    options = set(typing.get_args(hint) or (hint,))
-    if type(None) in options and value in ("None", "none", "null"):
-        return None
-    numeric = {float, int} & options
-    if not numeric or isinstance(value, bool) or value is None:
-        return value
-    if float in numeric and isinstance(value, (int, float, str)):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    if int in numeric and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
-    return value
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``a.b=value`` strings -> nested dict; values are parsed as YAML (numbers, bools, lists)."""
-    tree: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- dotted overrides; validated."""
-    values: dict = {}
-    if path is not None:
-        if not os.path.exists(path):
-            raise ValueError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path!r}: expected a mapping at the top level")
-        values = loaded
-    values = _merge(values, parse_overrides(overrides or []))
+    """Defaults <- YAML file <- dotted overrides; validated (pipeline/config.py)."""
+    values = config.load_values(path, overrides)
     if "run_dir" not in values:
         raise ValueError("run_dir: required (set it in the YAML or pass run_dir=...)")
-    return _build(TrainConfig, values, "")
+    return config.build(TrainConfig, values)
 
 
 # Settings a resumed run may change: where output goes, how often it is written, evaluation, the
@@ -453,19 +350,9 @@ RESUME_FREE = ("run_dir", "max_steps", "stop_at_step", "log.", "checkpoint.every
                "data.eval", "data.eval_text", "data.eval_max_samples")
 
 
-def _flatten(values: Any, prefix: str = "") -> dict:
-    """Nested dicts -> {"a.b.c": leaf}; an empty dict is a leaf."""
-    if not isinstance(values, dict) or not values:
-        return {prefix: values}
-    out: dict = {}
-    for key, value in values.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return out
-
-
 def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
     """'key: saved -> new' for every setting that differs from a saved run's config and must not."""
-    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    old, new = config.flatten(saved), config.flatten(config.to_dict(cfg))
     out = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUME_FREE) or old.get(key) == new.get(key):
@@ -481,7 +368,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     if cfg.checkpoint.resume != "auto" or not has_checkpoint or not os.path.exists(saved_path):
         return
     try:  # through the loader, so settings added since then compare as their defaults
-        saved = config_to_dict(load_config(saved_path, []))
+        saved = config.to_dict(load_config(saved_path, []))
     except ValueError:
         with open(saved_path) as f:
             saved = yaml.safe_load(f) or {}
@@ -493,6 +380,4 @@ def check_resumable(cfg: TrainConfig) -> None:
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    config.dump_yaml(config.to_dict(cfg), path)

@@ -19,7 +19,12 @@ logger = logging.getLogger("train.main")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pipeline.config import settings_help
+    from train.config import TrainConfig
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="settings (key=value overrides; YAML sections alike):\n"
+                                     + settings_help(TrainConfig))
     parser.add_argument("--config", help="YAML config (see launch/configs/train/)")
     parser.add_argument("--dry-run", action="store_true", help="config, model, DeepSpeed JSON and one batch only")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
