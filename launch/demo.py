@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline import storage  # noqa: E402
+from pipeline.layout import DatasetLayout  # noqa: E402
 from preprocess.synthetic import make_corpus  # noqa: E402
 
 METRIC_ROWS = ["t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_medr"]
@@ -72,7 +74,7 @@ def prepare_out(out: Path, args) -> None:
 
 
 def shard(corpus, output: Path, frames: int, log: Path) -> None:
-    if (output / "manifest.json").exists():
+    if storage.exists(DatasetLayout(str(output)).manifest):
         print(f"shards already committed in {output}")
         return
     run([sys.executable, "preprocess/shard.py", "--metadata", str(corpus.metadata), "--videos", str(corpus.videos),

@@ -16,10 +16,9 @@ import re
 from dataclasses import dataclass, field
 
 from pipeline import storage
+from pipeline.layout import DatasetLayout
 from pipeline.schema import SCHEMA_VERSION
 
-MANIFEST_NAME = "manifest.json"
-SIZES_NAME = "sizes.json"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _XXH_RE = re.compile(r"^[0-9a-f]{16}$")
 
@@ -111,35 +110,24 @@ class Manifest:
         return (json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def manifest_uri(location: str) -> str:
-    """Accept a data set folder or a manifest URI; return the manifest URI."""
-    return location if location.endswith(".json") else storage.join(location, MANIFEST_NAME)
-
-
-def dataset_root(location: str) -> str:
-    uri = manifest_uri(location)
-    return uri.rsplit("/", 1)[0] if "/" in uri else "."
-
-
 def shard_uris(manifest: Manifest, location: str) -> list[str]:
-    """Absolute URIs of a manifest's shards."""
-    root = dataset_root(location)
-    return [storage.join(root, entry.url) for entry in manifest.shards]
+    """Absolute URIs of a manifest's shards (``location``: the data set folder or the manifest URI)."""
+    layout = DatasetLayout.of(location)
+    return [layout.path(entry.url) for entry in manifest.shards]
 
 
 def write_manifest(location: str, manifest: Manifest) -> str:
     """Validate and write ``sizes.json`` then ``manifest.json`` (the commit marker)."""
     manifest.validate()
-    uri = manifest_uri(location)
-    root = dataset_root(location)
-    storage.write_bytes(storage.join(root, SIZES_NAME), json.dumps(manifest.sizes, indent=1, sort_keys=True).encode())
-    storage.write_bytes(uri, manifest.to_json())
-    return uri
+    layout = DatasetLayout.of(location)
+    storage.write_bytes(layout.sizes, json.dumps(manifest.sizes, indent=1, sort_keys=True).encode())
+    storage.write_bytes(layout.manifest, manifest.to_json())
+    return layout.manifest
 
 
 def read_manifest(location: str) -> Manifest:
     """Read and validate a manifest; errors name the file and the problem."""
-    uri = manifest_uri(location)
+    uri = DatasetLayout.of(location).manifest
     try:
         raw = storage.read_bytes(uri)
     except storage.StorageNotFound as exc:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import xxhash
 
 from pipeline import storage
+from pipeline.layout import DatasetLayout, tar_name
 from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
 from pipeline.schema import ClipSample
 
@@ -126,7 +127,8 @@ class ShardBuilder:
 
 
 class ShardWriter:
-    """Writes samples into ``<root>/<stem>-NNN.tar`` shards, rolling over on the limits.
+    """Writes samples into the tars ``<stem>-000.tar``, ``<stem>-001.tar``... of a data set folder
+    (:func:`pipeline.layout.tar_name`), rolling over on the limits.
 
     Use as a context manager; ``entries`` lists the committed shards in order.
     """
@@ -134,7 +136,7 @@ class ShardWriter:
     def __init__(self, root: str, stem: str, limits: ShardLimits = ShardLimits(), tmp_dir: str | None = None):
         if "/" in stem or stem.startswith("."):
             raise ValueError(f"shard stem {stem!r} must be a plain file name")
-        self.root, self.stem, self.limits, self._tmp_dir = root, stem, limits, tmp_dir
+        self.layout, self.stem, self.limits, self._tmp_dir = DatasetLayout(root), stem, limits, tmp_dir
         self.entries: list[ShardEntry] = []
         self._builder: ShardBuilder | None = None
 
@@ -157,8 +159,8 @@ class ShardWriter:
     def flush(self) -> None:
         if self._builder is None or self._builder.samples == 0:
             return
-        url = f"{self.stem}-{len(self.entries):03d}.tar"
-        self.entries.append(self._builder.commit(storage.join(self.root, url), url))
+        url = tar_name(self.stem, len(self.entries))
+        self.entries.append(self._builder.commit(self.layout.path(url), url))
         self._builder = None
 
 

@@ -275,6 +275,19 @@ def list_files(prefix: str) -> list[str]:
     return sorted(found)
 
 
+def list_children(folder: str) -> list[tuple[str, str]]:
+    """(name, URI) of the files directly in a folder/prefix (not in its subfolders), sorted; temp files excluded."""
+    base = folder.rstrip("/")
+    loc = parse(base)
+    prefix = (base if loc.scheme == "s3" else loc.path) + "/"
+    found = []
+    for uri in list_files(base):
+        name = uri[len(prefix) :]
+        if "/" not in name:
+            found.append((name, uri))
+    return found
+
+
 def delete(uri: str) -> None:
     """Delete a file or object; a missing one is not an error."""
     loc = parse(uri)

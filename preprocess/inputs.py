@@ -356,15 +356,11 @@ def _read_text_file(uri: str, field: str, stage: str, max_chars: int):
 
 def list_source_videos(videos: str) -> dict[str, str]:
     """video id -> URI of ``<video_id>.<ext>`` directly under the videos folder (listed once)."""
-    root = videos.rstrip("/")
-    loc = storage.parse(root)
-    base = root if loc.scheme == "s3" else loc.path.rstrip("/")
     found: dict[str, str] = {}
-    for uri in storage.list_files(root):
-        rel = uri[len(base) + 1 :]
-        if "/" in rel or "." not in rel.lstrip("."):
+    for name, uri in storage.list_children(videos):
+        if "." not in name.lstrip("."):
             continue
-        video_id = rel.rsplit(".", 1)[0]
+        video_id = name.rsplit(".", 1)[0]
         if video_id in found:
             log.warning("video %s: several files (%s, %s); using the first in name order", video_id, found[video_id], uri)
             continue

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import ray
 
 from pipeline import storage
-from pipeline.manifest import MANIFEST_NAME, Manifest, write_manifest
+from pipeline.layout import DatasetLayout, shard_stem
+from pipeline.manifest import Manifest, write_manifest
 from preprocess.asr import Transcriber, check_transcriber
 from preprocess.captions import Captioner, check_captioner
 from preprocess.config import Layout, PreprocessConfig, RayConfig
@@ -45,19 +46,13 @@ from preprocess.work import (
     WorkSettings,
     failure_rows,
     failures_table,
-    failures_uri,
     process_shard,
     read_parquet,
-    shard_stem,
-    stats_uri,
     write_parquet,
 )
 from preprocess.stages import ModelError, guarded
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-FAILURES_NAME = "failures.parquet"
 
 
 @dataclass(kw_only=True)
@@ -105,20 +100,20 @@ def _reasons(counts: dict[str, int]) -> str:
 def run_job(cfg: PreprocessConfig) -> JobResult:
     """Run (or resume) the whole job; returns what happened. Writes the manifest last."""
     started = time.monotonic()
-    out = cfg.sharding.output
+    out = DatasetLayout(cfg.sharding.output)
     _check_models(cfg)
     plan = read_inputs(cfg.inputs)
     _check_config(out, cfg.manifest_config())
-    removed = storage.cleanup_temp(out)
+    removed = storage.cleanup_temp(out.root)
     if removed:
-        log.info("removed %d temp files a killed run left under %s", removed, out)
+        log.info("removed %d temp files a killed run left under %s", removed, out.root)
     chunks = plan.chunks(cfg.sharding.clips_per_shard)
     committed = _committed(out, len(chunks))
     if cfg.retry_failed:
         _uncommit_failed(out, committed)
-    tasks = _tasks(cfg, chunks, committed)
+    tasks = _tasks(cfg, out, chunks, committed)
     if tasks:
-        storage.delete(storage.join(out, MANIFEST_NAME))
+        storage.delete(out.manifest)
     result = JobResult(shards_total=len(chunks), shards_skipped=len(committed), shards_run=len(tasks))
     result.shards_failed = _dispatch(tasks, _settings(cfg), cfg, committed, result)
     _tally(result, plan, committed)
@@ -137,9 +132,9 @@ def _check_models(cfg: PreprocessConfig) -> None:
         check_transcriber(cfg.asr)
 
 
-def _check_config(out: str, config: dict) -> None:
+def _check_config(out: DatasetLayout, config: dict) -> None:
     """An output folder holds one data set: refuse to mix shards made with another config."""
-    uri = storage.join(out, CONFIG_NAME)
+    uri = out.config
     encoded = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
     try:
         existing = storage.read_bytes(uri)
@@ -150,17 +145,13 @@ def _check_config(out: str, config: dict) -> None:
         old = json.loads(existing)
         diff = sorted(f"{s}.{k}" for s in config for k in config[s] if old.get(s, {}).get(k) != config[s][k])
         diff += sorted(set(config) ^ set(old))
-        raise ValueError(f"{out} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); use a new --output")
+        raise ValueError(f"{out.root} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); use a new --output")
 
 
-def _committed(out: str, num_chunks: int) -> dict[int, ShardStats]:
+def _committed(out: DatasetLayout, num_chunks: int) -> dict[int, ShardStats]:
     """Stats of the shards already committed (one listing of the stats folder)."""
     found = {}
-    for uri in storage.list_files(storage.join(out, "stats")):
-        name = uri.rsplit("/", 1)[-1]
-        if not (name.startswith("shard-") and name.endswith(".json")):
-            continue
-        index = int(name[6:-5])
+    for index, uri in out.list_stats().items():
         if index >= num_chunks:
             log.warning("%s: no such shard for this metadata (%d shards); ignored", uri, num_chunks)
             continue
@@ -168,38 +159,28 @@ def _committed(out: str, num_chunks: int) -> dict[int, ShardStats]:
     return found
 
 
-def _uncommit_failed(out: str, committed: dict[int, ShardStats]) -> None:
+def _uncommit_failed(out: DatasetLayout, committed: dict[int, ShardStats]) -> None:
     failed = [k for k, s in committed.items() if s.num_failed]
     if failed:
-        storage.delete(storage.join(out, MANIFEST_NAME))
+        storage.delete(out.manifest)
     for index in failed:
-        storage.delete(stats_uri(out, index))
+        storage.delete(out.stats(index))
         del committed[index]
     log.info("retry-failed: redoing %d shards that had failed clips", len(failed))
 
 
-def _tasks(cfg: PreprocessConfig, chunks, committed: dict[int, ShardStats]) -> list[ShardTask]:
+def _tasks(cfg: PreprocessConfig, out: DatasetLayout, chunks, committed: dict[int, ShardStats]) -> list[ShardTask]:
     todo = [k for k in range(len(chunks)) if k not in committed]
     if not todo:
         return []
-    out = cfg.sharding.output
-    tars = collections.defaultdict(list)
-    for name in _top_level_names(out):
-        if name.startswith("shard-") and name.endswith(".tar"):
-            tars[name[: len(shard_stem(0))]].append(name)
+    tars = out.list_tars()
     uris = list_source_videos(cfg.inputs.videos) if cfg.inputs.layout is Layout.SOURCE else {}
     tasks = []
     for k in todo:
         videos = {c.video_id for c in chunks[k]}
-        tasks.append(ShardTask(index=k, clips=chunks[k], video_uris={v: uris[v] for v in videos if v in uris}, stale=tuple(tars[shard_stem(k)])))
+        video_uris = {v: uris[v] for v in videos if v in uris}
+        tasks.append(ShardTask(index=k, clips=chunks[k], video_uris=video_uris, stale=tuple(tars.get(k, ()))))
     return tasks
-
-
-def _top_level_names(folder: str) -> list[str]:
-    loc = storage.parse(folder.rstrip("/"))
-    base = folder.rstrip("/") if loc.scheme == "s3" else loc.path.rstrip("/")
-    names = (uri[len(base) + 1 :] for uri in storage.list_files(folder))
-    return [name for name in names if "/" not in name]
 
 
 def _settings(cfg: PreprocessConfig) -> WorkSettings:
@@ -475,17 +456,17 @@ def _finalize(cfg: PreprocessConfig, plan: InputPlan, committed: dict[int, Shard
     """Merge the failures tables, then write the manifest (last)."""
     import pyarrow as pa
 
-    out = cfg.sharding.output
+    out = DatasetLayout(cfg.sharding.output)
     tables = [failures_table(failure_rows([(-1, -1, f) for f in plan.failures]))]
-    tables += [read_parquet(failures_uri(out, k)) for k in sorted(committed)]
-    write_parquet(storage.join(out, FAILURES_NAME), pa.concat_tables(tables))
+    tables += [read_parquet(out.shard_failures(k)) for k in sorted(committed)]
+    write_parquet(out.failures, pa.concat_tables(tables))
     entries = tuple(e for k in sorted(committed) for e in committed[k].entries)
-    return write_manifest(out, Manifest(shards=entries, config=cfg.manifest_config()))
+    return write_manifest(out.root, Manifest(shards=entries, config=cfg.manifest_config()))
 
 
 def _write_run_log(cfg: PreprocessConfig, result: JobResult) -> None:
     """Run-specific facts (wall time, host) go here, never into the manifest."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     record = {"config": cfg.run_config(), "result": dataclasses.asdict(result), "host": os.uname().nodename, "pid": os.getpid()}
-    uri = storage.join(cfg.sharding.output, "logs", f"run-{stamp}-{os.getpid()}.json")
+    uri = DatasetLayout(cfg.sharding.output).run_log(stamp, os.getpid())
     storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipeline import storage
+from pipeline.layout import DatasetLayout, shard_stem
 from pipeline.manifest import ShardEntry
 from pipeline.schema import ClipMeta, ClipSample, SchemaError, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
@@ -137,18 +137,6 @@ class ShardStats:
             return cls(**data)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{uri}: unreadable shard stats ({exc})") from exc
-
-
-def shard_stem(index: int) -> str:
-    return f"shard-{index:06d}"
-
-
-def stats_uri(output: str, index: int) -> str:
-    return storage.join(output, "stats", f"{shard_stem(index)}.json")
-
-
-def failures_uri(output: str, index: int) -> str:
-    return storage.join(output, "failures", f"{shard_stem(index)}.parquet")
 
 
 # --------------------------------------------------------------------------- failures table
@@ -275,13 +263,14 @@ def process_shard(
 
 
 def _commit(task: ShardTask, settings: WorkSettings, shard: _Shard) -> None:
+    out = DatasetLayout(settings.output)
     shard.failures.sort(key=lambda row: row[1])
-    write_parquet(failures_uri(settings.output, task.index), failures_table(failure_rows(shard.failures)))
-    storage.write_bytes(stats_uri(settings.output, task.index), shard.stats.to_json())
+    write_parquet(out.shard_failures(task.index), failures_table(failure_rows(shard.failures)))
+    storage.write_bytes(out.stats(task.index), shard.stats.to_json())
     written = {e.url for e in shard.stats.entries}
     for name in task.stale:
         if name not in written:
-            storage.delete(storage.join(settings.output, name))
+            storage.delete(out.path(name))
 
 
 def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
@@ -422,8 +411,7 @@ def _local_copy(uri: str, scratch: str) -> Iterator[str]:
 def _fresh_scratch(settings: WorkSettings, index: int) -> str:
     """An empty per-shard scratch folder (what a killed earlier attempt left is removed)."""
     root = settings.scratch or os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
-    digest = hashlib.sha256(settings.output.encode()).hexdigest()[:12]
-    path = os.path.join(root, f"{digest}-{shard_stem(index)}")
+    path = DatasetLayout(settings.output).scratch(root, index)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     return path

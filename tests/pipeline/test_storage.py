@@ -29,6 +29,14 @@ def test_write_read_list_delete(root):
     storage.delete(a)  # deleting a missing object is fine
 
 
+def test_list_children_names_files_directly_in_the_folder(root):
+    for name in ("b.mp4", "a.mp4", "sub/c.mp4"):
+        storage.write_bytes(storage.join(root, name), b"x")
+    expected = [("a.mp4", storage.join(root, "a.mp4")), ("b.mp4", storage.join(root, "b.mp4"))]
+    assert storage.list_children(root) == storage.list_children(root + "/") == expected
+    assert storage.list_children(storage.join(root, "none")) == []
+
+
 def test_missing_object_is_named(root):
     uri = storage.join(root, "nothing-here.tar")
     with pytest.raises(storage.StorageNotFound, match="nothing-here.tar"):
