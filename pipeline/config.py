@@ -242,26 +242,38 @@ def dump_yaml(values: dict, path: str) -> None:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, dest: str, prefix: str = "",
-              aliases: dict[str, str] | None = None, title: str | None = None) -> None:
-    """One ``--<prefix><field>`` flag per field of ``cls`` (a section is not expanded), help and default
-    from the dataclass; ``aliases`` maps a field to an extra flag name kept for compatibility.
+              names: dict[str, str] | None = None, only: tuple[str, ...] | None = None,
+              optional: bool = False, title: str | None = None) -> None:
+    """One ``--<prefix><field>`` flag per field of ``cls`` (sections are not expanded), help and default from
+    the dataclass. ``names`` gives a field another flag name, ``only`` limits the fields; with ``optional``
+    the section may be left out entirely, so its required fields are not required flags.
 
     Values land under ``<dest>.<field>`` in the namespace and are read back by `flag_values`. Flags that are
     not given are absent from the namespace, so the dataclass defaults apply.
     """
-    group = parser.add_argument_group(title or (cls.__doc__ or cls.__name__).strip().split("\n")[0])
+    group = parser.add_argument_group((title or (cls.__doc__ or cls.__name__).strip().split("\n")[0]).rstrip("."))
     docs, types_ = field_docs(cls), hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or section_type(types_[f.name]) is not None:
+        if not f.init or section_type(types_[f.name]) is not None or (only and f.name not in only):
             continue
-        names = [f"--{prefix}{f.name.replace('_', '-')}"]
-        if aliases and f.name in aliases:
-            names.append(f"--{aliases[f.name]}")
+        flag = (names or {}).get(f.name, prefix + f.name.replace("_", "-"))
         default = default_of(f)
-        shown = "required" if default is dataclasses.MISSING else f"default: {_plain(default)!r}"
-        kwargs = _flag_kind(types_[f.name])
-        group.add_argument(*names, dest=f"{dest}.{f.name}", default=argparse.SUPPRESS,
-                           help=f"{docs.get(f.name, '')} ({shown})".replace("%", "%%"), **kwargs)
+        required = default is dataclasses.MISSING and not optional
+        shown = f"default: {_shown(default)}"
+        if default is dataclasses.MISSING:
+            shown = "setting it turns this section on" if optional else "required"
+        group.add_argument(f"--{flag}", dest=f"{dest}.{f.name}", default=argparse.SUPPRESS, required=required,
+                           help=f"{docs.get(f.name, '')} ({shown})".replace("%", "%%"), **_flag_kind(types_[f.name]))
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _flag_kind(hint: Any) -> dict:
@@ -271,11 +283,13 @@ def _flag_kind(hint: Any) -> dict:
         return {"action": argparse.BooleanOptionalAction}
     if isinstance(base, type) and issubclass(base, enum.Enum):
         return {"choices": [m.value for m in base], "type": str}
+    if typing.get_origin(base) is tuple and typing.get_args(base) == (int, int):
+        return {"type": _size, "metavar": "WxH"}
     if typing.get_origin(base) is tuple:
-        return {"type": _int_tuple, "metavar": "WxH"}
+        return {"type": _str_tuple, "metavar": "A,B,..."}
     if base in (int, float):
-        return {"type": _number(base)}
-    return {"type": str, "metavar": "VALUE" if base is str else base.__name__.upper()}
+        return {"type": _number(base), "metavar": base.__name__.upper()}
+    return {"type": str, "metavar": "VALUE"}
 
 
 def _number(kind: type):
@@ -288,12 +302,18 @@ def _number(kind: type):
     return parse
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    """``224x224`` or ``224,224`` -> (224, 224)."""
+def _size(text: str) -> tuple[int, int]:
+    """``224x224`` -> (224, 224)."""
     try:
-        return tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+        width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers such as 224x224, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 224x224, got {text!r}") from None
+    return width, height
+
+
+def _str_tuple(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b")."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def flag_values(args: argparse.Namespace, dest: str) -> dict:

@@ -265,23 +265,18 @@ class _Encoder:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import config
+    from pipeline.logs import setup_logging
+
     parser = argparse.ArgumentParser(prog="python -m preprocess.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--videos", type=int, default=16)
-    parser.add_argument("--clips-per-video", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="160x120", help="WxH, even numbers")
-    parser.add_argument("--fps", type=int, default=15)
-    parser.add_argument("--clip-seconds", type=float, default=3.0)
-    parser.add_argument("--precut", action="store_true", help="also write clips/<video_id>/<clip_id>")
+    config.add_flags(parser, CorpusConfig, dest="corpus")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging("INFO")
     try:
-        w, h = (int(x) for x in args.size.lower().split("x"))
-        cfg = CorpusConfig(videos=args.videos, clips_per_video=args.clips_per_video, seed=args.seed, size=(w, h),
-                           fps=args.fps, clip_seconds=args.clip_seconds, precut=args.precut)
+        cfg = config.build(CorpusConfig, config.flag_values(args, "corpus"))
     except ValueError as exc:
-        parser.error(str(exc) if "must" in str(exc) else f"--size must look like 160x120, got {args.size!r}")
+        parser.error(str(exc))
     paths = write_corpus(Path(args.out), cfg)
     print(f"wrote {cfg.videos} videos x {cfg.clips_per_video} clips to {paths.root}")
     return 0

@@ -15,10 +15,10 @@ import json
 import logging
 import sys
 
-from pipeline import storage
+from pipeline import config, storage
+from pipeline.logs import LEVELS, setup_logging
 from preprocess.config import RayConfig
 from preprocess.downstream import DATASETS
-from preprocess.shard import add_geometry_args
 from preprocess.downstream.common import (
     SPLITS,
     ConvertConfig,
@@ -29,39 +29,23 @@ from preprocess.downstream.common import (
     split_frames,
     write_split_inputs,
 )
-from preprocess.shard import setup_logging
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from ConvertConfig and RayConfig (pipeline/config.py: defaults and help from the fields)."""
     p = argparse.ArgumentParser(prog="python -m preprocess.downstream", description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", choices=sorted(DATASETS), help="which benchmark")
-    p.add_argument("--annotations", required=True, help="folder of the benchmark's annotation files")
-    p.add_argument("--videos", required=True, help="folder (or s3:// prefix) of whole videos <video_id>.<ext>")
-    p.add_argument("--out", required=True, help="output root: <out>/<split>/ data sets")
-    p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated subset of train,val,test")
-    p.add_argument("--frames", type=int, default=None, help="frames per val/test video (default 12; 32 ActivityNet)")
-    p.add_argument("--train-frames", type=int, default=None, help="frames stored per train video (default 2x --frames)")
-    add_geometry_args(p)
-    p.add_argument("--val-count", type=int, default=None, help="train videos held out for validation where the "
-                   "benchmark has no val split (MSR-VTT, ActivityNet; default 500)")
-    p.add_argument("--clips-per-shard", type=int, default=1000, help="videos per shard")
-    p.add_argument("--convert-only", action="store_true", help="write the job inputs and reports only")
-    p.add_argument("--ray-address", default=None, help="as preprocess/shard.py; 'local' starts a new local cluster")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    config.add_flags(p, ConvertConfig, dest="convert")
+    config.add_flags(p, RayConfig, dest="ray", names={"address": "ray-address"}, only=("address", "num_cpus"))
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.add_argument("--log-level", default="INFO", choices=LEVELS, help="log level (default: INFO)")
     return p
 
 
 def build_config(args: argparse.Namespace) -> ConvertConfig:
-    return ConvertConfig(annotations=args.annotations, videos=args.videos, out=args.out,
-                         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
-                         frames=args.frames, train_frames=args.train_frames, short_side=args.short_side,
-                         frame_size=args.frame_size,
-                         val_count=args.val_count, clips_per_shard=args.clips_per_shard,
-                         convert_only=args.convert_only)
+    return config.build(ConvertConfig, config.flag_values(args, "convert"))
 
 
 def prepare(dataset: str, cfg: ConvertConfig) -> dict[str, SplitInputs]:
@@ -108,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = build_config(args)
-        ray_cfg = RayConfig(address=args.ray_address, num_cpus=args.num_cpus)
+        ray_cfg = config.build(RayConfig, config.flag_values(args, "ray"))
     except ValueError as exc:
         parser.error(str(exc))
     setup_logging(args.log_level)
@@ -120,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for split_inputs in inputs.values():
         print(split_inputs.report.summary())
     try:
-        results = {} if cfg.convert_only else run_splits(args.dataset, cfg, inputs, ray_cfg, not args.no_progress)
+        results = {} if cfg.convert_only else run_splits(args.dataset, cfg, inputs, ray_cfg, args.progress)
     except ValueError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
