@@ -39,7 +39,7 @@ from preprocess.asr import Transcriber, check_transcriber
 from preprocess.captions import Captioner, check_captioner
 from preprocess.config import Layout, PreprocessConfig, RayConfig
 from preprocess.inputs import InputPlan, list_source_videos, read_inputs
-from preprocess.work import (
+from preprocess.shard_task import (
     Faults,
     ShardStats,
     ShardTask,
@@ -50,7 +50,7 @@ from preprocess.work import (
     read_parquet,
     write_parquet,
 )
-from preprocess.stages import ModelError, guarded
+from preprocess.text_stages import ModelError, guarded
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ final name, and a rerun writes the same bytes again.
 Consecutive clips of the same video are decoded from one open file. A video on S3 is
 streamed to a local scratch file first (bounded disk, constant RAM) and deleted after.
 
-With a caption or ASR stage, samples pass through :class:`preprocess.stages.TextStages`
+With a caption or ASR stage, samples pass through :class:`preprocess.text_stages.TextStages`
 (batched model calls, input order kept) on their way to the writer; the models themselves are
 callables handed in by the caller (Ray actors in :mod:`preprocess.job`). Clips without a given
 subtitle ask the decoder for their audio, read in the same pass as their frames.
@@ -40,7 +40,7 @@ from preprocess.captions import CaptionConfig
 from preprocess.config import Layout
 from preprocess.decode import ClipFailure, ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from preprocess.inputs import ClipItem, Failure, TextEntry, clip_file
-from preprocess.stages import ModelFn, StageModel, TextStages
+from preprocess.text_stages import ModelFn, StageModel, TextStages
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def process_shard(
 
     ``caption`` (middle-frame JPEGs -> captions) and ``transcribe`` (16 kHz audio -> subtitles)
     are the models of the stages configured in ``settings``; they raise
-    :class:`preprocess.stages.ModelError` when the model fails on its inputs.
+    :class:`preprocess.text_stages.ModelError` when the model fails on its inputs.
     """
     models = _stage_models(settings, caption, transcribe)
     _maybe_exit(task.index, settings.faults)

@@ -15,7 +15,7 @@ from pipeline import storage
 from pipeline.manifest import read_manifest
 from pipeline.shards import iter_dataset
 from preprocess.job import run_job
-from preprocess.work import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_HANG_ENV
+from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_HANG_ENV
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, config, corpus, dataset_bytes, ray_local, script_env  # noqa: F401
 
 pytestmark = pytest.mark.ray

@@ -123,7 +123,7 @@ def test_batch_path_matches_one_at_a_time(staged, models, av_corpus):
 
 def test_worker_death_and_resume_give_identical_shards(staged, av_corpus, models, tmp_path, monkeypatch):
     from preprocess.job import run_job
-    from preprocess.work import FAULT_EXIT_ENV
+    from preprocess.shard_task import FAULT_EXIT_ENV
 
     monkeypatch.setenv(FAULT_EXIT_ENV, f"1:{tmp_path / 'exited'}")
     out = tmp_path / "out"
@@ -143,7 +143,7 @@ def test_model_failure_is_retried_per_sample_then_recorded(models, av_corpus):
     from pipeline.schema import ClipMeta, ClipSample
     from preprocess.captions import CaptionConfig, Captioner
     from preprocess.inputs import ClipItem
-    from preprocess.stages import StageModel, TextStages, guarded
+    from preprocess.text_stages import StageModel, TextStages, guarded
 
     captioner = Captioner(CaptionConfig(model=str(models["caption"]), max_new_tokens=6))
     path = av_corpus["videos"] / "av0.mp4"
