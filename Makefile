@@ -9,17 +9,22 @@ export RAY_AUTH_MODE := disabled
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 setup:
 	VENV=$(VENV) bash launch/setup_env.sh
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m launch.demo --out demo_out $(DEMO_ARGS)
 
 bench: setup
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/storage.py
 	$(PY) bench/attention.py --quick
 	$(PY) bench/preprocess.py --quick

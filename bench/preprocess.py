@@ -21,6 +21,7 @@ import io
 import json
 import os
 import random
+import importlib.util
 import resource
 import shutil
 import subprocess
@@ -278,7 +279,10 @@ def main() -> None:
     print(f"corpus: {spec.sources} x {spec.seconds} s {spec.width}x{spec.height} H.264 (GOP {2 * spec.fps} frames, "
           f"B-frames), {clips} clips of {spec.clip_seconds:g} s, {FRAMES} frames per clip at short side "
           f"{SHORT_SIDE}; one core (cpu {core}), one decoder thread")
-    report(spec, plan, root / "plan.json", core, args.repeat, not args.no_decord)
+    with_decord = not args.no_decord and importlib.util.find_spec("decord") is not None
+    if not args.no_decord and not with_decord:
+        print("decord is not installed (pip install -e '.[bench]', x86_64 only): its reference row is skipped")
+    report(spec, plan, root / "plan.json", core, args.repeat, with_decord)
     if args.quick:
         print("(--quick: a small 360p corpus for smoke-testing; the targets apply to the full-size run)")
 
