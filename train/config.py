@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipeline import config
+from train.run_layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +364,9 @@ def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
 
 def check_resumable(cfg: TrainConfig) -> None:
     """Refuse to resume the checkpoints in cfg.run_dir under a config that changes the run (ValueError)."""
-    saved_path = os.path.join(cfg.run_dir, "config.yaml")
-    has_checkpoint = os.path.exists(os.path.join(cfg.run_dir, "checkpoints", "latest"))
+    run = RunLayout(cfg.run_dir)
+    saved_path = run.config
+    has_checkpoint = os.path.exists(run.checkpoints.latest)
     if cfg.checkpoint.resume != "auto" or not has_checkpoint or not os.path.exists(saved_path):
         return
     try:  # through the loader, so settings added since then compare as their defaults

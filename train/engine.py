@@ -15,7 +15,6 @@ Everything else sees a plain ``nn.Module`` plus the small API below.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -27,10 +26,9 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from train.config import TrainConfig, deepspeed_json
+from train.run_layout import CheckpointFolder, RunLayout
 
 logger = logging.getLogger(__name__)
-
-TAG_PREFIX = "step"
 
 
 def device_type() -> str:
@@ -81,12 +79,11 @@ def ds_config(cfg: TrainConfig, world_size: int) -> dict:
     return deepspeed_json(cfg, world_size, bf16=use_bf16(cfg))
 
 
-def write_ds_config(config: dict, run_dir: str) -> str:
-    path = os.path.join(run_dir, "ds_config.json")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
+def write_ds_config(config: dict, run: RunLayout) -> str:
+    os.makedirs(run.root, exist_ok=True)
+    with open(run.ds_config, "w") as f:
         json.dump(config, f, indent=1, sort_keys=True)
-    return path
+    return run.ds_config
 
 
 def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, external_params=()):
@@ -101,10 +98,6 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
     return engine
-
-
-def model_dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if use_bf16(cfg) else torch.float32
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -169,25 +162,19 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_tags(ckpt_dir: str) -> list[str]:
-    if not os.path.isdir(ckpt_dir):
-        return []
-    tags = [d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, d))]
-    return sorted(tags)
-
-
-def save_checkpoint(engine, ckpt_dir: str, step: int, rank_state: dict, shared_state: dict, keep_last: int) -> str:
+def save_checkpoint(engine, folder: CheckpointFolder, step: int, rank_state: dict, shared_state: dict,
+                    keep_last: int) -> str:
     """Collective: all ranks save; ``rank_state`` of every rank ends up in ``client_state['ranks']``."""
-    tag = f"{TAG_PREFIX}{step:09d}"
+    tag = folder.tag(step)
     client_state = {"ranks": all_gather_objects(rank_state), **shared_state}
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+    engine.save_checkpoint(folder.path, tag=tag, client_state=client_state)
     barrier()
     if dist.get_rank() == 0:
-        for old in checkpoint_tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        for old in folder.tags()[:-keep_last]:
+            shutil.rmtree(folder.tag_dir(old), ignore_errors=True)
             logger.info("removed old checkpoint %s", old)
     barrier()
-    logger.info("saved checkpoint %s", os.path.join(ckpt_dir, tag))
+    logger.info("saved checkpoint %s", folder.tag_dir(tag))
     return tag
 
 
@@ -198,20 +185,19 @@ def check_world_size(path: str, saved: int) -> None:
                          "needs the same world size (or start a new run_dir with model.init_checkpoint=<this run>)")
 
 
-def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
+def load_checkpoint(engine, folder: CheckpointFolder) -> dict | None:
     """Load the newest checkpoint (model, optimizer, scheduler); return its client_state or None."""
-    if not os.path.exists(os.path.join(ckpt_dir, "latest")):
+    tag = folder.latest_tag()
+    if tag is None:
         return None
-    with open(os.path.join(ckpt_dir, "latest")) as f:
-        tag_dir = os.path.join(ckpt_dir, f.read().strip())
-    # before DeepSpeed's loader, which fails deep inside on another world size: one ZeRO
-    # optimizer-state file per data-parallel rank
-    saved = len(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")))
+    # before DeepSpeed's loader, which fails deep inside on another world size
+    saved = len(folder.optimizer_state_files(tag))
     if saved:
-        check_world_size(tag_dir, saved)
-    path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
+        check_world_size(folder.tag_dir(tag), saved)
+    path, client_state = engine.load_checkpoint(folder.path, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load the checkpoint named in 'latest'")
+        raise RuntimeError(f"{folder.path}: DeepSpeed could not load the checkpoint named in 'latest'")
     check_world_size(path, len(client_state.get("ranks", [])))
     logger.info("resumed from %s", path)
     return client_state

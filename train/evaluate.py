@@ -8,18 +8,16 @@ downstream converters store a video's texts one per line in ``subtitle.txt``; ``
 uses the single caption). DSL numbers use the whole test query set at once (transductive) and are
 reported under ``dsl/`` keys, never mixed with the plain ones.
 
-Checkpoints (``--checkpoint``): a training run folder (newest DeepSpeed checkpoint and its
-``config.yaml``), a ``checkpoints/`` folder or one tag folder of it, or a weights file (.pt/.pth/.bin
-or .safetensors) holding our VideoCLIP state dict or a released CLIP-ViP one (``clipmodel.`` keys).
-The model shape comes from ``--config`` (a training YAML), else from the run's ``config.yaml``.
-A checkpoint that does not fit that shape is refused with the list of mismatched tensors.
+Checkpoints (``--checkpoint``): a training run folder, its ``checkpoints/`` folder or one tag
+folder of it, or a weights file of ours or a released CLIP-ViP one, loaded strictly by
+train/checkpoint.py. The model shape comes from ``--config`` (a training YAML), else from the run's
+``config.yaml``. A checkpoint that does not fit that shape is refused with the list of mismatched tensors.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,128 +29,15 @@ from torch import Tensor
 
 from pipeline.schema import ClipSample
 from pipeline.shards import iter_dataset
-from train.config import TrainConfig, load_config
+from train.checkpoint import LoadedModel, load_model
 from train.frames import normalize_frames
+from train.metrics import retrieval_metrics
 from train.sample_transform import SampleTransform, decode_batch
 from train.tokenizer import get_tokenizer
-from train.metrics import retrieval_metrics
-from train.model import VideoCLIP, VideoCLIPConfig, build_model
-from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_state_dict
 
 logger = logging.getLogger(__name__)
 
-DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 TEXT_FIELDS = ("subtitle", "caption")
-
-
-# ----------------------------------------------------------------------------- loading a checkpoint
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoadedModel:
-    """A model ready for inference plus the input shape it was trained with."""
-
-    model: VideoCLIP
-    num_frames: int
-    image_size: int
-    context_length: int
-    device: torch.device
-    checkpoint: str
-    """The weights file actually read."""
-
-
-class ArchitectureMismatch(ValueError):
-    """The checkpoint's tensors do not fit the configured model; the message lists every mismatch."""
-
-
-def resolve_checkpoint(path: str) -> tuple[str, str | None]:
-    """(weights file, config.yaml of its run or None) for a run folder, checkpoints folder, tag folder or file."""
-    if os.path.isfile(path):
-        sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
-        return path, sibling if os.path.exists(sibling) else None
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such file or folder")
-    for ckpt_dir, run_dir in ((os.path.join(path, "checkpoints"), path), (path, os.path.dirname(os.path.abspath(path)))):
-        latest = os.path.join(ckpt_dir, "latest")
-        if os.path.exists(latest):
-            with open(latest) as f:
-                tag = f.read().strip()
-            return os.path.join(ckpt_dir, tag, DS_MODEL_FILE), _config_near(run_dir)
-    if os.path.exists(os.path.join(path, DS_MODEL_FILE)):
-        return os.path.join(path, DS_MODEL_FILE), _config_near(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    raise FileNotFoundError(f"checkpoint {path}: neither a run folder (checkpoints/latest), a DeepSpeed checkpoint "
-                            f"folder ({DS_MODEL_FILE}) nor a weights file")
-
-
-def _config_near(run_dir: str) -> str | None:
-    candidate = os.path.join(run_dir, "config.yaml")
-    return candidate if os.path.exists(candidate) else None
-
-
-def read_weights(path: str) -> dict[str, Tensor]:
-    """A flat state dict: DeepSpeed model states (``module``, our run's own file) or a weights file."""
-    if os.path.basename(path) == DS_MODEL_FILE:
-        # DeepSpeed pickles non-tensor objects next to the weights; only read files of your own runs.
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
-        state = loaded.get("module") if isinstance(loaded, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: no 'module' state dict in this DeepSpeed checkpoint")
-    else:
-        state = read_state_dict(path)
-    return {_strip_prefix(key): value for key, value in state.items()}
-
-
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "model."):  # DataParallel wrappers, then TrainingTask.model
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def match_state(state: dict[str, Tensor], model: VideoCLIP) -> dict[str, Tensor]:
-    """``state`` converted/checked against the model; CheckpointKeyError lists every mismatch."""
-    expected = model.state_dict()
-    if any(key.startswith(HF_PREFIX) for key in state):
-        return clipvip_to_ours(state, expected)
-    missing = sorted(key for key in expected if key not in state)
-    unexpected = sorted(key for key in state if key not in expected)
-    mismatched = sorted(f"{key}: checkpoint {list(state[key].shape)}, model {list(value.shape)}"
-                        for key, value in expected.items() if key in state and state[key].shape != value.shape)
-    if missing or unexpected or mismatched:
-        raise CheckpointKeyError(missing, unexpected, mismatched)
-    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-
-
-def train_config(config_path: str) -> TrainConfig:
-    return load_config(config_path, ["run_dir=unused"])
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def load_model(checkpoint: str, config: str | None = None, device: str = "auto", num_frames: int | None = None) -> LoadedModel:
-    """Build the model described by the config and load the checkpoint into it (strict)."""
-    weights, run_config = resolve_checkpoint(checkpoint)
-    config = config or run_config
-    if config is None:
-        raise ValueError(f"checkpoint {checkpoint}: no config.yaml next to it; pass --config (the training YAML)")
-    cfg = train_config(config)
-    model = build_model(VideoCLIPConfig(**{**cfg.model.video_clip_kwargs(), "pretrained": None}))
-    try:
-        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
-    except CheckpointKeyError as exc:
-        raise ArchitectureMismatch(f"{weights} is not a checkpoint of the model in {config} "
-                                   f"({cfg.model.clip_model}, {cfg.model.num_proxies} proxies): {exc}") from exc
-    target = pick_device(device)
-    model.to(target).eval()
-    logger.info("loaded %s (config %s) on %s", weights, config, target)
-    return LoadedModel(model=model, num_frames=num_frames or cfg.data.num_frames, image_size=cfg.data.image_size,
-                       context_length=cfg.data.context_length, device=target, checkpoint=weights)
 
 
 # ----------------------------------------------------------------------------- encoding

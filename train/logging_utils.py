@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from train.run_layout import RunLayout
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,20 +35,20 @@ def read_metrics(path: str) -> list[dict]:
 class MetricLogger:
     """Writes metrics rows (rank 0 only) and owns the progress bar."""
 
-    def __init__(self, run_dir: str, rank: int, total_steps: int, start_step: int, *,
+    def __init__(self, run: RunLayout, rank: int, total_steps: int, start_step: int, *,
                  tensorboard: bool = True, progress_bar: bool = True, plots: bool = True):
         self.enabled = rank == 0
-        self.run_dir, self.plots = run_dir, plots
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.run, self.plots = run, plots
+        self.path = run.metrics
         self._tb = None
         self._bar = None
         if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run.root, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._tb = SummaryWriter(run.tensorboard)
         if progress_bar:
             from tqdm import tqdm
 
@@ -81,7 +83,7 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
         if self.plots and os.path.exists(self.path):
-            write_plots(self.path, self.run_dir)
+            write_plots(self.run)
 
 
 def _plain(value):
@@ -95,18 +97,18 @@ def _short(values: dict) -> str:
     return ", ".join(f"{k}={values[k]:.1f}" for k in keys)
 
 
-def write_plots(metrics_path: str, out_dir: str) -> list[str]:
-    """loss.png (every loss term vs step) and recall.png (eval R@k vs step)."""
+def write_plots(run: RunLayout) -> list[str]:
+    """The loss plot (every loss term vs step) and the recall plot (eval R@k vs step)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = read_metrics(run.metrics)
     written = []
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    for name, data, prefix in (("loss.png", train, "loss"), ("recall.png", evals, "")):
+    for name, data, prefix, path in (("loss", train, "loss", run.loss_plot), ("recall", evals, "", run.recall_plot)):
         keys = sorted({k for r in data for k in r if k.startswith(prefix) and _is_curve(k, name)})
         if not keys:
             continue
@@ -115,11 +117,10 @@ def write_plots(metrics_path: str, out_dir: str) -> list[str]:
             points = [(r["step"], r[key]) for r in data if key in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 30 else None)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss" if name == "loss.png" else "recall (%)")
+        ax.set_ylabel("loss" if name == "loss" else "recall (%)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
@@ -127,7 +128,7 @@ def write_plots(metrics_path: str, out_dir: str) -> list[str]:
 
 
 def _is_curve(key: str, plot: str) -> bool:
-    if plot == "loss.png":
+    if plot == "loss":
         return key.startswith("loss")
     return "_r1" in key or "_r5" in key or "_r10" in key
 
@@ -140,14 +141,14 @@ class StepProfiler:
     Perfetto or chrome://tracing) into the run folder.
     """
 
-    def __init__(self, run_dir: str, rank: int, steps: int, skip: int):
+    def __init__(self, run: RunLayout, rank: int, steps: int, skip: int):
         self.profiler = None
         if rank != 0 or steps <= 0:
             return
         import torch
         import torch.profiler as tp
 
-        self.run_dir, self.cuda = run_dir, torch.cuda.is_available()
+        self.run, self.cuda = run, torch.cuda.is_available()
         activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if self.cuda else [])
         self.profiler = tp.profile(activities=activities, on_trace_ready=self._write,
                                    schedule=tp.schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1))
@@ -165,8 +166,8 @@ class StepProfiler:
     def _write(self, prof) -> None:
         averages = prof.key_averages()
         device_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        with open(os.path.join(self.run_dir, "profile.txt"), "w") as f:
+        with open(self.run.profile_table, "w") as f:
             f.write(averages.table(sort_by=device_key, row_limit=40) + "\n")
             f.write(averages.table(sort_by="cpu_time_total", row_limit=40) + "\n")
-        prof.export_chrome_trace(os.path.join(self.run_dir, "profile_trace.json"))
-        logger.info("wrote %s/profile.txt and profile_trace.json", self.run_dir)
+        prof.export_chrome_trace(self.run.profile_trace)
+        logger.info("wrote %s and %s", self.run.profile_table, self.run.profile_trace)

@@ -1,4 +1,4 @@
-"""The training task (model + loss in one module), train step, zero-shot evaluation and the loop.
+"""The training task (model + loss in one module), train step, zero-shot validation and the loop.
 
 Distributed details stay in `train.engine`; this file sees the DeepSpeed engine only through
 ``engine(...)``, ``engine.backward``, ``engine.step`` and the engine helpers.
@@ -6,7 +6,6 @@ Distributed details stay in `train.engine`; this file sees the DeepSpeed engine 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import engine as ds
+from train.checkpoint import load_init_checkpoint
 from train.config import TrainConfig
 from train.eval_data import eval_batches
 from train.frames import normalize_frames
@@ -26,7 +26,7 @@ from train.loss import OCLLoss
 from train.metrics import retrieval_metrics
 from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
 from train.optim import build_optimizer, build_scheduler
-from train.weights import CheckpointKeyError
+from train.run_layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TrainingTask(nn.Module):
         return self.model.encode_text(padded).float()
 
     def forward(self, frames, image=None, subtitle=None, caption=None, text=None):
-        """Training: loss dict. Evaluation (``text`` given): (video, text) embeddings."""
+        """Training: loss dict. Validation (``text`` given): (video, text) embeddings."""
         dtype = self._dtype()
         video = self.model.encode_video(normalize_frames(frames, dtype)).float()
         if text is not None:
@@ -87,24 +87,6 @@ def build_task(cfg: TrainConfig, rank: int, world_size: int) -> TrainingTask:
     return TrainingTask(model, OCLLoss(cfg.model.loss, rank, world_size), cfg.data.train_text)
 
 
-def load_init_checkpoint(model: VideoCLIP, path: str) -> None:
-    """Load a fine-tuning start (ours or a released CLIP-ViP checkpoint) strictly into ``model``.
-
-    Raises ValueError naming model.init_checkpoint and listing every mismatched tensor.
-    """
-    from train.evaluate import match_state, read_weights, resolve_checkpoint
-
-    try:
-        weights, _ = resolve_checkpoint(path)
-        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
-    except FileNotFoundError as exc:
-        raise ValueError(f"model.init_checkpoint: {exc}") from exc
-    except CheckpointKeyError as exc:
-        raise ValueError(f"model.init_checkpoint={path}: {weights} does not fit the configured model "
-                         f"({model.cfg.clip_model}, {model.cfg.num_proxies} proxies): {exc}") from exc
-    logger.info("fine-tuning from %s", weights)
-
-
 # ----------------------------------------------------------------------------- FLOPs / MFU
 
 
@@ -126,7 +108,7 @@ def flops_per_sample(model: VideoCLIP, num_frames: int, num_texts: int, with_fra
 
     text_width = model.clip.transformer.width
     text_layers = len(model.clip.transformer.resblocks)
-    ctx = model.text_context if hasattr(model, "text_context") else model.clip.context_length
+    ctx = model.clip.context_length
     text = 2 * ctx * 12 * text_width ** 2 * text_layers + 4 * ctx * ctx * text_width * text_layers
     forward = video_forward(num_frames) + num_texts * text + (video_forward(1) if with_frame else 0.0)
     return 3.0 * forward
@@ -162,7 +144,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-# ----------------------------------------------------------------------------- step + eval
+# ----------------------------------------------------------------------------- step + validation
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -192,7 +174,7 @@ def train_step(engine, loader: StreamingLoader, grad_accum: int, device: torch.d
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict:
+def validate(engine, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict:
     """Zero-shot text->video retrieval on the held-out clips (all ranks take part)."""
     engine.eval()
     videos, texts, indices = [], [], []
@@ -216,9 +198,8 @@ def evaluate(engine, cfg: TrainConfig, rank: int, world_size: int, device: torch
 # ----------------------------------------------------------------------------- the loop
 
 
-def resume(engine, loader_cfg: TrainConfig, rank: int) -> tuple[TrainState, dict | None]:
-    client = ds.load_checkpoint(engine, os.path.join(loader_cfg.run_dir, "checkpoints")) \
-        if loader_cfg.checkpoint.resume == "auto" else None
+def resume(engine, cfg: TrainConfig, rank: int) -> tuple[TrainState, dict | None]:
+    client = ds.load_checkpoint(engine, RunLayout(cfg.run_dir).checkpoints) if cfg.checkpoint.resume == "auto" else None
     if client is None:
         return TrainState(), None
     mine = client["ranks"][rank]
@@ -228,13 +209,13 @@ def resume(engine, loader_cfg: TrainConfig, rank: int) -> tuple[TrainState, dict
 
 def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -> None:
     rank_state = {"data": loader.state_dict(), "rng": rng_state()}
-    ds.save_checkpoint(engine, os.path.join(cfg.run_dir, "checkpoints"), state.step, rank_state,
+    ds.save_checkpoint(engine, RunLayout(cfg.run_dir).checkpoints, state.step, rank_state,
                        {"step": state.step, "samples": state.samples}, cfg.checkpoint.keep_last)
 
 
 def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
-    """Build everything, resume if possible, train, evaluate; returns the last eval metrics."""
-    device = ds.current_device()
+    """Build everything, resume if possible, train, validate; returns the last validation metrics."""
+    device, run = ds.current_device(), RunLayout(cfg.run_dir)
     probe = StreamingLoader(cfg.data, cfg.seed, rank, world_size)
     total_steps = cfg.total_steps(probe.samples_per_epoch, world_size)
     del probe
@@ -243,11 +224,11 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
     ds_config = ds.ds_config(cfg, world_size)
     if rank == 0:
-        ds.write_ds_config(ds_config, cfg.run_dir)
+        ds.write_ds_config(ds_config, run)
     engine = ds.initialize(task, optimizer, scheduler, ds_config, register_direct_params(task))
     state, data_state = resume(engine, cfg, rank)
     loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, data_state)
-    metrics = MetricLogger(cfg.run_dir, rank, total_steps, state.step, tensorboard=cfg.log.tensorboard,
+    metrics = MetricLogger(run, rank, total_steps, state.step, tensorboard=cfg.log.tensorboard,
                            progress_bar=cfg.log.progress_bar, plots=cfg.log.plots)
     logger.info("training %d steps (from step %d) on %d rank(s), %d samples per epoch", total_steps, state.step,
                 world_size, loader.samples_per_epoch)
@@ -264,11 +245,11 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
     peak = peak_flops(cfg)
     last_eval: dict = {}
     if cfg.log.eval_at_start and cfg.data.eval and state.step == 0:
-        last_eval = evaluate(engine, cfg, rank, world_size, device)
+        last_eval = validate(engine, cfg, rank, world_size, device)
         metrics.log("eval", 0, last_eval)
     stop = min(total_steps, cfg.stop_at_step or total_steps)
     window_start, window_data, window_samples = time.perf_counter(), 0.0, 0
-    profiler = StepProfiler(cfg.run_dir, rank, cfg.log.profile_steps, cfg.log.profile_skip)
+    profiler = StepProfiler(RunLayout(cfg.run_dir), rank, cfg.log.profile_steps, cfg.log.profile_skip)
     while state.step < stop:
         terms, data_seconds, digests = train_step(engine, loader, cfg.zero.grad_accum_steps, device)
         profiler.step()
@@ -287,7 +268,7 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
             metrics.advance(state.step, {"loss": row["loss"], "samples/s": row["samples_per_s"]})
             window_start, window_data, window_samples = time.perf_counter(), 0.0, 0
         if cfg.data.eval and (state.step % cfg.log.eval_every_steps == 0 or state.step == total_steps):
-            last_eval = evaluate(engine, cfg, rank, world_size, device)
+            last_eval = validate(engine, cfg, rank, world_size, device)
             metrics.log("eval", state.step, last_eval)
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == stop:
             save(engine, cfg, state, loader)

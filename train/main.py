@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train.config import check_resumable, dump_config, load_config
     from train.logging_utils import setup_logging
+    from train.run_layout import RunLayout
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = engine.init_distributed()
     setup_logging(rank)
     if rank == 0:
-        dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        dump_config(cfg, RunLayout(cfg.run_dir).config)
     if args.dry_run:
         if rank == 0:
             dry_run(cfg, rank, world_size)

@@ -15,7 +15,8 @@ from pipeline.manifest import Manifest, write_manifest
 from pipeline.schema import ClipMeta, ClipSample, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
 from preprocess.synthetic import CorpusConfig, clip_specs, render_clip
-from train.evaluate import Embedded, evaluate, load_model, main as evaluate_main, resolve_checkpoint, train_config
+from train.checkpoint import load_model, resolve_checkpoint, train_config
+from train.evaluate import Embedded, evaluate, main as evaluate_main
 from train.model import VideoCLIPConfig, build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

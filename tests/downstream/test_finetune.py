@@ -13,11 +13,12 @@ from tests.downstream.test_converters import SMALL, VIDEOS, _ffmpeg_video, msrvt
 from tests.downstream.test_converters import ray_local  # noqa: F401 (fixture)
 from tests.train.fixtures_train import (COMBOS, PYTHON, REPO, TINY_CONFIG, env, moving_clip, spawn_ranks,
                                        tiny_overrides)
+from train.checkpoint import load_init_checkpoint
 from train.config import load_config
+from train.loop import build_task
+from train.model import VideoCLIPConfig, build_model
 from train.sample_transform import SampleTransform, pick_line
 from train.shard_stream import seeded
-from train.loop import build_task, load_init_checkpoint
-from train.model import VideoCLIPConfig, build_model
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from preprocess.synthetic import CorpusConfig, clip_specs, make_corpus
 from train.frames import normalize_frames
 from train.tokenizer import get_tokenizer
-from train.evaluate import train_config
+from train.checkpoint import train_config
 from train.loss import OCLLoss
 from train.model import VideoCLIPConfig, build_model
 from train.search import decode_video, main as search_main, read_index

@@ -1,0 +1,151 @@
+"""Loading model weights from a checkpoint: fine-tuning starts, evaluation and search.
+
+A checkpoint is any of: a training run folder (newest DeepSpeed checkpoint and its ``config.yaml``),
+its ``checkpoints/`` folder or one tag folder of it (train/run_layout.py), or a weights file
+(.pt/.pth/.bin or .safetensors) holding our VideoCLIP state dict or a released CLIP-ViP one
+(``clipmodel.`` keys, converted by train/weights.py). Loading is strict: a checkpoint that does not
+fit the configured model is refused with the list of every missing, unexpected and mismatched tensor.
+
+`load_init_checkpoint` loads a fine-tuning start into a model that training builds
+(``model.init_checkpoint``); `load_model` builds the model of a training config and loads a
+checkpoint into it for inference (train/evaluate.py, train/search.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from train.config import TrainConfig, load_config
+from train.model import VideoCLIP, VideoCLIPConfig, build_model
+from train.run_layout import MODEL_STATES, CheckpointFolder, RunLayout, model_states_in
+from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A model ready for inference plus the input shape it was trained with."""
+
+    model: VideoCLIP
+    num_frames: int
+    image_size: int
+    context_length: int
+    device: torch.device
+    checkpoint: str
+    """The weights file actually read."""
+
+
+class ArchitectureMismatch(ValueError):
+    """The checkpoint's tensors do not fit the configured model; the message lists every mismatch."""
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str | None]:
+    """(weights file, config.yaml of its run or None) for a run folder, checkpoints folder, tag folder or file."""
+    if os.path.isfile(path):
+        sibling = RunLayout(os.path.dirname(os.path.abspath(path))).config
+        return path, sibling if os.path.exists(sibling) else None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file or folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    for folder, run_dir in ((RunLayout(path).checkpoints, path), (CheckpointFolder(path), parent)):
+        tag = folder.latest_tag()
+        if tag is not None:
+            return folder.model_states(tag), _config_near(run_dir)
+    if os.path.exists(model_states_in(path)):
+        return model_states_in(path), _config_near(os.path.dirname(parent))
+    raise FileNotFoundError(f"checkpoint {path}: neither a run folder (checkpoints/latest), a DeepSpeed checkpoint "
+                            f"folder ({MODEL_STATES}) nor a weights file")
+
+
+def _config_near(run_dir: str) -> str | None:
+    candidate = RunLayout(run_dir).config
+    return candidate if os.path.exists(candidate) else None
+
+
+def read_weights(path: str) -> dict[str, Tensor]:
+    """A flat state dict: DeepSpeed model states (``module``, our run's own file) or a weights file."""
+    if os.path.basename(path) == MODEL_STATES:
+        # DeepSpeed pickles non-tensor objects next to the weights; only read files of your own runs.
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        state = loaded.get("module") if isinstance(loaded, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: no 'module' state dict in this DeepSpeed checkpoint")
+    else:
+        state = read_state_dict(path)
+    return {_strip_prefix(key): value for key, value in state.items()}
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "model."):  # DataParallel wrappers, then TrainingTask.model
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def match_state(state: dict[str, Tensor], model: VideoCLIP) -> dict[str, Tensor]:
+    """``state`` converted/checked against the model; CheckpointKeyError lists every mismatch."""
+    expected = model.state_dict()
+    if any(key.startswith(HF_PREFIX) for key in state):
+        return clipvip_to_ours(state, expected)
+    missing = sorted(key for key in expected if key not in state)
+    unexpected = sorted(key for key in state if key not in expected)
+    mismatched = sorted(f"{key}: checkpoint {list(state[key].shape)}, model {list(value.shape)}"
+                        for key, value in expected.items() if key in state and state[key].shape != value.shape)
+    if missing or unexpected or mismatched:
+        raise CheckpointKeyError(missing, unexpected, mismatched)
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+
+
+def load_init_checkpoint(model: VideoCLIP, path: str) -> None:
+    """Load a fine-tuning start (ours or a released CLIP-ViP checkpoint) strictly into ``model``.
+
+    Raises ValueError naming model.init_checkpoint and listing every mismatched tensor.
+    """
+    try:
+        weights, _ = resolve_checkpoint(path)
+        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.init_checkpoint: {exc}") from exc
+    except CheckpointKeyError as exc:
+        raise ValueError(f"model.init_checkpoint={path}: {weights} does not fit the configured model "
+                         f"({model.cfg.clip_model}, {model.cfg.num_proxies} proxies): {exc}") from exc
+    logger.info("fine-tuning from %s", weights)
+
+
+def train_config(config_path: str) -> TrainConfig:
+    """A training YAML read for its model and data shape (no run folder is written)."""
+    return load_config(config_path, ["run_dir=unused"])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def load_model(checkpoint: str, config: str | None = None, device: str = "auto",
+               num_frames: int | None = None) -> LoadedModel:
+    """Build the model described by the config and load the checkpoint into it (strict)."""
+    weights, run_config = resolve_checkpoint(checkpoint)
+    config = config or run_config
+    if config is None:
+        raise ValueError(f"checkpoint {checkpoint}: no config.yaml next to it; pass --config (the training YAML)")
+    cfg = train_config(config)
+    model = build_model(VideoCLIPConfig(**{**cfg.model.video_clip_kwargs(), "pretrained": None}))
+    try:
+        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
+    except CheckpointKeyError as exc:
+        raise ArchitectureMismatch(f"{weights} is not a checkpoint of the model in {config} "
+                                   f"({cfg.model.clip_model}, {cfg.model.num_proxies} proxies): {exc}") from exc
+    target = pick_device(device)
+    model.to(target).eval()
+    logger.info("loaded %s (config %s) on %s", weights, config, target)
+    return LoadedModel(model=model, num_frames=num_frames or cfg.data.num_frames, image_size=cfg.data.image_size,
+                       context_length=cfg.data.context_length, device=target, checkpoint=weights)
