@@ -13,7 +13,8 @@ single forward pass over its packets (with a keyframe seek across long gaps betw
 
 Times are seconds on the source timeline: packet and frame timestamps (``pts * time_base``)
 minus the video stream's start time, never frame counts, so variable frame rate files work.
-Bad input never raises: it becomes a :class:`ClipFailure` with a stage, an error class and a
+Bad input never raises: it becomes a :class:`preprocess.failures.Failure` of the clip (its
+``clip_id`` set) with a stage (open, probe, span, decode or encode), an error class and a
 message naming the file. See docs/decoding.md.
 
 A clip that asks for audio (``ClipRequest.audio``, for the ASR stage) also gets its span's audio,
@@ -23,6 +24,7 @@ such a request the audio stream is never read.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -34,15 +36,16 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from preprocess.failures import Failure
+
 log = logging.getLogger(__name__)
 
-STAGES = ("open", "probe", "span", "decode", "encode")
 AUDIO_RATE = 16_000
 """Sample rate of the audio given to clips that ask for it (mono float32)."""
 MAX_GOP_BYTES = 256 << 20
 """Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 TRAINING_SIZE = (224, 224)
-"""Stored frame size by default: the paper's 224x224 input (brief section 3.3)."""
+"""Stored frame size by default: CLIP-ViP's 224x224 input (arXiv 2209.06430; its code squashes each frame to it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,28 +130,6 @@ class DecodedClip:
     """With ``ClipRequest.audio``: the span's audio, 16 kHz mono float32; None when the file has no audio stream."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClipFailure:
-    """Why a clip produced no frames."""
-
-    clip_id: str
-    stage: str
-    """One of STAGES: open, probe, span, decode, encode."""
-    error: str
-    """Short error class, e.g. missing_file, corrupt_file, span_reversed, truncated_stream."""
-    message: str
-    """Human-readable; names the file and the reason."""
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """A file-level problem that fails every clip of the file."""
-
-    stage: str
-    error: str
-    message: str
-
-
 @dataclass(frozen=True)
 class _VideoInfo:
     time_base: Fraction
@@ -223,21 +204,21 @@ def output_size(width: int, height: int, short_side: int | None,
 
 def decode_clips(
     path: str, clips: Sequence[ClipRequest], cfg: DecodeConfig
-) -> Iterator[DecodedClip | ClipFailure]:
+) -> Iterator[DecodedClip | Failure]:
     """Open the local video at ``path`` once and yield one result per request, in request order.
 
-    Never raises for bad input: a file-level problem yields a ClipFailure for every clip.
+    Never raises for bad input: a file-level problem yields a Failure for every clip.
     Closing the generator early closes the file.
     """
     requests = list(clips)
     opened = _open(path)
-    if isinstance(opened, _Problem):
+    if isinstance(opened, Failure):
         yield from _fail_all(requests, opened)
         return
     container = opened
     try:
         probed = _probe(path, container)
-        if isinstance(probed, _Problem):
+        if isinstance(probed, Failure):
             yield from _fail_all(requests, probed)
             return
         stream, info = probed
@@ -248,39 +229,43 @@ def decode_clips(
         container.close()
 
 
-def _fail_all(requests: list[ClipRequest], problem: _Problem) -> Iterator[ClipFailure]:
+def _fail_all(requests: list[ClipRequest], problem: Failure) -> Iterator[Failure]:
+    """A file-level problem fails every clip of the file."""
     for r in requests:
-        yield ClipFailure(clip_id=r.clip_id, stage=problem.stage, error=problem.error, message=problem.message)
+        yield dataclasses.replace(problem, clip_id=r.clip_id)
 
 
-def _open(path: str) -> av.container.InputContainer | _Problem:
+def _open(path: str) -> av.container.InputContainer | Failure:
     if not os.path.exists(path):
-        return _Problem("open", "missing_file", f"{path}: no such file")
+        return Failure(stage="open", error="missing_file", message=f"{path}: no such file")
     if not os.path.isfile(path):
-        return _Problem("open", "not_a_file", f"{path}: not a regular file")
+        return Failure(stage="open", error="not_a_file", message=f"{path}: not a regular file")
     if os.path.getsize(path) == 0:
-        return _Problem("open", "empty_file", f"{path}: the file is empty (0 bytes)")
+        return Failure(stage="open", error="empty_file", message=f"{path}: the file is empty (0 bytes)")
     try:
         return av.open(path, mode="r", metadata_errors="ignore")
     except av.error.InvalidDataError as exc:
-        return _Problem("open", "corrupt_file", f"{path}: not a readable media container ({_short(exc)}); "
-                        "the file is corrupt, truncated, or not a video")
+        why = f"not a readable media container ({_short(exc)}); the file is corrupt, truncated, or not a video"
+        return Failure(stage="open", error="corrupt_file", message=f"{path}: {why}")
     except av.FFmpegError as exc:
-        return _Problem("open", "unsupported_format", f"{path}: ffmpeg cannot open it: {_short(exc)}")
+        why = f"ffmpeg cannot open it: {_short(exc)}"
+        return Failure(stage="open", error="unsupported_format", message=f"{path}: {why}")
     except OSError as exc:
-        return _Problem("open", "unreadable_file", f"{path}: cannot read it: {exc}")
+        return Failure(stage="open", error="unreadable_file", message=f"{path}: cannot read it: {exc}")
 
 
-def _probe(path: str, container) -> tuple[av.video.stream.VideoStream, _VideoInfo] | _Problem:
+def _probe(path: str, container) -> tuple[av.video.stream.VideoStream, _VideoInfo] | Failure:
     if not container.streams.video:
         kinds = ", ".join(s.type for s in container.streams) or "none"
-        return _Problem("probe", "no_video_stream", f"{path}: no video stream (streams present: {kinds})")
+        why = f"no video stream (streams present: {kinds})"
+        return Failure(stage="probe", error="no_video_stream", message=f"{path}: {why}")
     stream = container.streams.video[0]
     codec_name = stream.codec_context.name if stream.codec_context is not None else None
     if not codec_name or codec_name == "none":
-        return _Problem("probe", "unsupported_codec", f"{path}: the video stream's codec has no decoder in this ffmpeg")
+        why = "the video stream's codec has no decoder in this ffmpeg"
+        return Failure(stage="probe", error="unsupported_codec", message=f"{path}: {why}")
     if stream.time_base is None:
-        return _Problem("probe", "no_timestamps", f"{path}: the video stream has no time base")
+        return Failure(stage="probe", error="no_timestamps", message=f"{path}: the video stream has no time base")
     info = _video_info(stream, container)
     return stream, info
 
@@ -299,9 +284,9 @@ def _video_info(stream, container) -> _VideoInfo:
     return _VideoInfo(time_base=tb, start_pts=start_pts, duration=duration, fps=float(rate) if rate else 0.0)
 
 
-def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: DecodeConfig) -> _Clip | ClipFailure:
-    def fail(error: str, why: str) -> ClipFailure:
-        return ClipFailure(clip_id=r.clip_id, stage="span", error=error, message=f"{path}: clip {r.clip_id!r}: {why}")
+def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: DecodeConfig) -> _Clip | Failure:
+    def fail(error: str, why: str) -> Failure:
+        return Failure(clip_id=r.clip_id, stage="span", error=error, message=f"{path}: clip {r.clip_id!r}: {why}")
 
     end = info.duration if r.end is None else r.end
     if not math.isfinite(r.start) or (r.end is not None and not math.isfinite(r.end)):
@@ -427,7 +412,7 @@ class _Pass:
         self.codec.thread_count = cfg.threads
         self.codec.thread_type = "AUTO" if cfg.threads > 1 else "SLICE"
         self.pending: list[_Target] = []
-        self.done: dict[int, DecodedClip | ClipFailure] = {}
+        self.done: dict[int, DecodedClip | Failure] = {}
         self.last_frame = None
         self.last_time = -math.inf
         self.jpeg_cache: tuple[int, tuple[int, int], bytes] | None = None
@@ -439,9 +424,9 @@ class _Pass:
         """The GOP before the current one, kept (compressed) for open-GOP leading frames."""
 
     # -- orchestration -----------------------------------------------------------------------
-    def run(self, planned: list[_Clip | ClipFailure]) -> Iterator[DecodedClip | ClipFailure]:
+    def run(self, planned: list[_Clip | Failure]) -> Iterator[DecodedClip | Failure]:
         for i, item in enumerate(planned):
-            if isinstance(item, ClipFailure):
+            if isinstance(item, Failure):
                 self.done[i] = item
         clips = [c for c in planned if isinstance(c, _Clip)]
         self.clips = clips
@@ -643,7 +628,7 @@ class _Pass:
         return data
 
     def _fail(self, clip: _Clip, stage: str, error: str, why: str) -> None:
-        self.done[clip.index] = ClipFailure(
+        self.done[clip.index] = Failure(
             clip_id=clip.request.clip_id, stage=stage, error=error,
             message=f"{self.path}: clip {clip.request.clip_id!r}: {why}",
         )

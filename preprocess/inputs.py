@@ -4,7 +4,8 @@ Everything here runs once on the driver and is deterministic: the same input fil
 the same clip positions, problems and texts. A clip that cannot be processed because of
 its metadata (bad span, duplicate or unsafe id) keeps its position and carries its
 problem, so the worker records it in its shard's failures; a line that yields no clip at
-all (malformed JSON, a record without a video id) becomes an input-level :class:`Failure`.
+all (malformed JSON, a record without a video id) becomes an input-level
+:class:`preprocess.failures.Failure`.
 
 Text files are read as UTF-8; a line that is not valid UTF-8 is decoded with
 ``errors="replace"``, kept, and recorded as a ``non_utf8`` row (``dropped=False``).
@@ -16,6 +17,7 @@ list; ``image_id`` is the clip id) and a local LMDB folder of clip id -> UTF-8 t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,28 +28,11 @@ from dataclasses import dataclass
 
 from pipeline import storage
 from preprocess.config import InputConfig, Layout
+from preprocess.failures import Failure
 
 log = logging.getLogger(__name__)
 
 _SPAN_RE = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Failure:
-    """One row of the failures table."""
-
-    video_id: str
-    clip_id: str
-    stage: str
-    """Where it failed: metadata, subtitles, captions, span, open, fetch, decode, sample, task."""
-    error: str
-    """Short machine-readable class, e.g. ``malformed_json``, ``missing_file``, ``timeout``."""
-    message: str
-    """Human-readable reason naming the input."""
-    line: int = 0
-    """1-based line of the metadata or text file, 0 when not from a line."""
-    dropped: bool = True
-    """True when the clip is not in the shards (False for a repaired text, for instance)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,10 +53,15 @@ class ClipItem:
     video_id: str
     clip_id: str
     span: tuple[float, float] | None
-    problem: tuple[str, str, str] | None = None
-    """(stage, error, message) when the metadata already rules the clip out."""
+    problem: Failure | None = None
+    """Set when the metadata already rules the clip out."""
     subtitle: TextEntry | None = None
     caption: TextEntry | None = None
+
+    def fail(self, stage: str, error: str, message: str, dropped: bool = True) -> Failure:
+        """A failure of this clip (its ids and metadata line filled in)."""
+        return Failure(video_id=self.video_id, clip_id=self.clip_id, line=self.line, stage=stage, error=error,
+                       message=message, dropped=dropped)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,20 +99,24 @@ def parse_time(value) -> float:
     return -total if negative else total
 
 
-def check_span(raw) -> tuple[tuple[float, float] | None, tuple[str, str, str] | None]:
-    """Parse a ``[start, end]`` span; returns (span, None) or (None, problem)."""
+def check_span(raw) -> tuple[tuple[float, float] | None, Failure | None]:
+    """Parse a ``[start, end]`` span; returns (span, None) or (None, the failure, stage ``span``)."""
+
+    def bad(error: str, why: str) -> tuple[None, Failure]:
+        return None, Failure(stage="span", error=error, message=f"span {raw!r}{why}")
+
     if not isinstance(raw, (list, tuple)) or len(raw) != 2:
-        return None, ("span", "span_invalid", f"span {raw!r} is not a [start, end] pair")
+        return bad("span_invalid", " is not a [start, end] pair")
     try:
         start, end = parse_time(raw[0]), parse_time(raw[1])
     except SpanError as exc:
-        return None, ("span", "span_invalid", f"span {raw!r}: {exc}")
+        return bad("span_invalid", f": {exc}")
     if start < 0 or end < 0:
-        return None, ("span", "span_negative", f"span {raw!r} has a negative time")
+        return bad("span_negative", " has a negative time")
     if end < start:
-        return None, ("span", "span_reversed", f"span {raw!r} ends before it starts")
+        return bad("span_reversed", " ends before it starts")
     if end == start:
-        return None, ("span", "span_empty", f"span {raw!r} has zero length")
+        return bad("span_empty", " has zero length")
     return (round(start, 6), round(end, 6)), None
 
 
@@ -145,16 +139,14 @@ def _json_line(uri: str, number: int, raw: bytes, stage: str) -> tuple[object, l
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         text = raw.decode("utf-8", errors="replace")
-        notes.append(_line_failure(stage, "non_utf8", f"{uri} line {number}: not UTF-8 ({exc.reason}); bad bytes replaced", number, dropped=False))
+        message = f"{uri} line {number}: not UTF-8 ({exc.reason}); bad bytes replaced"
+        notes.append(Failure(stage=stage, error="non_utf8", message=message, line=number, dropped=False))
     try:
         return json.loads(text), notes
     except json.JSONDecodeError as exc:
-        notes.append(_line_failure(stage, "malformed_json", f"{uri} line {number}: malformed JSON ({exc.msg} at column {exc.colno})", number))
+        message = f"{uri} line {number}: malformed JSON ({exc.msg} at column {exc.colno})"
+        notes.append(Failure(stage=stage, error="malformed_json", message=message, line=number))
         return None, notes
-
-
-def _line_failure(stage: str, error: str, message: str, line: int, video_id: str = "", clip_id: str = "", dropped: bool = True) -> Failure:
-    return Failure(video_id=video_id, clip_id=clip_id, stage=stage, error=error, message=message, line=line, dropped=dropped)
 
 
 # --------------------------------------------------------------------------- texts
@@ -172,10 +164,13 @@ def read_texts(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[s
         clip_id = record.get("clip_id") if isinstance(record, dict) else None
         text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(clip_id, str) or not clip_id or not isinstance(text, str):
-            failures.append(_line_failure(stage, "bad_record", f"{uri} line {number}: expected {{\"clip_id\": str, \"{field}\": str}}", number))
+            message = f"{uri} line {number}: expected {{\"clip_id\": str, \"{field}\": str}}"
+            failures.append(Failure(stage=stage, error="bad_record", message=message, line=number))
             continue
         if clip_id in texts:
-            failures.append(_line_failure(stage, "duplicate_text", f"{uri} line {number}: second {field} for clip {clip_id!r} ignored", number, clip_id=clip_id, dropped=False))
+            message = f"{uri} line {number}: second {field} for clip {clip_id!r} ignored"
+            failures.append(Failure(stage=stage, error="duplicate_text", message=message, line=number, clip_id=clip_id,
+                                    dropped=False))
             continue
         texts[clip_id] = TextEntry(text=text[:max_chars], truncated=len(text) > max_chars, origin=uri)
     return texts, failures
@@ -189,7 +184,8 @@ def read_text_list(uri: str, field: str, stage: str, max_chars: int) -> tuple[di
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         text = raw.decode("utf-8", errors="replace")
-        failures.append(_line_failure(stage, "non_utf8", f"{uri}: not UTF-8 ({exc.reason}); bad bytes replaced", 0, dropped=False))
+        message = f"{uri}: not UTF-8 ({exc.reason}); bad bytes replaced"
+        failures.append(Failure(stage=stage, error="non_utf8", message=message, dropped=False))
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -199,16 +195,19 @@ def read_text_list(uri: str, field: str, stage: str, max_chars: int) -> tuple[di
     texts: dict[str, TextEntry] = {}
     for index, record in enumerate(records):
         where = f"{uri} entry {index}"
+        expected = f"{where}: expected {{\"image_id\": str, \"caption\": str}}"
         if not isinstance(record, dict):
-            failures.append(_line_failure(stage, "bad_record", f"{where}: expected {{\"image_id\": str, \"caption\": str}}", 0))
+            failures.append(Failure(stage=stage, error="bad_record", message=expected))
             continue
         clip_id = record.get("image_id", record.get("clip_id"))
         value = record.get("caption", record.get(field))
         if not isinstance(clip_id, str) or not clip_id or not isinstance(value, str):
-            failures.append(_line_failure(stage, "bad_record", f"{where}: expected {{\"image_id\": str, \"caption\": str}}", 0))
+            failures.append(Failure(stage=stage, error="bad_record", message=expected))
             continue
         if clip_id in texts:
-            failures.append(_line_failure(stage, "duplicate_text", f"{where}: second text for clip {clip_id!r} ignored", 0, clip_id=clip_id, dropped=False))
+            message = f"{where}: second text for clip {clip_id!r} ignored"
+            failures.append(Failure(stage=stage, error="duplicate_text", message=message, clip_id=clip_id,
+                                    dropped=False))
             continue
         texts[clip_id] = TextEntry(text=value[:max_chars], truncated=len(value) > max_chars, origin=uri)
     return texts, failures
@@ -233,7 +232,8 @@ def read_lmdb_texts(uri: str, stage: str, max_chars: int) -> tuple[dict[str, Tex
                 clip_id, text = key.decode("utf-8"), value.decode("utf-8")
             except UnicodeDecodeError as exc:
                 clip_id, text = key.decode("utf-8", errors="replace"), value.decode("utf-8", errors="replace")
-                failures.append(_line_failure(stage, "non_utf8", f"{uri} record {number} ({clip_id!r}): not UTF-8 ({exc.reason}); bad bytes replaced", 0, clip_id=clip_id, dropped=False))
+                message = f"{uri} record {number} ({clip_id!r}): not UTF-8 ({exc.reason}); bad bytes replaced"
+                failures.append(Failure(stage=stage, error="non_utf8", message=message, clip_id=clip_id, dropped=False))
             texts[clip_id] = TextEntry(text=text[:max_chars], truncated=len(text) > max_chars, origin=uri)
     return texts, failures
 
@@ -290,18 +290,22 @@ def _clip_items(record: dict, where: str, number: int, layout: Layout, seen: set
     for raw in record["clip"]:
         clip_id = raw.get("clip_id") if isinstance(raw, dict) else None
         if not isinstance(clip_id, str) or not clip_id:
-            failures.append(_line_failure("metadata", "bad_record", f"{where}: clip entry {raw!r} has no clip_id", number, video_id=video_id))
+            message = f"{where}: clip entry {raw!r} has no clip_id"
+            failures.append(Failure(stage="metadata", error="bad_record", message=message, line=number,
+                                    video_id=video_id))
             continue
+        item = ClipItem(position=start + len(items), line=number, video_id=video_id, clip_id=clip_id, span=None)
         span, problem = check_span(raw.get("span"))
         if problem:
-            problem = (problem[0], problem[1], f"{where}: clip {clip_id!r}: {problem[2]}")
+            problem = item.fail(problem.stage, problem.error, f"{where}: clip {clip_id!r}: {problem.message}")
         unsafe = video_problem or _unsafe_clip_id(clip_id, layout)
         if unsafe:
-            problem = ("metadata", "unsafe_id", f"{where}: {unsafe}")
+            problem = item.fail("metadata", "unsafe_id", f"{where}: {unsafe}")
         elif clip_id in seen:
-            problem = ("metadata", "duplicate_clip_id", f"{where}: clip id {clip_id!r} already appeared earlier")
+            message = f"{where}: clip id {clip_id!r} already appeared earlier"
+            problem = item.fail("metadata", "duplicate_clip_id", message)
         seen.add(clip_id)
-        items.append(ClipItem(position=start + len(items), line=number, video_id=video_id, clip_id=clip_id, span=span, problem=problem))
+        items.append(dataclasses.replace(item, span=span, problem=problem))
     return items, failures
 
 
@@ -316,7 +320,8 @@ def read_metadata(uri: str, layout: Layout) -> tuple[list[ClipItem], list[Failur
         if record is None:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("video_id"), str) or not record["video_id"] or not isinstance(record.get("clip"), list):
-            failures.append(_line_failure("metadata", "bad_record", f"{uri} line {number}: expected {{\"video_id\": str, \"clip\": [...]}}", number))
+            message = f"{uri} line {number}: expected {{\"video_id\": str, \"clip\": [...]}}"
+            failures.append(Failure(stage="metadata", error="bad_record", message=message, line=number))
             continue
         items, bad = _clip_items(record, f"{uri} line {number}", number, layout, seen, len(clips))
         clips += items

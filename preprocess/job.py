@@ -38,18 +38,9 @@ from pipeline.manifest import Manifest, write_manifest
 from preprocess.asr import Transcriber, check_transcriber
 from preprocess.captions import Captioner, check_captioner
 from preprocess.config import Layout, PreprocessConfig, RayConfig
+from preprocess.failures import Failure, failures_table, read_table, write_table
 from preprocess.inputs import InputPlan, list_source_videos, read_inputs
-from preprocess.shard_task import (
-    Faults,
-    ShardStats,
-    ShardTask,
-    WorkSettings,
-    failure_rows,
-    failures_table,
-    process_shard,
-    read_parquet,
-    write_parquet,
-)
+from preprocess.shard_task import Faults, ShardStats, ShardTask, WorkSettings, process_shard
 from preprocess.text_stages import ModelError, guarded
 
 log = logging.getLogger(__name__)
@@ -299,7 +290,7 @@ class _Dispatcher:
         self.max_in_flight = rc.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         self.pending: dict[ray.ObjectRef, _Attempt] = {}
         self.failed: dict[int, str] = {}
-        self.given_up: dict[str, tuple[str, str]] = {}
+        self.given_up: dict[str, Failure] = {}
         """Videos that timed out or killed workers: later shards skip them at once (same outcome, no second wait)."""
         self._generation = 0
 
@@ -351,7 +342,7 @@ class _Dispatcher:
             return
         log.warning("shard %s: worker died %d times on video %s; rerunning the shard without it", shard_stem(task.index), self.rc.max_retries + 1, video)
         message = f"the worker process died {self.rc.max_retries + 1} times while decoding video {video}"
-        self.submit(self._exclude(task, video, "worker_died", message))
+        self.submit(self._exclude(task, video, Failure(stage="task", error="worker_died", message=message)))
 
     def _raised(self, attempt: _Attempt, exc: Exception) -> None:
         if attempt.errors < self.rc.max_retries:
@@ -378,12 +369,12 @@ class _Dispatcher:
             del self.pending[ref]
             self.board.forget.remote(attempt.token)
             message = f"video {video} was still being read or decoded after {self.rc.video_timeout_s:g} s (the task was cancelled)"
-            error, message = self.given_up.get(video, ("timeout", message))
-            self.submit(self._exclude(attempt.task, video, error, message), attempt.errors)
+            failure = self.given_up.get(video, Failure(stage="task", error="timeout", message=message))
+            self.submit(self._exclude(attempt.task, video, failure), attempt.errors)
 
-    def _exclude(self, task: ShardTask, video: str, error: str, message: str) -> ShardTask:
-        self.given_up[video] = (error, message)
-        return dataclasses.replace(task, excluded={**task.excluded, video: (error, message)})
+    def _exclude(self, task: ShardTask, video: str, failure: Failure) -> ShardTask:
+        self.given_up[video] = failure
+        return dataclasses.replace(task, excluded={**task.excluded, video: failure})
 
 
 def _first_line(exc: Exception) -> str:
@@ -457,9 +448,9 @@ def _finalize(cfg: PreprocessConfig, plan: InputPlan, committed: dict[int, Shard
     import pyarrow as pa
 
     out = DatasetLayout(cfg.sharding.output)
-    tables = [failures_table(failure_rows([(-1, -1, f) for f in plan.failures]))]
-    tables += [read_parquet(out.shard_failures(k)) for k in sorted(committed)]
-    write_parquet(out.failures, pa.concat_tables(tables))
+    tables = [failures_table((-1, -1, f) for f in plan.failures)]
+    tables += [read_table(out.shard_failures(k)) for k in sorted(committed)]
+    write_table(out.failures, pa.concat_tables(tables))
     entries = tuple(e for k in sorted(committed) for e in committed[k].entries)
     return write_manifest(out.root, Manifest(shards=entries, config=cfg.manifest_config()))
 

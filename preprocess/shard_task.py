@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -38,8 +37,9 @@ from pipeline.shards import ShardLimits, ShardWriter
 from preprocess.asr import AsrConfig
 from preprocess.captions import CaptionConfig
 from preprocess.config import Layout
-from preprocess.decode import ClipFailure, ClipRequest, DecodeConfig, DecodedClip, decode_clips
-from preprocess.inputs import ClipItem, Failure, TextEntry, clip_file
+from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
+from preprocess.failures import Failure, failures_table, write_table
+from preprocess.inputs import ClipItem, TextEntry, clip_file
 from preprocess.text_stages import ModelFn, StageModel, TextStages
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ FAULT_HANG_ENV = "VIDPROXY_FAULT_HANG_VIDEO"
 """Fault injection: a video id whose decode hangs (sleeps) until the job's timeout kills it."""
 FAULT_DELAY_ENV = "VIDPROXY_FAULT_DELAY_S"
 """Fault injection: seconds to sleep at the start of every shard (widens timing windows in tests)."""
-
-FAILURE_COLUMNS = ("shard", "position", "line", "video_id", "clip_id", "stage", "error", "message", "dropped")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,8 +98,8 @@ class ShardTask:
     clips: tuple[ClipItem, ...]
     video_uris: dict[str, str] = field(default_factory=dict)
     """Source layout: video id -> URI, from the one listing of the videos folder."""
-    excluded: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """video id -> (error, message): videos the driver gave up on (timeout, worker death)."""
+    excluded: dict[str, Failure] = field(default_factory=dict)
+    """video id -> why the driver gave up on it (stage ``task``: timeout, worker death); its clips fail so."""
     stale: tuple[str, ...] = ()
     """Tar names of this shard that existed before the run (removed if not rewritten)."""
 
@@ -137,43 +135,6 @@ class ShardStats:
             return cls(**data)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{uri}: unreadable shard stats ({exc})") from exc
-
-
-# --------------------------------------------------------------------------- failures table
-
-
-def failure_rows(failures: Sequence[tuple[int, int, Failure]]) -> dict[str, list]:
-    """Columns of the failures table from (shard, position, failure) triples."""
-    cols: dict[str, list] = {name: [] for name in FAILURE_COLUMNS}
-    for shard, position, f in failures:
-        for name, value in zip(FAILURE_COLUMNS, (shard, position, f.line, f.video_id, f.clip_id, f.stage, f.error, f.message, f.dropped)):
-            cols[name].append(value)
-    return cols
-
-
-def failures_table(cols: dict[str, list]):
-    import pyarrow as pa
-
-    schema = pa.schema(
-        [("shard", pa.int64()), ("position", pa.int64()), ("line", pa.int64())]
-        + [(name, pa.string()) for name in ("video_id", "clip_id", "stage", "error", "message")]
-        + [("dropped", pa.bool_())]
-    )
-    return pa.table({name: cols[name] for name in schema.names}, schema=schema)
-
-
-def write_parquet(uri: str, table) -> None:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(uri, buf.getvalue())
-
-
-def read_parquet(uri: str):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
 # --------------------------------------------------------------------------- the shard
@@ -265,7 +226,7 @@ def process_shard(
 def _commit(task: ShardTask, settings: WorkSettings, shard: _Shard) -> None:
     out = DatasetLayout(settings.output)
     shard.failures.sort(key=lambda row: row[1])
-    write_parquet(out.shard_failures(task.index), failures_table(failure_rows(shard.failures)))
+    write_table(out.shard_failures(task.index), failures_table(shard.failures))
     storage.write_bytes(out.stats(task.index), shard.stats.to_json())
     written = {e.url for e in shard.stats.entries}
     for name in task.stale:
@@ -285,18 +246,14 @@ def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
         yield run
 
 
-def _fail(item: ClipItem, stage: str, error: str, message: str) -> Failure:
-    return Failure(video_id=item.video_id, clip_id=item.clip_id, stage=stage, error=error, message=message, line=item.line)
-
-
 def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, stats: ShardStats):
     todo = []
     for item in run:
         if item.problem:
-            yield item, _fail(item, *item.problem), None
+            yield item, item.problem, None
         elif item.video_id in task.excluded:
-            error, message = task.excluded[item.video_id]
-            yield item, _fail(item, "task", error, message), None
+            excluded = task.excluded[item.video_id]
+            yield item, item.fail(excluded.stage, excluded.error, excluded.message), None
         else:
             todo.append(item)
     if not todo:
@@ -308,7 +265,7 @@ def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, sta
     uri = task.video_uris.get(run[0].video_id)
     if uri is None:
         message = f"no file {run[0].video_id}.<ext> under {settings.videos}"
-        yield from ((item, _fail(item, "open", "missing_file", message), None) for item in todo)
+        yield from ((item, item.fail("open", "missing_file", message), None) for item in todo)
         return
     yield from _decode_file(uri, todo, settings, scratch, stats)
 
@@ -336,27 +293,28 @@ def _decode_file(uri: str, items: list[ClipItem], settings: WorkSettings, scratc
                 yield items[done], _outcome(items[done], result, uri, path, whole), audio
                 done += 1
     except storage.StorageNotFound as exc:
-        yield from ((i, _fail(i, "open", "missing_file", str(exc)), None) for i in items[done:])
+        yield from ((i, i.fail("open", "missing_file", str(exc)), None) for i in items[done:])
         return
     except storage.StorageError as exc:
-        yield from ((i, _fail(i, "fetch", "read_error", str(exc)), None) for i in items[done:])
+        yield from ((i, i.fail("fetch", "read_error", str(exc)), None) for i in items[done:])
         return
     except Exception as exc:  # the decoder promises not to raise; if it does, record it per clip
         log.exception("%s: decoder raised", uri)
-        yield from ((i, _fail(i, "decode", type(exc).__name__, f"{uri}: {exc}"), None) for i in items[done:])
+        yield from ((i, i.fail("decode", type(exc).__name__, f"{uri}: {exc}"), None) for i in items[done:])
         return
-    yield from ((i, _fail(i, "decode", "missing_result", f"{uri}: the decoder returned no result for this clip"), None) for i in items[done:])
+    message = f"{uri}: the decoder returned no result for this clip"
+    yield from ((i, i.fail("decode", "missing_result", message), None) for i in items[done:])
 
 
-def _outcome(item: ClipItem, result: DecodedClip | ClipFailure, uri: str, path: str, whole: bool) -> ClipSample | Failure:
-    if isinstance(result, ClipFailure):
+def _outcome(item: ClipItem, result: DecodedClip | Failure, uri: str, path: str, whole: bool) -> ClipSample | Failure:
+    if isinstance(result, Failure):
         message = result.message.replace(path, uri) if path != uri else result.message
         message = message if uri in message else f"{uri}: {message}"
-        return _fail(item, result.stage, result.error, message)
+        return item.fail(result.stage, result.error, message)
     try:
         return _sample(item, result, uri, whole)
     except SchemaError as exc:
-        return _fail(item, "sample", "bad_sample", f"{uri}: {exc}")
+        return item.fail("sample", "bad_sample", f"{uri}: {exc}")
 
 
 def _text(entry: TextEntry | None) -> tuple[str, TextSource]:

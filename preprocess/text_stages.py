@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.schema import ClipSample, TextSource
-from preprocess.inputs import ClipItem, Failure
+from preprocess.failures import Failure
+from preprocess.inputs import ClipItem
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class TextStages:
 def _failure(item: ClipItem, stage: _Stage, exc: ModelError) -> Failure:
     kind = "caption" if stage.name == "caption" else "asr"
     message = f"{kind} model {stage.model.origin} failed on clip {item.clip_id!r} (batch and alone): {exc}"
-    return Failure(video_id=item.video_id, clip_id=item.clip_id, stage=kind, error=f"{kind}_error", message=message, line=item.line, dropped=False)
+    return item.fail(kind, f"{kind}_error", message, dropped=False)
 
 
 def with_text(sample: ClipSample, name: str, text: str, source: TextSource) -> ClipSample:

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from preprocess.decode import (
-    ClipFailure,
     ClipRequest,
     DecodeConfig,
     DecodedClip,
@@ -19,6 +18,7 @@ from preprocess.decode import (
     output_size,
     target_times,
 )
+from preprocess.failures import Failure
 
 
 def _clip(cid: str, start: float, end: float | None) -> ClipRequest:
@@ -132,7 +132,7 @@ def test_bad_spans_fail_only_their_clip(made_videos, start, end, error):
     path = str(made_videos["h264"])
     results = list(decode_clips(path, [_clip("ok1", 0.0, 1.0), _clip("bad", start, end), _clip("ok2", 1.0, 2.0)],
                                 DecodeConfig(num_frames=2)))
-    assert [type(r) for r in results] == [DecodedClip, ClipFailure, DecodedClip]
+    assert [type(r) for r in results] == [DecodedClip, Failure, DecodedClip]
     bad = results[1]
     assert (bad.clip_id, bad.stage, bad.error) == ("bad", "span", error)
     assert path in bad.message
@@ -147,14 +147,14 @@ def test_bad_files_fail_every_clip(made_videos, tmp_path, kind, stage, error):
     path = str(tmp_path / "absent.mp4") if kind == "missing" else str(made_videos[kind])
     results = list(decode_clips(path, [_clip("a", 0.0, 1.0), _clip("b", 0.0, None)], DecodeConfig()))
     assert [(r.clip_id, r.stage, r.error) for r in results] == [("a", stage, error), ("b", stage, error)]
-    assert all(isinstance(r, ClipFailure) and path in r.message for r in results)
+    assert all(isinstance(r, Failure) and path in r.message for r in results)
 
 
 def test_truncated_file_keeps_clips_before_the_cut(made_videos):
     path = str(made_videos["truncated"])  # header says 4 s; the data stops near 2 s
     early, late = decode_clips(path, [_clip("early", 0.0, 1.0), _clip("late", 3.0, 4.0)], DecodeConfig(num_frames=3))
     assert isinstance(early, DecodedClip) and len(early.frames) == 3
-    assert isinstance(late, ClipFailure) and (late.stage, late.error) == ("decode", "truncated_stream")
+    assert isinstance(late, Failure) and (late.stage, late.error) == ("decode", "truncated_stream")
     assert path in late.message
 
 

@@ -23,7 +23,7 @@ def test_parse_time(text, seconds):
 ])
 def test_bad_spans(raw, error):
     span, problem = check_span(raw)
-    assert span is None and problem[:2] == ("span", error)
+    assert span is None and (problem.stage, problem.error) == ("span", error)
 
 
 def test_span_ok():
@@ -48,7 +48,9 @@ def test_metadata_positions_and_problems(tmp_path):
     ])
     clips, failures = read_metadata(uri, Layout.SOURCE)
     assert [(c.position, c.line, c.clip_id) for c in clips] == [(0, 1, "a.0"), (1, 1, "a.1"), (2, 5, "a.0"), (3, 6, "c.0")]
-    assert [c.problem[1] if c.problem else None for c in clips] == [None, "span_reversed", "duplicate_clip_id", "unsafe_id"]
+    assert [c.problem.error if c.problem else None for c in clips] == [None, "span_reversed", "duplicate_clip_id", "unsafe_id"]
+    assert [(c.problem.video_id, c.problem.clip_id, c.problem.line) for c in clips if c.problem] == [
+        ("a", "a.1", 1), ("b", "a.0", 5), ("../c", "c.0", 6)]
     assert [(f.line, f.error) for f in failures] == [(3, "malformed_json"), (4, "bad_record"), (5, "bad_record")]
     assert f"{uri} line 3: malformed JSON" in failures[0].message
 
