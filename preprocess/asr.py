@@ -8,12 +8,9 @@ its first 30 s only.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from preprocess.captions import check_model_folder
-
-log = logging.getLogger(__name__)
+from preprocess.model_loading import check_model_kind, load_model, load_processor
 
 SAMPLE_RATE = 16_000
 
@@ -50,23 +47,14 @@ def check_transcriber(cfg: AsrConfig) -> None:
     """Fail fast, before any work: the folder must hold a speech-to-text model and its processor."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
 
-    config = check_model_folder(cfg.model, "ASR")
-    if type(config) not in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING:
-        raise ValueError(f"ASR model {cfg.model}: a {config.model_type!r} model is not a speech recogniser "
-                         "(expected a speech-to-text model such as Whisper)")
+    kind = "a speech recogniser (expected a speech-to-text model such as Whisper)"
+    check_model_kind(cfg.model, "ASR", MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING, kind)
     _processor(cfg.model)
 
 
 def _processor(path: str):
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"ASR model {path}: no usable processor ({exc})") from exc
-    if not (hasattr(processor, "feature_extractor") and hasattr(processor, "tokenizer")):
-        raise ValueError(f"ASR model {path}: its processor has no feature extractor and tokenizer")
-    return processor
+    """The model's processor: a feature extractor (audio -> features) and a tokenizer (ids -> text)."""
+    return load_processor(path, "ASR", "feature_extractor", "tokenizer")
 
 
 class Transcriber:
@@ -78,14 +66,9 @@ class Transcriber:
 
         check_transcriber(cfg)
         self.cfg, self.device = cfg, device
-        self.model = AutoModelForSpeechSeq2Seq.from_pretrained(cfg.model).to(device).eval()
+        self.model = load_model(AutoModelForSpeechSeq2Seq, cfg.model, device, "ASR")
         self.processor = _processor(cfg.model)
         self._torch = torch
-        log.info("ASR model %s loaded on %s", cfg.model, device)
-
-    @property
-    def origin(self) -> str:
-        return self.cfg.model
 
     def __call__(self, audios: list) -> list[str]:
         """Transcripts of 16 kHz mono float32 arrays."""

@@ -8,11 +8,9 @@ sampling) in eval mode, so a caption depends only on the image, the model and th
 from __future__ import annotations
 
 import io
-import logging
-import os
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+from preprocess.model_loading import LOAD_ERRORS, check_model_kind, load_model, load_processor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,46 +39,28 @@ class CaptionConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def check_model_folder(path: str, what: str):
-    """The model's transformers config, or a ValueError naming the path and the reason."""
-    from transformers import AutoConfig
-
-    if "://" in path:
-        raise ValueError(f"{what} model {path}: must be a local folder (present on every node), not a URI")
-    if not os.path.isdir(path):
-        raise ValueError(f"{what} model {path}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{what} model {path}: no config.json (not a transformers model folder)")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{what} model {path}: unreadable config ({exc})") from exc
-
-
 def check_captioner(cfg: CaptionConfig) -> None:
     """Fail fast, before any work: the folder must hold an image-to-text model and its processing."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    config = check_model_folder(cfg.model, "caption")
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        raise ValueError(f"caption model {cfg.model}: a {config.model_type!r} model is not an image captioner "
-                         "(expected an image-to-text model such as BLIP, GIT or a VisionEncoderDecoder)")
+    kind = "an image captioner (expected an image-to-text model such as BLIP, GIT or a VisionEncoderDecoder)"
+    check_model_kind(cfg.model, "caption", MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, kind)
     _processing(cfg.model)
 
 
 def _processing(path: str):
     """(processor or None, image processor, tokenizer) of a captioning model folder."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError):
+        processor = load_processor(path, "caption", "image_processor", "tokenizer")
+    except ValueError:  # no processor holding both: load the two parts on their own
         processor = None
-    if processor is not None and hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+    if processor is not None:
         return processor, processor.image_processor, processor.tokenizer
     try:
         return None, AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except LOAD_ERRORS as exc:
         raise ValueError(f"caption model {path}: no usable image processor and tokenizer ({exc})") from exc
 
 
@@ -93,14 +73,9 @@ class Captioner:
 
         check_captioner(cfg)
         self.cfg, self.device = cfg, device
-        self.model = AutoModelForImageTextToText.from_pretrained(cfg.model).to(device).eval()
+        self.model = load_model(AutoModelForImageTextToText, cfg.model, device, "caption")
         self.processor, self.image_processor, self.tokenizer = _processing(cfg.model)
         self._torch = torch
-        log.info("caption model %s loaded on %s", cfg.model, device)
-
-    @property
-    def origin(self) -> str:
-        return self.cfg.model
 
     def __call__(self, images: list) -> list[str]:
         """Captions of PIL images (greedy/beam decoding, no sampling)."""

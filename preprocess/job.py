@@ -40,6 +40,7 @@ from preprocess.captions import Captioner, check_captioner
 from preprocess.config import Layout, PreprocessConfig, RayConfig
 from preprocess.failures import Failure, failures_table, read_table, write_table
 from preprocess.inputs import InputPlan, list_source_videos, read_inputs
+from preprocess.model_loading import torch_device
 from preprocess.shard_task import Faults, ShardStats, ShardTask, WorkSettings, process_shard
 from preprocess.text_stages import ModelError, guarded
 
@@ -217,10 +218,7 @@ class _ModelActor:
     """One loaded model of a stage (caption or ASR); ``run`` maps a batch of inputs to texts."""
 
     def __init__(self, kind: str, cfg, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        device = torch_device(bool(ray.get_gpu_ids()), threads)
         if kind == "caption":
             self.fn = Captioner(cfg, device).from_jpegs
         else:
