@@ -1,0 +1,140 @@
+"""train/wds_shards.py against pipeline/shards.py's reader on shards written by ShardWriter: the same
+samples, the same ShardError cases, the same loader batches."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from pipeline.manifest import Manifest, shard_uris, write_manifest
+from pipeline.shards import ShardError, ShardLimits, ShardWriter, iter_shard
+from tests.support.ids import CLIP_IDS
+from tests.support.samples import make_sample
+from tests.train.fixtures_train import moving_dataset
+from train.config import DataConfig
+from train.loader import StreamingLoader
+from train.wds_shards import iter_wds_shard
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def write_dataset(root: str, max_samples: int = 3) -> Manifest:
+    with ShardWriter(root, "part", ShardLimits(max_samples=max_samples)) as writer:
+        for i, clip_id in enumerate(CLIP_IDS):
+            writer.write(make_sample(clip_id, num_frames=2 + i % 3, video_id=f"v{i}"))
+    manifest = Manifest(shards=tuple(writer.entries))
+    write_manifest(root, manifest)
+    return manifest
+
+
+def read(reader, uri: str, entry) -> tuple[list[list], str | None]:
+    """Each sample as its (key, value) list in order, and the ShardError's message, if any."""
+    samples = []
+    try:
+        for sample in reader(uri, entry):
+            samples.append(list(sample.items()))
+    except ShardError as exc:
+        return samples, str(exc)
+    return samples, None
+
+
+@pytest.fixture(params=["file", "s3"])
+def root(request, tmp_path):
+    if request.param == "file":
+        return str(tmp_path / "ds")
+    return f"{request.getfixturevalue('s3_bucket')}/some/prefix"
+
+
+def test_same_samples_in_the_same_order(root):
+    manifest = write_dataset(root)
+    for uri, entry in zip(shard_uris(manifest, root), manifest.shards):
+        want = read(iter_shard, uri, entry)
+        assert want[0] and want[1] is None
+        assert read(iter_wds_shard, uri, entry) == want
+        assert read(iter_wds_shard, uri, None) == want
+        sha_only = dataclasses.replace(entry, xxh3_64="")  # a manifest from before the fast hash
+        assert read(iter_wds_shard, uri, sha_only) == want
+
+
+def _member_offsets(path) -> list[tuple[int, int]]:
+    """(header offset, data offset) of each member."""
+    with tarfile.open(path) as tar:
+        return [(m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+def _damage(path, case: str) -> None:
+    data = bytearray(path.read_bytes())
+    header, payload = _member_offsets(path)[7]  # a member in the second sample
+    if case == "missing":
+        os.remove(path)
+        return
+    if case == "truncated":
+        data = data[: len(data) // 2]
+    elif case == "cut at a header":
+        data = data[:header]
+    elif case == "cut inside a header":
+        data = data[:header + 100]
+    elif case == "altered payload":
+        data[payload + 5] ^= 0xFF
+    elif case == "garbled name":
+        data[header + 10:header + 20] = b"garbage!!!"
+    elif case == "garbled size":  # not an octal number
+        data[header + 124:header + 136] = b"zz" + bytes(10)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "cut at a header", "cut inside a header",
+                                  "altered payload", "garbled name", "garbled size"])
+def test_same_shard_errors(tmp_path, case):
+    manifest = write_dataset(str(tmp_path), max_samples=len(CLIP_IDS))
+    uri, entry = str(tmp_path / "part-000.tar"), manifest.shards[0]
+    _damage(tmp_path / "part-000.tar", case)
+    want, want_error = read(iter_shard, uri, entry)
+    got, got_error = read(iter_wds_shard, uri, entry)
+    assert want_error and got_error and got_error.startswith(f"{uri}: ")
+    assert got == want[:len(got)], "the same samples, or fewer (tarfile reads ahead; see train/wds_shards.py)"
+    if case.startswith("garbled"):  # tarfile stops quietly at the header; the hash check catches it
+        assert got_error == f"{uri}: xxh3_64 mismatch with the manifest (corrupt shard)"
+    else:
+        assert got_error == want_error
+
+
+def test_unreadable_without_a_manifest_entry(tmp_path):
+    write_dataset(str(tmp_path))
+    path = tmp_path / "part-000.tar"
+    path.write_bytes(path.read_bytes()[:1500])  # inside the first member's data
+    with pytest.raises(ShardError, match=f"{path}: unreadable tar: unexpected end of data"):
+        list(iter_wds_shard(str(path)))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(ShardError, match="empty.tar: unreadable tar"):
+        list(iter_wds_shard(str(tmp_path / "empty.tar")))
+
+
+def test_the_loader_gives_the_same_batches_through_either_reader(tmp_path, monkeypatch):
+    root = moving_dataset(str(tmp_path / "ds"), 12, seed=4, max_samples=3)
+    os.remove(os.path.join(root, "part01-000.tar"))  # a missing shard is counted the same way too
+    cfg = DataConfig(train=[root], batch_size=3, num_frames=4, image_size=32, num_workers=0, shards_per_window=2,
+                     shuffle_buffer=4)
+
+    def batches() -> tuple[list[tuple], tuple[int, int]]:
+        loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
+        out = [(b["keys"], b["digest"], b["frames"].clone(), b["subtitle"]) for b in
+               (loader.next() for _ in range(6))]
+        loader.close()
+        return out, loader.errors()
+
+    want, want_errors = batches()
+    users = [m for name, m in sys.modules.items()
+             if name.startswith("train.") and getattr(m, "iter_shard", None) is iter_shard]
+    assert users, "no train module reads shards through pipeline.shards.iter_shard"
+    for module in users:
+        monkeypatch.setattr(module, "iter_shard", iter_wds_shard)
+    got, got_errors = batches()
+    assert got_errors == want_errors and want_errors[0] > 0
+    for (keys, digest, frames, text), (want_keys, want_digest, want_frames, want_text) in zip(got, want, strict=True):
+        assert (keys, digest) == (want_keys, want_digest)
+        assert torch.equal(frames, want_frames) and torch.equal(text, want_text)
