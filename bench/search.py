@@ -2,7 +2,7 @@
 
     python bench/search.py [--videos 16] [--queries 20] [--index-rows 100000] [--threads 2]
 
-Embedding is measured end to end as `train.search embed --videos` runs it (PyAV decode of the whole
+Embedding is measured end to end as `launch.search embed --videos` runs it (PyAV decode of the whole
 file to T frames, resize, encode_video) on preprocess.synthetic mp4s, and separately model-only.
 Query latency = embed one text + cosine top-10 over an index of --index-rows random unit vectors.
 """
@@ -19,10 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from launch.search import embed_files, list_video_files  # noqa: E402
 from preprocess.synthetic import make_corpus  # noqa: E402
-from train.evaluate import LoadedModel, encode_frames, encode_texts  # noqa: E402
+from train.checkpoint import LoadedModel  # noqa: E402
+from train.evaluate import encode_frames, encode_texts  # noqa: E402
 from train.model import VideoCLIPConfig, build_model, tiny_clip_overrides  # noqa: E402
-from train.search import Index, embed_files, list_video_files, top_k  # noqa: E402
+from train.search import Index, top_k  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(clip_model="ViT-B-32", clip_overrides=tiny_clip_overrides(vocab_size=49408), frames=4, size=32),

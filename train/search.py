@@ -1,14 +1,16 @@
-"""Text/video search over a Parquet table of embeddings.
+"""Text/video search over a Parquet table of embeddings: shard data sets indexed, text queries.
 
-    python -m train.search embed --checkpoint RUN --videos clips/ --out index.parquet
     python -m train.search embed --checkpoint RUN --data shards/msrvtt/test --out index.parquet
     python -m train.search query --checkpoint RUN --index index.parquet --text "a dog runs" -k 5
-    python -m train.search query --checkpoint RUN --index index.parquet --video clip.mp4 --target texts
 
 ``embed`` writes one row per video (``kind = video``) and, for a shard data set, one row per text
 (``kind = text``, every line of the text member). ``query`` embeds the query with the same
 checkpoint and prints the top-k rows of the wanted kind by cosine similarity. Runs on CPU or GPU
-(``--device``); checkpoints are read as in :mod:`train.evaluate`.
+(``--device``); checkpoints are read by train/checkpoint.py.
+
+Raw video files (a folder to index, a file as the query) need preprocessing's decoder, so they are
+handled one layer up, by launch/search.py: ``python -m launch.search`` is the search command that
+takes every input, shard data sets and text queries through the functions here.
 
 Table columns: kind, id, video (the clip id a row belongs to), text, source, embedding
 (float32 list). The table's metadata records the checkpoint, embedding size and frame count,
@@ -21,17 +23,17 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from train.frames import decode_jpegs
-from train.evaluate import LoadedModel, embed_dataset, encode_frames, encode_texts, load_model
+from train.checkpoint import LoadedModel, load_model
+from train.evaluate import embed_dataset, encode_texts
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv", ".ts")
 META_KEY = b"vidproxy.search"
 KINDS = ("video", "text")
 
@@ -84,7 +86,7 @@ def read_index(path: str) -> Index:
     raw_meta = (table.schema.metadata or {}).get(META_KEY)
     missing = [c for c in ("kind", "id", "video", "text", "source", "embedding") if c not in table.column_names]
     if raw_meta is None or missing:
-        raise ValueError(f"index {path}: not a table written by `train.search embed` (missing {missing or 'metadata'})")
+        raise ValueError(f"index {path}: not a table written by the search `embed` command (missing {missing or 'metadata'})")
     column = table.column("embedding").combine_chunks()
     embeddings = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32)
     return Index(kind=table.column("kind").to_pylist(), id=table.column("id").to_pylist(),
@@ -97,62 +99,7 @@ def index_meta(loaded: LoadedModel, source: str) -> dict:
             "num_frames": loaded.num_frames, "image_size": loaded.image_size, "source": source}
 
 
-# ----------------------------------------------------------------------------- embedding videos
-
-
-def list_video_files(folder: str) -> list[str]:
-    """Video files under a local folder (recursive), sorted."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"videos {folder}: not a local folder")
-    found = []
-    for root, _, names in os.walk(folder):
-        found += [os.path.join(root, n) for n in names if n.lower().endswith(VIDEO_EXTENSIONS)]
-    if not found:
-        raise ValueError(f"videos {folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
-    return sorted(found)
-
-
-def decode_video(path: str, num_frames: int, image_size: int) -> np.ndarray:
-    """uint8 [T, 3, S, S]: T frames spread uniformly over the whole file, squashed to S x S."""
-    from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
-
-    cfg = DecodeConfig(num_frames=num_frames, short_side=image_size, jpeg_quality=95)
-    (result,) = list(decode_clips(path, [ClipRequest(clip_id=path, start=0.0, end=None)], cfg))
-    if not isinstance(result, DecodedClip):
-        raise ValueError(f"{result.error}: {result.message}")
-    return decode_jpegs(list(result.frames), image_size).contiguous().numpy()
-
-
-def embed_files(loaded: LoadedModel, paths: list[str], batch_size: int = 8, progress: bool = True
-                ) -> tuple[list[str], np.ndarray, list[str]]:
-    """(paths embedded, [N, E] embeddings, 'path: reason' of files that could not be decoded)."""
-    from tqdm import tqdm
-
-    done, rows, failed, pending, frames = [], [], [], [], []
-    for path in tqdm(paths, desc="videos", unit="video", disable=not progress, file=sys.stderr):
-        try:
-            frames.append(decode_video(path, loaded.num_frames, loaded.image_size))
-            pending.append(path)
-        except ValueError as exc:
-            failed.append(f"{path}: {exc}")
-            logger.warning("skipping %s: %s", path, exc)
-        if len(pending) == batch_size:
-            rows.append(encode_frames(loaded, np.stack(frames)).numpy())
-            done, pending, frames = done + pending, [], []
-    if pending:
-        rows.append(encode_frames(loaded, np.stack(frames)).numpy())
-        done += pending
-    embeddings = np.concatenate(rows) if rows else np.zeros((0, int(loaded.model.clip.text_projection.shape[1])))
-    return done, embeddings.astype(np.float32), failed
-
-
-def index_from_folder(loaded: LoadedModel, folder: str, batch_size: int, progress: bool) -> tuple[Index, list[str]]:
-    paths = list_video_files(folder)
-    done, embeddings, failed = embed_files(loaded, paths, batch_size, progress)
-    ids = [os.path.relpath(p, folder) for p in done]
-    index = Index(kind=["video"] * len(done), id=ids, video=ids, text=[""] * len(done), source=done,
-                  embeddings=embeddings, meta={**index_meta(loaded, folder), "failed": failed})
-    return index, failed
+# ----------------------------------------------------------------------------- embedding a data set
 
 
 def index_from_dataset(loaded: LoadedModel, location: str, text_field: str, batch_size: int, progress: bool) -> Index:
@@ -205,13 +152,11 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int) -> list[Hit]:
                 text=index.text[rows[i]]) for r, i in enumerate(order)]
 
 
-def query_vector(loaded: LoadedModel, text: str | None, video: str | None) -> np.ndarray:
-    if text is not None:
-        if not text.strip():
-            raise ValueError("--text: empty query")
-        return encode_texts(loaded, [text])[0].numpy()
-    frames = decode_video(video, loaded.num_frames, loaded.image_size)
-    return encode_frames(loaded, frames[None])[0].numpy()
+def text_vector(loaded: LoadedModel, text: str) -> np.ndarray:
+    """The L2-normalised embedding of a text query."""
+    if not text.strip():
+        raise ValueError("--text: empty query")
+    return encode_texts(loaded, [text])[0].numpy()
 
 
 def format_hits(hits: list[Hit]) -> str:
@@ -224,9 +169,15 @@ def format_hits(hits: list[Hit]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
+Option = tuple[str, str]
+"""One more input flag for the command line: (flag, help)."""
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.search", description=__doc__.split("\n\n")[0])
+
+def build_parser(prog: str = "python -m train.search", description: str | None = None,
+                 more_sources: tuple[Option, ...] = (), more_queries: tuple[Option, ...] = ()) -> argparse.ArgumentParser:
+    """The embed and query commands; ``more_sources`` and ``more_queries`` are further inputs
+    (launch/search.py: video files), each exclusive with the ones here."""
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("embed", "query"):
         s = sub.add_parser(name)
@@ -236,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--num-frames", type=int, help="frames per video (default: the training config's)")
     embed = sub.choices["embed"]
     src = embed.add_mutually_exclusive_group(required=True)
-    src.add_argument("--videos", help="local folder of video files (searched recursively)")
+    for flag, help_text in more_sources:
+        src.add_argument(flag, help=help_text)
     src.add_argument("--data", help="shard data set (folder or s3:// prefix): its videos and texts")
     embed.add_argument("--text", choices=("subtitle", "caption"), default="subtitle", help="text member of --data")
     embed.add_argument("--out", required=True, help="Parquet file to write")
@@ -246,34 +198,35 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--index", required=True, help="Parquet table from `embed`")
     what = query.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="text query: returns videos")
-    what.add_argument("--video", help="video file query: returns --target rows")
+    for flag, help_text in more_queries:
+        what.add_argument(flag, help=help_text)
     query.add_argument("--target", choices=KINDS, default=None, help="rows to return (text query: video; video query: video)")
     query.add_argument("-k", type=int, default=5, help="results")
     query.add_argument("--json", action="store_true", help="print the hits as JSON")
     return p
 
 
+def save_index(index: Index, path: str) -> None:
+    """Write the table and say what it holds."""
+    write_index(index, path)
+    counts = {kind: index.kind.count(kind) for kind in KINDS}
+    print(f"wrote {path}: {counts['video']} videos, {counts['text']} texts, {index.embeddings.shape[1]} dims")
+
+
 def run_embed(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
-    if args.videos:
-        index, failed = index_from_folder(loaded, args.videos, args.batch_size, not args.no_progress)
-        if failed:
-            print(f"{len(failed)} files could not be decoded (listed in the table metadata); first: {failed[0]}",
-                  file=sys.stderr)
-    else:
-        index = index_from_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress)
-    write_index(index, args.out)
-    counts = {kind: index.kind.count(kind) for kind in KINDS}
-    print(f"wrote {args.out}: {counts['video']} videos, {counts['text']} texts, {index.embeddings.shape[1]} dims")
+    save_index(index_from_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress), args.out)
     return 0
 
 
-def run_query(args: argparse.Namespace) -> int:
+def run_query(args: argparse.Namespace, query_vector: Callable[[LoadedModel], np.ndarray] | None = None) -> int:
+    """Print the top-k hits; ``query_vector`` embeds the query (default: the ``--text`` query)."""
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     index = read_index(args.index)
     loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames or index.meta.get("num_frames"))
-    hits = top_k(index, query_vector(loaded, args.text, args.video), args.target or "video", args.k)
+    vector = query_vector(loaded) if query_vector is not None else text_vector(loaded, args.text)
+    hits = top_k(index, vector, args.target or "video", args.k)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=1))
     else:
@@ -281,14 +234,19 @@ def run_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace, embed: Callable[[argparse.Namespace], int] = run_embed,
+                query: Callable[[argparse.Namespace], int] = run_query, name: str = "train.search") -> int:
+    """Run the parsed command; a ValueError or OSError is printed as one line, exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run_embed(args) if args.command == "embed" else run_query(args)
+        return embed(args) if args.command == "embed" else query(args)
     except (ValueError, OSError) as exc:
-        print(f"train.search: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""train.search: a tiny model trained briefly on the synthetic data set finds the right clip first.
+"""launch.search: a tiny model trained briefly on the synthetic data set finds the right clip first.
 
 The videos are real mp4 files written by preprocess.synthetic (ffmpeg); the model is trained in
 process with plain torch (symmetric InfoNCE) on frames decoded by the same path `embed` uses.
@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from launch.search import decode_video, main as search_main
 from preprocess.synthetic import CorpusConfig, clip_specs, make_corpus
-from train.frames import normalize_frames
-from train.tokenizer import get_tokenizer
+from tests.downstream.test_evaluate import write_samples, write_tiny_config
 from train.checkpoint import train_config
+from train.frames import normalize_frames
 from train.loss import OCLLoss
 from train.model import VideoCLIPConfig, build_model
-from train.search import decode_video, main as search_main, read_index
-from tests.downstream.test_evaluate import write_samples, write_tiny_config
+from train.search import read_index
+from train.tokenizer import get_tokenizer
 
 VIDEOS = 8
 CORPUS = dict(videos=VIDEOS, clips_per_video=1, size=(64, 48), fps=8, clip_seconds=1.5)
