@@ -143,7 +143,8 @@ def format_results(results: dict) -> str:
             key = f"{prefix}{direction}"
             values = [results[f"{key}_r{k}"] for k in (1, 5, 10)] + [results[f"{key}_medr"], results[f"{key}_meanr"]]
             rows.append(f"  {name:<20}" + "".join(f"{v:7.1f}" for v in values))
-    rows.append(f"{results['videos']} videos, {results['texts']} texts, {results['videos_without_text']} videos without text")
+    rows.append(f"{results['videos']} videos, {results['texts']} texts, "
+                f"{results['videos_without_text']} videos without text")
     return "\n".join(rows)
 
 

@@ -147,7 +147,8 @@ class StreamingDataset(IterableDataset):
         self.num_workers = max(cfg.num_workers, 1)
         self.sources = open_sources(cfg.train)
         self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
-        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines)
+        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames,
+                                         cfg.text_lines)
         self.state = state or fresh_state(self.num_workers)
         check_state(self.state, self.num_workers)
         # per worker, one flag per pooled batch buffer (see FramePool): enough for the batches in

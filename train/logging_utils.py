@@ -2,7 +2,8 @@
 
 `MetricLogger` does the rank-0 gating itself, so callers never check ``rank == 0``.
 Files in the run folder: ``metrics.jsonl`` (one JSON object per logged step or evaluation, with
-``kind`` = ``train`` or ``eval``), ``tb/`` (TensorBoard events), ``loss.png``, ``recall.png``.
+``kind`` = ``train`` or ``eval``), ``tb/`` (TensorBoard events), ``loss.png``, ``recall.png``;
+their paths come from train/run_layout.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Omnisource cross-modal contrastive losses (CLIP-ViP OCL, brief §2) and fine-tuning InfoNCE.
+"""Omnisource cross-modal contrastive losses (CLIP-ViP's OCL, arXiv 2209.06430) and fine-tuning InfoNCE.
 
 Features are L2-normalised rows: video V, subtitle S, caption C (of the middle frame), middle
 frame F, or text for fine-tuning. With world_size > 1 every feature set is all-gathered with
@@ -13,8 +13,8 @@ Variants (each term is a mean cross-entropy over the global batch; the total is 
     a        vs + f2c + c2f
     b        vs + v2c + c2v
     c        vs + v2c + c2v + f2c + c2f
-    d        s2v + c2v + v2s_joint + v2c_joint + f2c + c2f   (final CLIP-ViP loss, brief §2.3)
-    infonce  v2t + t2v                                       (fine-tuning, brief §2.5)
+    d        s2v + c2v + v2s_joint + v2c_joint + f2c + c2f   (CLIP-ViP's final post-pretraining loss)
+    infonce  v2t + t2v                                       (fine-tuning)
 `v2s_joint` / `v2c_joint`: video i scores [its subtitle (resp. caption); the other B-1 subtitles;
 the other B-1 captions] -- 2B-1 candidates, its own caption (resp. subtitle) excluded.
 """
@@ -75,7 +75,7 @@ def joint_pool_ce(positive_BB: Tensor, other_BB: Tensor) -> Tensor:
 
 
 def joint_terms(features: dict[str, Tensor], scale: Tensor) -> dict[str, Tensor]:
-    """The V->{S, C} terms with the shared negative pool (brief §2.3 terms 3 and 4)."""
+    """The V->{S, C} terms with the shared negative pool (v2s_joint and v2c_joint of variant d)."""
     video_subtitle_BB = scale * features["video"] @ features["subtitle"].t()
     video_caption_BB = scale * features["video"] @ features["caption"].t()
     return {
@@ -98,7 +98,6 @@ class OCLLoss(nn.Module):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got {rank}/{world_size}")
         self.variant = variant
-        self.rank = rank
         self.world_size = world_size
         self.terms = VARIANT_TERMS[variant]
         self.features = required_features(variant)

@@ -1,4 +1,5 @@
-"""Text<->video retrieval metrics from a texts x videos similarity matrix (brief §6).
+"""Text<->video retrieval metrics from a texts x videos similarity matrix (the CLIP-ViP
+evaluation protocol; docs/model.md, "Metrics").
 
 Ranks are 1-based: rank = 1 + (number of candidates scored strictly higher than the ground
 truth). Tie rule: optimistic -- candidates tied with the ground truth do not push it down, so a

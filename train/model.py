@@ -9,12 +9,12 @@ Shape suffixes (torchtitan convention):
     E embedding dim    S temporal slots   Z text context length
     frames_BTCHW / images_BCHW: C channels, H x W pixels (the only place H means height).
 
-Video tower (brief §1.2-1.4): M proxies (proxy 0 = CLIP's class embedding, the rest a new
-N(0,1) parameter) all get CLIP's CLS position embedding; patches get the spatial position
-embedding plus a temporal embedding (S zero-init slots, linearly resampled to T frames);
-ln_pre over all tokens; in every block proxies attend to all N tokens and the patches of a
-frame attend to the M proxies and that frame's L patches; the output is proxy 0 -> ln_post ->
-proj -> L2 norm.
+Video tower (CLIP-ViP's video proxy mechanism, arXiv 2209.06430; docs/model.md, "Architecture"):
+M proxies (proxy 0 = CLIP's class embedding, the rest a new N(0,1) parameter) all get CLIP's CLS
+position embedding; patches get the spatial position embedding plus a temporal embedding (S
+zero-init slots, linearly resampled to T frames); ln_pre over all tokens; in every block proxies
+attend to all N tokens and the patches of a frame attend to the M proxies and that frame's L
+patches; the output is proxy 0 -> ln_post -> proj -> L2 norm.
 """
 from __future__ import annotations
 

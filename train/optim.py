@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule (brief §4.1, §4.3).
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule (CLIP-ViP's
+post-pretraining settings; docs/training.md, "Config").
 
 Weight decay: by default only matrices of linear / attention / conv layers are decayed. Biases,
 norm weights, the logit scale, embeddings (token, position, class, temporal) and the video proxies

@@ -86,7 +86,8 @@ def read_index(path: str) -> Index:
     raw_meta = (table.schema.metadata or {}).get(META_KEY)
     missing = [c for c in ("kind", "id", "video", "text", "source", "embedding") if c not in table.column_names]
     if raw_meta is None or missing:
-        raise ValueError(f"index {path}: not a table written by the search `embed` command (missing {missing or 'metadata'})")
+        raise ValueError(f"index {path}: not a table written by the search `embed` command "
+                         f"(missing {missing or 'metadata'})")
     column = table.column("embedding").combine_chunks()
     embeddings = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32)
     return Index(kind=table.column("kind").to_pylist(), id=table.column("id").to_pylist(),
@@ -141,7 +142,8 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int) -> list[Hit]:
                          f"embed and query with the same checkpoint (index made with {index.meta.get('checkpoint')})")
     rows = index.rows_of(kind)
     if len(rows) == 0:
-        raise ValueError(f"the index has no {kind} rows" + (" (embed a shard data set to get texts)" if kind == "text" else ""))
+        hint = " (embed a shard data set to get texts)" if kind == "text" else ""
+        raise ValueError(f"the index has no {kind} rows{hint}")
     contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
     block = index.embeddings[rows[0]:rows[-1] + 1] if contiguous else index.embeddings[rows]
     scores = block @ query.astype(np.float32)
@@ -174,7 +176,8 @@ Option = tuple[str, str]
 
 
 def build_parser(prog: str = "python -m train.search", description: str | None = None,
-                 more_sources: tuple[Option, ...] = (), more_queries: tuple[Option, ...] = ()) -> argparse.ArgumentParser:
+                 more_sources: tuple[Option, ...] = (),
+                 more_queries: tuple[Option, ...] = ()) -> argparse.ArgumentParser:
     """The embed and query commands; ``more_sources`` and ``more_queries`` are further inputs
     (launch/search.py: video files), each exclusive with the ones here."""
     p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
@@ -200,7 +203,8 @@ def build_parser(prog: str = "python -m train.search", description: str | None =
     what.add_argument("--text", help="text query: returns videos")
     for flag, help_text in more_queries:
         what.add_argument(flag, help=help_text)
-    query.add_argument("--target", choices=KINDS, default=None, help="rows to return (text query: video; video query: video)")
+    query.add_argument("--target", choices=KINDS, default=None,
+                       help="rows to return (text query: video; video query: video)")
     query.add_argument("-k", type=int, default=5, help="results")
     query.add_argument("--json", action="store_true", help="print the hits as JSON")
     return p

@@ -82,7 +82,7 @@ class ShardPlan:
         self.weights = None if weights is None else np.asarray(weights, dtype=float) / sum(weights)
         self.seed, self.num_streams = seed, num_streams
 
-    @functools.lru_cache(maxsize=8)
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (one plan per loader, kept for its whole life)
     def epoch_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch, 17])
         if self.weights is None:

@@ -1,6 +1,7 @@
 """Released CLIP-ViP checkpoints (HF `CLIPModel` layout under "clipmodel.") <-> our VideoCLIP.
 
-CLIP-ViP layout (brief §1): the HF CLIPModel state dict with the prefix "clipmodel.", plus
+CLIP-ViP layout (the checkpoints released with microsoft/XPretrain; docs/model.md, "Weight import /
+export"): the HF CLIPModel state dict with the prefix "clipmodel.", plus
     clipmodel.vision_model.embeddings.added_cls            [M-1, D]  <-> proxy_tokens [M-1, D]
     clipmodel.vision_model.embeddings.temporal_embedding   [1, S, D] <-> temporal_embedding [S, D]
 Conversions: HF q_proj/k_proj/v_proj (weight [D, D], bias [D]) <-> open_clip's packed

@@ -16,7 +16,8 @@ from pipeline.schema import ClipMeta, ClipSample, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
 from preprocess.synthetic import CorpusConfig, clip_specs, render_clip
 from train.checkpoint import load_model, resolve_checkpoint, train_config
-from train.evaluate import Embedded, evaluate, main as evaluate_main
+from train.evaluate import Embedded, evaluate
+from train.evaluate import main as evaluate_main
 from train.model import VideoCLIPConfig, build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

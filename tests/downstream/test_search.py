@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.search import decode_video, main as search_main
+from launch.search import decode_video
+from launch.search import main as search_main
 from preprocess.synthetic import CorpusConfig, clip_specs, make_corpus
 from tests.downstream.test_evaluate import write_samples, write_tiny_config
 from train.checkpoint import train_config
