@@ -68,7 +68,7 @@ class DatasetLayout:
     """The manifest's file name (another name when a reader was given a manifest URI)."""
 
     @classmethod
-    def of(cls, location: str) -> "DatasetLayout":
+    def of(cls, location: str) -> DatasetLayout:
         """The layout of a data set folder, or of the folder of a manifest URI (one ending in ``.json``)."""
         if not location.endswith(".json"):
             return cls(location)

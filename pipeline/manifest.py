@@ -43,7 +43,7 @@ class ShardEntry:
     whose readers then check the SHA-256."""
 
     def validate(self) -> None:
-        if not self.url or self.url.startswith("/") or "://" in self.url or ".." in self.url.split("/"):
+        if not self.url or self.url.startswith("/") or storage.has_scheme(self.url) or ".." in self.url.split("/"):
             raise ValueError(f"shard url {self.url!r} must be a relative path inside the data set folder")
         if self.samples < 0 or self.bytes < 0 or self.seconds < 0:
             raise ValueError(f"shard {self.url!r}: negative samples, bytes or seconds")

@@ -140,7 +140,7 @@ class ShardWriter:
         self.entries: list[ShardEntry] = []
         self._builder: ShardBuilder | None = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:

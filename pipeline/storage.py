@@ -87,6 +87,11 @@ def is_remote(uri: str) -> bool:
     return parse(uri).scheme == "s3"
 
 
+def has_scheme(text: str) -> bool:
+    """True for a URI with a scheme (``s3://``, ``file://`` or any other), False for a plain path."""
+    return "://" in text
+
+
 # --------------------------------------------------------------------------- S3 client
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preprocess.decode import AUDIO_RATE
 from preprocess.model_loading import check_model_kind, load_model, load_processor
-
-SAMPLE_RATE = 16_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +73,7 @@ class Transcriber:
         """Transcripts of 16 kHz mono float32 arrays."""
         if not audios:
             return []
-        features = self.processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        features = self.processor.feature_extractor(list(audios), sampling_rate=AUDIO_RATE, return_tensors="pt")
         kwargs = {"max_new_tokens": self.cfg.max_new_tokens, "num_beams": self.cfg.num_beams, "do_sample": False}
         if self.cfg.language:
             kwargs.update(language=self.cfg.language, task="transcribe")

@@ -305,11 +305,11 @@ def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: Dec
         return fail("span_out_of_range", f"only {end - r.start:.3f} s of the span lies inside the video "
                     f"(duration {info.duration:.3f} s), less than one frame")
     if not math.isfinite(end):
-        return fail("span_out_of_range", f"the video's duration is unknown, so a clip without an end cannot be cut")
+        return fail("span_out_of_range", "the video's duration is unknown, so a clip without an end cannot be cut")
     return _Clip(index=index, request=r, span=(r.start, end), targets=target_times(r.start, end, cfg))
 
 
-def _audio_track(path: str, container, info: _VideoInfo) -> "_AudioTrack | None":
+def _audio_track(path: str, container, info: _VideoInfo) -> _AudioTrack | None:
     if not container.streams.audio:
         return None
     stream = container.streams.audio[0]

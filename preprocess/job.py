@@ -41,7 +41,7 @@ from preprocess.config import Layout, PreprocessConfig, RayConfig
 from preprocess.failures import Failure, failures_table, read_table, write_table
 from preprocess.inputs import InputPlan, list_source_videos, read_inputs
 from preprocess.model_loading import torch_device
-from preprocess.shard_task import Faults, ShardStats, ShardTask, WorkSettings, process_shard
+from preprocess.shard_task import Faults, ShardSettings, ShardStats, ShardTask, process_shard
 from preprocess.text_stages import ModelError, guarded
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ def _tasks(cfg: PreprocessConfig, out: DatasetLayout, chunks, committed: dict[in
     return tasks
 
 
-def _settings(cfg: PreprocessConfig) -> WorkSettings:
-    return WorkSettings(
+def _settings(cfg: PreprocessConfig) -> ShardSettings:
+    return ShardSettings(
         output=cfg.sharding.output,
         videos=cfg.inputs.videos,
         layout=cfg.inputs.layout,
@@ -245,7 +245,7 @@ def _model_fn(actors: list, index: int):
     return call
 
 
-def _run_shard(task: ShardTask, settings: WorkSettings, board, token: str, captioners: list, transcribers: list) -> ShardStats:
+def _run_shard(task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list) -> ShardStats:
     return process_shard(
         task, settings, on_video=lambda video_id: board.report.remote(token, video_id),
         caption=_model_fn(captioners, task.index), transcribe=_model_fn(transcribers, task.index),
@@ -278,7 +278,7 @@ class _Attempt:
 class _Dispatcher:
     """Keeps at most ``max_in_flight`` shard tasks running; handles results, deaths and timeouts."""
 
-    def __init__(self, settings: WorkSettings, cfg: PreprocessConfig, committed: dict[int, ShardStats], progress, result: JobResult):
+    def __init__(self, settings: ShardSettings, cfg: PreprocessConfig, committed: dict[int, ShardStats], progress, result: JobResult):
         rc = cfg.ray
         self.rc, self.committed, self.progress, self.result = rc, committed, progress, result
         self.remote = ray.remote(_run_shard).options(num_cpus=rc.task_cpus, max_retries=rc.max_retries, retry_exceptions=False)
@@ -380,7 +380,7 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
-def _dispatch(tasks: list[ShardTask], settings: WorkSettings, cfg: PreprocessConfig, committed, result: JobResult) -> dict[int, str]:
+def _dispatch(tasks: list[ShardTask], settings: ShardSettings, cfg: PreprocessConfig, committed, result: JobResult) -> dict[int, str]:
     if not tasks:
         return {}
     from tqdm import tqdm

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipeline import storage
+
 log = logging.getLogger(__name__)
 
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError)
@@ -15,7 +17,7 @@ def check_model_folder(path: str, what: str):
     """The model's transformers config, or a ValueError naming the path and the reason."""
     from transformers import AutoConfig
 
-    if "://" in path:
+    if storage.has_scheme(path):
         raise ValueError(f"{what} model {path}: must be a local folder (present on every node), not a URI")
     if not os.path.isdir(path):
         raise ValueError(f"{what} model {path}: no such folder")

@@ -3,7 +3,7 @@
 Shard ``k`` holds the clips at input positions ``[k*n, (k+1)*n)``. Its outputs, written in
 this order, are the tars ``shard-<k>-000.tar`` (``-001``... when the byte limit splits
 it), the failures table ``failures/shard-<k>.parquet`` and, last, the stats
-``stats/shard-<k>.json``; a shard is committed once its stats exist. The stats carry the
+``stats/shard-<k>.json`` (names from :mod:`pipeline.layout`); a shard is committed once its stats exist. The stats carry the
 shards' manifest entries, so the manifest is built without re-reading any tar. Every write
 is atomic (:mod:`pipeline.storage`), so a killed worker leaves no partial file under a
 final name, and a rerun writes the same bytes again.
@@ -62,18 +62,19 @@ class Faults:
     delay_s: float = 0.0
 
     @classmethod
-    def from_env(cls, env: dict | None = None) -> "Faults":
-        env = os.environ if env is None else env
+    def from_env(cls) -> Faults:
+        env = os.environ
         exit_shard, exit_marker = None, ""
         if env.get(FAULT_EXIT_ENV):
             index, _, exit_marker = env[FAULT_EXIT_ENV].partition(":")
             exit_shard = int(index)
         delay = float(env.get(FAULT_DELAY_ENV) or 0.0)
-        return cls(exit_shard=exit_shard, exit_marker=exit_marker, hang_video=env.get(FAULT_HANG_ENV) or None, delay_s=delay)
+        hang_video = env.get(FAULT_HANG_ENV) or None
+        return cls(exit_shard=exit_shard, exit_marker=exit_marker, hang_video=hang_video, delay_s=delay)
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkSettings:
+class ShardSettings:
     """What every shard task needs besides its clips."""
 
     output: str
@@ -81,8 +82,6 @@ class WorkSettings:
     layout: Layout
     decode: DecodeConfig
     max_shard_bytes: int
-    scratch: str = ""
-    """Local scratch root (temp tars, downloaded videos); default: the system temp dir."""
     faults: Faults = Faults()
     captioner: CaptionConfig | None = None
     """Generate captions of the clips that have none given (the model is passed to process_shard)."""
@@ -128,7 +127,7 @@ class ShardStats:
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, uri: str) -> "ShardStats":
+    def from_json(cls, raw: bytes, uri: str) -> ShardStats:
         try:
             data = json.loads(raw)
             data["entries"] = [ShardEntry(**e) for e in data["entries"]]
@@ -175,7 +174,7 @@ def _count_text(counts: dict[str, int], name: str, text: str, source: TextSource
         counts[key] = counts.get(key, 0) + 1
 
 
-def _stage_models(settings: WorkSettings, caption: ModelFn | None, transcribe: ModelFn | None) -> dict[str, StageModel]:
+def _stage_models(settings: ShardSettings, caption: ModelFn | None, transcribe: ModelFn | None) -> dict[str, StageModel]:
     out = {}
     for name, cfg, fn in (("caption", settings.captioner, caption), ("asr", settings.asr, transcribe)):
         if cfg is None:
@@ -188,7 +187,7 @@ def _stage_models(settings: WorkSettings, caption: ModelFn | None, transcribe: M
 
 def process_shard(
     task: ShardTask,
-    settings: WorkSettings,
+    settings: ShardSettings,
     on_video: Callable[[str], None] = lambda _: None,
     caption: ModelFn | None = None,
     transcribe: ModelFn | None = None,
@@ -223,7 +222,7 @@ def process_shard(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _commit(task: ShardTask, settings: WorkSettings, shard: _Shard) -> None:
+def _commit(task: ShardTask, settings: ShardSettings, shard: _Shard) -> None:
     out = DatasetLayout(settings.output)
     shard.failures.sort(key=lambda row: row[1])
     write_table(out.shard_failures(task.index), failures_table(shard.failures))
@@ -246,7 +245,7 @@ def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
         yield run
 
 
-def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, stats: ShardStats):
+def _process_run(run, task: ShardTask, settings: ShardSettings, scratch: str, stats: ShardStats):
     todo = []
     for item in run:
         if item.problem:
@@ -270,7 +269,7 @@ def _process_run(run, task: ShardTask, settings: WorkSettings, scratch: str, sta
     yield from _decode_file(uri, todo, settings, scratch, stats)
 
 
-def _decode_file(uri: str, items: list[ClipItem], settings: WorkSettings, scratch: str, stats: ShardStats):
+def _decode_file(uri: str, items: list[ClipItem], settings: ShardSettings, scratch: str, stats: ShardStats):
     """Open one video file once and turn each requested clip into (item, sample or failure, audio or None)."""
     whole = settings.layout is Layout.CLIPS
     done = 0
@@ -366,9 +365,9 @@ def _local_copy(uri: str, scratch: str) -> Iterator[str]:
             os.remove(path)
 
 
-def _fresh_scratch(settings: WorkSettings, index: int) -> str:
+def _fresh_scratch(settings: ShardSettings, index: int) -> str:
     """An empty per-shard scratch folder (what a killed earlier attempt left is removed)."""
-    root = settings.scratch or os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
+    root = os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
     path = DatasetLayout(settings.output).scratch(root, index)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)

@@ -29,8 +29,8 @@ from preprocess.downstream.common import (
     need_str,
     read_text,
     split_from,
-    subset,
     strip_video_extension,
+    subset,
     text_list,
     where,
 )

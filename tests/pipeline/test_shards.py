@@ -9,8 +9,8 @@ import pytest
 from pipeline import storage
 from pipeline.manifest import Manifest, ManifestError, read_manifest, write_manifest
 from pipeline.shards import ShardError, ShardLimits, ShardWriter, iter_dataset, iter_shard
-from tests.support.samples import make_sample
 from tests.support.ids import CLIP_IDS
+from tests.support.samples import make_sample
 
 
 def write_dataset(root: str, clip_ids, limits=ShardLimits(max_samples=3)) -> Manifest:
@@ -142,7 +142,7 @@ def test_tar_members_reads_what_tarfile_writes(fmt):
     from pipeline.shards import tar_members
 
     files = [("a.000.jpg", b"x" * 1000), ("d" * 90 + "/" + "k" * 90 + ".json", b"{}"), ("empty.txt", b""),
-             ("b" * 150 + ".txt", b"long name"), ("caf\u00e9.txt", "unicode".encode())]
+             ("b" * 150 + ".txt", b"long name"), ("caf\u00e9.txt", b"unicode")]
     if fmt == tarfile.USTAR_FORMAT:
         files = [f for f in files if len(f[0]) < 100 and f[0].isascii()]
     buf = io.BytesIO()

@@ -214,8 +214,8 @@ def test_text_import_caption_list_and_lmdb(av_corpus, tmp_path):
                                     {"image_id": "av0.0.mp4", "caption": "again"}, {"caption": "no id"}]))
     db = tmp_path / "subs.lmdb"
     with lmdb.open(str(db), map_size=1 << 20) as env, env.begin(write=True) as txn:
-        txn.put("av1.1.mp4".encode(), "lmdb words".encode())
-        txn.put("mute.0.mp4".encode(), b"bad \xff byte")
+        txn.put(b"av1.1.mp4", b"lmdb words")
+        txn.put(b"mute.0.mp4", b"bad \xff byte")
     plan = read_inputs(InputConfig(metadata=str(av_corpus["metadata"]), videos=str(av_corpus["videos"]), captions=str(captions), subtitles=str(db), max_text_chars=20))
     by_id = {c.clip_id: c for c in plan.clips}
     assert by_id["av0.0.mp4"].caption.text == "a tone" and by_id["av0.0.mp4"].caption.origin == str(captions)

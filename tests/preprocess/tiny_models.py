@@ -15,10 +15,16 @@ WORDS = (
 def build_captioner(folder: Path, seed: int = 0) -> Path:
     """A ~100k-parameter ViT + GPT-2 VisionEncoderDecoder with a word-level tokenizer, saved to ``folder``."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor, ViTModel,
-        VisionEncoderDecoderConfig, VisionEncoderDecoderModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
     )
 
     specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
@@ -67,7 +73,13 @@ WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|trans
 def build_whisper(folder: Path, seed: int = 0) -> Path:
     """A tiny Whisper (d_model 32, one layer each side, 80 mel bins) with a byte-level tokenizer."""
     import torch
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     chars = _byte_chars()
