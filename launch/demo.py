@@ -22,23 +22,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import storage  # noqa: E402
+from pipeline.config import HelpFormatter  # noqa: E402
 from pipeline.layout import DatasetLayout  # noqa: E402
 from preprocess.synthetic import make_corpus  # noqa: E402
+from train.run_layout import RunLayout  # noqa: E402
 
 METRIC_ROWS = ["t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_medr"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (its shards are reused by a rerun with the "
                         "same data arguments; training always starts afresh)")
     parser.add_argument("--videos", type=int, default=48, help="training source videos")
-    parser.add_argument("--clips-per-video", type=int, default=4)
-    parser.add_argument("--heldout-videos", type=int, default=8)
+    parser.add_argument("--clips-per-video", type=int, default=4, help="clips per source video")
+    parser.add_argument("--heldout-videos", type=int, default=8, help="held-out source videos (evaluation)")
     parser.add_argument("--frames", type=int, default=8, help="frames stored and used per clip")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps")
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU: gloo)")
-    parser.add_argument("--config", default=str(REPO / "launch/configs/train/tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "launch/configs/train/tiny.yaml"), help="training YAML")
     args = parser.parse_args(argv)
     for name in ("videos", "clips_per_video", "heldout_videos", "frames", "steps", "ranks"):
         if getattr(args, name) < 1:
@@ -91,10 +93,10 @@ def train(args, train_shards: Path, eval_shards: Path, run_dir: Path, log: Path)
 
 
 def final_eval(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(RunLayout(str(run_dir)).metrics)]
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not evals:
-        raise SystemExit(f"demo: no evaluation in {run_dir / 'metrics.jsonl'}")
+        raise SystemExit(f"demo: no evaluation in {RunLayout(str(run_dir)).metrics}")
     return evals[-1]
 
 
@@ -110,8 +112,8 @@ def write_report(out: Path, result: dict, timings: dict, run_dir: Path) -> str:
         lines.append(f"| {key} | {_fmt(plain)} | {_fmt(dsl)} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {secs:.1f} |" for name, secs in timings.items()]
-    lines += ["", f"Plots: {run_dir / 'loss.png'}, {run_dir / 'recall.png'}",
-              f"Metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})", ""]
+    run = RunLayout(str(run_dir))
+    lines += ["", f"Plots: {run.loss_plot}, {run.recall_plot}", f"Metrics: {run.metrics} (TensorBoard: {run.tensorboard})", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text

@@ -320,3 +320,14 @@ def flag_values(args: argparse.Namespace, dest: str) -> dict:
     """The flags given for section ``dest``, as {field: value}."""
     head = f"{dest}."
     return {name[len(head):]: value for name, value in vars(args).items() if name.startswith(head)}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The ``--help`` layout of every command line: the description as written, and every default shown
+    (unless the help already says it, or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"

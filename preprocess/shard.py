@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.logs import LEVELS
     from preprocess.config import PreprocessConfig
 
-    p = argparse.ArgumentParser(prog="preprocess/shard.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="preprocess/shard.py", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
     types = config.hints(PreprocessConfig)
     for name, prefix, names in SECTIONS:
         optional = name in OPTIONAL_SECTIONS

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import config
     from pipeline.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m preprocess.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m preprocess.synthetic", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     config.add_flags(parser, CorpusConfig, dest="corpus")
     args = parser.parse_args(argv)

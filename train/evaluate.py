@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import HelpFormatter
+from pipeline.logs import setup_logging
 from pipeline.schema import ClipSample
 from pipeline.shards import iter_dataset
 from train.checkpoint import LoadedModel, load_model
@@ -149,24 +151,25 @@ def format_results(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder, tag folder or weights file")
     p.add_argument("--data", required=True, help="test data set (folder or s3:// prefix with manifest.json)")
     p.add_argument("--config", help="training YAML giving the model shape (default: the run's config.yaml)")
     p.add_argument("--text", choices=TEXT_FIELDS, default="subtitle",
                    help="member holding the queries, one per line (downstream shards: subtitle)")
     p.add_argument("--num-frames", type=int, help="frames per video (default: the training config's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="videos per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--max-videos", type=int, help="only the first N videos (smoke tests)")
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     try:
         loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
         results = evaluate(embed_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress,

@@ -17,17 +17,6 @@ from train.run_layout import RunLayout
 logger = logging.getLogger(__name__)
 
 
-def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """One handler on the ``train``/``pipeline`` loggers (not the root); ranks > 0 log warnings only."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(name)s: %(message)s", "%H:%M:%S"))
-    for name in ("train", "pipeline", "launch"):
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(level if rank == 0 else logging.WARNING)
-        log.propagate = False
-
-
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -19,10 +19,10 @@ logger = logging.getLogger("train.main")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pipeline.config import settings_help
+    from pipeline.config import HelpFormatter, settings_help
     from train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                      epilog="settings (key=value overrides; YAML sections alike):\n"
                                      + settings_help(TrainConfig))
     parser.add_argument("--config", help="YAML config (see launch/configs/train/)")
@@ -61,7 +61,7 @@ def dry_run(cfg, rank: int, world_size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train.config import check_resumable, dump_config, load_config
-    from train.logging_utils import setup_logging
+    from pipeline.logs import setup_logging
     from train.run_layout import RunLayout
 
     try:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.loop import train
 
     rank, world_size = engine.init_distributed()
-    setup_logging(rank)
+    setup_logging("INFO", rank=rank)
     if rank == 0:
         dump_config(cfg, RunLayout(cfg.run_dir).config)
     if args.dry_run:

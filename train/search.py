@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.config import HelpFormatter
+from pipeline.logs import setup_logging
 from train.checkpoint import LoadedModel, load_model
 from train.evaluate import embed_dataset, encode_texts
 
@@ -180,10 +182,11 @@ def build_parser(prog: str = "python -m train.search", description: str | None =
                  more_queries: tuple[Option, ...] = ()) -> argparse.ArgumentParser:
     """The embed and query commands; ``more_sources`` and ``more_queries`` are further inputs
     (launch/search.py: video files), each exclusive with the ones here."""
-    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("embed", "query"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, formatter_class=HelpFormatter)
         s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or weights file")
         s.add_argument("--config", help="training YAML (default: the run's config.yaml)")
         s.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -195,8 +198,8 @@ def build_parser(prog: str = "python -m train.search", description: str | None =
     src.add_argument("--data", help="shard data set (folder or s3:// prefix): its videos and texts")
     embed.add_argument("--text", choices=("subtitle", "caption"), default="subtitle", help="text member of --data")
     embed.add_argument("--out", required=True, help="Parquet file to write")
-    embed.add_argument("--batch-size", type=int, default=8)
-    embed.add_argument("--no-progress", action="store_true")
+    embed.add_argument("--batch-size", type=int, default=8, help="videos per forward pass")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     query = sub.choices["query"]
     query.add_argument("--index", required=True, help="Parquet table from `embed`")
     what = query.add_mutually_exclusive_group(required=True)
@@ -241,7 +244,7 @@ def run_query(args: argparse.Namespace, query_vector: Callable[[LoadedModel], np
 def run_command(args: argparse.Namespace, embed: Callable[[argparse.Namespace], int] = run_embed,
                 query: Callable[[argparse.Namespace], int] = run_query, name: str = "train.search") -> int:
     """Run the parsed command; a ValueError or OSError is printed as one line, exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("WARNING")
     try:
         return embed(args) if args.command == "embed" else query(args)
     except (ValueError, OSError) as exc:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from ConvertConfig and RayConfig (pipeline/config.py: defaults and help from the fields)."""
-    p = argparse.ArgumentParser(prog="python -m preprocess.downstream", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m preprocess.downstream", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
     p.add_argument("dataset", choices=sorted(DATASETS), help="which benchmark")
     config.add_flags(p, ConvertConfig, dest="convert")
     config.add_flags(p, RayConfig, dest="ray", names={"address": "ray-address"}, only=("address", "num_cpus"))
