@@ -17,7 +17,8 @@ For each layout it measures, in the same run:
 and prints samples/s for each (best of --rounds interleaved rounds) and the loader/raw ratios (target
 >= 0.8): of the best rates, the median over rounds of each round's own ratio, and (simplejpeg) the
 in-process loader against raw decoding alternated batch by batch, the steadiest on a noisy machine.
-With --step-time it also prints the CPU step time of the tiny and ViT-B/32 configs (forward + backward + AdamW, no DeepSpeed).
+With --step-time it also prints the CPU step time of the tiny and ViT-B/32 configs (forward + backward + AdamW,
+no DeepSpeed).
 
 With --webdataset it measures, instead of the above, our shard reader (pipeline.shards.iter_shard) against
 webdataset's (train/wds_shards.py: webdataset's tarfile parsing and grouping, the same size and hash checks) on
@@ -67,7 +68,8 @@ def make_sample(i: int, clip) -> ClipSample:
     stored = len(clip.frames)
     meta = ClipMeta(video_id=f"v{i}", clip_id=f"v{i}.0.mp4", span=clip.span, source_fps=24.0,
                     frame_times=clip.frame_times, frame_size=clip.frame_size, middle_frame=stored // 2,
-                    source_uri="bench", subtitle_source=TextSource(kind="given"), caption_source=TextSource(kind="given"))
+                    source_uri="bench", subtitle_source=TextSource(kind="given"),
+                    caption_source=TextSource(kind="given"))
     return ClipSample(meta=meta, frames=tuple(clip.frames), subtitle=f"subtitle {i} " * 5, caption=f"caption {i}")
 
 
