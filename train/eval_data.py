@@ -7,11 +7,12 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.schema import ClipSample
-from pipeline.shards import ShardError, iter_shard
+from pipeline.shards import ShardError
 from train.config import DataConfig
 from train.sample_transform import SampleTransform, decode_batch
 from train.shard_stream import ErrorCounter, open_source
 from train.tokenizer import get_tokenizer
+from train.wds_shards import iter_wds_shard
 
 
 def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
@@ -43,7 +44,7 @@ def _eval_samples(cfg: DataConfig) -> list[ClipSample]:
     for location in cfg.eval:
         for ref in open_source(location).shards:
             try:
-                for raw in iter_shard(ref.uri, ref.entry):
+                for raw in iter_wds_shard(ref.uri, ref.entry):
                     out.append(ClipSample.from_wds(raw))
                     if len(out) >= cfg.eval_max_samples:
                         return out

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
-from pipeline.shards import ShardError, iter_shard
+from pipeline.shards import ShardError
+from train.wds_shards import iter_wds_shard
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def seeded(*parts: int) -> random.Random:
 def window_samples(shards: list[ShardRef], rng: random.Random, buffer_size: int,
                    errors: ErrorCounter) -> Iterator[dict]:
     """Raw webdataset samples of a window: random interleave of its shards, then a shuffle buffer."""
-    readers = [iter_shard(ref.uri, ref.entry) for ref in shards]
+    readers = [iter_wds_shard(ref.uri, ref.entry) for ref in shards]
     remaining = [max(ref.entry.samples, 1) for ref in shards]
     buffer: list[dict] = []
     while readers:

@@ -129,10 +129,10 @@ def test_the_loader_gives_the_same_batches_through_either_reader(tmp_path, monke
 
     want, want_errors = batches()
     users = [m for name, m in sys.modules.items()
-             if name.startswith("train.") and getattr(m, "iter_shard", None) is iter_shard]
-    assert users, "no train module reads shards through pipeline.shards.iter_shard"
+             if name.startswith("train.") and getattr(m, "iter_wds_shard", None) is iter_wds_shard]
+    assert users, "no train module reads shards through train.wds_shards.iter_wds_shard"
     for module in users:
-        monkeypatch.setattr(module, "iter_shard", iter_wds_shard)
+        monkeypatch.setattr(module, "iter_wds_shard", iter_shard)
     got, got_errors = batches()
     assert got_errors == want_errors and want_errors[0] > 0
     for (keys, digest, frames, text), (want_keys, want_digest, want_frames, want_text) in zip(got, want, strict=True):
