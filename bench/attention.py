@@ -14,15 +14,16 @@ interleaved across variants and the median is reported with ratios (variant time
     python bench/attention.py --device cuda --dtype bf16
     python bench/attention.py --quick                 # smoke test, a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from open_clip.transformer import QuickGELU, Transformer
@@ -36,8 +37,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATCHES = {"B/32": 49, "B/16": 196}
 
 
-def original_proxy_attention(q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_proxies: int,
-                             num_frames: int, dropout_p: float = 0.0) -> Tensor:
+def original_proxy_attention(
+    q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_proxies: int, num_frames: int, dropout_p: float = 0.0
+) -> Tensor:
     """The released code's formulation: bmm + softmax twice, proxies repeated per frame (no dropout)."""
     B, N, H, K = q_BNHK.shape
     M, T = num_proxies, num_frames
@@ -49,7 +51,7 @@ def original_proxy_attention(q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num
     def per_frame(x_bh_N_K: Tensor) -> Tensor:
         return x_bh_N_K[:, M:].reshape(B * H, T, L, K)
 
-    q, k, v = per_head(q_BNHK * K ** -0.5), per_head(k_BNHK), per_head(v_BNHK)
+    q, k, v = per_head(q_BNHK * K**-0.5), per_head(k_BNHK), per_head(v_BNHK)
     out_proxies = torch.bmm(torch.softmax(torch.bmm(q[:, :M], k.transpose(1, 2)), dim=-1), v)
     k_frames = torch.cat([k[:, None, :M].repeat(1, T, 1, 1), per_frame(k)], 2).flatten(0, 1)
     v_frames = torch.cat([v[:, None, :M].repeat(1, T, 1, 1), per_frame(v)], 2).flatten(0, 1)
@@ -95,11 +97,13 @@ def op_step(shape: Shape, qkv_BN3D: Tensor, grad_BND: Tensor) -> Callable[[Atten
         out_BND.backward(grad_BND)
         qkv_BN3D.grad = None
         return out_BND.detach()
+
     return step
 
 
-def tower_step(shape: Shape, layers: int, tokens_BND: Tensor, grad_BND: Tensor,
-               device: torch.device, dtype: torch.dtype) -> Callable[[AttendFn], Tensor]:
+def tower_step(
+    shape: Shape, layers: int, tokens_BND: Tensor, grad_BND: Tensor, device: torch.device, dtype: torch.dtype
+) -> Callable[[AttendFn], Tensor]:
     """Forward + backward of the whole video tower (open_clip blocks) with one attention function."""
     torch.manual_seed(0)
     blocks = Transformer(shape.width, layers, shape.heads, act_layer=QuickGELU).resblocks.to(device, dtype)
@@ -110,6 +114,7 @@ def tower_step(shape: Shape, layers: int, tokens_BND: Tensor, grad_BND: Tensor,
         tokens_BND.grad = None
         blocks.zero_grad(set_to_none=True)
         return out_BND.detach()
+
     return step
 
 
@@ -136,8 +141,11 @@ def report(level: str, size: str, shape: Shape, medians: dict[str, float], max_d
     fused = medians["fused"]
     cells = "  ".join(f"{name} {1e3 * t:9.1f} ms" for name, t in medians.items())
     ratios = "  ".join(f"{name}/fused {t / fused:5.2f}x" for name, t in medians.items() if name != "fused")
-    print(f"{level:5s} {size} B={shape.batch} L={shape.patches:3d} N={shape.tokens:5d}  {cells}  |  {ratios}  "
-          f"(max|diff| {max_diff:.1e})", flush=True)
+    print(
+        f"{level:5s} {size} B={shape.batch} L={shape.patches:3d} N={shape.tokens:5d}  {cells}  |  {ratios}  "
+        f"(max|diff| {max_diff:.1e})",
+        flush=True,
+    )
 
 
 def run_level(level: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
@@ -187,9 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
-          f"tower_batch={args.tower_batch or args.batch} frames={args.frames} proxies={args.proxies} "
-          f"width={args.width} heads={args.heads} tower_layers={args.layers}", flush=True)
+    print(
+        f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
+        f"tower_batch={args.tower_batch or args.batch} frames={args.frames} proxies={args.proxies} "
+        f"width={args.width} heads={args.heads} tower_layers={args.layers}",
+        flush=True,
+    )
     for level in args.levels:
         run_level(level, args, device, dtype)
 

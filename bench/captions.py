@@ -12,6 +12,7 @@ corpus, then
     python bench/captions.py            # 16 videos x 4 clips, ~2 minutes on 2 cores
     python bench/captions.py --quick    # 4 videos x 4 clips
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,17 @@ def preprocess(paths, out: Path, captioner, batch: int, num_cpus: int) -> float:
 
 def model_start_seconds(model: Path) -> float:
     """What a fresh caption actor pays once: a new process importing torch/transformers and loading the model."""
-    code = "from preprocess.captions import CaptionConfig, Captioner; import sys; Captioner(CaptionConfig(model=sys.argv[1]))"
+    code = (
+        "from preprocess.captions import CaptionConfig, Captioner; import sys; "
+        "Captioner(CaptionConfig(model=sys.argv[1]))"
+    )
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(model)], check=True, capture_output=True, cwd=str(Path(__file__).resolve().parents[1]))
+    subprocess.run(
+        [sys.executable, "-c", code, str(model)],
+        check=True,
+        capture_output=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
     return time.perf_counter() - started
 
 
@@ -71,7 +80,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--frames", type=int, default=128, help="middle frames captioned in part 2 (cycled)")
-    p.add_argument("--num-cpus", type=int, default=3, help="CPUs of the local Ray cluster (one goes to the caption actor)")
+    p.add_argument(
+        "--num-cpus", type=int, default=3, help="CPUs of the local Ray cluster (one goes to the caption actor)"
+    )
     args = p.parse_args()
 
     import ray
@@ -99,8 +110,11 @@ def main() -> int:
         added = with_stage - without
         start = model_start_seconds(model)
         print(f"  the stage adds {added:.2f} s = {100 * added / with_stage:.1f}% of the with-stage time")
-        print(f"  of which one-off actor start (new process, imports, model load; measured alone): {start:.2f} s; "
-              f"the rest, {max(0.0, added - start):.2f} s = {100 * max(0.0, added - start) / with_stage:.1f}%, grows with the clips")
+        print(
+            f"  of which one-off actor start (new process, imports, model load; measured alone): {start:.2f} s; "
+            f"the rest, {max(0.0, added - start):.2f} s = {100 * max(0.0, added - start) / with_stage:.1f}%, "
+            "grows with the clips"
+        )
 
         samples = list(iter_dataset(str(root / "captioned")))
         middle = [s.frames[s.meta.middle_frame] for s in samples]
@@ -109,9 +123,14 @@ def main() -> int:
         batched, texts_b = caption_rate(captioner, frames, args.batch_size)
         single, texts_1 = caption_rate(captioner, frames, 1)
         assert texts_b == texts_1, "batched captions differ from one-at-a-time captions"
-        assert texts_b[: len(samples)] == [s.caption for s in samples], "the pipeline's captions differ from the model's"
+        assert texts_b[: len(samples)] == [s.caption for s in samples], (
+            "the pipeline's captions differ from the model's"
+        )
         print(f"captioning {len(frames)} middle frames in this process (tiny ViT+GPT-2, CPU, {os.cpu_count()} cores):")
-        print(f"  batch {args.batch_size}: {batched:.1f} captions/s   batch 1: {single:.1f} captions/s   ratio {batched / single:.2f}x")
+        print(
+            f"  batch {args.batch_size}: {batched:.1f} captions/s   batch 1: {single:.1f} captions/s   "
+            f"ratio {batched / single:.2f}x"
+        )
         print("  captions identical between batch sizes and to the pipeline's: yes")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -31,6 +31,7 @@ and prints, for each, the median over rounds of that round's ours/webdataset rat
 issue 14: the loader reads through our reader only if it is >= 1.2x faster end to end; it was 1.17-1.18x
 (docs/design.md), so training reads through webdataset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,18 @@ def decoded_clips(video: str, stored: int, frame_size: tuple[int, int] | None) -
 
 def make_sample(i: int, clip) -> ClipSample:
     stored = len(clip.frames)
-    meta = ClipMeta(video_id=f"v{i}", clip_id=f"v{i}.0.mp4", span=clip.span, source_fps=24.0,
-                    frame_times=clip.frame_times, frame_size=clip.frame_size, middle_frame=stored // 2,
-                    source_uri="bench", subtitle_source=TextSource(kind="given"),
-                    caption_source=TextSource(kind="given"))
+    meta = ClipMeta(
+        video_id=f"v{i}",
+        clip_id=f"v{i}.0.mp4",
+        span=clip.span,
+        source_fps=24.0,
+        frame_times=clip.frame_times,
+        frame_size=clip.frame_size,
+        middle_frame=stored // 2,
+        source_uri="bench",
+        subtitle_source=TextSource(kind="given"),
+        caption_source=TextSource(kind="given"),
+    )
     return ClipSample(meta=meta, frames=tuple(clip.frames), subtitle=f"subtitle {i} " * 5, caption=f"caption {i}")
 
 
@@ -143,8 +152,16 @@ def make_loader(root: str, frames: int, size: int, decoder: str, workers: int = 
     from train.config import DataConfig
     from train.loader import StreamingLoader
 
-    cfg = DataConfig(train=[root], batch_size=8, num_frames=frames, image_size=size, num_workers=workers,
-                     shards_per_window=1, shuffle_buffer=16, decoder=decoder)
+    cfg = DataConfig(
+        train=[root],
+        batch_size=8,
+        num_frames=frames,
+        image_size=size,
+        num_workers=workers,
+        shards_per_window=1,
+        shuffle_buffer=16,
+        decoder=decoder,
+    )
     loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
     loader.next()  # warm up (tokenizer, imports)
     return loader
@@ -168,7 +185,7 @@ def interleaved_ratio(loader, jpegs: list[list[bytes]], clips: int) -> float:
         loader.next()
         middle = time.perf_counter()
         first = 8 * b % len(jpegs)
-        decode_into_new_arrays(jpegs[first:first + 8])
+        decode_into_new_arrays(jpegs[first : first + 8])
         raw_s += time.perf_counter() - middle
         loader_s += middle - start
     return raw_s / loader_s
@@ -176,8 +193,10 @@ def interleaved_ratio(loader, jpegs: list[list[bytes]], clips: int) -> float:
 
 def round_rates(samples: list[ClipSample], root: str, args) -> dict[str, list[float]]:
     """Each rate in ``args.rounds`` interleaved rounds (this machine is noisy)."""
-    loaders = {"loader": make_loader(root, args.frames, args.size, args.decoder),
-               "worker": make_loader(root, args.frames, args.size, args.decoder, workers=1)}
+    loaders = {
+        "loader": make_loader(root, args.frames, args.size, args.decoder),
+        "worker": make_loader(root, args.frames, args.size, args.decoder, workers=1),
+    }
     rates: dict[str, list[float]] = {"raw": [], "loader": [], "worker": [], "hot": [], "interleaved": []}
     jpegs = picked_jpegs(samples, args.frames)
     for _ in range(args.rounds):
@@ -199,12 +218,18 @@ def report(rates: dict[str, list[float]]) -> None:
     for kind in ("loader", "worker"):
         paired = statistics.median(x / raw for x, raw in zip(rates[kind], rates["raw"]))
         strict = f", best vs reused buffer {best[kind] / best['hot']:.2f}" if best["hot"] else ""
-        print(f"  {kind:<6} {best[kind]:6.1f} clips/s/core  ratio: of bests {best[kind] / best['raw']:.2f}, "
-              f"median per round {paired:.2f} (target >= 0.8){strict}", flush=True)
+        print(
+            f"  {kind:<6} {best[kind]:6.1f} clips/s/core  ratio: of bests {best[kind] / best['raw']:.2f}, "
+            f"median per round {paired:.2f} (target >= 0.8){strict}",
+            flush=True,
+        )
     if rates["interleaved"]:
         values = sorted(rates["interleaved"])
-        print(f"  loader/raw alternating batch by batch (the steadiest): median {statistics.median(values):.2f} "
-              f"(min {values[0]:.2f}, max {values[-1]:.2f}, {len(values)} rounds; target >= 0.8)", flush=True)
+        print(
+            f"  loader/raw alternating batch by batch (the steadiest): median {statistics.median(values):.2f} "
+            f"(min {values[0]:.2f}, max {values[-1]:.2f}, {len(values)} rounds; target >= 0.8)",
+            flush=True,
+        )
 
 
 def reader_switch():
@@ -215,14 +240,18 @@ def reader_switch():
     """
     from train.wds_shards import iter_wds_shard
 
-    users = [module for name, module in list(sys.modules.items())
-             if name.startswith("train.") and getattr(module, "iter_wds_shard", None) is iter_wds_shard]
+    users = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("train.") and getattr(module, "iter_wds_shard", None) is iter_wds_shard
+    ]
     if not users:
         sys.exit("bench/loader.py: no train module reads shards through train.wds_shards.iter_wds_shard")
 
     def use(reader) -> None:
         for module in users:
             module.iter_wds_shard = reader
+
     return use
 
 
@@ -286,9 +315,12 @@ def report_readers(rates: dict[str, list[float]]) -> None:
         ours, theirs = rates[f"{kind} ours"], rates[f"{kind} webdataset"]
         ratios = sorted(a / b for a, b in zip(ours, theirs))
         what = "full loader, batches alternated" if kind == "loader" else "tar read + group + check, no decode"
-        print(f"  {kind:<6} ours {statistics.median(ours):6.1f} clips/s, webdataset {statistics.median(theirs):6.1f} "
-              f"(medians); ours/webdataset median {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, "
-              f"max {ratios[-1]:.2f}, {len(ratios)} rounds) [{what}]", flush=True)
+        print(
+            f"  {kind:<6} ours {statistics.median(ours):6.1f} clips/s, webdataset {statistics.median(theirs):6.1f} "
+            f"(medians); ours/webdataset median {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, "
+            f"max {ratios[-1]:.2f}, {len(ratios)} rounds) [{what}]",
+            flush=True,
+        )
 
 
 def step_times() -> None:
@@ -315,8 +347,10 @@ def step_times() -> None:
             opt.zero_grad()
             times.append(time.perf_counter() - start)
         best = min(times[1:])
-        print(f"step time {name}: batch {batch}, {d.num_frames} frames at {d.image_size}: "
-              f"{best:.3f} s/step, {best / batch:.3f} s/sample ({torch.get_num_threads()} threads)")
+        print(
+            f"step time {name}: batch {batch}, {d.num_frames} frames at {d.image_size}: "
+            f"{best:.3f} s/step, {best / batch:.3f} s/sample ({torch.get_num_threads()} threads)"
+        )
 
 
 def bench_video() -> str:
@@ -336,11 +370,18 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--decoder", default="simplejpeg", choices=("simplejpeg", "torchvision", "pillow"))
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved measurement rounds; the best counts (--webdataset: the median)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved measurement rounds; the best counts (--webdataset: the median)",
+    )
     parser.add_argument("--step-time", action="store_true")
-    parser.add_argument("--webdataset", action="store_true",
-                        help="instead: our shard reader against webdataset's, in the loader and alone")
+    parser.add_argument(
+        "--webdataset",
+        action="store_true",
+        help="instead: our shard reader against webdataset's, in the loader and alone",
+    )
     args = parser.parse_args()
     video = bench_video()
     for name, frame_size in ((f"{args.size}x{args.size}", (args.size, args.size)), ("short-side 224", None)):
@@ -350,13 +391,17 @@ def main() -> None:
             rates = reader_rounds(root, args) if args.webdataset else round_rates(samples, root, args)
         w, h = clips[0].frame_size
         if args.webdataset:
-            print(f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}, "
-                  f"{args.clips} clips a round: our shard reader / webdataset's (keep ours if >= 1.2 in the loader)")
+            print(
+                f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}, "
+                f"{args.clips} clips a round: our shard reader / webdataset's (keep ours if >= 1.2 in the loader)"
+            )
             report_readers(rates)
             continue
         raw, hot = max(rates["raw"]), max(rates["hot"], default=0.0)
-        print(f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}: "
-              f"raw JPEG decode {raw:.1f} clips/s/core" + (f" (into one reused buffer {hot:.1f})" if hot else ""))
+        print(
+            f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}: "
+            f"raw JPEG decode {raw:.1f} clips/s/core" + (f" (into one reused buffer {hot:.1f})" if hot else "")
+        )
         report(rates)
     if args.step_time:
         step_times()

@@ -14,14 +14,15 @@ decord's ``get_batch`` per clip is timed as well, for reference.
     python bench/preprocess.py            # full size, a few minutes (plus ~5 CPU-minutes once to encode)
     python bench/preprocess.py --quick    # small corpus, smoke test in under a minute
 """
+
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
 import random
-import importlib.util
 import resource
 import shutil
 import subprocess
@@ -67,15 +68,20 @@ def make_corpus(spec: Corpus, root: Path) -> dict:
         return json.loads(plan_path.read_text())
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / f"src{i}.mp4" for i in range(spec.sources)]
-    print(f"encoding {spec.sources} sources of {spec.seconds} s at {spec.width}x{spec.height} into {root} ...",
-          flush=True)
+    print(
+        f"encoding {spec.sources} sources of {spec.seconds} s at {spec.width}x{spec.height} into {root} ...", flush=True
+    )
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(lambda ip: _encode_source(spec, ip[0], ip[1]), enumerate(paths)))
     long_path, short_path = root / "long.mp4", root / "short.mp4"
     _concat(paths, spec.long_copies, long_path)
     _ffmpeg("-i", str(paths[0]), "-t", "10", "-c", "copy", str(short_path))
-    plan = {"sources": [{"path": str(p), "clips": _clips(spec, i)} for i, p in enumerate(paths)],
-            "long": str(long_path), "short": str(short_path), "long_seconds": spec.seconds * spec.long_copies}
+    plan = {
+        "sources": [{"path": str(p), "clips": _clips(spec, i)} for i, p in enumerate(paths)],
+        "long": str(long_path),
+        "short": str(short_path),
+        "long_seconds": spec.seconds * spec.long_copies,
+    }
     plan_path.write_text(json.dumps(plan))
     return plan
 
@@ -84,8 +90,31 @@ def _encode_source(spec: Corpus, index: int, path: Path) -> None:
     """testsrc2 with a drifting hue and light temporal noise, so it is not trivially compressible."""
     src = f"testsrc2=size={spec.width}x{spec.height}:rate={spec.fps}"
     vf = f"hue=H=2*PI*t/{7 + index},noise=alls=6:allf=t+u"
-    _ffmpeg("-f", "lavfi", "-i", src, "-t", str(spec.seconds), "-vf", vf, "-c:v", "libx264", "-preset", "veryfast",
-            "-crf", "26", "-g", str(2 * spec.fps), "-bf", "3", "-pix_fmt", "yuv420p", "-threads", "1", str(path))
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        src,
+        "-t",
+        str(spec.seconds),
+        "-vf",
+        vf,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-crf",
+        "26",
+        "-g",
+        str(2 * spec.fps),
+        "-bf",
+        "3",
+        "-pix_fmt",
+        "yuv420p",
+        "-threads",
+        "1",
+        str(path),
+    )
 
 
 def _concat(paths: list[Path], copies: int, out: Path) -> None:
@@ -100,8 +129,9 @@ def _clips(spec: Corpus, index: int) -> list[list[float]]:
     count = min(5 + index % 2, int(spec.seconds // spec.clip_seconds))
     slack = spec.seconds - count * spec.clip_seconds
     cuts = sorted(rng.uniform(0, slack) for _ in range(count))
-    return [[round(c + k * spec.clip_seconds, 3), round(c + (k + 1) * spec.clip_seconds, 3)]
-            for k, c in enumerate(cuts)]
+    return [
+        [round(c + k * spec.clip_seconds, 3), round(c + (k + 1) * spec.clip_seconds, 3)] for k, c in enumerate(cuts)
+    ]
 
 
 def _ffmpeg(*args: str) -> None:
@@ -131,8 +161,25 @@ def run_ffmpeg_per_clip(plan: dict) -> dict:
                 d = out / f"{Path(src['path']).stem}-{k}"
                 d.mkdir()
                 vf = f"fps={FRAMES}/{end - start},scale=-2:{SHORT_SIDE}"
-                _ffmpeg("-threads", "1", "-ss", str(start), "-t", str(end - start), "-i", src["path"],
-                        "-vf", vf, "-filter_threads", "1", "-frames:v", str(FRAMES), "-q:v", "3", str(d / "%02d.jpg"))
+                _ffmpeg(
+                    "-threads",
+                    "1",
+                    "-ss",
+                    str(start),
+                    "-t",
+                    str(end - start),
+                    "-i",
+                    src["path"],
+                    "-vf",
+                    vf,
+                    "-filter_threads",
+                    "1",
+                    "-frames:v",
+                    str(FRAMES),
+                    "-q:v",
+                    "3",
+                    str(d / "%02d.jpg"),
+                )
                 clips, frames = clips + 1, frames + len(list(d.iterdir()))
     finally:
         shutil.rmtree(out)
@@ -182,22 +229,27 @@ def run_memory(plan: dict, which: str) -> dict:
     else:
         spans = [(0.0, 9.5)]
     requests = [ClipRequest(clip_id=str(k), start=s, end=e) for k, (s, e) in enumerate(spans)]
-    results = list(decode_clips(plan[which], requests, DecodeConfig(num_frames=FRAMES, short_side=SHORT_SIDE, threads=1)))
+    results = list(
+        decode_clips(plan[which], requests, DecodeConfig(num_frames=FRAMES, short_side=SHORT_SIDE, threads=1))
+    )
     assert all(isinstance(r, DecodedClip) for r in results), results
     return {"clips": len(results), "frames": sum(len(r.frames) for r in results)}
 
 
 METHODS = {
-    "ours": run_ours, "ffmpeg_per_clip": run_ffmpeg_per_clip, "decode_everything": run_decode_everything,
+    "ours": run_ours,
+    "ffmpeg_per_clip": run_ffmpeg_per_clip,
+    "decode_everything": run_decode_everything,
     "decord_per_clip": run_decord_per_clip,
-    "memory_long": lambda plan: run_memory(plan, "long"), "memory_short": lambda plan: run_memory(plan, "short"),
+    "memory_long": lambda plan: run_memory(plan, "long"),
+    "memory_short": lambda plan: run_memory(plan, "short"),
 }
 
 
 def worker(method: str, plan_path: str, core: int) -> None:
     os.sched_setaffinity(0, {core})  # children (ffmpeg) inherit the single core
     plan = json.loads(Path(plan_path).read_text())
-    import av, PIL.Image, preprocess.decode  # noqa: E401,F401  (imports stay out of the timing)
+    import av  # noqa: E401,F401  (imports stay out of the timing)
 
     if method == "decord_per_clip":
         import decord  # noqa: F401
@@ -235,25 +287,37 @@ def report(spec: Corpus, plan: dict, plan_path: Path, core: int, repeat: int, wi
     for m in methods:
         results[m] = measure(m, plan_path, core, repeat)
         r = results[m]
-        print(f"  {m:<18} {r['seconds']:7.2f} s  (cpu {r['cpu_seconds']:6.2f} s)  {r['clips']:3d} clips "
-              f"{r['frames']:6d} frames  {r['clips'] / r['seconds']:6.2f} clips/s", flush=True)
+        print(
+            f"  {m:<18} {r['seconds']:7.2f} s  (cpu {r['cpu_seconds']:6.2f} s)  {r['clips']:3d} clips "
+            f"{r['frames']:6d} frames  {r['clips'] / r['seconds']:6.2f} clips/s",
+            flush=True,
+        )
     ours, base, full = results["ours"], results["ffmpeg_per_clip"], results["decode_everything"]
     speedup = (ours["clips"] / ours["seconds"]) / (base["clips"] / base["seconds"])
     ratio = ours["seconds"] / full["seconds"]
     long_, short = measure("memory_long", plan_path, core, 1), measure("memory_short", plan_path, core, 1)
     rss = long_["max_rss_mib"] / short["max_rss_mib"]
-    print(f"  peak RSS: {plan['long_seconds'] / 60:.0f}-minute source {long_['max_rss_mib']:.0f} MiB, "
-          f"10-second source {short['max_rss_mib']:.0f} MiB")
+    print(
+        f"  peak RSS: {plan['long_seconds'] / 60:.0f}-minute source {long_['max_rss_mib']:.0f} MiB, "
+        f"10-second source {short['max_rss_mib']:.0f} MiB"
+    )
     print("")
-    print(f"(1) clips/s per core, ours vs ffmpeg per clip : {speedup:5.2f}x   target >= 1.8x  "
-          f"{'ok' if speedup >= 1.8 else 'MISSED'}")
-    print(f"(2) time, ours vs decoding every frame (PyAV) : {ratio:5.2f}x   target <= 0.7x  "
-          f"{'ok' if ratio <= 0.7 else 'MISSED'}")
-    print(f"(3) peak RSS, long vs short source            : {rss:5.2f}x   target <  2x    "
-          f"{'ok' if rss < 2 else 'MISSED'}")
+    print(
+        f"(1) clips/s per core, ours vs ffmpeg per clip : {speedup:5.2f}x   target >= 1.8x  "
+        f"{'ok' if speedup >= 1.8 else 'MISSED'}"
+    )
+    print(
+        f"(2) time, ours vs decoding every frame (PyAV) : {ratio:5.2f}x   target <= 0.7x  "
+        f"{'ok' if ratio <= 0.7 else 'MISSED'}"
+    )
+    print(
+        f"(3) peak RSS, long vs short source            : {rss:5.2f}x   target <  2x    {'ok' if rss < 2 else 'MISSED'}"
+    )
     cpu_speedup = (ours["clips"] / ours["cpu_seconds"]) / (base["clips"] / base["cpu_seconds"])
-    print(f"    by CPU seconds (less sensitive to a busy machine): (1) {cpu_speedup:.2f}x  "
-          f"(2) {ours['cpu_seconds'] / full['cpu_seconds']:.2f}x")
+    print(
+        f"    by CPU seconds (less sensitive to a busy machine): (1) {cpu_speedup:.2f}x  "
+        f"(2) {ours['cpu_seconds'] / full['cpu_seconds']:.2f}x"
+    )
 
 
 def main() -> None:
@@ -276,9 +340,11 @@ def main() -> None:
     root = Path(args.cache) / spec.key()
     plan = make_corpus(spec, root)
     clips = sum(len(s["clips"]) for s in plan["sources"])
-    print(f"corpus: {spec.sources} x {spec.seconds} s {spec.width}x{spec.height} H.264 (GOP {2 * spec.fps} frames, "
-          f"B-frames), {clips} clips of {spec.clip_seconds:g} s, {FRAMES} frames per clip at short side "
-          f"{SHORT_SIDE}; one core (cpu {core}), one decoder thread")
+    print(
+        f"corpus: {spec.sources} x {spec.seconds} s {spec.width}x{spec.height} H.264 (GOP {2 * spec.fps} frames, "
+        f"B-frames), {clips} clips of {spec.clip_seconds:g} s, {FRAMES} frames per clip at short side "
+        f"{SHORT_SIDE}; one core (cpu {core}), one decoder thread"
+    )
     with_decord = not args.no_decord and importlib.util.find_spec("decord") is not None
     if not args.no_decord and not with_decord:
         print("decord is not installed (pip install -e '.[bench]', x86_64 only): its reference row is skipped")

@@ -6,6 +6,7 @@ Embedding is measured end to end as `launch.search embed --videos` runs it (PyAV
 file to T frames, resize, encode_video) on preprocess.synthetic mp4s, and separately model-only.
 Query latency = embed one text + cosine top-10 over an index of --index-rows random unit vectors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ CONFIGS = {
 def loaded_model(name: str) -> LoadedModel:
     spec = CONFIGS[name]
     model = build_model(VideoCLIPConfig(clip_model=spec["clip_model"], clip_overrides=spec["clip_overrides"])).eval()
-    return LoadedModel(model=model, num_frames=spec["frames"], image_size=spec["size"], context_length=70,
-                       device=torch.device("cpu"), checkpoint="random")
+    return LoadedModel(
+        model=model,
+        num_frames=spec["frames"],
+        image_size=spec["size"],
+        context_length=70,
+        device=torch.device("cpu"),
+        checkpoint="random",
+    )
 
 
 def bench_model(name: str, files: list[str], queries: int, index_rows: int) -> dict:
@@ -45,8 +52,9 @@ def bench_model(name: str, files: list[str], queries: int, index_rows: int) -> d
     start = time.perf_counter()
     done, embeddings, failed = embed_files(loaded, files, batch_size=8, progress=False)
     end_to_end = len(done) / (time.perf_counter() - start)
-    frames = np.random.default_rng(0).integers(0, 255, (8, loaded.num_frames, 3, loaded.image_size, loaded.image_size),
-                                               dtype=np.uint8)
+    frames = np.random.default_rng(0).integers(
+        0, 255, (8, loaded.num_frames, 3, loaded.image_size, loaded.image_size), dtype=np.uint8
+    )
     encode_frames(loaded, frames)
     start = time.perf_counter()
     for _ in range(2):
@@ -55,16 +63,31 @@ def bench_model(name: str, files: list[str], queries: int, index_rows: int) -> d
     dim = embeddings.shape[1]
     rows = np.random.default_rng(1).standard_normal((index_rows, dim)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    index = Index(kind=["video"] * index_rows, id=[str(i) for i in range(index_rows)], video=[""] * index_rows,
-                  text=[""] * index_rows, source=[""] * index_rows, embeddings=rows, meta={})
+    index = Index(
+        kind=["video"] * index_rows,
+        id=[str(i) for i in range(index_rows)],
+        video=[""] * index_rows,
+        text=[""] * index_rows,
+        source=[""] * index_rows,
+        embeddings=rows,
+        meta={},
+    )
     latencies = []
     for q in range(queries):
         start = time.perf_counter()
         top_k(index, encode_texts(loaded, [f"a red circle moving left number {q}"])[0].numpy(), "video", 10)
         latencies.append(time.perf_counter() - start)
-    return {"model": name, "frames": loaded.num_frames, "size": loaded.image_size, "videos_per_s": end_to_end,
-            "model_only_videos_per_s": model_only, "query_ms_median": 1000 * float(np.median(latencies)),
-            "query_ms_p90": 1000 * float(np.percentile(latencies, 90)), "index_rows": index_rows, "failed": len(failed)}
+    return {
+        "model": name,
+        "frames": loaded.num_frames,
+        "size": loaded.image_size,
+        "videos_per_s": end_to_end,
+        "model_only_videos_per_s": model_only,
+        "query_ms_median": 1000 * float(np.median(latencies)),
+        "query_ms_p90": 1000 * float(np.percentile(latencies, 90)),
+        "index_rows": index_rows,
+        "failed": len(failed),
+    }
 
 
 def main() -> int:
@@ -80,12 +103,16 @@ def main() -> int:
         corpus = make_corpus(tmp, videos=args.videos, clips_per_video=1, size=(320, 240), fps=15, clip_seconds=3.0)
         files = list_video_files(str(corpus.videos))
         print(f"CPU, {args.threads} torch threads, {len(files)} videos of 3 s 320x240; index of {args.index_rows} rows")
-        print(f"{'model':<10}{'frames':>7}{'size':>6}{'videos/s':>10}{'model-only/s':>14}{'query ms p50':>14}{'p90':>8}")
+        print(
+            f"{'model':<10}{'frames':>7}{'size':>6}{'videos/s':>10}{'model-only/s':>14}{'query ms p50':>14}{'p90':>8}"
+        )
         with torch.inference_mode():
             for name in args.models.split(","):
                 r = bench_model(name, files, args.queries, args.index_rows)
-                print(f"{r['model']:<10}{r['frames']:>7}{r['size']:>6}{r['videos_per_s']:>10.2f}"
-                      f"{r['model_only_videos_per_s']:>14.2f}{r['query_ms_median']:>14.1f}{r['query_ms_p90']:>8.1f}")
+                print(
+                    f"{r['model']:<10}{r['frames']:>7}{r['size']:>6}{r['videos_per_s']:>10.2f}"
+                    f"{r['model_only_videos_per_s']:>14.2f}{r['query_ms_median']:>14.1f}{r['query_ms_p90']:>8.1f}"
+                )
     return 0
 
 

@@ -3,6 +3,7 @@
 Starts a loopback S3 server (moto), uploads shards, then alternates the two readers over
 several rounds and prints the median throughput of each and their ratio (target >= 0.9).
 """
+
 from __future__ import annotations
 
 import argparse

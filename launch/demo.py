@@ -7,6 +7,7 @@
    (``launch/pretrain.sh``), evaluating zero-shot retrieval on the held-out shards;
 4. write ``report.md`` (metrics table, plots) in the output folder and print it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,12 @@ METRIC_ROWS = ["t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_r5", "v
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="output folder (its shards are reused by a rerun with the "
-                        "same data arguments; training always starts afresh)")
+    parser.add_argument(
+        "--out",
+        default="demo_out",
+        help="output folder (its shards are reused by a rerun with the "
+        "same data arguments; training always starts afresh)",
+    )
     parser.add_argument("--videos", type=int, default=48, help="training source videos")
     parser.add_argument("--clips-per-video", type=int, default=4, help="clips per source video")
     parser.add_argument("--heldout-videos", type=int, default=8, help="held-out source videos (evaluation)")
@@ -79,17 +84,56 @@ def shard(corpus, output: Path, frames: int, log: Path) -> None:
     if storage.exists(DatasetLayout(str(output)).manifest):
         print(f"shards already committed in {output}")
         return
-    run([sys.executable, "preprocess/shard.py", "--metadata", str(corpus.metadata), "--videos", str(corpus.videos),
-         "--subtitles", str(corpus.subtitles), "--captions", str(corpus.captions), "--output", str(output),
-         "--num-frames", str(frames), "--short-side", "48", "--clips-per-shard", "32",
-         "--ray-address", "local", "--num-cpus", "2", "--no-progress"], log)
+    run(
+        [
+            sys.executable,
+            "preprocess/shard.py",
+            "--metadata",
+            str(corpus.metadata),
+            "--videos",
+            str(corpus.videos),
+            "--subtitles",
+            str(corpus.subtitles),
+            "--captions",
+            str(corpus.captions),
+            "--output",
+            str(output),
+            "--num-frames",
+            str(frames),
+            "--short-side",
+            "48",
+            "--clips-per-shard",
+            "32",
+            "--ray-address",
+            "local",
+            "--num-cpus",
+            "2",
+            "--no-progress",
+        ],
+        log,
+    )
 
 
 def train(args, train_shards: Path, eval_shards: Path, run_dir: Path, log: Path) -> None:
-    run(["bash", "launch/pretrain.sh", "--gpus", str(args.ranks), "--", "--config", args.config,
-         f"data.train=[{train_shards}]", f"data.eval=[{eval_shards}]", f"run_dir={run_dir}",
-         f"max_steps={args.steps}", f"data.num_frames={args.frames}", f"log.eval_every_steps={max(args.steps // 4, 1)}",
-         f"checkpoint.every_steps={args.steps}"], log)
+    run(
+        [
+            "bash",
+            "launch/pretrain.sh",
+            "--gpus",
+            str(args.ranks),
+            "--",
+            "--config",
+            args.config,
+            f"data.train=[{train_shards}]",
+            f"data.eval=[{eval_shards}]",
+            f"run_dir={run_dir}",
+            f"max_steps={args.steps}",
+            f"data.num_frames={args.frames}",
+            f"log.eval_every_steps={max(args.steps // 4, 1)}",
+            f"checkpoint.every_steps={args.steps}",
+        ],
+        log,
+    )
 
 
 def final_eval(run_dir: Path) -> dict:
@@ -103,17 +147,27 @@ def final_eval(run_dir: Path) -> dict:
 def write_report(out: Path, result: dict, timings: dict, run_dir: Path) -> str:
     clips = int(result.get("clips", 0))
     chance = 100.0 / clips if clips else float("nan")
-    lines = ["# vidproxy demo report", "",
-             f"Zero-shot retrieval on {clips} held-out synthetic clips (query: caption; chance R@1 = {chance:.1f}%),",
-             f"after step {result.get('step')}.", "",
-             "| metric | plain | DSL (uses the whole query set) |", "|---|---|---|"]
+    lines = [
+        "# vidproxy demo report",
+        "",
+        f"Zero-shot retrieval on {clips} held-out synthetic clips (query: caption; chance R@1 = {chance:.1f}%),",
+        f"after step {result.get('step')}.",
+        "",
+        "| metric | plain | DSL (uses the whole query set) |",
+        "|---|---|---|",
+    ]
     for key in METRIC_ROWS:
         plain, dsl = result.get(key), result.get(f"dsl/{key}")
         lines.append(f"| {key} | {_fmt(plain)} | {_fmt(dsl)} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {secs:.1f} |" for name, secs in timings.items()]
     run = RunLayout(str(run_dir))
-    lines += ["", f"Plots: {run.loss_plot}, {run.recall_plot}", f"Metrics: {run.metrics} (TensorBoard: {run.tensorboard})", ""]
+    lines += [
+        "",
+        f"Plots: {run.loss_plot}, {run.recall_plot}",
+        f"Metrics: {run.metrics} (TensorBoard: {run.tensorboard})",
+        "",
+    ]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
@@ -132,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     timings = {}
     start = time.perf_counter()
     train_corpus = make_corpus(out / "corpus/train", videos=args.videos, clips_per_video=args.clips_per_video, seed=0)
-    held_corpus = make_corpus(out / "corpus/heldout", videos=args.heldout_videos,
-                              clips_per_video=args.clips_per_video, seed=1)
+    held_corpus = make_corpus(
+        out / "corpus/heldout", videos=args.heldout_videos, clips_per_video=args.clips_per_video, seed=1
+    )
     timings["generate corpus"] = time.perf_counter() - start
     for name, corpus in (("train", train_corpus), ("heldout", held_corpus)):
         t = time.perf_counter()

@@ -11,6 +11,7 @@ handled here, in the layer above both: a file is decoded to T frames spread unif
 file, squashed to S x S (the checkpoint's training shape), JPEG-encoded and decoded again as in a
 shard, then embedded. Files that cannot be decoded are skipped and listed in the table's metadata.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def decode_video(path: str, num_frames: int, image_size: int) -> np.ndarray:
     return decode_jpegs(list(result.frames), image_size).contiguous().numpy()
 
 
-def embed_files(loaded: LoadedModel, paths: list[str], batch_size: int = 8, progress: bool = True
-                ) -> tuple[list[str], np.ndarray, list[str]]:
+def embed_files(
+    loaded: LoadedModel, paths: list[str], batch_size: int = 8, progress: bool = True
+) -> tuple[list[str], np.ndarray, list[str]]:
     """(paths embedded, [N, E] embeddings, 'path: reason' of files that could not be decoded)."""
     from tqdm import tqdm
 
@@ -75,13 +77,21 @@ def embed_files(loaded: LoadedModel, paths: list[str], batch_size: int = 8, prog
     return done, embeddings.astype(np.float32), failed
 
 
-def index_from_folder(loaded: LoadedModel, folder: str, batch_size: int,
-                      progress: bool) -> tuple[search.Index, list[str]]:
+def index_from_folder(
+    loaded: LoadedModel, folder: str, batch_size: int, progress: bool
+) -> tuple[search.Index, list[str]]:
     paths = list_video_files(folder)
     done, embeddings, failed = embed_files(loaded, paths, batch_size, progress)
     ids = [os.path.relpath(p, folder) for p in done]
-    index = search.Index(kind=["video"] * len(done), id=ids, video=ids, text=[""] * len(done), source=done,
-                         embeddings=embeddings, meta={**search.index_meta(loaded, folder), "failed": failed})
+    index = search.Index(
+        kind=["video"] * len(done),
+        id=ids,
+        video=ids,
+        text=[""] * len(done),
+        source=done,
+        embeddings=embeddings,
+        meta={**search.index_meta(loaded, folder), "failed": failed},
+    )
     return index, failed
 
 
@@ -96,9 +106,11 @@ def video_vector(loaded: LoadedModel, path: str) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     return search.build_parser(
-        prog="python -m launch.search", description=__doc__.split("\n\n")[0],
+        prog="python -m launch.search",
+        description=__doc__.split("\n\n")[0],
         more_sources=(("--videos", "local folder of video files (searched recursively)"),),
-        more_queries=(("--video", "video file query: returns --target rows"),))
+        more_queries=(("--video", "video file query: returns --target rows"),),
+    )
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -107,8 +119,10 @@ def run_embed(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
     index, failed = index_from_folder(loaded, args.videos, args.batch_size, not args.no_progress)
     if failed:
-        print(f"{len(failed)} files could not be decoded (listed in the table metadata); first: {failed[0]}",
-              file=sys.stderr)
+        print(
+            f"{len(failed)} files could not be decoded (listed in the table metadata); first: {failed[0]}",
+            file=sys.stderr,
+        )
     search.save_index(index, args.out)
     return 0
 

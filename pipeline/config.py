@@ -241,9 +241,17 @@ def dump_yaml(values: dict, path: str) -> None:
 # ----------------------------------------------------------------------------- generated flags
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, dest: str, prefix: str = "",
-              names: dict[str, str] | None = None, only: tuple[str, ...] | None = None,
-              optional: bool = False, title: str | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    dest: str,
+    prefix: str = "",
+    names: dict[str, str] | None = None,
+    only: tuple[str, ...] | None = None,
+    optional: bool = False,
+    title: str | None = None,
+) -> None:
     """One ``--<prefix><field>`` flag per field of ``cls`` (sections are not expanded), help and default from
     the dataclass. ``names`` gives a field another flag name, ``only`` limits the fields; with ``optional``
     the section may be left out entirely, so its required fields are not required flags.
@@ -262,8 +270,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, dest: str, prefix: 
         shown = f"default: {_shown(default)}"
         if default is dataclasses.MISSING:
             shown = "setting it turns this section on" if optional else "required"
-        group.add_argument(f"--{flag}", dest=f"{dest}.{f.name}", default=argparse.SUPPRESS, required=required,
-                           help=f"{docs.get(f.name, '')} ({shown})".replace("%", "%%"), **_flag_kind(types_[f.name]))
+        group.add_argument(
+            f"--{flag}",
+            dest=f"{dest}.{f.name}",
+            default=argparse.SUPPRESS,
+            required=required,
+            help=f"{docs.get(f.name, '')} ({shown})".replace("%", "%%"),
+            **_flag_kind(types_[f.name]),
+        )
 
 
 def _shown(value: Any) -> str:
@@ -319,7 +333,7 @@ def _str_tuple(text: str) -> tuple[str, ...]:
 def flag_values(args: argparse.Namespace, dest: str) -> dict:
     """The flags given for section ``dest``, as {field: value}."""
     head = f"{dest}."
-    return {name[len(head):]: value for name, value in vars(args).items() if name.startswith(head)}
+    return {name[len(head) :]: value for name, value in vars(args).items() if name.startswith(head)}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -328,6 +342,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.required or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        if (
+            "default" in text
+            or action.required
+            or action.default in (None, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
             return text
         return f"{text} (default: %(default)s)"

@@ -15,6 +15,7 @@ docs/shard-format.md) holds::
 ``DatasetLayout(root)`` builds those URIs; :meth:`DatasetLayout.of` also accepts a manifest URI, whose
 folder is the root. Shard index ``k`` is the shard's position in the job (clips ``[k*n, (k+1)*n)``).
 """
+
 from __future__ import annotations
 
 import hashlib

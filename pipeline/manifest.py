@@ -7,6 +7,7 @@ XXH3-64 (the fast hash that streaming readers verify) and total clip seconds, pl
 written as its own file, before the manifest). Nothing else in a data set folder is
 authoritative: a shard that is not in the manifest does not exist for readers.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -13,6 +13,7 @@ name at the first dot of its base name, and HD-VILA clip ids look like
 The encoding is reversible (:func:`decode_key`) and the result never contains a
 ``/`` or a ``.``, so no member can escape the archive.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -126,7 +127,7 @@ class ClipMeta:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> "ClipMeta":
+    def from_json(cls, data: bytes | str) -> ClipMeta:
         try:
             raw = json.loads(data)
             version = raw.get("schema_version")
@@ -174,7 +175,7 @@ class ClipSample:
         return out
 
     @classmethod
-    def from_wds(cls, sample: dict) -> "ClipSample":
+    def from_wds(cls, sample: dict) -> ClipSample:
         """Build from a webdataset sample dict (``__key__`` plus extension -> bytes)."""
         key = sample.get("__key__", "?")
         if META_MEMBER not in sample:

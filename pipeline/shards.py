@@ -16,6 +16,7 @@ grouping rule (``group_by_keys``): reading needs no torch, so evaluation, search
 training loader reads through webdataset itself (train/wds_shards.py, over :func:`open_shard`'s checked
 stream): this reader is 5-6x faster at reading alone but only 1.17-1.18x in the full loader (docs/design.md).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -194,7 +195,9 @@ class _VerifyingReader(io.RawIOBase):
         entry = self._entry
         self._entry = None
         if self._count != entry.bytes:
-            raise ShardError(f"{self.uri}: truncated or altered shard: {self._count} bytes, manifest says {entry.bytes}")
+            raise ShardError(
+                f"{self.uri}: truncated or altered shard: {self._count} bytes, manifest says {entry.bytes}"
+            )
         if self._hash.hexdigest() != getattr(entry, self._field):
             raise ShardError(f"{self.uri}: {self._field} mismatch with the manifest (corrupt shard)")
 
@@ -229,7 +232,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
     while pos < len(data):
         space = data.index(b" ", pos)
         end = pos + int(data[pos:space])
-        key, _, value = data[space + 1:end - 1].partition(b"=")
+        key, _, value = data[space + 1 : end - 1].partition(b"=")
         records[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos = end
     return records
@@ -314,7 +317,7 @@ def group_samples(members: Iterable[tuple[str, bytes]], uri: str) -> Iterator[di
         dot = name.find(".", base)
         if dot <= base:
             continue
-        key, field = name[:dot], name[dot + 1:].lower()
+        key, field = name[:dot], name[dot + 1 :].lower()
         if sample is None or key != sample["__key__"]:
             if sample is not None:
                 yield sample

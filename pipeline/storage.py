@@ -15,6 +15,7 @@ Reads stream. An S3 read whose connection is cut part-way re-opens the object wi
 ranged GET from the last byte received (pinned to the object's ETag), up to
 ``READ_RETRIES`` times in a row.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -114,7 +115,9 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
-        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+        return StorageError(
+            f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+        )
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"{uri}: cannot reach the S3 endpoint: {exc}")
     if isinstance(exc, ClientError):
@@ -123,7 +126,14 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
             return StorageNotFound(f"{uri}: bucket {parse(uri).bucket!r} does not exist")
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageNotFound(f"{uri}: no such object")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"):
+        if code in (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "403",
+            "InvalidToken",
+            "ExpiredToken",
+        ):
             return StorageError(f"{uri}: access denied by S3 ({code}): check the AWS credentials and permissions")
         return StorageError(f"{uri}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
     return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
@@ -196,7 +206,9 @@ class S3ObjectReader(io.RawIOBase):
             except self._transient as exc:
                 failures += 1
                 if failures > self._retries:
-                    raise StorageError(f"{self.uri}: read failed at byte {self._pos} after {self._retries} resumes: {exc}") from exc
+                    raise StorageError(
+                        f"{self.uri}: read failed at byte {self._pos} after {self._retries} resumes: {exc}"
+                    ) from exc
                 self._resume(exc, failures)
         n = len(data)
         buffer[:n] = data
@@ -204,7 +216,9 @@ class S3ObjectReader(io.RawIOBase):
         return n
 
     def _resume(self, exc: BaseException, attempt: int) -> None:
-        log.warning("%s: connection lost at byte %d (%s); resuming with a ranged GET", self.uri, self._pos, type(exc).__name__)
+        log.warning(
+            "%s: connection lost at byte %d (%s); resuming with a ranged GET", self.uri, self._pos, type(exc).__name__
+        )
         with contextlib.suppress(Exception):
             self._body.close()
         time.sleep(min(0.05 * 2**attempt, 2.0))

@@ -6,6 +6,7 @@ audio). Any model that ``AutoModelForSpeechSeq2Seq`` loads with a processor that
 extractor and a tokenizer works. Whisper reads 30 s windows: a longer clip is transcribed from
 its first 30 s only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

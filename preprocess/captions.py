@@ -5,6 +5,7 @@ job (:mod:`preprocess.job`) holds one per actor. Any model that ``AutoModelForIm
 loads works: BLIP, GIT, a VisionEncoderDecoder. Decoding is greedy or beam search (never
 sampling) in eval mode, so a caption depends only on the image, the model and these settings.
 """
+
 from __future__ import annotations
 
 import io
@@ -84,7 +85,9 @@ class Captioner:
         images = [im.convert("RGB") for im in images]
         inputs = self._inputs(images)
         with self._torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams, do_sample=False)
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams, do_sample=False
+            )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [self._clean(t) for t in texts]
 
@@ -111,5 +114,5 @@ class Captioner:
         text = text.strip()
         prompt = self.cfg.prompt.strip()
         if prompt and text.lower().startswith(prompt.lower()):
-            text = text[len(prompt):].strip()
+            text = text[len(prompt) :].strip()
         return text

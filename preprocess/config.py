@@ -6,6 +6,7 @@ manifest (:meth:`PreprocessConfig.manifest_config`); where the output goes and h
 cluster runs it (Ray settings, retries, timeouts) do not, so a 1-worker and an N-worker
 run, or a resumed run, write the same manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -22,6 +22,7 @@ decoded in the same pass (the audio packets are demuxed together with the video 
 resampled to 16 kHz mono float32; a file without an audio stream gives ``audio=None``. Without
 such a request the audio stream is never read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,14 +80,16 @@ class DecodeConfig:
         if not 1 <= self.max_frames <= 1024:
             raise ValueError(f"max_frames must be in 1..1024, got {self.max_frames}")
         if self.short_side is not None and self.frame_size is not None:
-            raise ValueError(f"give frame_size (exact size) or short_side (aspect kept), not both: got "
-                             f"{self.frame_size} and {self.short_side}")
+            raise ValueError(
+                f"give frame_size (exact size) or short_side (aspect kept), not both: got "
+                f"{self.frame_size} and {self.short_side}"
+            )
         if self.short_side is None and self.frame_size is None:
             object.__setattr__(self, "frame_size", TRAINING_SIZE)
         if self.short_side is not None and not 0 <= self.short_side <= 4096:
             raise ValueError(f"short_side must be 0 (keep size) or in 1..4096, got {self.short_side}")
         if self.frame_size is not None:
-            if (len(self.frame_size) != 2 or not all(isinstance(v, int) and 16 <= v <= 4096 for v in self.frame_size)):
+            if len(self.frame_size) != 2 or not all(isinstance(v, int) and 16 <= v <= 4096 for v in self.frame_size):
                 raise ValueError(f"frame_size must be None or (width, height) within 16..4096, got {self.frame_size}")
             object.__setattr__(self, "frame_size", tuple(self.frame_size))
         if not 1 <= self.jpeg_quality <= 95:
@@ -189,8 +192,9 @@ def target_times(start: float, end: float, cfg: DecodeConfig) -> tuple[float, ..
     return tuple(times)
 
 
-def output_size(width: int, height: int, short_side: int | None,
-                frame_size: tuple[int, int] | None = None) -> tuple[int, int]:
+def output_size(
+    width: int, height: int, short_side: int | None, frame_size: tuple[int, int] | None = None
+) -> tuple[int, int]:
     """(w, h): ``frame_size`` if given, else the short side scaled to ``short_side`` with the aspect
     kept; 0 keeps the size."""
     if frame_size is not None:
@@ -202,9 +206,7 @@ def output_size(width: int, height: int, short_side: int | None,
     return max(1, round(width * short_side / height)), short_side
 
 
-def decode_clips(
-    path: str, clips: Sequence[ClipRequest], cfg: DecodeConfig
-) -> Iterator[DecodedClip | Failure]:
+def decode_clips(path: str, clips: Sequence[ClipRequest], cfg: DecodeConfig) -> Iterator[DecodedClip | Failure]:
     """Open the local video at ``path`` once and yield one result per request, in request order.
 
     Never raises for bad input: a file-level problem yields a Failure for every clip.
@@ -298,12 +300,17 @@ def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: Dec
     if end == r.start:
         return fail("span_empty", f"span ({r.start:.3f}, {end:.3f}) has zero length")
     if r.start >= info.duration:
-        return fail("span_out_of_range", f"span starts at {r.start:.3f} s, after the video's end at {info.duration:.3f} s")
+        return fail(
+            "span_out_of_range", f"span starts at {r.start:.3f} s, after the video's end at {info.duration:.3f} s"
+        )
     end = min(end, info.duration)
     frame_dur = 1.0 / info.fps if info.fps > 0 else 0.0
     if math.isfinite(end) and end - r.start < frame_dur:
-        return fail("span_out_of_range", f"only {end - r.start:.3f} s of the span lies inside the video "
-                    f"(duration {info.duration:.3f} s), less than one frame")
+        return fail(
+            "span_out_of_range",
+            f"only {end - r.start:.3f} s of the span lies inside the video "
+            f"(duration {info.duration:.3f} s), less than one frame",
+        )
     if not math.isfinite(end):
         return fail("span_out_of_range", "the video's duration is unknown, so a clip without an end cannot be cut")
     return _Clip(index=index, request=r, span=(r.start, end), targets=target_times(r.start, end, cfg))
@@ -377,7 +384,7 @@ class _AudioTrack:
                 continue
             lo, hi = max(t0, clip.span[0], clip.audio_until), min(t1, clip.span[1])
             if hi > lo:
-                clip.audio_parts.append(samples[round((lo - t0) * AUDIO_RATE): round((hi - t0) * AUDIO_RATE)])
+                clip.audio_parts.append(samples[round((lo - t0) * AUDIO_RATE) : round((hi - t0) * AUDIO_RATE)])
                 clip.audio_until = hi
             if t1 >= clip.span[1]:
                 clip.audio_done = True
@@ -398,7 +405,9 @@ def _short(exc: BaseException) -> str:
 class _Pass:
     """One forward pass over a video's packets, serving every clip's targets."""
 
-    def __init__(self, path: str, container, stream, info: _VideoInfo, cfg: DecodeConfig, audio: _AudioTrack | None = None) -> None:
+    def __init__(
+        self, path: str, container, stream, info: _VideoInfo, cfg: DecodeConfig, audio: _AudioTrack | None = None
+    ) -> None:
         self.path = path
         self.audio = audio
         self.clips: list[_Clip] = []
@@ -471,8 +480,11 @@ class _Pass:
                     continue  # frames all found; reading on for audio only
                 gop_bytes += packet.size
                 if gop_bytes > MAX_GOP_BYTES:
-                    self.stopped = ("gop_too_large", f"a GOP holds over {MAX_GOP_BYTES >> 20} MiB of packets "
-                                    f"after {self.last_time:.3f} s; not buffering more")
+                    self.stopped = (
+                        "gop_too_large",
+                        f"a GOP holds over {MAX_GOP_BYTES >> 20} MiB of packets "
+                        f"after {self.last_time:.3f} s; not buffering more",
+                    )
                     return
                 time = self._packet_time(packet)
                 if skip_until is not None:
@@ -611,8 +623,13 @@ class _Pass:
         if clip.audio_parts is not None:
             audio = np.concatenate(clip.audio_parts) if clip.audio_parts else np.zeros(0, np.float32)
         self.done[clip.index] = DecodedClip(
-            clip_id=clip.request.clip_id, frames=tuple(clip.frames), frame_times=tuple(clip.times),
-            frame_size=clip.size, source_fps=self.info.fps, span=clip.span, audio=audio,
+            clip_id=clip.request.clip_id,
+            frames=tuple(clip.frames),
+            frame_times=tuple(clip.times),
+            frame_size=clip.size,
+            source_fps=self.info.fps,
+            span=clip.span,
+            audio=audio,
         )
         return True
 
@@ -629,7 +646,9 @@ class _Pass:
 
     def _fail(self, clip: _Clip, stage: str, error: str, why: str) -> None:
         self.done[clip.index] = Failure(
-            clip_id=clip.request.clip_id, stage=stage, error=error,
+            clip_id=clip.request.clip_id,
+            stage=stage,
+            error=error,
             message=f"{self.path}: clip {clip.request.clip_id!r}: {why}",
         )
 
@@ -655,8 +674,10 @@ class _Pass:
             return self.stopped
         if self.last_frame is None:
             return "no_frames", f"no frame could be decoded ({self.decode_errors} decode errors)"
-        return "truncated_stream", (f"the stream ends at {self.last_time:.3f} s but the clip needs a frame at "
-                                    f"{tg.time:.3f} s (truncated or corrupt file; {self.decode_errors} decode errors)")
+        return "truncated_stream", (
+            f"the stream ends at {self.last_time:.3f} s but the clip needs a frame at "
+            f"{tg.time:.3f} s (truncated or corrupt file; {self.decode_errors} decode errors)"
+        )
 
     # -- time ----------------------------------------------------------------------------------
     def _seconds(self, pts: int) -> float:

@@ -7,6 +7,7 @@ timeout) and the text stages (a model that failed on a clip). A shard writes its
 "The failures table"). The table's columns are ``shard``, ``position`` (the clip's input position; -1 for
 an input line that gave no clip) and the fields of ``Failure`` in order.
 """
+
 from __future__ import annotations
 
 import dataclasses

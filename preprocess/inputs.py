@@ -15,6 +15,7 @@ Texts come in three forms (:func:`read_text_source` picks by content): jsonl of
 list; ``image_id`` is the clip id) and a local LMDB folder of clip id -> UTF-8 text (needs the
 ``lmdb`` package, imported only then).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,15 @@ class ClipItem:
 
     def fail(self, stage: str, error: str, message: str, dropped: bool = True) -> Failure:
         """A failure of this clip (its ids and metadata line filled in)."""
-        return Failure(video_id=self.video_id, clip_id=self.clip_id, line=self.line, stage=stage, error=error,
-                       message=message, dropped=dropped)
+        return Failure(
+            video_id=self.video_id,
+            clip_id=self.clip_id,
+            line=self.line,
+            stage=stage,
+            error=error,
+            message=message,
+            dropped=dropped,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,13 +172,16 @@ def read_texts(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[s
         clip_id = record.get("clip_id") if isinstance(record, dict) else None
         text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(clip_id, str) or not clip_id or not isinstance(text, str):
-            message = f"{uri} line {number}: expected {{\"clip_id\": str, \"{field}\": str}}"
+            message = f'{uri} line {number}: expected {{"clip_id": str, "{field}": str}}'
             failures.append(Failure(stage=stage, error="bad_record", message=message, line=number))
             continue
         if clip_id in texts:
             message = f"{uri} line {number}: second {field} for clip {clip_id!r} ignored"
-            failures.append(Failure(stage=stage, error="duplicate_text", message=message, line=number, clip_id=clip_id,
-                                    dropped=False))
+            failures.append(
+                Failure(
+                    stage=stage, error="duplicate_text", message=message, line=number, clip_id=clip_id, dropped=False
+                )
+            )
             continue
         texts[clip_id] = TextEntry(text=text[:max_chars], truncated=len(text) > max_chars, origin=uri)
     return texts, failures
@@ -191,11 +202,11 @@ def read_text_list(uri: str, field: str, stage: str, max_chars: int) -> tuple[di
     except json.JSONDecodeError as exc:
         raise ValueError(f"{stage} {uri}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
     if not isinstance(records, list):
-        raise ValueError(f"{stage} {uri}: expected a JSON list of {{\"image_id\", \"caption\"}} records")
+        raise ValueError(f'{stage} {uri}: expected a JSON list of {{"image_id", "caption"}} records')
     texts: dict[str, TextEntry] = {}
     for index, record in enumerate(records):
         where = f"{uri} entry {index}"
-        expected = f"{where}: expected {{\"image_id\": str, \"caption\": str}}"
+        expected = f'{where}: expected {{"image_id": str, "caption": str}}'
         if not isinstance(record, dict):
             failures.append(Failure(stage=stage, error="bad_record", message=expected))
             continue
@@ -206,8 +217,9 @@ def read_text_list(uri: str, field: str, stage: str, max_chars: int) -> tuple[di
             continue
         if clip_id in texts:
             message = f"{where}: second text for clip {clip_id!r} ignored"
-            failures.append(Failure(stage=stage, error="duplicate_text", message=message, clip_id=clip_id,
-                                    dropped=False))
+            failures.append(
+                Failure(stage=stage, error="duplicate_text", message=message, clip_id=clip_id, dropped=False)
+            )
             continue
         texts[clip_id] = TextEntry(text=value[:max_chars], truncated=len(value) > max_chars, origin=uri)
     return texts, failures
@@ -282,7 +294,9 @@ def _unsafe_clip_id(clip_id: str, layout: Layout) -> str | None:
     return None
 
 
-def _clip_items(record: dict, where: str, number: int, layout: Layout, seen: set[str], start: int) -> tuple[list[ClipItem], list[Failure]]:
+def _clip_items(
+    record: dict, where: str, number: int, layout: Layout, seen: set[str], start: int
+) -> tuple[list[ClipItem], list[Failure]]:
     """Clip entries of one metadata record; ``where`` is ``<file> line <n>``."""
     video_id = record["video_id"]
     video_problem = _unsafe_video_id(video_id)
@@ -291,8 +305,9 @@ def _clip_items(record: dict, where: str, number: int, layout: Layout, seen: set
         clip_id = raw.get("clip_id") if isinstance(raw, dict) else None
         if not isinstance(clip_id, str) or not clip_id:
             message = f"{where}: clip entry {raw!r} has no clip_id"
-            failures.append(Failure(stage="metadata", error="bad_record", message=message, line=number,
-                                    video_id=video_id))
+            failures.append(
+                Failure(stage="metadata", error="bad_record", message=message, line=number, video_id=video_id)
+            )
             continue
         item = ClipItem(position=start + len(items), line=number, video_id=video_id, clip_id=clip_id, span=None)
         span, problem = check_span(raw.get("span"))
@@ -319,8 +334,13 @@ def read_metadata(uri: str, layout: Layout) -> tuple[list[ClipItem], list[Failur
         failures += [n for n in notes if n.error != "non_utf8"] if record is None else notes
         if record is None:
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("video_id"), str) or not record["video_id"] or not isinstance(record.get("clip"), list):
-            message = f"{uri} line {number}: expected {{\"video_id\": str, \"clip\": [...]}}"
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("video_id"), str)
+            or not record["video_id"]
+            or not isinstance(record.get("clip"), list)
+        ):
+            message = f'{uri} line {number}: expected {{"video_id": str, "clip": [...]}}'
             failures.append(Failure(stage="metadata", error="bad_record", message=message, line=number))
             continue
         items, bad = _clip_items(record, f"{uri} line {number}", number, layout, seen, len(clips))
@@ -367,7 +387,9 @@ def list_source_videos(videos: str) -> dict[str, str]:
             continue
         video_id = name.rsplit(".", 1)[0]
         if video_id in found:
-            log.warning("video %s: several files (%s, %s); using the first in name order", video_id, found[video_id], uri)
+            log.warning(
+                "video %s: several files (%s, %s); using the first in name order", video_id, found[video_id], uri
+            )
             continue
         found[video_id] = uri
     return found

@@ -18,6 +18,7 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
   batches to one actor of each pool. A model failure on a batch is a ``ModelError`` (retried
   per sample in the task); an actor that dies fails the task, which is rerun like any other.
 """
+
 from __future__ import annotations
 
 import collections
@@ -71,14 +72,19 @@ class JobResult:
         lines = [
             f"clips: {self.clips} total, {self.ok} ok, {sum(self.failed.values())} failed {_reasons(self.failed)}",
             f"input line problems: {sum(self.input_failures.values())} {_reasons(self.input_failures)}",
-            f"shards: {self.shards_total} total, {self.shards_run} run now, {self.shards_skipped} already committed, {len(self.shards_failed)} failed",
+            f"shards: {self.shards_total} total, {self.shards_run} run now, {self.shards_skipped} already committed, "
+            f"{len(self.shards_failed)} failed",
             f"speed: {rate:.2f} clips/s, {hours:.4f} hours of video/s, {self.wall_seconds:.1f} s wall",
         ]
         if self.texts:
             lines.append(f"texts: {_reasons(self.texts)}")
         for index, message in sorted(self.shards_failed.items()):
             lines.append(f"shard {shard_stem(index)} not committed: {message}")
-        lines.append(f"manifest: {self.manifest}" if self.manifest else "manifest: not written (rerun the same command to finish)")
+        lines.append(
+            f"manifest: {self.manifest}"
+            if self.manifest
+            else "manifest: not written (rerun the same command to finish)"
+        )
         return "\n".join(lines)
 
 
@@ -137,7 +143,10 @@ def _check_config(out: DatasetLayout, config: dict) -> None:
         old = json.loads(existing)
         diff = sorted(f"{s}.{k}" for s in config for k in config[s] if old.get(s, {}).get(k) != config[s][k])
         diff += sorted(set(config) ^ set(old))
-        raise ValueError(f"{out.root} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); use a new --output")
+        raise ValueError(
+            f"{out.root} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); "
+            "use a new --output"
+        )
 
 
 def _committed(out: DatasetLayout, num_chunks: int) -> dict[int, ShardStats]:
@@ -245,15 +254,21 @@ def _model_fn(actors: list, index: int):
     return call
 
 
-def _run_shard(task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list) -> ShardStats:
+def _run_shard(
+    task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list
+) -> ShardStats:
     return process_shard(
-        task, settings, on_video=lambda video_id: board.report.remote(token, video_id),
-        caption=_model_fn(captioners, task.index), transcribe=_model_fn(transcribers, task.index),
+        task,
+        settings,
+        on_video=lambda video_id: board.report.remote(token, video_id),
+        caption=_model_fn(captioners, task.index),
+        transcribe=_model_fn(transcribers, task.index),
     )
 
 
 def _model_pools(cfg: PreprocessConfig) -> dict[str, list]:
-    """Actor pools of the configured stages: one actor per GPU (a share of it per stage), else ``model_actors`` CPU actors."""
+    """Actor pools of the configured stages: one actor per GPU (a share of it per stage), else ``model_actors``
+    CPU actors."""
     stages = {name: c for name, c in (("caption", cfg.captioner), ("asr", cfg.asr)) if c is not None}
     if not stages:
         return {}
@@ -278,10 +293,19 @@ class _Attempt:
 class _Dispatcher:
     """Keeps at most ``max_in_flight`` shard tasks running; handles results, deaths and timeouts."""
 
-    def __init__(self, settings: ShardSettings, cfg: PreprocessConfig, committed: dict[int, ShardStats], progress, result: JobResult):
+    def __init__(
+        self,
+        settings: ShardSettings,
+        cfg: PreprocessConfig,
+        committed: dict[int, ShardStats],
+        progress,
+        result: JobResult,
+    ):
         rc = cfg.ray
         self.rc, self.committed, self.progress, self.result = rc, committed, progress, result
-        self.remote = ray.remote(_run_shard).options(num_cpus=rc.task_cpus, max_retries=rc.max_retries, retry_exceptions=False)
+        self.remote = ray.remote(_run_shard).options(
+            num_cpus=rc.task_cpus, max_retries=rc.max_retries, retry_exceptions=False
+        )
         self.board = _Board.options(num_cpus=0).remote()
         self.settings_ref = ray.put(settings)
         self.pools = _model_pools(cfg)
@@ -298,7 +322,9 @@ class _Dispatcher:
             task = dataclasses.replace(task, excluded={**task.excluded, **{v: self.given_up[v] for v in known}})
         self._generation += 1
         token = f"{task.index}.{self._generation}"
-        ref = self.remote.remote(task, self.settings_ref, self.board, token, self.pools.get("caption", []), self.pools.get("asr", []))
+        ref = self.remote.remote(
+            task, self.settings_ref, self.board, token, self.pools.get("caption", []), self.pools.get("asr", [])
+        )
         self.pending[ref] = _Attempt(task=task, token=token, errors=errors)
 
     def run(self, tasks: list[ShardTask]) -> dict[int, str]:
@@ -338,7 +364,12 @@ class _Dispatcher:
         if video is None or video in task.excluded:
             self._give_up(task, f"worker died {self.rc.max_retries + 1} times: {_first_line(exc)}")
             return
-        log.warning("shard %s: worker died %d times on video %s; rerunning the shard without it", shard_stem(task.index), self.rc.max_retries + 1, video)
+        log.warning(
+            "shard %s: worker died %d times on video %s; rerunning the shard without it",
+            shard_stem(task.index),
+            self.rc.max_retries + 1,
+            video,
+        )
         message = f"the worker process died {self.rc.max_retries + 1} times while decoding video {video}"
         self.submit(self._exclude(task, video, Failure(stage="task", error="worker_died", message=message)))
 
@@ -362,11 +393,19 @@ class _Dispatcher:
             video, seconds = busy.get(attempt.token, (None, 0.0))
             if video is None or (seconds <= self.rc.video_timeout_s and video not in self.given_up):
                 continue
-            log.warning("shard %s: video %s busy for over %.0f s; cancelling the task", shard_stem(attempt.task.index), video, self.rc.video_timeout_s)
+            log.warning(
+                "shard %s: video %s busy for over %.0f s; cancelling the task",
+                shard_stem(attempt.task.index),
+                video,
+                self.rc.video_timeout_s,
+            )
             ray.cancel(ref, force=True)
             del self.pending[ref]
             self.board.forget.remote(attempt.token)
-            message = f"video {video} was still being read or decoded after {self.rc.video_timeout_s:g} s (the task was cancelled)"
+            message = (
+                f"video {video} was still being read or decoded after {self.rc.video_timeout_s:g} s "
+                "(the task was cancelled)"
+            )
             failure = self.given_up.get(video, Failure(stage="task", error="timeout", message=message))
             self.submit(self._exclude(attempt.task, video, failure), attempt.errors)
 
@@ -380,13 +419,21 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
-def _dispatch(tasks: list[ShardTask], settings: ShardSettings, cfg: PreprocessConfig, committed, result: JobResult) -> dict[int, str]:
+def _dispatch(
+    tasks: list[ShardTask], settings: ShardSettings, cfg: PreprocessConfig, committed, result: JobResult
+) -> dict[int, str]:
     if not tasks:
         return {}
     from tqdm import tqdm
 
     with ray_session(cfg.ray):
-        with tqdm(total=sum(len(t.clips) for t in tasks), unit="clip", disable=not cfg.progress, file=sys.stderr, desc="preprocess") as bar:
+        with tqdm(
+            total=sum(len(t.clips) for t in tasks),
+            unit="clip",
+            disable=not cfg.progress,
+            file=sys.stderr,
+            desc="preprocess",
+        ) as bar:
             return _Dispatcher(settings, cfg, committed, bar, result).run(tasks)
 
 
@@ -456,6 +503,11 @@ def _finalize(cfg: PreprocessConfig, plan: InputPlan, committed: dict[int, Shard
 def _write_run_log(cfg: PreprocessConfig, result: JobResult) -> None:
     """Run-specific facts (wall time, host) go here, never into the manifest."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    record = {"config": cfg.run_config(), "result": dataclasses.asdict(result), "host": os.uname().nodename, "pid": os.getpid()}
+    record = {
+        "config": cfg.run_config(),
+        "result": dataclasses.asdict(result),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+    }
     uri = DatasetLayout(cfg.sharding.output).run_log(stamp, os.getpid())
     storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())

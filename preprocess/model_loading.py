@@ -1,5 +1,6 @@
 """What the two model stages share (captions.py, asr.py): checking a local transformers model folder before
 any work, loading its model and processor, and the torch device and threads of the process that runs it."""
+
 from __future__ import annotations
 
 import logging

@@ -8,11 +8,11 @@ Exit codes: 0 all shards committed and the manifest written; 1 some shards could
 committed (rerun the same command to finish them); 2 bad arguments or inputs.
 See docs/preprocessing.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import os
 import sys
 
@@ -44,14 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.logs import LEVELS
     from preprocess.config import PreprocessConfig
 
-    p = argparse.ArgumentParser(prog="preprocess/shard.py", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="preprocess/shard.py", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter
+    )
     types = config.hints(PreprocessConfig)
     for name, prefix, names in SECTIONS:
         optional = name in OPTIONAL_SECTIONS
-        config.add_flags(p, config.section_type(types[name]), dest=name, prefix=prefix, names=names,
-                         optional=optional, title=config.field_docs(PreprocessConfig)[name])
+        config.add_flags(
+            p,
+            config.section_type(types[name]),
+            dest=name,
+            prefix=prefix,
+            names=names,
+            optional=optional,
+            title=config.field_docs(PreprocessConfig)[name],
+        )
     config.add_flags(p, PreprocessConfig, dest="job", title="run control")
-    p.add_argument("--log-level", default="INFO", choices=LEVELS, help="log level of the job's messages (default: INFO)")
+    p.add_argument(
+        "--log-level", default="INFO", choices=LEVELS, help="log level of the job's messages (default: INFO)"
+    )
     return p
 
 
@@ -64,7 +75,7 @@ def build_config(args: argparse.Namespace):
     for name, _, _ in SECTIONS:
         section = config.flag_values(args, name)
         if name in OPTIONAL_SECTIONS and section and "model" not in section:
-            raise ValueError(f"--{OPTIONAL_SECTIONS[name][:-len('model')]}* flags need --{OPTIONAL_SECTIONS[name]}")
+            raise ValueError(f"--{OPTIONAL_SECTIONS[name][: -len('model')]}* flags need --{OPTIONAL_SECTIONS[name]}")
         if section:
             values[name] = section
     return config.build(PreprocessConfig, values)

@@ -3,8 +3,8 @@
 Shard ``k`` holds the clips at input positions ``[k*n, (k+1)*n)``. Its outputs, written in
 this order, are the tars ``shard-<k>-000.tar`` (``-001``... when the byte limit splits
 it), the failures table ``failures/shard-<k>.parquet`` and, last, the stats
-``stats/shard-<k>.json`` (names from :mod:`pipeline.layout`); a shard is committed once its stats exist. The stats carry the
-shards' manifest entries, so the manifest is built without re-reading any tar. Every write
+``stats/shard-<k>.json`` (names from :mod:`pipeline.layout`); a shard is committed once its stats
+exist. The stats carry the shards' manifest entries, so the manifest is built without re-reading any tar. Every write
 is atomic (:mod:`pipeline.storage`), so a killed worker leaves no partial file under a
 final name, and a rerun writes the same bytes again.
 
@@ -16,6 +16,7 @@ With a caption or ASR stage, samples pass through :class:`preprocess.text_stages
 callables handed in by the caller (Ray actors in :mod:`preprocess.job`). Clips without a given
 subtitle ask the decoder for their audio, read in the same pass as their frames.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -155,7 +156,10 @@ class _Shard:
         self.writer.write(outcome)
         self.stats.ok += 1
         self.stats.clip_seconds = round(self.stats.clip_seconds + outcome.meta.duration, 6)
-        for name, text, source in (("subtitle", outcome.subtitle, outcome.meta.subtitle_source), ("caption", outcome.caption, outcome.meta.caption_source)):
+        for name, text, source in (
+            ("subtitle", outcome.subtitle, outcome.meta.subtitle_source),
+            ("caption", outcome.caption, outcome.meta.caption_source),
+        ):
             _count_text(self.stats.texts, name, text, source)
 
     def note(self, item: ClipItem, what: Failure | str) -> None:
@@ -167,14 +171,18 @@ class _Shard:
 
 
 def _count_text(counts: dict[str, int], name: str, text: str, source: TextSource) -> None:
-    keys = {"missing": [f"{name}_missing"], "generated": [f"{name}_generated"]}.get(source.kind, [f"{name}_empty"] if not text else [])
+    keys = {"missing": [f"{name}_missing"], "generated": [f"{name}_generated"]}.get(
+        source.kind, [f"{name}_empty"] if not text else []
+    )
     if source.truncated:
         keys.append(f"{name}_truncated")
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
 
 
-def _stage_models(settings: ShardSettings, caption: ModelFn | None, transcribe: ModelFn | None) -> dict[str, StageModel]:
+def _stage_models(
+    settings: ShardSettings, caption: ModelFn | None, transcribe: ModelFn | None
+) -> dict[str, StageModel]:
     out = {}
     for name, cfg, fn in (("caption", settings.captioner, caption), ("asr", settings.asr, transcribe)):
         if cfg is None:
@@ -259,7 +267,9 @@ def _process_run(run, task: ShardTask, settings: ShardSettings, scratch: str, st
         return
     if settings.layout is Layout.CLIPS:
         for item in todo:
-            yield from _decode_file(clip_file(settings.videos, item.video_id, item.clip_id), [item], settings, scratch, stats)
+            yield from _decode_file(
+                clip_file(settings.videos, item.video_id, item.clip_id), [item], settings, scratch, stats
+            )
         return
     uri = task.video_uris.get(run[0].video_id)
     if uri is None:
@@ -278,7 +288,12 @@ def _decode_file(uri: str, items: list[ClipItem], settings: ShardSettings, scrat
             _maybe_hang(items[0].video_id, settings.faults)
             asr = settings.asr is not None
             requests = [
-                ClipRequest(clip_id=i.clip_id, start=0.0 if whole else i.span[0], end=None if whole else i.span[1], audio=asr and i.subtitle is None)
+                ClipRequest(
+                    clip_id=i.clip_id,
+                    start=0.0 if whole else i.span[0],
+                    end=None if whole else i.span[1],
+                    audio=asr and i.subtitle is None,
+                )
                 for i in items
             ]
             results = decode_clips(path, requests, settings.decode)

@@ -10,6 +10,7 @@ differ from clip to clip. Everything is a function of the seed.
 writes ``metadata.jsonl``, ``subtitles.jsonl``, ``captions.jsonl``, ``videos/<video_id>.mp4`` and,
 with ``--precut``, ``clips/<video_id>/<clip_id>`` (each clip as its own file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 230), "yellow": (240, 220, 40),
-    "purple": (150, 50, 190), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 40),
+    "purple": (150, 50, 190),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -116,17 +123,29 @@ def make_corpus(
     precut: bool = False,
 ) -> CorpusPaths:
     """Write a corpus into ``out_dir`` and return its paths."""
-    cfg = CorpusConfig(videos=videos, clips_per_video=clips_per_video, seed=seed, size=size, fps=fps,
-                       clip_seconds=clip_seconds, precut=precut)
+    cfg = CorpusConfig(
+        videos=videos,
+        clips_per_video=clips_per_video,
+        seed=seed,
+        size=size,
+        fps=fps,
+        clip_seconds=clip_seconds,
+        precut=precut,
+    )
     return write_corpus(Path(out_dir), cfg)
 
 
 def write_corpus(root: Path, cfg: CorpusConfig) -> CorpusPaths:
     if shutil.which("ffmpeg") is None:
         raise RuntimeError("ffmpeg is not installed; the synthetic corpus needs it to encode videos")
-    paths = CorpusPaths(root=root, metadata=root / "metadata.jsonl", subtitles=root / "subtitles.jsonl",
-                        captions=root / "captions.jsonl", videos=root / "videos",
-                        clips=root / "clips" if cfg.precut else None)
+    paths = CorpusPaths(
+        root=root,
+        metadata=root / "metadata.jsonl",
+        subtitles=root / "subtitles.jsonl",
+        captions=root / "captions.jsonl",
+        videos=root / "videos",
+        clips=root / "clips" if cfg.precut else None,
+    )
     paths.videos.mkdir(parents=True, exist_ok=True)
     specs = clip_specs(cfg)
     by_video: dict[str, list[ShapeClip]] = {}
@@ -161,8 +180,14 @@ def _clip_spec(rng: random.Random, video_id: str, k: int) -> ShapeClip:
     where = f"to the {direction}" if direction in ("left", "right") else direction
     subtitle = rng.choice(SUBTITLES).format(colour=colour, shape=shape, direction=direction, where=where)
     return ShapeClip(
-        video_id=video_id, clip_id=f"{video_id}.{k}.mp4", index=k, colour=colour, shape=shape,
-        direction=direction, noisy_background=rng.random() < 0.5, subtitle=subtitle,
+        video_id=video_id,
+        clip_id=f"{video_id}.{k}.mp4",
+        index=k,
+        colour=colour,
+        shape=shape,
+        direction=direction,
+        noisy_background=rng.random() < 0.5,
+        subtitle=subtitle,
         caption=f"a {colour} {shape} moving {direction}",
     )
 
@@ -173,8 +198,11 @@ def _metadata_row(video_id: str, clips: list[ShapeClip], cfg: CorpusConfig) -> d
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
 
     spans = [[stamp(c.index * cfg.clip_seconds), stamp((c.index + 1) * cfg.clip_seconds)] for c in clips]
-    return {"video_id": video_id, "url": f"https://www.youtube.com/watch?v={video_id}",
-            "clip": [{"clip_id": c.clip_id, "span": span} for c, span in zip(clips, spans)]}
+    return {
+        "video_id": video_id,
+        "url": f"https://www.youtube.com/watch?v={video_id}",
+        "clip": [{"clip_id": c.clip_id, "span": span} for c, span in zip(clips, spans)],
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -217,7 +245,7 @@ def render_clip(clip: ShapeClip, cfg: CorpusConfig) -> np.ndarray:
         cx = w / 2 + dx * (progress - 0.5) * (w - 2 * radius)
         cy = h / 2 + dy * (progress - 0.5) * (h - 2 * radius)
         x0, y0 = int(round(cx)) - radius, int(round(cy)) - radius
-        frames[i, y0:y0 + 2 * radius, x0:x0 + 2 * radius][mask] = colour
+        frames[i, y0 : y0 + 2 * radius, x0 : x0 + 2 * radius][mask] = colour
     return frames
 
 
@@ -226,7 +254,7 @@ def _stable_seed(text: str) -> int:
 
 
 def _shape_mask(shape: str, radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:2 * radius, 0:2 * radius] + 0.5
+    yy, xx = np.mgrid[0 : 2 * radius, 0 : 2 * radius] + 0.5
     if shape == "circle":
         return (xx - radius) ** 2 + (yy - radius) ** 2 <= radius**2
     if shape == "square":
@@ -241,10 +269,44 @@ class _Encoder:
     def __init__(self, path: Path, cfg: CorpusConfig) -> None:
         w, h = cfg.size
         cmd = [
-            "ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-            "-r", str(cfg.fps), "-i", "pipe:0", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
-            "-g", str(cfg.fps), "-bf", "2", "-pix_fmt", "yuv420p", "-threads", "1", "-map_metadata", "-1",
-            "-fflags", "+bitexact", "-flags:v", "+bitexact", "-movflags", "+faststart", str(path),
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{w}x{h}",
+            "-r",
+            str(cfg.fps),
+            "-i",
+            "pipe:0",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "23",
+            "-g",
+            str(cfg.fps),
+            "-bf",
+            "2",
+            "-pix_fmt",
+            "yuv420p",
+            "-threads",
+            "1",
+            "-map_metadata",
+            "-1",
+            "-fflags",
+            "+bitexact",
+            "-flags:v",
+            "+bitexact",
+            "-movflags",
+            "+faststart",
+            str(path),
         ]
         self.path = path
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -268,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import config
     from pipeline.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m preprocess.synthetic", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess.synthetic",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=config.HelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output folder")
     config.add_flags(parser, CorpusConfig, dest="corpus")
     args = parser.parse_args(argv)

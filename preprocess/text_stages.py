@@ -11,6 +11,7 @@ per sample, one at a time; a sample that fails again keeps its clip with the tex
 missing, and a failure row (``dropped=False``). Any other exception (a dead model actor, for
 instance) propagates, so the shard task fails and is rerun as a whole.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,13 @@ class _Stage:
 class TextStages:
     """Fill missing captions / subtitles of a shard's samples, batched, keeping the input order."""
 
-    def __init__(self, emit: Callable[[ClipItem, ClipSample | Failure], None], note: Callable[[ClipItem, Failure | str], None],
-                 caption: StageModel | None = None, asr: StageModel | None = None):
+    def __init__(
+        self,
+        emit: Callable[[ClipItem, ClipSample | Failure], None],
+        note: Callable[[ClipItem, Failure | str], None],
+        caption: StageModel | None = None,
+        asr: StageModel | None = None,
+    ):
         """``emit`` gets every outcome in input order; ``note`` gets text-stage failures and counters."""
         self.emit, self.note = emit, note
         self.caption = _Stage("caption", caption) if caption else None
@@ -134,7 +140,9 @@ class TextStages:
             if isinstance(result, ModelError):
                 self.note(entry.item, _failure(entry.item, stage, result))
                 continue
-            entry.outcome = with_text(entry.outcome, stage.name, result, TextSource(kind="generated", origin=stage.model.origin))
+            entry.outcome = with_text(
+                entry.outcome, stage.name, result, TextSource(kind="generated", origin=stage.model.origin)
+            )
 
     def _flush(self) -> None:
         while self.queue and self.queue[0].waits == 0:

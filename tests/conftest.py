@@ -1,4 +1,5 @@
 """Shared fixtures: environment hygiene and a real S3 server on loopback."""
+
 from __future__ import annotations
 
 import os

@@ -70,8 +70,11 @@ def sources() -> dict[str, ast.Module]:
 
 
 def test_pipeline_imports_no_framework(sources):
-    bad = {path: sorted(top_level(imported(tree)) & {"torch", "ray", "deepspeed"})
-           for path, tree in sources.items() if path.startswith("pipeline/")}
+    bad = {
+        path: sorted(top_level(imported(tree)) & {"torch", "ray", "deepspeed"})
+        for path, tree in sources.items()
+        if path.startswith("pipeline/")
+    }
     assert not {k: v for k, v in bad.items() if v}
 
 

@@ -4,6 +4,7 @@ A refactor that changes one byte of a shard, the manifest or the failures table 
 fixed path because the manifest records the input paths and every sample its source URI. When a change of output
 is intended, rerun with ``VIDPROXY_PRINT_GOLDEN=1`` and paste the printed digests (say why in the commit).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,9 +73,27 @@ def test_golden_shards(ray_local):  # noqa: F811
         shutil.rmtree(ROOT, ignore_errors=True)
         paths = _corpus(ROOT)
         out = ROOT / "out"
-        argv = ["--metadata", str(paths.metadata), "--videos", str(paths.videos), "--subtitles", str(paths.subtitles),
-                "--captions", str(paths.captions), "--output", str(out), "--clips-per-shard", "4",
-                "--num-frames", "6", "--frame-size", "96x64", "--jpeg-quality", "85", "--no-progress"]
+        argv = [
+            "--metadata",
+            str(paths.metadata),
+            "--videos",
+            str(paths.videos),
+            "--subtitles",
+            str(paths.subtitles),
+            "--captions",
+            str(paths.captions),
+            "--output",
+            str(out),
+            "--clips-per-shard",
+            "4",
+            "--num-frames",
+            "6",
+            "--frame-size",
+            "96x64",
+            "--jpeg-quality",
+            "85",
+            "--no-progress",
+        ]
         assert main(argv) == 0
         failures = pq.read_table(out / "failures.parquet").to_pydict()
         assert sorted(failures["error"]) == ["duplicate_clip_id", "span_out_of_range"], failures

@@ -10,6 +10,7 @@ fit the configured model is refused with the list of every missing, unexpected a
 (``model.init_checkpoint``); `load_model` builds the model of a training config and loads a
 checkpoint into it for inference (train/evaluate.py, train/search.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,10 @@ def resolve_checkpoint(path: str) -> tuple[str, str | None]:
             return folder.model_states(tag), _config_near(run_dir)
     if os.path.exists(model_states_in(path)):
         return model_states_in(path), _config_near(os.path.dirname(parent))
-    raise FileNotFoundError(f"checkpoint {path}: neither a run folder (checkpoints/latest), a DeepSpeed checkpoint "
-                            f"folder ({MODEL_STATES}) nor a weights file")
+    raise FileNotFoundError(
+        f"checkpoint {path}: neither a run folder (checkpoints/latest), a DeepSpeed checkpoint "
+        f"folder ({MODEL_STATES}) nor a weights file"
+    )
 
 
 def _config_near(run_dir: str) -> str | None:
@@ -83,7 +86,7 @@ def read_weights(path: str) -> dict[str, Tensor]:
 def _strip_prefix(key: str) -> str:
     for prefix in ("module.", "model."):  # DataParallel wrappers, then TrainingTask.model
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -94,8 +97,11 @@ def match_state(state: dict[str, Tensor], model: VideoCLIP) -> dict[str, Tensor]
         return clipvip_to_ours(state, expected)
     missing = sorted(key for key in expected if key not in state)
     unexpected = sorted(key for key in state if key not in expected)
-    mismatched = sorted(f"{key}: checkpoint {list(state[key].shape)}, model {list(value.shape)}"
-                        for key, value in expected.items() if key in state and state[key].shape != value.shape)
+    mismatched = sorted(
+        f"{key}: checkpoint {list(state[key].shape)}, model {list(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    )
     if missing or unexpected or mismatched:
         raise CheckpointKeyError(missing, unexpected, mismatched)
     return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
@@ -112,8 +118,10 @@ def load_init_checkpoint(model: VideoCLIP, path: str) -> None:
     except FileNotFoundError as exc:
         raise ValueError(f"model.init_checkpoint: {exc}") from exc
     except CheckpointKeyError as exc:
-        raise ValueError(f"model.init_checkpoint={path}: {weights} does not fit the configured model "
-                         f"({model.cfg.clip_model}, {model.cfg.num_proxies} proxies): {exc}") from exc
+        raise ValueError(
+            f"model.init_checkpoint={path}: {weights} does not fit the configured model "
+            f"({model.cfg.clip_model}, {model.cfg.num_proxies} proxies): {exc}"
+        ) from exc
     logger.info("fine-tuning from %s", weights)
 
 
@@ -130,8 +138,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(checkpoint: str, config: str | None = None, device: str = "auto",
-               num_frames: int | None = None) -> LoadedModel:
+def load_model(
+    checkpoint: str, config: str | None = None, device: str = "auto", num_frames: int | None = None
+) -> LoadedModel:
     """Build the model described by the config and load the checkpoint into it (strict)."""
     weights, run_config = resolve_checkpoint(checkpoint)
     config = config or run_config
@@ -142,10 +151,18 @@ def load_model(checkpoint: str, config: str | None = None, device: str = "auto",
     try:
         model.load_state_dict(match_state(read_weights(weights), model), strict=True)
     except CheckpointKeyError as exc:
-        raise ArchitectureMismatch(f"{weights} is not a checkpoint of the model in {config} "
-                                   f"({cfg.model.clip_model}, {cfg.model.num_proxies} proxies): {exc}") from exc
+        raise ArchitectureMismatch(
+            f"{weights} is not a checkpoint of the model in {config} "
+            f"({cfg.model.clip_model}, {cfg.model.num_proxies} proxies): {exc}"
+        ) from exc
     target = pick_device(device)
     model.to(target).eval()
     logger.info("loaded %s (config %s) on %s", weights, config, target)
-    return LoadedModel(model=model, num_frames=num_frames or cfg.data.num_frames, image_size=cfg.data.image_size,
-                       context_length=cfg.data.context_length, device=target, checkpoint=weights)
+    return LoadedModel(
+        model=model,
+        num_frames=num_frames or cfg.data.num_frames,
+        image_size=cfg.data.image_size,
+        context_length=cfg.data.context_length,
+        device=target,
+        checkpoint=weights,
+    )

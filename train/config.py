@@ -6,12 +6,13 @@ Every section validates itself in ``__post_init__`` and raises ``ValueError`` na
 `TrainConfig` checks the values that must agree across sections. The resolved config is dumped
 to ``<run_dir>/config.yaml`` by the entry point.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, field
 
 import yaml
@@ -67,16 +68,28 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.num_proxies >= 1, "model.num_proxies", f"must be >= 1, got {self.num_proxies}")
         _check(self.loss in LOSSES, "model.loss", f"must be one of {LOSSES}, got {self.loss!r}")
-        _check(self.init_checkpoint is None or bool(self.init_checkpoint), "model.init_checkpoint",
-               "must be a path or null")
-        _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers",
-               f"must be >= 0, got {self.lock_text_unlocked_layers}")
-        _check(self.lock_text or self.lock_text_unlocked_layers == 0, "model.lock_text_unlocked_layers",
-               "is only used with model.lock_text=true")
+        _check(
+            self.init_checkpoint is None or bool(self.init_checkpoint),
+            "model.init_checkpoint",
+            "must be a path or null",
+        )
+        _check(
+            self.lock_text_unlocked_layers >= 0,
+            "model.lock_text_unlocked_layers",
+            f"must be >= 0, got {self.lock_text_unlocked_layers}",
+        )
+        _check(
+            self.lock_text or self.lock_text_unlocked_layers == 0,
+            "model.lock_text_unlocked_layers",
+            "is only used with model.lock_text=true",
+        )
 
     def video_clip_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("loss", "init_checkpoint", "lock_text", "lock_text_unlocked_layers")}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("loss", "init_checkpoint", "lock_text", "lock_text_unlocked_layers")
+        }
 
 
 @dataclass(kw_only=True)
@@ -127,18 +140,34 @@ class DataConfig:
             self.eval = [self.eval]
         self.train, self.eval = list(self.train), list(self.eval)
         if self.weights is not None:
-            _check(len(self.weights) == len(self.train), "data.weights",
-                   f"{len(self.weights)} weights for {len(self.train)} train sources")
-            _check(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, "data.weights",
-                   f"must be non-negative with a positive sum, got {self.weights}")
+            _check(
+                len(self.weights) == len(self.train),
+                "data.weights",
+                f"{len(self.weights)} weights for {len(self.train)} train sources",
+            )
+            _check(
+                all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+                "data.weights",
+                f"must be non-negative with a positive sum, got {self.weights}",
+            )
         _check(self.eval_text in EVAL_TEXTS, "data.eval_text", f"must be one of {EVAL_TEXTS}")
-        _check(self.train_text in EVAL_TEXTS, "data.train_text",
-               f"must be one of {EVAL_TEXTS}, got {self.train_text!r}")
-        _check(self.text_lines in TEXT_LINES, "data.text_lines",
-               f"must be one of {TEXT_LINES}, got {self.text_lines!r}")
+        _check(
+            self.train_text in EVAL_TEXTS, "data.train_text", f"must be one of {EVAL_TEXTS}, got {self.train_text!r}"
+        )
+        _check(
+            self.text_lines in TEXT_LINES, "data.text_lines", f"must be one of {TEXT_LINES}, got {self.text_lines!r}"
+        )
         _check(self.decoder in DECODERS, "data.decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
-        for name in ("batch_size", "num_frames", "image_size", "context_length", "shards_per_window",
-                     "shuffle_buffer", "prefetch_factor", "eval_max_samples"):
+        for name in (
+            "batch_size",
+            "num_frames",
+            "image_size",
+            "context_length",
+            "shards_per_window",
+            "shuffle_buffer",
+            "prefetch_factor",
+            "eval_max_samples",
+        ):
             _check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.context_length >= 3, "data.context_length", "must hold at least SOT, one token and EOT")
@@ -173,8 +202,11 @@ class OptimConfig:
         self.betas = tuple(self.betas)
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               f"must be two values in [0, 1), got {self.betas}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two values in [0, 1), got {self.betas}",
+        )
         _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 <= self.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
@@ -287,12 +319,15 @@ class TrainConfig:
     def _check_cross_section(self) -> None:
         vision_size = self.model.clip_overrides.get("vision_cfg", {}).get("image_size")
         if vision_size is not None and vision_size != self.data.image_size:
-            raise ValueError(f"data.image_size={self.data.image_size} conflicts with "
-                             f"model.clip_overrides.vision_cfg.image_size={vision_size}")
+            raise ValueError(
+                f"data.image_size={self.data.image_size} conflicts with "
+                f"model.clip_overrides.vision_cfg.image_size={vision_size}"
+            )
         text_ctx = self.model.clip_overrides.get("text_cfg", {}).get("context_length", 77)
         if self.data.context_length > text_ctx:
-            raise ValueError(f"data.context_length={self.data.context_length} exceeds the text tower's "
-                             f"context_length={text_ctx}")
+            raise ValueError(
+                f"data.context_length={self.data.context_length} exceeds the text tower's context_length={text_ctx}"
+            )
         if self.stop_at_step is not None and self.max_steps is not None and self.stop_at_step > self.max_steps:
             raise ValueError(f"stop_at_step={self.stop_at_step} is beyond max_steps={self.max_steps}")
 
@@ -347,8 +382,17 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 # Settings a resumed run may change: where output goes, how often it is written, evaluation, the
 # stopping point. Everything else decides the model, the optimiser layout or the data order.
-RESUME_FREE = ("run_dir", "max_steps", "stop_at_step", "log.", "checkpoint.every_steps", "checkpoint.keep_last",
-               "data.eval", "data.eval_text", "data.eval_max_samples")
+RESUME_FREE = (
+    "run_dir",
+    "max_steps",
+    "stop_at_step",
+    "log.",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "data.eval",
+    "data.eval_text",
+    "data.eval_max_samples",
+)
 
 
 def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -376,9 +420,12 @@ def check_resumable(cfg: TrainConfig) -> None:
             saved = yaml.safe_load(f) or {}
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
-        raise ValueError(f"run_dir={cfg.run_dir} holds checkpoints of a run with other settings ("
-                         + "; ".join(conflicts) + "): resume with the same values, use a new run_dir, or pass "
-                         "checkpoint.resume=never to start over there")
+        raise ValueError(
+            f"run_dir={cfg.run_dir} holds checkpoints of a run with other settings ("
+            + "; ".join(conflicts)
+            + "): resume with the same values, use a new run_dir, or pass "
+            "checkpoint.resume=never to start over there"
+        )
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:

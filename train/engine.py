@@ -12,6 +12,7 @@ Everything else sees a plain ``nn.Module`` plus the small API below.
 * `clamp_param_` clamps a parameter in the optimiser's fp32 master copy *and* the model copy, for
   ZeRO 1/2/3 (clamping only ``param.data`` would be undone by the next step's master update).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,9 @@ def current_device() -> torch.device:
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher set up (env RANK/WORLD_SIZE/MASTER_*); returns (rank, world)."""
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False, verbose=False
+    )
     rank = dist.get_rank()
     if device_type() == "cpu":
         _unlink_shm_buffer(rank)
@@ -63,7 +65,8 @@ def _unlink_shm_buffer(rank: int) -> None:
     """
     dist.barrier()
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank
+    )
     with contextlib.suppress(FileNotFoundError):  # several nodes: no buffer
         os.unlink(os.path.join("/dev/shm", name))
 
@@ -95,8 +98,9 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
     if config["zero_optimization"]["stage"] == 3:
         for param in external_params:
             deepspeed.zero.register_external_parameter(module, param)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
+    )
     return engine
 
 
@@ -162,8 +166,9 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine, folder: CheckpointFolder, step: int, rank_state: dict, shared_state: dict,
-                    keep_last: int) -> str:
+def save_checkpoint(
+    engine, folder: CheckpointFolder, step: int, rank_state: dict, shared_state: dict, keep_last: int
+) -> str:
     """Collective: all ranks save; ``rank_state`` of every rank ends up in ``client_state['ranks']``."""
     tag = folder.tag(step)
     client_state = {"ranks": all_gather_objects(rank_state), **shared_state}
@@ -181,8 +186,10 @@ def save_checkpoint(engine, folder: CheckpointFolder, step: int, rank_state: dic
 def check_world_size(path: str, saved: int) -> None:
     """A checkpoint saved by another number of ranks cannot resume exactly: say so."""
     if saved != dist.get_world_size():
-        raise ValueError(f"{path}: saved by {saved} ranks, this run has {dist.get_world_size()}; exact resume "
-                         "needs the same world size (or start a new run_dir with model.init_checkpoint=<this run>)")
+        raise ValueError(
+            f"{path}: saved by {saved} ranks, this run has {dist.get_world_size()}; exact resume "
+            "needs the same world size (or start a new run_dir with model.init_checkpoint=<this run>)"
+        )
 
 
 def load_checkpoint(engine, folder: CheckpointFolder) -> dict | None:
@@ -194,8 +201,7 @@ def load_checkpoint(engine, folder: CheckpointFolder) -> dict | None:
     saved = len(folder.optimizer_state_files(tag))
     if saved:
         check_world_size(folder.tag_dir(tag), saved)
-    path, client_state = engine.load_checkpoint(folder.path, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    path, client_state = engine.load_checkpoint(folder.path, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{folder.path}: DeepSpeed could not load the checkpoint named in 'latest'")
     check_world_size(path, len(client_state.get("ranks", [])))

@@ -1,4 +1,5 @@
 """Held-out batches for the validation pass during training (train/loop.py `validate`)."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
     transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines)
     tokenizer = get_tokenizer(cfg.context_length)
     for start in range(0, per_rank, cfg.batch_size):
-        chunk = mine[start:start + cfg.batch_size]
+        chunk = mine[start : start + cfg.batch_size]
         filled, items = decode_batch([samples[i if i >= 0 else 0] for i in chunk], transform)
         texts = [it[cfg.eval_text] for it in items]
         yield {

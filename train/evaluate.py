@@ -13,6 +13,7 @@ folder of it, or a weights file of ours or a released CLIP-ViP one, loaded stric
 train/checkpoint.py. The model shape comes from ``--config`` (a training YAML), else from the run's
 ``config.yaml``. A checkpoint that does not fit that shape is refused with the list of mismatched tensors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def encode_texts(loaded: LoadedModel, texts: list[str], batch_size: int = 256) -
     context = loaded.model.clip.context_length
     out = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start:start + batch_size])
+        tokens = tokenizer(texts[start : start + batch_size])
         tokens = F.pad(tokens, (0, context - tokens.shape[1])).to(loaded.device)
         out.append(loaded.model.encode_text(tokens).float().cpu())
     return torch.cat(out) if out else torch.empty(0, loaded.model.clip.text_projection.shape[1])
@@ -97,8 +98,14 @@ def video_batches(samples: Iterator[ClipSample], transform: SampleTransform, bat
         yield batch, decode_batch(batch, transform)[0].views()[0]
 
 
-def embed_dataset(loaded: LoadedModel, location: str, text_field: str = "subtitle", batch_size: int = 16,
-                  progress: bool = True, max_videos: int | None = None) -> Embedded:
+def embed_dataset(
+    loaded: LoadedModel,
+    location: str,
+    text_field: str = "subtitle",
+    batch_size: int = 16,
+    progress: bool = True,
+    max_videos: int | None = None,
+) -> Embedded:
     """One ordered pass: every video and its texts, embedded."""
     from tqdm import tqdm
 
@@ -118,8 +125,13 @@ def embed_dataset(loaded: LoadedModel, location: str, text_field: str = "subtitl
             bar.update(len(batch))
     if not clip_ids:
         raise ValueError(f"{location}: the data set has no samples")
-    return Embedded(clip_ids=clip_ids, videos=torch.cat(videos), texts=texts,
-                    text_embeddings=encode_texts(loaded, texts), text_to_video=owners)
+    return Embedded(
+        clip_ids=clip_ids,
+        videos=torch.cat(videos),
+        texts=texts,
+        text_embeddings=encode_texts(loaded, texts),
+        text_to_video=owners,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -131,8 +143,13 @@ def evaluate(embedded: Embedded) -> dict:
         raise ValueError("no query texts: every sample's text member is empty (try --text caption or subtitle)")
     similarity_TV = (embedded.text_embeddings @ embedded.videos.T).numpy()
     results = retrieval_metrics(similarity_TV, embedded.text_to_video, dsl=True)
-    results.update({"videos": len(embedded.clip_ids), "texts": len(embedded.texts),
-                    "videos_without_text": len(embedded.clip_ids) - len(set(embedded.text_to_video))})
+    results.update(
+        {
+            "videos": len(embedded.clip_ids),
+            "texts": len(embedded.texts),
+            "videos_without_text": len(embedded.clip_ids) - len(set(embedded.text_to_video)),
+        }
+    )
     return results
 
 
@@ -145,19 +162,25 @@ def format_results(results: dict) -> str:
             key = f"{prefix}{direction}"
             values = [results[f"{key}_r{k}"] for k in (1, 5, 10)] + [results[f"{key}_medr"], results[f"{key}_meanr"]]
             rows.append(f"  {name:<20}" + "".join(f"{v:7.1f}" for v in values))
-    rows.append(f"{results['videos']} videos, {results['texts']} texts, "
-                f"{results['videos_without_text']} videos without text")
+    rows.append(
+        f"{results['videos']} videos, {results['texts']} texts, {results['videos_without_text']} videos without text"
+    )
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder, tag folder or weights file")
     p.add_argument("--data", required=True, help="test data set (folder or s3:// prefix with manifest.json)")
     p.add_argument("--config", help="training YAML giving the model shape (default: the run's config.yaml)")
-    p.add_argument("--text", choices=TEXT_FIELDS, default="subtitle",
-                   help="member holding the queries, one per line (downstream shards: subtitle)")
+    p.add_argument(
+        "--text",
+        choices=TEXT_FIELDS,
+        default="subtitle",
+        help="member holding the queries, one per line (downstream shards: subtitle)",
+    )
     p.add_argument("--num-frames", type=int, help="frames per video (default: the training config's)")
     p.add_argument("--batch-size", type=int, default=16, help="videos per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -172,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     try:
         loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
-        results = evaluate(embed_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress,
-                                         args.max_videos))
+        results = evaluate(
+            embed_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress, args.max_videos)
+        )
     except (ValueError, OSError) as exc:
         print(f"train.evaluate: error: {exc}", file=sys.stderr)
         return 2
-    results.update({"checkpoint": loaded.checkpoint, "data": args.data, "text": args.text,
-                    "num_frames": loaded.num_frames})
+    results.update(
+        {"checkpoint": loaded.checkpoint, "data": args.data, "text": args.text, "num_frames": loaded.num_frames}
+    )
     print(format_results(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -10,6 +10,7 @@ tensor (numpy indexing costs a tenth of torch's per frame).
 
 Batches hold uint8 frames, normalised on the training device (`normalize_frames`).
 """
+
 from __future__ import annotations
 
 import io

@@ -15,6 +15,7 @@ Batches hold uint8 frames in pooled buffers (train/frames.py), normalised on the
 The data state (``StreamingLoader.state_dict``: batches served, each worker stream's position and
 error counts) goes into the checkpoint's client_state.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,15 @@ def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict
 # ----------------------------------------------------------------------------- the training stream
 
 
-def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: DataConfig,
-                   transform: SampleTransform, seed: int, pool: FramePool) -> Iterator[dict]:
+def stream_batches(
+    plan: ShardPlan,
+    stream: int,
+    start: StreamPosition,
+    cfg: DataConfig,
+    transform: SampleTransform,
+    seed: int,
+    pool: FramePool,
+) -> Iterator[dict]:
     """Infinite batches of one stream, starting at ``start``; each carries the position after it.
 
     Rows are prepared sample by sample (metadata, frame and text draws) and decoded together once
@@ -91,28 +99,33 @@ def stream_batches(plan: ShardPlan, stream: int, start: StreamPosition, cfg: Dat
                 continue
             row = rows.index(None)
             filled = filled or pool.take()
-            rows[row] = _prepare(raw, transform, seeded(seed, stream, window, offset, 2), errors,
-                                 filled.row_arrays(row))
+            rows[row] = _prepare(
+                raw, transform, seeded(seed, stream, window, offset, 2), errors, filled.row_arrays(row)
+            )
             if None in rows or not _decode_rows(rows, errors):
                 continue
             batch = collate(rows, cfg.context_length, filled)
             filled = None
-            batch["position"] = StreamPosition(window=window, offset=offset, shard_errors=errors.shard_errors,
-                                               sample_errors=errors.sample_errors)
+            batch["position"] = StreamPosition(
+                window=window, offset=offset, shard_errors=errors.shard_errors, sample_errors=errors.sample_errors
+            )
             rows = [None] * cfg.batch_size
             yield batch
         empty_windows = empty_windows + 1 if offset == 0 else 0
         if empty_windows >= MAX_EMPTY_WINDOWS:
-            raise RuntimeError(f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample "
-                               f"({errors.shard_errors} shard errors); is the data set reachable?")
+            raise RuntimeError(
+                f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample "
+                f"({errors.shard_errors} shard errors); is the data set reachable?"
+            )
         window, skip = window + 1, 0
 
 
 _SAMPLE_ERRORS = (SchemaError, OSError, ValueError, RuntimeError)
 
 
-def _prepare(raw: dict, transform: SampleTransform, rng: random.Random, errors: ErrorCounter,
-             out: tuple[np.ndarray, np.ndarray]) -> dict | None:
+def _prepare(
+    raw: dict, transform: SampleTransform, rng: random.Random, errors: ErrorCounter, out: tuple[np.ndarray, np.ndarray]
+) -> dict | None:
     try:
         item = transform.prepare(ClipSample.from_wds(raw), rng, out)
     except _SAMPLE_ERRORS as exc:
@@ -141,14 +154,14 @@ def initial_position() -> StreamPosition:
 class StreamingDataset(IterableDataset):
     """One rank's view: its DataLoader workers each run one stream (train/shard_stream.py)."""
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int,
-                 state: dict | None = None):
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.num_workers = max(cfg.num_workers, 1)
         self.sources = open_sources(cfg.train)
         self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
-        self.transform = SampleTransform(cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames,
-                                         cfg.text_lines)
+        self.transform = SampleTransform(
+            cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines
+        )
         self.state = state or fresh_state(self.num_workers)
         check_state(self.state, self.num_workers)
         # per worker, one flag per pooled batch buffer (see FramePool): enough for the batches in
@@ -177,8 +190,10 @@ def fresh_state(num_workers: int) -> dict:
 
 def check_state(state: dict, num_workers: int) -> None:
     if len(state.get("streams", [])) != num_workers:
-        raise ValueError(f"data state has {len(state.get('streams', []))} worker streams but data.num_workers "
-                         f"gives {num_workers}: resume with the same num_workers and world size")
+        raise ValueError(
+            f"data state has {len(state.get('streams', []))} worker streams but data.num_workers "
+            f"gives {num_workers}: resume with the same num_workers and world size"
+        )
 
 
 def _as_is(batch: dict) -> dict:
@@ -192,11 +207,19 @@ class StreamingLoader:
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
         self.dataset = StreamingDataset(cfg, seed, rank, world_size, state)
         get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
-        self.state = {"batches": self.dataset.state["batches"],
-                      "streams": [dict(p) for p in self.dataset.state["streams"]]}
-        self.loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
-                                 prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-                                 persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
+        self.state = {
+            "batches": self.dataset.state["batches"],
+            "streams": [dict(p) for p in self.dataset.state["streams"]],
+        }
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
         self._iter: Iterator[dict] | None = None
         self._lent: list[tuple[StorageWeakRef, int, int]] = []
 

@@ -5,6 +5,7 @@ Files in the run folder: ``metrics.jsonl`` (one JSON object per logged step or e
 ``kind`` = ``train`` or ``eval``), ``tb/`` (TensorBoard events), ``loss.png``, ``recall.png``;
 their paths come from train/run_layout.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,17 @@ def read_metrics(path: str) -> list[dict]:
 class MetricLogger:
     """Writes metrics rows (rank 0 only) and owns the progress bar."""
 
-    def __init__(self, run: RunLayout, rank: int, total_steps: int, start_step: int, *,
-                 tensorboard: bool = True, progress_bar: bool = True, plots: bool = True):
+    def __init__(
+        self,
+        run: RunLayout,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        *,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        plots: bool = True,
+    ):
         self.enabled = rank == 0
         self.run, self.plots = run, plots
         self.path = run.metrics
@@ -42,8 +52,7 @@ class MetricLogger:
         if progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                             file=sys.stderr)
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -140,8 +149,11 @@ class StepProfiler:
 
         self.run, self.cuda = run, torch.cuda.is_available()
         activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if self.cuda else [])
-        self.profiler = tp.profile(activities=activities, on_trace_ready=self._write,
-                                   schedule=tp.schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1))
+        self.profiler = tp.profile(
+            activities=activities,
+            on_trace_ready=self._write,
+            schedule=tp.schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1),
+        )
         self.profiler.start()
 
     def step(self) -> None:

@@ -3,6 +3,7 @@
 Distributed details stay in `train.engine`; this file sees the DeepSpeed engine only through
 ``engine(...)``, ``engine.backward``, ``engine.step`` and the engine helpers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,7 +110,7 @@ def flops_per_sample(model: VideoCLIP, num_frames: int, num_texts: int, with_fra
     text_width = model.clip.transformer.width
     text_layers = len(model.clip.transformer.resblocks)
     ctx = model.clip.context_length
-    text = 2 * ctx * 12 * text_width ** 2 * text_layers + 4 * ctx * ctx * text_width * text_layers
+    text = 2 * ctx * 12 * text_width**2 * text_layers + 4 * ctx * ctx * text_width * text_layers
     forward = video_forward(num_frames) + num_texts * text + (video_forward(1) if with_frame else 0.0)
     return 3.0 * forward
 
@@ -164,8 +165,7 @@ def train_step(engine, loader: StreamingLoader, grad_accum: int, device: torch.d
         data_seconds += time.perf_counter() - start
         digests.append(batch["digest"])
         inputs = to_device(batch, device)
-        losses = engine(inputs["frames"], image=inputs["image"], subtitle=inputs["subtitle"],
-                        caption=inputs["caption"])
+        losses = engine(inputs["frames"], image=inputs["image"], subtitle=inputs["subtitle"], caption=inputs["caption"])
         engine.backward(losses["loss"])
         engine.step()
         for name, value in losses.items():
@@ -209,8 +209,14 @@ def resume(engine, cfg: TrainConfig, rank: int) -> tuple[TrainState, dict | None
 
 def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -> None:
     rank_state = {"data": loader.state_dict(), "rng": rng_state()}
-    ds.save_checkpoint(engine, RunLayout(cfg.run_dir).checkpoints, state.step, rank_state,
-                       {"step": state.step, "samples": state.samples}, cfg.checkpoint.keep_last)
+    ds.save_checkpoint(
+        engine,
+        RunLayout(cfg.run_dir).checkpoints,
+        state.step,
+        rank_state,
+        {"step": state.step, "samples": state.samples},
+        cfg.checkpoint.keep_last,
+    )
 
 
 def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
@@ -228,10 +234,22 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     engine = ds.initialize(task, optimizer, scheduler, ds_config, register_direct_params(task))
     state, data_state = resume(engine, cfg, rank)
     loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, data_state)
-    metrics = MetricLogger(run, rank, total_steps, state.step, tensorboard=cfg.log.tensorboard,
-                           progress_bar=cfg.log.progress_bar, plots=cfg.log.plots)
-    logger.info("training %d steps (from step %d) on %d rank(s), %d samples per epoch", total_steps, state.step,
-                world_size, loader.samples_per_epoch)
+    metrics = MetricLogger(
+        run,
+        rank,
+        total_steps,
+        state.step,
+        tensorboard=cfg.log.tensorboard,
+        progress_bar=cfg.log.progress_bar,
+        plots=cfg.log.plots,
+    )
+    logger.info(
+        "training %d steps (from step %d) on %d rank(s), %d samples per epoch",
+        total_steps,
+        state.step,
+        world_size,
+        loader.samples_per_epoch,
+    )
     try:
         last_eval = run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size, device)
     finally:
@@ -280,15 +298,17 @@ def step_row(engine, cfg, terms, loader, elapsed, data_seconds, samples, flops, 
     shard_errors, sample_errors = loader.errors()
     row = {("loss" if name == "loss" else f"loss/{name}"): float(value) for name, value in terms.items()}
     samples_per_s = samples / max(elapsed, 1e-9)
-    row.update({
-        "logit_scale": ds.read_param(engine.module.model.logit_scale),
-        "lr": engine.get_lr()[0],
-        "samples_per_s": samples_per_s,
-        "samples_per_s_per_device": samples_per_s / world_size,
-        "data_wait_fraction": min(1.0, ds.all_reduce(data_seconds, "max") / max(elapsed, 1e-9)),
-        "data/shard_errors": int(ds.all_reduce(shard_errors, "sum")),
-        "data/sample_errors": int(ds.all_reduce(sample_errors, "sum")),
-    })
+    row.update(
+        {
+            "logit_scale": ds.read_param(engine.module.model.logit_scale),
+            "lr": engine.get_lr()[0],
+            "samples_per_s": samples_per_s,
+            "samples_per_s_per_device": samples_per_s / world_size,
+            "data_wait_fraction": min(1.0, ds.all_reduce(data_seconds, "max") / max(elapsed, 1e-9)),
+            "data/shard_errors": int(ds.all_reduce(shard_errors, "sum")),
+            "data/sample_errors": int(ds.all_reduce(sample_errors, "sum")),
+        }
+    )
     if peak > 0:
         row["mfu"] = samples_per_s / world_size * flops / peak
     return row

@@ -18,6 +18,7 @@ Variants (each term is a mean cross-entropy over the global batch; the total is 
 `v2s_joint` / `v2c_joint`: video i scores [its subtitle (resp. caption); the other B-1 subtitles;
 the other B-1 captions] -- 2B-1 candidates, its own caption (resp. subtitle) excluded.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,14 @@ from torch import Tensor, nn
 
 # term name -> (query feature, candidate feature); logits = exp(logit_scale) * query @ candidate.T
 PAIR_TERMS: dict[str, tuple[str, str]] = {
-    "v2s": ("video", "subtitle"), "s2v": ("subtitle", "video"),
-    "v2c": ("video", "caption"), "c2v": ("caption", "video"),
-    "f2c": ("frame", "caption"), "c2f": ("caption", "frame"),
-    "v2t": ("video", "text"), "t2v": ("text", "video"),
+    "v2s": ("video", "subtitle"),
+    "s2v": ("subtitle", "video"),
+    "v2c": ("video", "caption"),
+    "c2v": ("caption", "video"),
+    "f2c": ("frame", "caption"),
+    "c2f": ("caption", "frame"),
+    "v2t": ("video", "text"),
+    "t2v": ("text", "video"),
 }
 JOINT_TERMS = ("v2s_joint", "v2c_joint")
 

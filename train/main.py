@@ -6,6 +6,7 @@ Run it under the ``deepspeed`` launcher (``launch/pretrain.sh``) or ``torchrun``
 started directly it runs as a single rank. ``--dry-run`` resolves and dumps the config and the
 DeepSpeed JSON, builds the model and reads one batch, then exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from pipeline.config import HelpFormatter, settings_help
     from train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                     epilog="settings (key=value overrides; YAML sections alike):\n"
-                                     + settings_help(TrainConfig))
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="settings (key=value overrides; YAML sections alike):\n" + settings_help(TrainConfig),
+    )
     parser.add_argument("--config", help="YAML config (see launch/configs/train/)")
     parser.add_argument("--dry-run", action="store_true", help="config, model, DeepSpeed JSON and one batch only")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
@@ -39,8 +42,16 @@ def single_process_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
 
 
 def dry_run(cfg, rank: int, world_size: int) -> None:
@@ -50,18 +61,25 @@ def dry_run(cfg, rank: int, world_size: int) -> None:
 
     task = build_task(cfg, rank, world_size)
     params = sum(p.numel() for p in task.parameters())
-    loader = StreamingLoader(cfg.data.__class__(**{**cfg.data.__dict__, "num_workers": 0}), cfg.seed, rank,
-                             world_size)
+    loader = StreamingLoader(cfg.data.__class__(**{**cfg.data.__dict__, "num_workers": 0}), cfg.seed, rank, world_size)
     batch = loader.next()
-    print(json.dumps({"parameters": params, "ds_config": engine.ds_config(cfg, world_size),
-                      "batch": {k: list(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
-                      "samples_per_epoch": loader.samples_per_epoch}, indent=1))
+    print(
+        json.dumps(
+            {
+                "parameters": params,
+                "ds_config": engine.ds_config(cfg, world_size),
+                "batch": {k: list(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
+                "samples_per_epoch": loader.samples_per_epoch,
+            },
+            indent=1,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from train.config import check_resumable, dump_config, load_config
     from pipeline.logs import setup_logging
+    from train.config import check_resumable, dump_config, load_config
     from train.run_layout import RunLayout
 
     try:

@@ -14,6 +14,7 @@ several ranks for one query on exact ties; here every query has exactly one rank
   softmax over all test texts. It is transductive -- it uses the whole test query set at once --
   and is reported separately under "dsl/" keys, never mixed with the plain numbers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -16,12 +16,14 @@ zero-init slots, linearly resampled to T frames); ln_pre over all tokens; in eve
 attend to all N tokens and the patches of a frame attend to the M proxies and that frame's L
 patches; the output is proxy 0 -> ln_post -> proj -> L2 norm.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -85,8 +87,7 @@ def tiny_clip_overrides(*, image_size: int = 32, patch_size: int = 8, vocab_size
     return {
         "embed_dim": 32,
         "quick_gelu": True,
-        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": 64,
-                       "head_width": 16, "layers": 2},
+        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": 64, "head_width": 16, "layers": 2},
         "text_cfg": {"context_length": 77, "vocab_size": vocab_size, "width": 64, "heads": 4, "layers": 2},
     }
 
@@ -119,8 +120,9 @@ def patchify(visual: VisionTransformer, frames_BTCHW: Tensor) -> Tensor:
     return grid_BT_D_hw.flatten(2).transpose(1, 2).unflatten(0, (B, T))
 
 
-def embed_video(visual: VisionTransformer, proxy_tokens: Tensor | None, temporal_SD: Tensor,
-                frames_BTCHW: Tensor) -> Tensor:
+def embed_video(
+    visual: VisionTransformer, proxy_tokens: Tensor | None, temporal_SD: Tensor, frames_BTCHW: Tensor
+) -> Tensor:
     """Token sequence [proxies, frame 0 patches, frame 1 patches, ...] after ln_pre -> [B, N, D]."""
     patches_BTLD = patchify(visual, frames_BTCHW)
     B, T = patches_BTLD.shape[:2]
@@ -149,8 +151,9 @@ def _frame_keys(x_BNHK: Tensor, num_proxies: int, num_frames: int) -> Tensor:
     return torch.cat([proxies_BTMHK, patches_BTLHK], dim=2).flatten(0, 1).transpose(1, 2)
 
 
-def fused_proxy_attention(q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_proxies: int,
-                          num_frames: int, dropout_p: float = 0.0) -> Tensor:
+def fused_proxy_attention(
+    q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_proxies: int, num_frames: int, dropout_p: float = 0.0
+) -> Tensor:
     """Proxy-guided attention as two mask-free SDPA calls (flash/efficient kernels apply).
 
     1. proxy queries [B, H, M, K] over all N keys/values;
@@ -162,35 +165,41 @@ def fused_proxy_attention(q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_pr
     L = (N - M) // T
     q_proxies_BMHK, q_patches_BTLHK = q_BNHK.split([M, N - M], dim=1)
     out_proxies_BHMK = F.scaled_dot_product_attention(
-        q_proxies_BMHK.transpose(1, 2), k_BNHK.transpose(1, 2), v_BNHK.transpose(1, 2), dropout_p=dropout_p)
+        q_proxies_BMHK.transpose(1, 2), k_BNHK.transpose(1, 2), v_BNHK.transpose(1, 2), dropout_p=dropout_p
+    )
     q_frames_BT_H_L_K = q_patches_BTLHK.reshape(B * T, L, H, K).transpose(1, 2)
     out_frames_BT_H_L_K = F.scaled_dot_product_attention(
-        q_frames_BT_H_L_K, _frame_keys(k_BNHK, M, T), _frame_keys(v_BNHK, M, T), dropout_p=dropout_p)
+        q_frames_BT_H_L_K, _frame_keys(k_BNHK, M, T), _frame_keys(v_BNHK, M, T), dropout_p=dropout_p
+    )
     out_proxies_BMD = out_proxies_BHMK.transpose(1, 2).reshape(B, M, H * K)
     out_patches_BTLD = out_frames_BT_H_L_K.transpose(1, 2).reshape(B, T * L, H * K)
     return torch.cat([out_proxies_BMD, out_patches_BTLD], dim=1)
 
 
-def proxy_attention_mask(num_proxies: int, num_frames: int, patches_per_frame: int,
-                         device: torch.device | None = None) -> Tensor:
+def proxy_attention_mask(
+    num_proxies: int, num_frames: int, patches_per_frame: int, device: torch.device | None = None
+) -> Tensor:
     """Boolean [N, N] mask, True = may attend: proxies <-> everything, patches <-> own frame."""
-    frame_of_token_N = torch.cat([
-        torch.full((num_proxies,), -1, device=device),
-        torch.arange(num_frames, device=device).repeat_interleave(patches_per_frame),
-    ])
+    frame_of_token_N = torch.cat(
+        [
+            torch.full((num_proxies,), -1, device=device),
+            torch.arange(num_frames, device=device).repeat_interleave(patches_per_frame),
+        ]
+    )
     is_proxy_N = frame_of_token_N < 0
     same_frame_NN = frame_of_token_N[:, None] == frame_of_token_N[None, :]
     return same_frame_NN | is_proxy_N[:, None] | is_proxy_N[None, :]
 
 
-def dense_proxy_attention(q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_proxies: int,
-                          num_frames: int, dropout_p: float = 0.0) -> Tensor:
+def dense_proxy_attention(
+    q_BNHK: Tensor, k_BNHK: Tensor, v_BNHK: Tensor, num_proxies: int, num_frames: int, dropout_p: float = 0.0
+) -> Tensor:
     """Reference: one SDPA over all N tokens with the boolean pattern mask. O(N^2) memory."""
     B, N, H, K = q_BNHK.shape
     mask_NN = proxy_attention_mask(num_proxies, num_frames, (N - num_proxies) // num_frames, q_BNHK.device)
     out_BHNK = F.scaled_dot_product_attention(
-        q_BNHK.transpose(1, 2), k_BNHK.transpose(1, 2), v_BNHK.transpose(1, 2),
-        attn_mask=mask_NN, dropout_p=dropout_p)
+        q_BNHK.transpose(1, 2), k_BNHK.transpose(1, 2), v_BNHK.transpose(1, 2), attn_mask=mask_NN, dropout_p=dropout_p
+    )
     return out_BHNK.transpose(1, 2).reshape(B, N, H * K)
 
 
@@ -200,8 +209,9 @@ ATTENTION_FNS: dict[str, AttendFn] = {"fused": fused_proxy_attention, "dense": d
 # ----------------------------------------------------------------------------- block and tower
 
 
-def block_attention(attn: nn.MultiheadAttention, x_BND: Tensor, attend: AttendFn,
-                    num_proxies: int, num_frames: int) -> Tensor:
+def block_attention(
+    attn: nn.MultiheadAttention, x_BND: Tensor, attend: AttendFn, num_proxies: int, num_frames: int
+) -> Tensor:
     """The block's own in_proj -> proxy-guided attention -> out_proj."""
     B, N, D = x_BND.shape
     H = attn.num_heads
@@ -212,21 +222,29 @@ def block_attention(attn: nn.MultiheadAttention, x_BND: Tensor, attend: AttendFn
     return attn.out_proj(out_BND)
 
 
-def video_block(block: ResidualAttentionBlock, tokens_BND: Tensor, attend: AttendFn,
-                num_proxies: int, num_frames: int) -> Tensor:
+def video_block(
+    block: ResidualAttentionBlock, tokens_BND: Tensor, attend: AttendFn, num_proxies: int, num_frames: int
+) -> Tensor:
     """ln_1 -> proxy-guided attention -> layer scale -> residual; ln_2 -> mlp -> layer scale -> residual."""
     attended_BND = block_attention(block.attn, block.ln_1(tokens_BND), attend, num_proxies, num_frames)
     tokens_BND = tokens_BND + block.ls_1(attended_BND)
     return tokens_BND + block.ls_2(block.mlp(block.ln_2(tokens_BND)))
 
 
-def run_video_blocks(blocks: nn.ModuleList, tokens_BND: Tensor, attend: AttendFn, num_proxies: int,
-                     num_frames: int, grad_checkpointing: bool = False) -> Tensor:
+def run_video_blocks(
+    blocks: nn.ModuleList,
+    tokens_BND: Tensor,
+    attend: AttendFn,
+    num_proxies: int,
+    num_frames: int,
+    grad_checkpointing: bool = False,
+) -> Tensor:
     """All transformer blocks of the vision tower, optionally checkpointed per block."""
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
-            tokens_BND = checkpoint(video_block, block, tokens_BND, attend, num_proxies, num_frames,
-                                    use_reentrant=False)
+            tokens_BND = checkpoint(
+                video_block, block, tokens_BND, attend, num_proxies, num_frames, use_reentrant=False
+            )
         else:
             tokens_BND = video_block(block, tokens_BND, attend, num_proxies, num_frames)
     return tokens_BND
@@ -247,7 +265,8 @@ def check_visual_supported(visual: nn.Module) -> None:
         if not isinstance(attn, nn.MultiheadAttention):
             raise NotImplementedError(
                 f"vision block {index} ({type(block).__name__}) uses {type(attn).__name__}; only "
-                "nn.MultiheadAttention is supported (no qk-norm / scaled-cosine / custom blocks)")
+                "nn.MultiheadAttention is supported (no qk-norm / scaled-cosine / custom blocks)"
+            )
         if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
             raise NotImplementedError(f"vision block {index}: unsupported nn.MultiheadAttention options")
 
@@ -296,8 +315,9 @@ class VideoCLIP(nn.Module):
         visual = self.clip.visual
         T = frames_BTCHW.shape[1]
         tokens_BND = embed_video(visual, self.proxy_tokens, self.temporal_embedding, frames_BTCHW)
-        tokens_BND = run_video_blocks(visual.transformer.resblocks, tokens_BND, self.attend,
-                                      self.cfg.num_proxies, T, self.cfg.grad_checkpointing)
+        tokens_BND = run_video_blocks(
+            visual.transformer.resblocks, tokens_BND, self.attend, self.cfg.num_proxies, T, self.cfg.grad_checkpointing
+        )
         pooled_BD = visual.ln_post(tokens_BND[:, 0])
         return F.normalize(pooled_BD @ visual.proj, dim=-1)
 

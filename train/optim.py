@@ -14,6 +14,7 @@ steps before frame order reaches the tokens. Post-pretraining from CLIP keeps th
 a model trained from scratch (the tiny test/demo config) learns order in a few hundred steps only
 with a large one (tests/train/test_learning.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,12 +66,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         names.setdefault(key, []).append(name)
     groups = []
     for (kind, decay), params in sorted(buckets.items()):
-        groups.append({
-            "params": params,
-            "weight_decay": cfg.weight_decay if decay else 0.0,
-            "lr_mul": lr_mul[kind],
-            "name": f"{kind}/{'decay' if decay else 'no_decay'}",
-        })
+        groups.append(
+            {
+                "params": params,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr_mul": lr_mul[kind],
+                "name": f"{kind}/{'decay' if decay else 'no_decay'}",
+            }
+        )
         logger.debug("param group %s: %s", groups[-1]["name"], names[(kind, decay)])
     return groups
 

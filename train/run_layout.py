@@ -15,6 +15,7 @@
 A checkpoints folder is also read on its own (train/checkpoint.py takes a run folder, a
 checkpoints folder or one tag folder), hence its own class.
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,8 +52,9 @@ class CheckpointFolder:
         """The tags of the saved steps, oldest first."""
         if not os.path.isdir(self.path):
             return []
-        return sorted(d for d in os.listdir(self.path)
-                      if d.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(self.path, d)))
+        return sorted(
+            d for d in os.listdir(self.path) if d.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(self.path, d))
+        )
 
     def tag_dir(self, tag: str) -> str:
         return os.path.join(self.path, tag)

@@ -4,6 +4,7 @@
 Every draw comes from the per-sample rng the caller passes (train/loader.py seeds it from the
 stream position, so it is a pure function of the seed); evaluation passes no rng and gets no jitter.
 """
+
 from __future__ import annotations
 
 import random
@@ -56,15 +57,17 @@ class SampleTransform:
     shuffle_frames: bool = False
     text_lines: str = "all"
 
-    def __call__(self, sample: ClipSample, rng: random.Random | None,
-                 out: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    def __call__(
+        self, sample: ClipSample, rng: random.Random | None, out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> dict:
         """The item, its frames decoded."""
         item = self.prepare(sample, rng, out)
         decode_item(item)
         return item
 
-    def prepare(self, sample: ClipSample, rng: random.Random | None,
-                out: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    def prepare(
+        self, sample: ClipSample, rng: random.Random | None, out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> dict:
         """The item with every draw made and its frames not yet decoded: `decode_item` does that."""
         indices = frame_indices(len(sample.frames), self.num_frames, rng)
         if self.shuffle_frames:

@@ -16,6 +16,7 @@ Table columns: kind, id, video (the clip id a row belongs to), text, source, emb
 (float32 list). The table's metadata records the checkpoint, embedding size and frame count,
 and a query with a checkpoint of another embedding size is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,16 @@ def write_index(index: Index, path: str) -> None:
 
     dim = index.embeddings.shape[1]
     flat = pa.array(index.embeddings.astype(np.float32).reshape(-1), type=pa.float32())
-    table = pa.table({
-        "kind": index.kind, "id": index.id, "video": index.video, "text": index.text, "source": index.source,
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-    })
+    table = pa.table(
+        {
+            "kind": index.kind,
+            "id": index.id,
+            "video": index.video,
+            "text": index.text,
+            "source": index.source,
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
     table = table.replace_schema_metadata({META_KEY: json.dumps(index.meta).encode()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(table, path)
@@ -88,18 +95,30 @@ def read_index(path: str) -> Index:
     raw_meta = (table.schema.metadata or {}).get(META_KEY)
     missing = [c for c in ("kind", "id", "video", "text", "source", "embedding") if c not in table.column_names]
     if raw_meta is None or missing:
-        raise ValueError(f"index {path}: not a table written by the search `embed` command "
-                         f"(missing {missing or 'metadata'})")
+        raise ValueError(
+            f"index {path}: not a table written by the search `embed` command (missing {missing or 'metadata'})"
+        )
     column = table.column("embedding").combine_chunks()
     embeddings = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32)
-    return Index(kind=table.column("kind").to_pylist(), id=table.column("id").to_pylist(),
-                 video=table.column("video").to_pylist(), text=table.column("text").to_pylist(),
-                 source=table.column("source").to_pylist(), embeddings=embeddings, meta=json.loads(raw_meta))
+    return Index(
+        kind=table.column("kind").to_pylist(),
+        id=table.column("id").to_pylist(),
+        video=table.column("video").to_pylist(),
+        text=table.column("text").to_pylist(),
+        source=table.column("source").to_pylist(),
+        embeddings=embeddings,
+        meta=json.loads(raw_meta),
+    )
 
 
 def index_meta(loaded: LoadedModel, source: str) -> dict:
-    return {"checkpoint": loaded.checkpoint, "embed_dim": int(loaded.model.clip.text_projection.shape[1]),
-            "num_frames": loaded.num_frames, "image_size": loaded.image_size, "source": source}
+    return {
+        "checkpoint": loaded.checkpoint,
+        "embed_dim": int(loaded.model.clip.text_projection.shape[1]),
+        "num_frames": loaded.num_frames,
+        "image_size": loaded.image_size,
+        "source": source,
+    }
 
 
 # ----------------------------------------------------------------------------- embedding a data set
@@ -140,20 +159,31 @@ class Hit:
 def top_k(index: Index, query: np.ndarray, kind: str, k: int) -> list[Hit]:
     """The k rows of ``kind`` most similar (cosine) to the L2-normalised query vector."""
     if query.shape[-1] != index.embeddings.shape[1]:
-        raise ValueError(f"the query embedding has {query.shape[-1]} dims, the index {index.embeddings.shape[1]}: "
-                         f"embed and query with the same checkpoint (index made with {index.meta.get('checkpoint')})")
+        raise ValueError(
+            f"the query embedding has {query.shape[-1]} dims, the index {index.embeddings.shape[1]}: "
+            f"embed and query with the same checkpoint (index made with {index.meta.get('checkpoint')})"
+        )
     rows = index.rows_of(kind)
     if len(rows) == 0:
         hint = " (embed a shard data set to get texts)" if kind == "text" else ""
         raise ValueError(f"the index has no {kind} rows{hint}")
     contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
-    block = index.embeddings[rows[0]:rows[-1] + 1] if contiguous else index.embeddings[rows]
+    block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]
     scores = block @ query.astype(np.float32)
     k = min(k, len(scores))
     best = np.argpartition(-scores, k - 1)[:k]
     order = best[np.argsort(-scores[best], kind="stable")]
-    return [Hit(rank=r + 1, score=float(scores[i]), kind=kind, id=index.id[rows[i]], video=index.video[rows[i]],
-                text=index.text[rows[i]]) for r, i in enumerate(order)]
+    return [
+        Hit(
+            rank=r + 1,
+            score=float(scores[i]),
+            kind=kind,
+            id=index.id[rows[i]],
+            video=index.video[rows[i]],
+            text=index.text[rows[i]],
+        )
+        for r, i in enumerate(order)
+    ]
 
 
 def text_vector(loaded: LoadedModel, text: str) -> np.ndarray:
@@ -177,13 +207,17 @@ Option = tuple[str, str]
 """One more input flag for the command line: (flag, help)."""
 
 
-def build_parser(prog: str = "python -m train.search", description: str | None = None,
-                 more_sources: tuple[Option, ...] = (),
-                 more_queries: tuple[Option, ...] = ()) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "python -m train.search",
+    description: str | None = None,
+    more_sources: tuple[Option, ...] = (),
+    more_queries: tuple[Option, ...] = (),
+) -> argparse.ArgumentParser:
     """The embed and query commands; ``more_sources`` and ``more_queries`` are further inputs
     (launch/search.py: video files), each exclusive with the ones here."""
-    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description or __doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("embed", "query"):
         s = sub.add_parser(name, formatter_class=HelpFormatter)
@@ -206,8 +240,9 @@ def build_parser(prog: str = "python -m train.search", description: str | None =
     what.add_argument("--text", help="text query: returns videos")
     for flag, help_text in more_queries:
         what.add_argument(flag, help=help_text)
-    query.add_argument("--target", choices=KINDS, default=None,
-                       help="rows to return (text query: video; video query: video)")
+    query.add_argument(
+        "--target", choices=KINDS, default=None, help="rows to return (text query: video; video query: video)"
+    )
     query.add_argument("-k", type=int, default=5, help="results")
     query.add_argument("--json", action="store_true", help="print the hits as JSON")
     return p
@@ -241,8 +276,12 @@ def run_query(args: argparse.Namespace, query_vector: Callable[[LoadedModel], np
     return 0
 
 
-def run_command(args: argparse.Namespace, embed: Callable[[argparse.Namespace], int] = run_embed,
-                query: Callable[[argparse.Namespace], int] = run_query, name: str = "train.search") -> int:
+def run_command(
+    args: argparse.Namespace,
+    embed: Callable[[argparse.Namespace], int] = run_embed,
+    query: Callable[[argparse.Namespace], int] = run_query,
+    name: str = "train.search",
+) -> int:
     """Run the parsed command; a ValueError or OSError is printed as one line, exit status 2."""
     setup_logging("WARNING")
     try:

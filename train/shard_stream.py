@@ -18,6 +18,7 @@ sequences -> shuffled windows of raw tar samples.
 
 Where a stream stands and how it resumes: train/loader.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,8 +58,9 @@ class Source:
 def open_source(location: str) -> Source:
     """Read a manifest (ManifestError names the file on failure) and list its shards."""
     manifest: Manifest = read_manifest(location)
-    refs = tuple(ShardRef(uri, entry) for uri, entry in zip(shard_uris(manifest, location), manifest.shards)
-                 if entry.samples > 0)
+    refs = tuple(
+        ShardRef(uri, entry) for uri, entry in zip(shard_uris(manifest, location), manifest.shards) if entry.samples > 0
+    )
     if not refs:
         raise ValueError(f"{location}: the manifest lists no non-empty shard")
     return Source(location, refs)
@@ -134,8 +136,9 @@ def seeded(*parts: int) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
 
-def window_samples(shards: list[ShardRef], rng: random.Random, buffer_size: int,
-                   errors: ErrorCounter) -> Iterator[dict]:
+def window_samples(
+    shards: list[ShardRef], rng: random.Random, buffer_size: int, errors: ErrorCounter
+) -> Iterator[dict]:
     """Raw webdataset samples of a window: random interleave of its shards, then a shuffle buffer."""
     readers = [iter_wds_shard(ref.uri, ref.entry) for ref in shards]
     remaining = [max(ref.entry.samples, 1) for ref in shards]

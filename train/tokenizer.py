@@ -12,6 +12,7 @@ Of SimpleTokenizer it uses only these public attributes: ``encode`` (every text 
 regex), ``sot_token_id`` and ``eot_token_id``. open_clip_torch is pinned (setup.cfg), and
 tests/train/test_data.py checks that the ids equal open_clip's own on plain and other text.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,8 @@ class ClipTokenizer:
         base, length = self.base, self.context_length
         out = np.zeros((len(texts), length), np.int64)
         for row, text in zip(out, texts):
-            ids = self.encode(text)[:length - 2]
-            row[:len(ids) + 2] = [base.sot_token_id, *ids, base.eot_token_id]
+            ids = self.encode(text)[: length - 2]
+            row[: len(ids) + 2] = [base.sot_token_id, *ids, base.eot_token_id]
         return torch.from_numpy(out)
 
 

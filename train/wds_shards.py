@@ -24,6 +24,7 @@ yield fewer samples first, never others:
 With no manifest entry there is no check: a shard cut at a header ends quietly here, where
 iter_shard raises.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

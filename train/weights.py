@@ -12,6 +12,7 @@ to ours. The HF position_ids buffers are accepted and ignored.
 Import is strict: missing, unexpected and shape-mismatched keys are collected and raised together
 in one `CheckpointKeyError`. Files are read with torch.load(weights_only=True) or safetensors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,12 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "clipmodel."
-IGNORED_HF_KEYS = frozenset({
-    "clipmodel.text_model.embeddings.position_ids",
-    "clipmodel.vision_model.embeddings.position_ids",
-})
+IGNORED_HF_KEYS = frozenset(
+    {
+        "clipmodel.text_model.embeddings.position_ids",
+        "clipmodel.vision_model.embeddings.position_ids",
+    }
+)
 ADDED_CLS = "clipmodel.vision_model.embeddings.added_cls"
 
 # open_clip residual-block suffix -> (HF encoder-layer suffixes, conversion kind)
@@ -68,8 +71,10 @@ TOP_KEYS: dict[str, tuple[str, str]] = {
     "proxy_tokens": ("vision_model.embeddings.added_cls", "copy"),
     "temporal_embedding": ("vision_model.embeddings.temporal_embedding", "unsqueeze"),
 }
-TOWERS = {"clip.transformer.resblocks": "text_model.encoder.layers",
-          "clip.visual.transformer.resblocks": "vision_model.encoder.layers"}
+TOWERS = {
+    "clip.transformer.resblocks": "text_model.encoder.layers",
+    "clip.visual.transformer.resblocks": "vision_model.encoder.layers",
+}
 _BLOCK_KEY = re.compile(r"^(clip\.transformer\.resblocks|clip\.visual\.transformer\.resblocks)\.(\d+)\.(.+)$")
 
 
@@ -78,8 +83,11 @@ class CheckpointKeyError(ValueError):
 
     def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        parts = [f"{name} ({len(keys)}): {keys}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
+        parts = [
+            f"{name} ({len(keys)}): {keys}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
+            if keys
+        ]
         super().__init__("checkpoint does not match the model; " + "; ".join(parts))
 
 
@@ -114,8 +122,11 @@ def key_rules(model_state: Mapping[str, Tensor]) -> list[KeyRule]:
     rules = [rule_for(key) for key in model_state]
     uncovered = [key for key, rule in zip(model_state, rules) if rule is None]
     if uncovered:
-        raise CheckpointKeyError(missing=[], unexpected=[], mismatched=[
-            f"{key} (no CLIP-ViP counterpart in this model)" for key in uncovered])
+        raise CheckpointKeyError(
+            missing=[],
+            unexpected=[],
+            mismatched=[f"{key} (no CLIP-ViP counterpart in this model)" for key in uncovered],
+        )
     return [rule for rule in rules if rule is not None]
 
 

@@ -4,6 +4,7 @@
 
 See docs/datasets.md for the expected annotation files and the shard text layout.
 """
+
 from preprocess.downstream import activitynet, didemo, lsmdc, msrvtt
 
 DATASETS = {module.NAME: module for module in (msrvtt, didemo, lsmdc, activitynet)}

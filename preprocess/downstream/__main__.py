@@ -6,6 +6,7 @@ Writes ``<out>/inputs/<split>/`` (metadata, texts, report.json), runs the shardi
 ``<out>/<split>/`` for each split in one Ray session, and ``<out>/conversion.json`` last.
 Exit codes: 0 done; 1 some shard was not committed (rerun the same command); 2 bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,6 @@ from pipeline.logs import LEVELS, setup_logging
 from preprocess.config import RayConfig
 from preprocess.downstream import DATASETS
 from preprocess.downstream.common import (
-    SPLITS,
     ConvertConfig,
     SplitInputs,
     job_config,
@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from ConvertConfig and RayConfig (pipeline/config.py: defaults and help from the fields)."""
-    p = argparse.ArgumentParser(prog="python -m preprocess.downstream", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m preprocess.downstream",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=config.HelpFormatter,
+    )
     p.add_argument("dataset", choices=sorted(DATASETS), help="which benchmark")
     config.add_flags(p, ConvertConfig, dest="convert")
     config.add_flags(p, RayConfig, dest="ray", names={"address": "ray-address"}, only=("address", "num_cpus"))
@@ -62,8 +66,9 @@ def ray_session(ray_cfg: RayConfig):
     return job.ray_session(ray_cfg)
 
 
-def run_splits(dataset: str, cfg: ConvertConfig, inputs: dict[str, SplitInputs], ray_cfg: RayConfig,
-               progress: bool) -> dict[str, dict]:
+def run_splits(
+    dataset: str, cfg: ConvertConfig, inputs: dict[str, SplitInputs], ray_cfg: RayConfig, progress: bool
+) -> dict[str, dict]:
     """The sharding job on every split with videos; returns split -> {manifest, frames, summary}."""
     from preprocess.job import run_job
 
@@ -73,15 +78,24 @@ def run_splits(dataset: str, cfg: ConvertConfig, inputs: dict[str, SplitInputs],
         for name, split_inputs in todo.items():
             frames = split_frames(cfg, name, DATASETS[dataset].FRAMES)
             result = run_job(job_config(cfg, split_inputs, name, frames, ray_cfg, progress))
-            results[name] = {"manifest": result.manifest, "frames": frames, "ok": result.ok,
-                             "failed": result.failed, "summary": result.summary()}
+            results[name] = {
+                "manifest": result.manifest,
+                "frames": frames,
+                "ok": result.ok,
+                "failed": result.failed,
+                "summary": result.summary(),
+            }
     return results
 
 
 def write_summary(dataset: str, cfg: ConvertConfig, inputs: dict[str, SplitInputs], results: dict) -> str:
-    summary = {"dataset": dataset, "config": dataclasses.asdict(cfg),
-               "splits": {name: {"report": dataclasses.asdict(si.report), **results.get(name, {})}
-                          for name, si in inputs.items()}}
+    summary = {
+        "dataset": dataset,
+        "config": dataclasses.asdict(cfg),
+        "splits": {
+            name: {"report": dataclasses.asdict(si.report), **results.get(name, {})} for name, si in inputs.items()
+        },
+    }
     uri = storage.join(cfg.out, "conversion.json")
     storage.write_bytes(uri, (json.dumps(summary, indent=1, ensure_ascii=False) + "\n").encode())
     return uri

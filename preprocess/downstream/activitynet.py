@@ -9,6 +9,7 @@ Test is ``val_1`` (the usual convention). ``val_2`` annotates the same videos as
 cannot serve for model selection; validation is instead ``val_count`` train videos (default 500)
 held out by the hash of their id. Video files may be named with or without the ``v_`` prefix.
 """
+
 from __future__ import annotations
 
 from preprocess.downstream.common import (
@@ -45,13 +46,17 @@ def read_captions(path: str, split: str) -> SplitAnnotations:
     collector.source(path)
     for video_id, record, line, _ in json_entries(path, read_text(path)):
         if not isinstance(video_id, str) or not isinstance(record, dict):
-            raise AnnotationError(f"{where(path, line)}: entry {video_id!r} is not a {{video_id: {{...}}}} object; "
-                                  "is this an ActivityNet Captions file?")
+            raise AnnotationError(
+                f"{where(path, line)}: entry {video_id!r} is not a {{video_id: {{...}}}} object; "
+                "is this an ActivityNet Captions file?"
+            )
         if "sentences" not in record:
             raise AnnotationError(f"{where(path, line, 'sentences')}: missing in video {video_id!r}")
         sentences = text_list(record["sentences"], path, line, "sentences")
         duration = record.get("duration")
-        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0):
+        if duration is not None and (
+            isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0
+        ):
             raise AnnotationError(f"{where(path, line, 'duration')}: {duration!r} is not a positive number")
         for sentence in sentences or [""]:
             collector.add(video_id, sentence, where(path, line))

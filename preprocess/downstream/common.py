@@ -12,6 +12,7 @@ Text layout in the shards (see docs/datasets.md):
 
 Newlines, tabs and runs of spaces inside a text are collapsed to one space, so a line is a text.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,8 +123,7 @@ class TextCollector:
                 texts = [" ".join(texts)]
             items.append(Annotated(clip_id=clip_id, texts=tuple(texts)))
         empty = tuple(note for note in self._empty if note[0] in wanted)
-        return SplitAnnotations(name=self.name, items=tuple(items), empty_texts=empty,
-                                sources=tuple(self._sources))
+        return SplitAnnotations(name=self.name, items=tuple(items), empty_texts=empty, sources=tuple(self._sources))
 
 
 def hold_out(ids: list[str], count: int) -> tuple[list[str], list[str]]:
@@ -141,8 +141,12 @@ def subset(split: SplitAnnotations, ids: list[str], name: str) -> SplitAnnotatio
     """The entries of ``split`` with the given ids, as split ``name``."""
     by_id = {item.clip_id: item for item in split.items}
     wanted = set(ids)
-    return SplitAnnotations(name=name, items=tuple(by_id[i] for i in ids), sources=split.sources,
-                            empty_texts=tuple(note for note in split.empty_texts if note[0] in wanted))
+    return SplitAnnotations(
+        name=name,
+        items=tuple(by_id[i] for i in ids),
+        sources=split.sources,
+        empty_texts=tuple(note for note in split.empty_texts if note[0] in wanted),
+    )
 
 
 def split_from(collector: TextCollector, ids: list[str], name: str) -> SplitAnnotations:
@@ -310,19 +314,34 @@ def write_split_inputs(split: SplitAnnotations, videos: dict[str, str], folder: 
         meta.append({"video_id": video_id, "clip": [{"clip_id": item.clip_id, "span": [0.0, WHOLE_VIDEO_END]}]})
         subs.append({"clip_id": item.clip_id, "text": "\n".join(item.texts)})
         caps.append({"clip_id": item.clip_id, "caption": item.texts[0] if item.texts else ""})
-    report = SplitReport(split=split.name, annotated=len(split.items), converted=len(meta), missing_videos=missing,
-                         empty_texts=[f"{loc}: {clip_id}" for clip_id, loc in split.empty_texts],
-                         videos_without_text=textless,
-                         texts=sum(len(s["text"].splitlines()) for s in subs), sources=list(split.sources))
+    report = SplitReport(
+        split=split.name,
+        annotated=len(split.items),
+        converted=len(meta),
+        missing_videos=missing,
+        empty_texts=[f"{loc}: {clip_id}" for clip_id, loc in split.empty_texts],
+        videos_without_text=textless,
+        texts=sum(len(s["text"].splitlines()) for s in subs),
+        sources=list(split.sources),
+    )
     paths = {name: storage.join(folder, f"{name}.jsonl") for name in ("metadata", "subtitles", "captions")}
     for name, rows in (("metadata", meta), ("subtitles", subs), ("captions", caps)):
         storage.write_bytes(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-    storage.write_bytes(storage.join(folder, "report.json"),
-                        (json.dumps(dataclasses.asdict(report), indent=1, ensure_ascii=False) + "\n").encode())
+    storage.write_bytes(
+        storage.join(folder, "report.json"),
+        (json.dumps(dataclasses.asdict(report), indent=1, ensure_ascii=False) + "\n").encode(),
+    )
     if missing:
-        log.warning("%s: %d of %d annotated videos are missing from the videos folder (first: %s); converting the rest",
-                    split.name, len(missing), len(split.items), missing[:5])
-    return SplitInputs(metadata=paths["metadata"], subtitles=paths["subtitles"], captions=paths["captions"], report=report)
+        log.warning(
+            "%s: %d of %d annotated videos are missing from the videos folder (first: %s); converting the rest",
+            split.name,
+            len(missing),
+            len(split.items),
+            missing[:5],
+        )
+    return SplitInputs(
+        metadata=paths["metadata"], subtitles=paths["subtitles"], captions=paths["captions"], report=report
+    )
 
 
 # --------------------------------------------------------------------------- the sharding job
@@ -378,11 +397,17 @@ def split_frames(cfg: ConvertConfig, split: str, default_frames: int) -> int:
     return frames
 
 
-def job_config(cfg: ConvertConfig, inputs: SplitInputs, split: str, frames: int, ray_cfg: RayConfig,
-               progress: bool) -> PreprocessConfig:
+def job_config(
+    cfg: ConvertConfig, inputs: SplitInputs, split: str, frames: int, ray_cfg: RayConfig, progress: bool
+) -> PreprocessConfig:
     return PreprocessConfig(
-        inputs=InputConfig(metadata=inputs.metadata, videos=cfg.videos, subtitles=inputs.subtitles,
-                           captions=inputs.captions, max_text_chars=MAX_TEXT_CHARS),
+        inputs=InputConfig(
+            metadata=inputs.metadata,
+            videos=cfg.videos,
+            subtitles=inputs.subtitles,
+            captions=inputs.captions,
+            max_text_chars=MAX_TEXT_CHARS,
+        ),
         sharding=ShardingConfig(output=storage.join(cfg.out, split), clips_per_shard=cfg.clips_per_shard),
         decode=DecodeConfig(num_frames=frames, short_side=cfg.short_side, frame_size=cfg.frame_size),
         ray=ray_cfg,

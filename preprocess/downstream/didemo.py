@@ -12,6 +12,7 @@ Sentences are joined with one space, in file order, into one paragraph per video
 as the original did whenever the annotation path contained "didemo". Validation is the release's
 own val split.
 """
+
 from __future__ import annotations
 
 from preprocess.downstream.common import (
@@ -44,8 +45,9 @@ def read_splits(annotations: str, val_count: int | None) -> dict[str, SplitAnnot
             continue
         path = find_file(annotations, JSONL[split], "", required=False)
         if path is None:
-            raise AnnotationError(f"{annotations}: no DiDeMo {split} annotations; expected one of "
-                                  f"{list(FILES[split] + JSONL[split])}")
+            raise AnnotationError(
+                f"{annotations}: no DiDeMo {split} annotations; expected one of {list(FILES[split] + JSONL[split])}"
+            )
         out[split] = read_jsonl(path, split, join=True)
     return out
 

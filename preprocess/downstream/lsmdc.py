@@ -8,6 +8,7 @@ Each line of ``LSMDC16_annos_training.csv``, ``LSMDC16_annos_val.csv`` and
 The clips are distributed pre-cut (``<clip_id>.avi``), so each clip is a whole video here and the
 times are only checked to be present. A clip id seen on several lines gets all their sentences.
 """
+
 from __future__ import annotations
 
 from preprocess.downstream.common import AnnotationError, SplitAnnotations, TextCollector, find_file, read_text, where
@@ -25,7 +26,9 @@ FILES = {
 
 def read_splits(annotations: str, val_count: int | None) -> dict[str, SplitAnnotations]:
     """train / val / test from the release files (``val_count`` is not used: LSMDC has a val split)."""
-    return {split: read_tsv(find_file(annotations, names, f"LSMDC {split} csv"), split) for split, names in FILES.items()}
+    return {
+        split: read_tsv(find_file(annotations, names, f"LSMDC {split} csv"), split) for split, names in FILES.items()
+    }
 
 
 def read_tsv(path: str, split: str) -> SplitAnnotations:
@@ -37,8 +40,10 @@ def read_tsv(path: str, split: str) -> SplitAnnotations:
         fields = raw.split("\t")
         if len(fields) < len(FIELDS):
             missing = FIELDS[len(fields)]
-            raise AnnotationError(f"{where(path, number, missing)}: missing; expected {len(FIELDS)} tab-separated "
-                                  f"fields {list(FIELDS)}, got {len(fields)}")
+            raise AnnotationError(
+                f"{where(path, number, missing)}: missing; expected {len(FIELDS)} tab-separated "
+                f"fields {list(FIELDS)}, got {len(fields)}"
+            )
         for index, name in enumerate(FIELDS[:5]):
             if not fields[index].strip():
                 raise AnnotationError(f"{where(path, number, name)}: empty")

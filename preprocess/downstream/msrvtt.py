@@ -13,6 +13,7 @@ Layout B (the original's jsonl, HD-VILA data.zip): ``train9k.jsonl`` and ``test1
 Train videos get every caption (about 20), one per line; a test video gets its one sentence.
 Validation: ``val_count`` train videos (default 500) are held out, chosen by the hash of their id.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,8 +54,10 @@ def read_splits(annotations: str, val_count: int | None) -> dict[str, SplitAnnot
         return _jsonl_layout(annotations, count)
     if find_file(annotations, DATA_JSON, "", required=False):
         return _json_layout(annotations, count)
-    raise AnnotationError(f"{annotations}: no MSR-VTT annotations; expected {DATA_JSON[0]} with one of "
-                          f"{list(TRAIN_LISTS)} and {TEST_CSVS[0]}, or {TRAIN_JSONL[0]} and {TEST_JSONL[0]}")
+    raise AnnotationError(
+        f"{annotations}: no MSR-VTT annotations; expected {DATA_JSON[0]} with one of "
+        f"{list(TRAIN_LISTS)} and {TEST_CSVS[0]}, or {TRAIN_JSONL[0]} and {TEST_JSONL[0]}"
+    )
 
 
 # --------------------------------------------------------------------------- layout A
@@ -66,8 +69,10 @@ def _json_layout(annotations: str, val_count: int) -> dict[str, SplitAnnotations
     train_ids = _read_train_list(find_file(annotations, TRAIN_LISTS, "9k train list"))
     unknown = [v for v in train_ids if v not in captions.ids()]
     if unknown:
-        raise AnnotationError(f"{data_path}: {len(unknown)} videos of the train list have no sentence "
-                              f"(e.g. {unknown[:3]}); is this the right MSRVTT_data.json?")
+        raise AnnotationError(
+            f"{data_path}: {len(unknown)} videos of the train list have no sentence "
+            f"(e.g. {unknown[:3]}); is this the right MSRVTT_data.json?"
+        )
     kept, held = hold_out(train_ids, val_count)
     splits = {"train": split_from(captions, kept, "train"), "val": split_from(captions, held, "val")}
     splits["test"] = _read_test_csv(find_file(annotations, TEST_CSVS, "1k-A test csv"))
@@ -80,7 +85,9 @@ def _read_data_json(path: str) -> TextCollector:
     collector.source(path)
     sections = {key: pos for key, _, _, pos in json_entries(path, text)}
     if "sentences" not in sections:
-        raise AnnotationError(f"{where(path, 1, 'sentences')}: missing; expected {{\"videos\": [...], \"sentences\": [...]}}")
+        raise AnnotationError(
+            f'{where(path, 1, "sentences")}: missing; expected {{"videos": [...], "sentences": [...]}}'
+        )
     for index, record, line, _ in json_entries(path, text, sections["sentences"]):
         if not isinstance(record, dict):
             raise AnnotationError(f"{where(path, line)}: sentence {index} is not an object")
@@ -110,7 +117,9 @@ def _read_test_csv(path: str) -> SplitAnnotations:
     header = next(rows, None)
     wanted = ("video_id", "sentence")
     if header is None or any(name not in header for name in wanted):
-        raise AnnotationError(f"{where(path, 1)}: header {header} lacks {list(wanted)} (expected key,vid_key,video_id,sentence)")
+        raise AnnotationError(
+            f"{where(path, 1)}: header {header} lacks {list(wanted)} (expected key,vid_key,video_id,sentence)"
+        )
     column = {name: header.index(name) for name in wanted}
     for number, row in enumerate(rows, start=2):
         if not row:

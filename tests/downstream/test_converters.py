@@ -1,4 +1,5 @@
 """Retrieval converters: tiny annotation files in each benchmark's format, real ffmpeg videos, a real Ray job."""
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,46 @@ from preprocess.downstream.common import AnnotationError
 
 # file stem -> testsrc pattern; MSR-VTT, DiDeMo (Flickr ids), LSMDC (dotted clip ids), ActivityNet (no v_ prefix)
 VIDEOS = {
-    "video1": "testsrc2", "video2": "smptebars", "video3": "rgbtestsrc", "video4": "testsrc", "video5": "yuvtestsrc",
-    "1234@N00_56_ab": "testsrc2", "777@N01_88_cd": "smptebars",
-    "1001_Flight_00.00.45.199-00.00.49.999": "testsrc", "1001_Flight_00.01.00.000-00.01.02.500": "rgbtestsrc",
-    "QOlSCBRmfWY": "testsrc2", "v_abcdefghijk": "smptebars",
+    "video1": "testsrc2",
+    "video2": "smptebars",
+    "video3": "rgbtestsrc",
+    "video4": "testsrc",
+    "video5": "yuvtestsrc",
+    "1234@N00_56_ab": "testsrc2",
+    "777@N01_88_cd": "smptebars",
+    "1001_Flight_00.00.45.199-00.00.49.999": "testsrc",
+    "1001_Flight_00.01.00.000-00.01.02.500": "rgbtestsrc",
+    "QOlSCBRmfWY": "testsrc2",
+    "v_abcdefghijk": "smptebars",
 }
 SMALL = ["--short-side", "32", "--no-progress", "--log-level", "WARNING"]
 
 
 def _ffmpeg_video(path: Path, pattern: str) -> None:
-    ext_args = ["-c:v", "mpeg4", "-q:v", "5"] if path.suffix == ".avi" else ["-c:v", "libx264", "-preset", "veryfast",
-                                                                              "-pix_fmt", "yuv420p"]
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", f"{pattern}=size=64x48:rate=10",
-                    "-t", "1.5", *ext_args, str(path)], check=True, timeout=60)
+    ext_args = (
+        ["-c:v", "mpeg4", "-q:v", "5"]
+        if path.suffix == ".avi"
+        else ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+    )
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"{pattern}=size=64x48:rate=10",
+            "-t",
+            "1.5",
+            *ext_args,
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +83,26 @@ def write(folder: Path, name: str, content) -> Path:
 
 
 def msrvtt_annotations(folder: Path) -> Path:
-    sentences = [{"video_id": "video1", "caption": "a man sings on stage", "sen_id": 0},
-                 {"video_id": "video1", "caption": "someone is\nsinging", "sen_id": 1},
-                 {"video_id": "video2", "caption": "a cat plays", "sen_id": 2},
-                 {"video_id": "video2", "caption": "   ", "sen_id": 3},
-                 {"video_id": "video3", "caption": "a dog runs", "sen_id": 4},
-                 {"video_id": "video4", "caption": "cars drive", "sen_id": 5},
-                 {"video_id": "video9", "caption": "this video is missing", "sen_id": 6}]
-    write(folder, "MSRVTT_data.json", {"info": {}, "videos": [{"video_id": f"video{i}"} for i in (1, 2, 3, 4, 9)],
-                                       "sentences": sentences})
+    sentences = [
+        {"video_id": "video1", "caption": "a man sings on stage", "sen_id": 0},
+        {"video_id": "video1", "caption": "someone is\nsinging", "sen_id": 1},
+        {"video_id": "video2", "caption": "a cat plays", "sen_id": 2},
+        {"video_id": "video2", "caption": "   ", "sen_id": 3},
+        {"video_id": "video3", "caption": "a dog runs", "sen_id": 4},
+        {"video_id": "video4", "caption": "cars drive", "sen_id": 5},
+        {"video_id": "video9", "caption": "this video is missing", "sen_id": 6},
+    ]
+    write(
+        folder,
+        "MSRVTT_data.json",
+        {"info": {}, "videos": [{"video_id": f"video{i}"} for i in (1, 2, 3, 4, 9)], "sentences": sentences},
+    )
     write(folder, "MSRVTT_train.9k.csv", "video_id\nvideo1\nvideo2\nvideo3\nvideo9\n")
-    write(folder, "MSRVTT_JSFUSION_test.csv", 'key,vid_key,video_id,sentence\nret0,msr4,video4,"cars, driving"\n'
-                                              'ret1,msr5,video5,a sunny beach\n')
+    write(
+        folder,
+        "MSRVTT_JSFUSION_test.csv",
+        'key,vid_key,video_id,sentence\nret0,msr4,video4,"cars, driving"\nret1,msr5,video5,a sunny beach\n',
+    )
     return folder
 
 
@@ -81,8 +117,22 @@ def report(out: Path, split: str) -> dict:
 @pytest.mark.ray
 def test_msrvtt_json_layout_to_three_data_sets(ray_local, videos, tmp_path):
     ann, out = msrvtt_annotations(tmp_path / "ann"), tmp_path / "out"
-    code = convert_main(["msrvtt", "--annotations", str(ann), "--videos", str(videos), "--out", str(out),
-                         "--val-count", "1", "--frames", "4", *SMALL])
+    code = convert_main(
+        [
+            "msrvtt",
+            "--annotations",
+            str(ann),
+            "--videos",
+            str(videos),
+            "--out",
+            str(out),
+            "--val-count",
+            "1",
+            "--frames",
+            "4",
+            *SMALL,
+        ]
+    )
     assert code == 0
     train, val, test = (read_split(out, s) for s in ("train", "val", "test"))
     assert len(train) + len(val) == 3 and len(val) == 1  # video9 has no file
@@ -106,15 +156,43 @@ def test_msrvtt_json_layout_to_three_data_sets(ray_local, videos, tmp_path):
 @pytest.mark.ray
 def test_activitynet_paragraphs_and_32_frames(ray_local, videos, tmp_path):
     ann = tmp_path / "ann"
-    train = {"v_QOlSCBRmfWY": {"duration": 82.7, "timestamps": [[0, 10], [10, 20]],
-                               "sentences": [" A girl plays.", "She then  bows. "]},
-             "v_missing0000": {"duration": 10.0, "timestamps": [[0, 1]], "sentences": ["gone"]}}
+    train = {
+        "v_QOlSCBRmfWY": {
+            "duration": 82.7,
+            "timestamps": [[0, 10], [10, 20]],
+            "sentences": [" A girl plays.", "She then  bows. "],
+        },
+        "v_missing0000": {"duration": 10.0, "timestamps": [[0, 1]], "sentences": ["gone"]},
+    }
     write(ann, "train.json", train)
-    write(ann, "val_1.json", {"v_abcdefghijk": {"duration": 5.0, "timestamps": [[0, 5], [1, 2]],
-                                                "sentences": ["Bars appear.", "They stay."]}})
+    write(
+        ann,
+        "val_1.json",
+        {
+            "v_abcdefghijk": {
+                "duration": 5.0,
+                "timestamps": [[0, 5], [1, 2]],
+                "sentences": ["Bars appear.", "They stay."],
+            }
+        },
+    )
     out = tmp_path / "out"
-    code = convert_main(["activitynet", "--annotations", str(ann), "--videos", str(videos), "--out", str(out),
-                         "--val-count", "0", "--splits", "train,test", *SMALL])
+    code = convert_main(
+        [
+            "activitynet",
+            "--annotations",
+            str(ann),
+            "--videos",
+            str(videos),
+            "--out",
+            str(out),
+            "--val-count",
+            "0",
+            "--splits",
+            "train,test",
+            *SMALL,
+        ]
+    )
     assert code == 0
     test = read_split(out, "test")["v_abcdefghijk"]
     assert len(test.frames) == 32 and test.meta.video_id == "v_abcdefghijk"
@@ -128,14 +206,31 @@ def test_activitynet_paragraphs_and_32_frames(ray_local, videos, tmp_path):
 @pytest.mark.ray
 def test_didemo_and_lsmdc_test_splits(ray_local, videos, tmp_path):
     ann = tmp_path / "didemo"
-    moments = [{"video": "1234@N00_56_ab.mov", "description": "a red light turns on", "times": [[0, 0]]},
-               {"video": "777@N01_88_cd.mp4", "description": "bars fill the screen", "times": [[1, 1]]},
-               {"video": "1234@N00_56_ab.mov", "description": "then it fades", "times": [[2, 3]]}]
+    moments = [
+        {"video": "1234@N00_56_ab.mov", "description": "a red light turns on", "times": [[0, 0]]},
+        {"video": "777@N01_88_cd.mp4", "description": "bars fill the screen", "times": [[1, 1]]},
+        {"video": "1234@N00_56_ab.mov", "description": "then it fades", "times": [[2, 3]]},
+    ]
     for split in ("train", "val", "test"):
         write(ann, f"{split}_data.json", moments)
     out = tmp_path / "out-didemo"
-    assert convert_main(["didemo", "--annotations", str(ann), "--videos", str(videos), "--out", str(out),
-                         "--splits", "test", *SMALL]) == 0
+    assert (
+        convert_main(
+            [
+                "didemo",
+                "--annotations",
+                str(ann),
+                "--videos",
+                str(videos),
+                "--out",
+                str(out),
+                "--splits",
+                "test",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     test = read_split(out, "test")
     assert test["1234@N00_56_ab"].subtitle == "a red light turns on then it fades"
     assert len(test) == 2 and len(test["777@N01_88_cd"].frames) == 12
@@ -144,11 +239,31 @@ def test_didemo_and_lsmdc_test_splits(ray_local, videos, tmp_path):
     clip_a, clip_b = "1001_Flight_00.00.45.199-00.00.49.999", "1001_Flight_00.01.00.000-00.01.02.500"
     line = "{}\t00.00.45.199\t00.00.49.999\t00.00.45.100\t00.00.50.000\t{}\n"
     for name in ("LSMDC16_annos_training.csv", "LSMDC16_annos_val.csv", "LSMDC16_challenge_1000_publictect.csv"):
-        write(lsmdc, name, line.format(clip_a, "SOMEONE lands the plane.") + line.format(clip_b, "")
-              + line.format("1001_Flight_missing", "Nobody."))
+        write(
+            lsmdc,
+            name,
+            line.format(clip_a, "SOMEONE lands the plane.")
+            + line.format(clip_b, "")
+            + line.format("1001_Flight_missing", "Nobody."),
+        )
     out = tmp_path / "out-lsmdc"
-    assert convert_main(["lsmdc", "--annotations", str(lsmdc), "--videos", str(videos), "--out", str(out),
-                         "--splits", "test", *SMALL]) == 0
+    assert (
+        convert_main(
+            [
+                "lsmdc",
+                "--annotations",
+                str(lsmdc),
+                "--videos",
+                str(videos),
+                "--out",
+                str(out),
+                "--splits",
+                "test",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     test = read_split(out, "test")
     assert test[clip_a].subtitle == "SOMEONE lands the plane." and test[clip_b].subtitle == ""
     rep = report(out, "test")
@@ -170,20 +285,44 @@ def test_msrvtt_jsonl_layout_and_val_hold_out(tmp_path):
     assert splits["test"].items[0].clip_id == "video7020" and splits["test"].items[0].texts == ("one sentence",)
 
 
-@pytest.mark.parametrize("dataset, files, expected", [
-    ("msrvtt", {"train9k.jsonl": '{"clip_id": "video1", "text": "ok"}\n{"clip_id": "video2", "text": \n',
-                "test1ka.jsonl": ""}, "train9k.jsonl line 2: malformed JSON"),
-    ("msrvtt", {"train9k.jsonl": '{"clip_id": "video1", "txt": "typo"}\n', "test1ka.jsonl": ""},
-     "train9k.jsonl line 1 field 'text': missing"),
-    ("didemo", {"train_data.json": '[\n {"video": "a.mp4", "description": "x"},\n {"description": "no video"}\n]'},
-     "train_data.json line 3 field 'video'"),
-    ("lsmdc", {"LSMDC16_annos_training.csv": "clip1\t0\t1\t0\t1\tok\nclip2\t0\t1\t0\n"},
-     "LSMDC16_annos_training.csv line 2 field 'end_extracted': missing"),
-    ("activitynet", {"train.json": '{\n "v_a": {"duration": 3, "sentences": ["x"]},\n "v_b": {"duration": 3}\n}',
-                     "val_1.json": "{}"}, "train.json line 3 field 'sentences': missing"),
-    ("activitynet", {"train.json": '[1, 2]', "val_1.json": "{}"}, "is not a {video_id: {...}} object"),
-    ("msrvtt", {"notes.txt": "hello"}, "no MSR-VTT annotations; expected MSRVTT_data.json"),
-])
+@pytest.mark.parametrize(
+    "dataset, files, expected",
+    [
+        (
+            "msrvtt",
+            {
+                "train9k.jsonl": '{"clip_id": "video1", "text": "ok"}\n{"clip_id": "video2", "text": \n',
+                "test1ka.jsonl": "",
+            },
+            "train9k.jsonl line 2: malformed JSON",
+        ),
+        (
+            "msrvtt",
+            {"train9k.jsonl": '{"clip_id": "video1", "txt": "typo"}\n', "test1ka.jsonl": ""},
+            "train9k.jsonl line 1 field 'text': missing",
+        ),
+        (
+            "didemo",
+            {"train_data.json": '[\n {"video": "a.mp4", "description": "x"},\n {"description": "no video"}\n]'},
+            "train_data.json line 3 field 'video'",
+        ),
+        (
+            "lsmdc",
+            {"LSMDC16_annos_training.csv": "clip1\t0\t1\t0\t1\tok\nclip2\t0\t1\t0\n"},
+            "LSMDC16_annos_training.csv line 2 field 'end_extracted': missing",
+        ),
+        (
+            "activitynet",
+            {
+                "train.json": '{\n "v_a": {"duration": 3, "sentences": ["x"]},\n "v_b": {"duration": 3}\n}',
+                "val_1.json": "{}",
+            },
+            "train.json line 3 field 'sentences': missing",
+        ),
+        ("activitynet", {"train.json": "[1, 2]", "val_1.json": "{}"}, "is not a {video_id: {...}} object"),
+        ("msrvtt", {"notes.txt": "hello"}, "no MSR-VTT annotations; expected MSRVTT_data.json"),
+    ],
+)
 def test_bad_annotations_name_file_line_and_field(tmp_path, capsys, dataset, files, expected):
     ann = tmp_path / "ann"
     for name, content in files.items():

@@ -1,4 +1,5 @@
 """train.evaluate: a tiny random model end to end through the CLI on real shards, several texts per video."""
+
 from __future__ import annotations
 
 import io
@@ -63,9 +64,17 @@ def synthetic_samples(count: int, seed: int, frames: int = 8) -> list[tuple[Clip
     for spec in clip_specs(cfg):
         rendered = render_clip(spec, cfg)
         picks = np.linspace(0, len(rendered) - 1, frames).round().astype(int)
-        meta = ClipMeta(video_id=spec.video_id, clip_id=spec.clip_id, span=(0.0, 1.0), source_fps=8.0,
-                        frame_times=tuple(float(i) / 8 for i in picks), frame_size=(64, 48), middle_frame=frames // 2,
-                        source_uri="synthetic", subtitle_source=TextSource(kind="given"))
+        meta = ClipMeta(
+            video_id=spec.video_id,
+            clip_id=spec.clip_id,
+            span=(0.0, 1.0),
+            source_fps=8.0,
+            frame_times=tuple(float(i) / 8 for i in picks),
+            frame_size=(64, 48),
+            middle_frame=frames // 2,
+            source_uri="synthetic",
+            subtitle_source=TextSource(kind="given"),
+        )
         out.append((ClipSample(meta=meta, frames=tuple(jpeg(rendered[i]) for i in picks)), spec.caption))
     return out
 
@@ -82,8 +91,10 @@ def write_samples(root, samples: list[ClipSample], per_shard: int = 4) -> str:
 def test_set(tmp_path) -> str:
     """6 videos over 2 shards: video 0 has two texts, video 5 none (gallery only)."""
     texts = [["a first caption", "a second caption"], ["one"], ["two"], ["three"], ["four"], []]
-    samples = [ClipSample(meta=s.meta, frames=s.frames, subtitle="\n".join(t), caption=(t or [""])[0])
-               for (s, _), t in zip(synthetic_samples(6, seed=1), texts)]
+    samples = [
+        ClipSample(meta=s.meta, frames=s.frames, subtitle="\n".join(t), caption=(t or [""])[0])
+        for (s, _), t in zip(synthetic_samples(6, seed=1), texts)
+    ]
     return write_samples(tmp_path / "test", samples)
 
 
@@ -92,9 +103,29 @@ def test_cli_end_to_end_with_several_texts_per_video(tmp_path, test_set):
     weights = save_random_model(config, tmp_path / "model.pt")
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", weights, "--config", config,
-                           "--data", test_set, "--out", str(out), "--no-progress", "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.evaluate",
+            "--checkpoint",
+            weights,
+            "--config",
+            config,
+            "--data",
+            test_set,
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DSL (uses the whole test query set at once: transductive)" in proc.stdout
     results = json.loads(out.read_text())
@@ -108,14 +139,20 @@ def test_cli_end_to_end_with_several_texts_per_video(tmp_path, test_set):
     assert embedded.text_to_video == [0, 0, 1, 2, 3, 4]
     assert embedded.texts[:2] == ["a first caption", "a second caption"]
     again = evaluate(embedded)
-    assert {k: again[k] for k in ("t2v_r1", "v2t_meanr", "dsl/t2v_medr")} == \
-        {k: results[k] for k in ("t2v_r1", "v2t_meanr", "dsl/t2v_medr")}
+    assert {k: again[k] for k in ("t2v_r1", "v2t_meanr", "dsl/t2v_medr")} == {
+        k: results[k] for k in ("t2v_r1", "v2t_meanr", "dsl/t2v_medr")
+    }
 
 
 def test_metrics_of_known_embeddings_with_a_gallery_only_video():
     eye = torch.eye(3)
-    embedded = Embedded(clip_ids=["a", "b", "c"], videos=eye, texts=["a1", "a2", "b1"],
-                        text_embeddings=torch.stack([eye[0], eye[1], eye[1]]), text_to_video=[0, 0, 1])
+    embedded = Embedded(
+        clip_ids=["a", "b", "c"],
+        videos=eye,
+        texts=["a1", "a2", "b1"],
+        text_embeddings=torch.stack([eye[0], eye[1], eye[1]]),
+        text_to_video=[0, 0, 1],
+    )
     results = evaluate(embedded)
     assert results["t2v_r1"] == pytest.approx(100 * 2 / 3)  # "a2" lands on b
     assert results["v2t_r1"] == 100.0 and results["videos_without_text"] == 1

@@ -1,4 +1,6 @@
-"""Fine-tuning: MSR-VTT-style annotations + real videos -> shards -> 2 gloo ranks from an init checkpoint -> evaluate."""
+"""Fine-tuning: MSR-VTT-style annotations + real videos -> shards -> 2 gloo ranks from an init checkpoint ->
+evaluate."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +11,14 @@ import pytest
 import torch
 
 from preprocess.downstream.__main__ import main as convert_main
-from tests.downstream.test_converters import SMALL, VIDEOS, _ffmpeg_video, msrvtt_annotations
-from tests.downstream.test_converters import ray_local  # noqa: F401 (fixture)
-from tests.train.fixtures_train import (COMBOS, PYTHON, REPO, TINY_CONFIG, env, moving_clip, spawn_ranks,
-                                       tiny_overrides)
+from tests.downstream.test_converters import (
+    SMALL,
+    VIDEOS,
+    _ffmpeg_video,
+    msrvtt_annotations,
+    ray_local,  # noqa: F401 (fixture)
+)
+from tests.train.fixtures_train import COMBOS, PYTHON, REPO, TINY_CONFIG, env, moving_clip, spawn_ranks, tiny_overrides
 from train.checkpoint import load_init_checkpoint
 from train.config import load_config
 from train.loop import build_task
@@ -42,12 +48,16 @@ def save_tiny_state(path, seed: int = 7, *overrides: str) -> str:
 
 
 def test_finetune_options_are_validated():
-    cfg = load_config(TINY_CONFIG, ["run_dir=x", "model.loss=infonce", "data.train_text=caption",
-                                    "data.text_lines=sample"])
+    cfg = load_config(
+        TINY_CONFIG, ["run_dir=x", "model.loss=infonce", "data.train_text=caption", "data.text_lines=sample"]
+    )
     assert (cfg.model.loss, cfg.data.train_text, cfg.data.text_lines) == ("infonce", "caption", "sample")
     assert "init_checkpoint" not in cfg.model.video_clip_kwargs()
-    for override, field in (("data.text_lines=some", "data.text_lines"), ("data.train_text=title", "data.train_text"),
-                            ("model.loss=nce", "model.loss")):
+    for override, field in (
+        ("data.text_lines=some", "data.text_lines"),
+        ("data.train_text=title", "data.train_text"),
+        ("model.loss=nce", "model.loss"),
+    ):
         with pytest.raises(ValueError, match=field):
             load_config(TINY_CONFIG, ["run_dir=x", override])
 
@@ -86,15 +96,43 @@ def test_init_checkpoint_loads_strictly_and_lists_mismatched_tensors(tmp_path):
 @pytest.mark.ray
 def test_convert_finetune_two_ranks_then_evaluate(ray_local, msrvtt_videos, tmp_path):  # noqa: F811
     ann, out = msrvtt_annotations(tmp_path / "ann"), tmp_path / "msrvtt"
-    assert convert_main(["msrvtt", "--annotations", str(ann), "--videos", str(msrvtt_videos), "--out", str(out),
-                         "--val-count", "1", "--frames", "4", *SMALL]) == 0
+    assert (
+        convert_main(
+            [
+                "msrvtt",
+                "--annotations",
+                str(ann),
+                "--videos",
+                str(msrvtt_videos),
+                "--out",
+                str(out),
+                "--val-count",
+                "1",
+                "--frames",
+                "4",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     init = save_tiny_state(tmp_path / "post-pretrained.pt", 7)
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(str(run_dir), [str(out / "train")], "model.loss=infonce", "data.text_lines=sample",
-                               "data.train_text=subtitle", f"model.init_checkpoint={init}", "data.batch_size=2",
-                               "data.num_workers=0", "max_steps=3", "checkpoint.every_steps=3",
-                               "log.every_steps=1", "log.tensorboard=false", "log.plots=false",
-                               eval_=[str(out / "val")])
+    overrides = tiny_overrides(
+        str(run_dir),
+        [str(out / "train")],
+        "model.loss=infonce",
+        "data.text_lines=sample",
+        "data.train_text=subtitle",
+        f"model.init_checkpoint={init}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "max_steps=3",
+        "checkpoint.every_steps=3",
+        "log.every_steps=1",
+        "log.tensorboard=false",
+        "log.plots=false",
+        eval_=[str(out / "val")],
+    )
     ranks = spawn_ranks(overrides, nproc=2)
     assert ranks.wait(120) == 0, ranks.output()
     log = ranks.output()
@@ -106,9 +144,27 @@ def test_convert_finetune_two_ranks_then_evaluate(ray_local, msrvtt_videos, tmp_
     assert [r["clips"] for r in rows if r["kind"] == "eval"] == [1]  # the val split: one video
     assert (run_dir / "checkpoints" / "latest").read_text().strip()
     result = tmp_path / "test.json"
-    proc = subprocess.run([PYTHON, "-m", "train.evaluate", "--checkpoint", str(run_dir), "--data", str(out / "test"),
-                           "--out", str(result), "--no-progress", "--device", "cpu"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "train.evaluate",
+            "--checkpoint",
+            str(run_dir),
+            "--data",
+            str(out / "test"),
+            "--out",
+            str(result),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(result.read_text())
     assert results["videos"] == 2 and results["texts"] == 2  # video4 ("cars, driving") and video5

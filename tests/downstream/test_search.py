@@ -3,6 +3,7 @@
 The videos are real mp4 files written by preprocess.synthetic (ffmpeg); the model is trained in
 process with plain torch (symmetric InfoNCE) on frames decoded by the same path `embed` uses.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,19 +38,23 @@ def distinct_seed() -> int:
 
 
 def train_tiny(config: str, frames: np.ndarray, captions: list[str], max_steps: int = 150) -> torch.nn.Module:
-    """Plain-torch symmetric InfoNCE on the 8 (video, caption) pairs until the loss is below 0.1 (about 50 steps, 5 s unloaded)."""
+    """Plain-torch symmetric InfoNCE on the 8 (video, caption) pairs until the loss is below 0.1 (about 50 steps,
+    5 s unloaded)."""
     cfg = train_config(config)
     torch.manual_seed(0)
     model = build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs()))
     loss_fn = OCLLoss("infonce")
-    tokens = torch.nn.functional.pad(get_tokenizer(cfg.data.context_length)(captions), (0, 77 - cfg.data.context_length))
+    tokens = torch.nn.functional.pad(
+        get_tokenizer(cfg.data.context_length)(captions), (0, 77 - cfg.data.context_length)
+    )
     video = normalize_frames(torch.from_numpy(frames))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     start, loss, step = time.monotonic(), torch.tensor(10.0), 0
     while step < max_steps and loss.item() > 0.1:
         step += 1
-        loss = loss_fn({"video": model.encode_video(video), "text": model.encode_text(tokens)},
-                       model.logit_scale)["loss"]
+        loss = loss_fn({"video": model.encode_video(video), "text": model.encode_text(tokens)}, model.logit_scale)[
+            "loss"
+        ]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -69,8 +74,14 @@ def trained(tmp_path_factory):
     model = train_tiny(config, frames, [s.caption for s in specs])
     weights = root / "model.pt"
     torch.save(model.state_dict(), weights)
-    return {"root": root, "config": config, "weights": str(weights), "videos": paths.videos, "specs": specs,
-            "files": files}
+    return {
+        "root": root,
+        "config": config,
+        "weights": str(weights),
+        "videos": paths.videos,
+        "specs": specs,
+        "files": files,
+    }
 
 
 def run(capsys, *argv: str) -> str:
@@ -86,32 +97,42 @@ def test_text_query_finds_the_right_video_first(trained, capsys):
     out = run(capsys, "embed", *common, "--videos", str(trained["videos"]), "--out", index)
     assert f"{VIDEOS} videos, 0 texts, 32 dims" in out
     table = read_index(index)
-    assert table.embeddings.shape == (VIDEOS, 32) and np.allclose(np.linalg.norm(table.embeddings, axis=1), 1, atol=1e-4)
+    assert table.embeddings.shape == (VIDEOS, 32) and np.allclose(
+        np.linalg.norm(table.embeddings, axis=1), 1, atol=1e-4
+    )
     right = 0
     for spec in trained["specs"]:
         hits = json.loads(run(capsys, "query", *common, "--index", index, "--text", spec.caption, "-k", "3", "--json"))
         assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
         right += hits[0]["id"] == f"{spec.video_id}.mp4"
-    hits = json.loads(run(capsys, "query", *common, "--index", index, "--video", trained["files"][2], "-k", "1", "--json"))
+    hits = json.loads(
+        run(capsys, "query", *common, "--index", index, "--video", trained["files"][2], "-k", "1", "--json")
+    )
     assert hits[0]["id"] == f"{trained['specs'][2].video_id}.mp4" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     print(f"text->video top-1 correct: {right}/{VIDEOS}")
     assert right >= 6  # chance is 1/8 per query
 
 
 def test_video_query_against_a_shard_data_set_returns_its_texts(trained, capsys):
-    from tests.downstream.test_evaluate import synthetic_samples
     from pipeline.schema import ClipSample
+    from tests.downstream.test_evaluate import synthetic_samples
 
     seed = distinct_seed()
-    samples = [ClipSample(meta=s.meta, frames=s.frames, subtitle=caption, caption=caption)
-               for s, caption in synthetic_samples(VIDEOS, seed=seed)]
+    samples = [
+        ClipSample(meta=s.meta, frames=s.frames, subtitle=caption, caption=caption)
+        for s, caption in synthetic_samples(VIDEOS, seed=seed)
+    ]
     data = write_samples(trained["root"] / "shards", samples)
     common = ["--checkpoint", trained["weights"], "--config", trained["config"], "--device", "cpu"]
     index = str(trained["root"] / "shards.parquet")
-    assert f"{VIDEOS} videos, {VIDEOS} texts" in run(capsys, "embed", *common, "--data", data, "--out", index, "--no-progress")
+    assert f"{VIDEOS} videos, {VIDEOS} texts" in run(
+        capsys, "embed", *common, "--data", data, "--out", index, "--no-progress"
+    )
     right = 0
     for spec, file in zip(trained["specs"], trained["files"]):
-        hits = json.loads(run(capsys, "query", *common, "--index", index, "--video", file, "--target", "text", "--json"))
+        hits = json.loads(
+            run(capsys, "query", *common, "--index", index, "--video", file, "--target", "text", "--json")
+        )
         right += hits[0]["text"] == spec.caption and hits[0]["video"] == spec.clip_id
     print(f"video->text top-1 correct: {right}/{VIDEOS}")
     assert right >= 6
@@ -120,11 +141,33 @@ def test_video_query_against_a_shard_data_set_returns_its_texts(trained, capsys)
 def test_bad_index_and_other_checkpoint_are_refused(trained, tmp_path, capsys):
     not_parquet = tmp_path / "x.parquet"
     not_parquet.write_text("not a table")
-    code = search_main(["query", "--checkpoint", trained["weights"], "--config", trained["config"],
-                        "--index", str(not_parquet), "--text", "a red circle"])
+    code = search_main(
+        [
+            "query",
+            "--checkpoint",
+            trained["weights"],
+            "--config",
+            trained["config"],
+            "--index",
+            str(not_parquet),
+            "--text",
+            "a red circle",
+        ]
+    )
     assert code == 2 and "not a readable Parquet file" in capsys.readouterr().err
     other = write_tiny_config(tmp_path / "other.yaml", embed=16)
-    code = search_main(["embed", "--checkpoint", trained["weights"], "--config", other,
-                        "--videos", str(trained["videos"]), "--out", str(tmp_path / "o.parquet")])
+    code = search_main(
+        [
+            "embed",
+            "--checkpoint",
+            trained["weights"],
+            "--config",
+            other,
+            "--videos",
+            str(trained["videos"]),
+            "--out",
+            str(tmp_path / "o.parquet"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "clip.text_projection: checkpoint [64, 32], model [64, 16]" in err

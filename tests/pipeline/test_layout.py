@@ -1,4 +1,5 @@
 """pipeline.layout: the names of a data set folder's files, built and read back in one place."""
+
 from pipeline import storage
 from pipeline.layout import DatasetLayout, shard_index, shard_stem, tar_name, tar_shard
 

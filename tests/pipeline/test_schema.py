@@ -81,7 +81,7 @@ def test_sample_requires_one_frame_per_time():
 def _wds(sample: ClipSample) -> dict:
     """A sample dict as the shard reader yields it."""
     key = sample.key
-    return {"__key__": key, "__url__": "mem.tar", **{name[len(key) + 1:]: data for name, data in sample.members()}}
+    return {"__key__": key, "__url__": "mem.tar", **{name[len(key) + 1 :]: data for name, data in sample.members()}}
 
 
 def test_from_wds_orders_frames_and_ignores_other_members():
@@ -92,12 +92,15 @@ def test_from_wds_orders_frames_and_ignores_other_members():
     assert ClipSample.from_wds(shuffled).frames == sample.frames
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda raw: raw.pop("f003.jpg"), "not numbered 0..n-1"),
-    (lambda raw: raw.update({"f012.jpg": b"x"}), "13 frames but 12"),
-    (lambda raw: raw.update({"f013.jpg": raw.pop("f011.jpg")}), "not numbered 0..n-1"),
-    (lambda raw: raw.pop("f011.jpg"), "11 frames but 12"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: raw.pop("f003.jpg"), "not numbered 0..n-1"),
+        (lambda raw: raw.update({"f012.jpg": b"x"}), "13 frames but 12"),
+        (lambda raw: raw.update({"f013.jpg": raw.pop("f011.jpg")}), "not numbered 0..n-1"),
+        (lambda raw: raw.pop("f011.jpg"), "11 frames but 12"),
+    ],
+)
 def test_from_wds_rejects_missing_extra_or_misnumbered_frames(change, message):
     raw = _wds(make_sample("x.1.mp4", num_frames=12))
     change(raw)

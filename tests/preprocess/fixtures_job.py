@@ -1,4 +1,5 @@
 """Helpers and fixtures for the preprocessing job tests: a small ffmpeg-made corpus, a Ray cluster, run helpers."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,25 @@ def make_corpus(root: Path, videos: int = 6, clips: int = 2) -> dict[str, Path]:
         args, ext = CODECS[v % len(CODECS)]
         video_id = f"vid{v:02d}"
         src = f"{PATTERNS[v % len(PATTERNS)]}=size=160x120:rate=25"
-        subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", src, "-t", "4", *args, str(vdir / f"{video_id}.{ext}")], check=True, timeout=60)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-nostdin",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                src,
+                "-t",
+                "4",
+                *args,
+                str(vdir / f"{video_id}.{ext}"),
+            ],
+            check=True,
+            timeout=60,
+        )
         entries = []
         for c in range(clips):
             clip_id = f"{video_id}.{c}.mp4"
@@ -38,7 +57,12 @@ def make_corpus(root: Path, videos: int = 6, clips: int = 2) -> dict[str, Path]:
             subs.append({"clip_id": clip_id, "text": f"subtitle {video_id} {c}"})
             caps.append({"clip_id": clip_id, "caption": f"a {PATTERNS[v % len(PATTERNS)]} pattern, clip {c}"})
         meta.append({"video_id": video_id, "url": f"https://www.youtube.com/watch?v={video_id}", "clip": entries})
-    paths = {"videos": vdir, "metadata": root / "meta.jsonl", "subtitles": root / "subs.jsonl", "captions": root / "caps.jsonl"}
+    paths = {
+        "videos": vdir,
+        "metadata": root / "meta.jsonl",
+        "subtitles": root / "subs.jsonl",
+        "captions": root / "caps.jsonl",
+    }
     write_jsonl(paths["metadata"], meta)
     write_jsonl(paths["subtitles"], subs)
     write_jsonl(paths["captions"], caps)
@@ -58,10 +82,24 @@ def write_jsonl(path: Path, records: list) -> None:
 def cli_args(corpus: dict[str, Path], output, *extra: str) -> list[str]:
     """Command-line arguments of a small, fast job over ``corpus``."""
     return [
-        "--metadata", str(corpus["metadata"]), "--videos", str(corpus["videos"]),
-        "--subtitles", str(corpus["subtitles"]), "--captions", str(corpus["captions"]),
-        "--output", str(output), "--clips-per-shard", "3", "--num-frames", "4", "--short-side", "64",
-        "--no-progress", *extra,
+        "--metadata",
+        str(corpus["metadata"]),
+        "--videos",
+        str(corpus["videos"]),
+        "--subtitles",
+        str(corpus["subtitles"]),
+        "--captions",
+        str(corpus["captions"]),
+        "--output",
+        str(output),
+        "--clips-per-shard",
+        "3",
+        "--num-frames",
+        "4",
+        "--short-side",
+        "64",
+        "--no-progress",
+        *extra,
     ]
 
 

@@ -1,4 +1,5 @@
 """The clip decoder on real files: frame choice and pixels vs a decode-everything reference, bad input."""
+
 from __future__ import annotations
 
 import io
@@ -71,11 +72,19 @@ def _check_against_reference(path, results, cfg: DecodeConfig) -> None:
             assert _psnr(ours, ref) > 30, (r.clip_id, t)
 
 
-@pytest.mark.parametrize("name,size,frame_size", [("bigbuckbunny.mp4", (398, 224), None), ("bikes.mp4", (527, 224), None),
-                                                 ("bigbuckbunny.mp4", (224, 224), (224, 224))])
+@pytest.mark.parametrize(
+    "name,size,frame_size",
+    [
+        ("bigbuckbunny.mp4", (398, 224), None),
+        ("bikes.mp4", (527, 224), None),
+        ("bigbuckbunny.mp4", (224, 224), (224, 224)),
+    ],
+)
 def test_real_videos_match_decode_everything(real_videos, name, size, frame_size):
     path = real_videos[name]
-    cfg = DecodeConfig(num_frames=6, seek_gap=1.5, **({"frame_size": frame_size} if frame_size else {"short_side": 224}))
+    cfg = DecodeConfig(
+        num_frames=6, seek_gap=1.5, **({"frame_size": frame_size} if frame_size else {"short_side": 224})
+    )
     clips = [_clip("late", 3.1, 4.9), _clip("early", 0.2, 1.4), _clip("overlap", 1.0, 2.0), _clip("tail", 4.5, 60.0)]
     results = list(decode_clips(str(path), clips, cfg))
     assert [r.clip_id for r in results] == ["late", "early", "overlap", "tail"]
@@ -116,33 +125,61 @@ def test_target_times_and_sizes():
     assert output_size(1280, 720, 224, (224, 224)) == (224, 224)
 
 
-@pytest.mark.parametrize("field,value", [("num_frames", 0), ("fps", -1.0), ("short_side", -5), ("jpeg_quality", 0),
-                                         ("threads", 0), ("max_frames", 0), ("frame_size", (224,)),
-                                         ("frame_size", (8, 224)), ("frame_size", (224.0, 224))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_frames", 0),
+        ("fps", -1.0),
+        ("short_side", -5),
+        ("jpeg_quality", 0),
+        ("threads", 0),
+        ("max_frames", 0),
+        ("frame_size", (224,)),
+        ("frame_size", (8, 224)),
+        ("frame_size", (224.0, 224)),
+    ],
+)
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DecodeConfig(**{field: value})
 
 
-@pytest.mark.parametrize("start,end,error", [
-    (-1.0, 2.0, "span_negative"), (3.0, 2.0, "span_reversed"), (2.0, 2.0, "span_empty"),
-    (4.5, 6.0, "span_out_of_range"), (3.99, 9.0, "span_out_of_range"), (math.nan, 2.0, "span_invalid"),
-])
+@pytest.mark.parametrize(
+    "start,end,error",
+    [
+        (-1.0, 2.0, "span_negative"),
+        (3.0, 2.0, "span_reversed"),
+        (2.0, 2.0, "span_empty"),
+        (4.5, 6.0, "span_out_of_range"),
+        (3.99, 9.0, "span_out_of_range"),
+        (math.nan, 2.0, "span_invalid"),
+    ],
+)
 def test_bad_spans_fail_only_their_clip(made_videos, start, end, error):
     path = str(made_videos["h264"])
-    results = list(decode_clips(path, [_clip("ok1", 0.0, 1.0), _clip("bad", start, end), _clip("ok2", 1.0, 2.0)],
-                                DecodeConfig(num_frames=2)))
+    results = list(
+        decode_clips(
+            path, [_clip("ok1", 0.0, 1.0), _clip("bad", start, end), _clip("ok2", 1.0, 2.0)], DecodeConfig(num_frames=2)
+        )
+    )
     assert [type(r) for r in results] == [DecodedClip, Failure, DecodedClip]
     bad = results[1]
     assert (bad.clip_id, bad.stage, bad.error) == ("bad", "span", error)
     assert path in bad.message
 
 
-@pytest.mark.parametrize("kind,stage,error", [
-    ("missing", "open", "missing_file"), ("empty", "open", "empty_file"),
-    ("truncated_tail", "open", "corrupt_file"), ("random", "open", "corrupt_file"), ("text", "open", "corrupt_file"),
-    ("audio", "probe", "no_video_stream"), ("unknown_codec", "probe", "unsupported_codec"),
-])
+@pytest.mark.parametrize(
+    "kind,stage,error",
+    [
+        ("missing", "open", "missing_file"),
+        ("empty", "open", "empty_file"),
+        ("truncated_tail", "open", "corrupt_file"),
+        ("random", "open", "corrupt_file"),
+        ("text", "open", "corrupt_file"),
+        ("audio", "probe", "no_video_stream"),
+        ("unknown_codec", "probe", "unsupported_codec"),
+    ],
+)
 def test_bad_files_fail_every_clip(made_videos, tmp_path, kind, stage, error):
     path = str(tmp_path / "absent.mp4") if kind == "missing" else str(made_videos[kind])
     results = list(decode_clips(path, [_clip("a", 0.0, 1.0), _clip("b", 0.0, None)], DecodeConfig()))
@@ -161,7 +198,9 @@ def test_truncated_file_keeps_clips_before_the_cut(made_videos):
 def test_file_is_opened_once_for_all_clips(made_videos, tmp_path):
     path = tmp_path / "once.mp4"
     path.write_bytes(made_videos["h264"].read_bytes())
-    gen = decode_clips(str(path), [_clip(f"c{i}", 0.8 * i, 0.8 * i + 0.8) for i in range(4)], DecodeConfig(num_frames=3))
+    gen = decode_clips(
+        str(path), [_clip(f"c{i}", 0.8 * i, 0.8 * i + 0.8) for i in range(4)], DecodeConfig(num_frames=3)
+    )
     first = next(gen)
     os.unlink(path)  # a decoder that reopened the file per clip would now fail with missing_file
     rest = list(gen)

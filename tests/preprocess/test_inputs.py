@@ -1,4 +1,5 @@
 """Metadata, span and text parsing, the video listing and config validation (no Ray, no decoding)."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,33 @@ from preprocess.config import InputConfig, Layout, RayConfig, ShardingConfig
 from preprocess.inputs import check_span, list_source_videos, parse_time, read_inputs, read_metadata, read_texts
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("00:00:00.000", 0.0), ("01:02:03.250", 3723.25), ("2:03.5", 123.5), ("00:00:07", 7.0), (12.5, 12.5), ("-00:00:01.000", -1.0),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("00:00:00.000", 0.0),
+        ("01:02:03.250", 3723.25),
+        ("2:03.5", 123.5),
+        ("00:00:07", 7.0),
+        (12.5, 12.5),
+        ("-00:00:01.000", -1.0),
+    ],
+)
 def test_parse_time(text, seconds):
     assert parse_time(text) == seconds
 
 
-@pytest.mark.parametrize("raw, error", [
-    (["00:00:01.000"], "span_invalid"), (["a", "b"], "span_invalid"), (None, "span_invalid"), ([True, 2], "span_invalid"),
-    (["-00:00:01.000", "00:00:02.000"], "span_negative"), (["00:00:03.000", "00:00:02.000"], "span_reversed"),
-    (["00:00:02.000", "00:00:02.000"], "span_empty"),
-])
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (["00:00:01.000"], "span_invalid"),
+        (["a", "b"], "span_invalid"),
+        (None, "span_invalid"),
+        ([True, 2], "span_invalid"),
+        (["-00:00:01.000", "00:00:02.000"], "span_negative"),
+        (["00:00:03.000", "00:00:02.000"], "span_reversed"),
+        (["00:00:02.000", "00:00:02.000"], "span_empty"),
+    ],
+)
 def test_bad_spans(raw, error):
     span, problem = check_span(raw)
     assert span is None and (problem.stage, problem.error) == ("span", error)
@@ -37,20 +53,46 @@ def _meta(tmp_path, lines) -> str:
 
 
 def test_metadata_positions_and_problems(tmp_path):
-    uri = _meta(tmp_path, [
-        json.dumps({"video_id": "a", "url": "u", "clip": [{"clip_id": "a.0", "span": ["00:00:00.000", "00:00:01.000"]},
-                                                           {"clip_id": "a.1", "span": ["00:00:02.000", "00:00:01.000"]}]}),
-        "",
-        "not json",
-        json.dumps({"url": "no video id", "clip": []}),
-        json.dumps({"video_id": "b", "clip": [{"clip_id": "a.0", "span": ["00:00:00.000", "00:00:01.000"]}, {"span": []}]}),
-        json.dumps({"video_id": "../c", "clip": [{"clip_id": "c.0", "span": ["00:00:00.000", "00:00:01.000"]}]}),
-    ])
+    uri = _meta(
+        tmp_path,
+        [
+            json.dumps(
+                {
+                    "video_id": "a",
+                    "url": "u",
+                    "clip": [
+                        {"clip_id": "a.0", "span": ["00:00:00.000", "00:00:01.000"]},
+                        {"clip_id": "a.1", "span": ["00:00:02.000", "00:00:01.000"]},
+                    ],
+                }
+            ),
+            "",
+            "not json",
+            json.dumps({"url": "no video id", "clip": []}),
+            json.dumps(
+                {"video_id": "b", "clip": [{"clip_id": "a.0", "span": ["00:00:00.000", "00:00:01.000"]}, {"span": []}]}
+            ),
+            json.dumps({"video_id": "../c", "clip": [{"clip_id": "c.0", "span": ["00:00:00.000", "00:00:01.000"]}]}),
+        ],
+    )
     clips, failures = read_metadata(uri, Layout.SOURCE)
-    assert [(c.position, c.line, c.clip_id) for c in clips] == [(0, 1, "a.0"), (1, 1, "a.1"), (2, 5, "a.0"), (3, 6, "c.0")]
-    assert [c.problem.error if c.problem else None for c in clips] == [None, "span_reversed", "duplicate_clip_id", "unsafe_id"]
+    assert [(c.position, c.line, c.clip_id) for c in clips] == [
+        (0, 1, "a.0"),
+        (1, 1, "a.1"),
+        (2, 5, "a.0"),
+        (3, 6, "c.0"),
+    ]
+    assert [c.problem.error if c.problem else None for c in clips] == [
+        None,
+        "span_reversed",
+        "duplicate_clip_id",
+        "unsafe_id",
+    ]
     assert [(c.problem.video_id, c.problem.clip_id, c.problem.line) for c in clips if c.problem] == [
-        ("a", "a.1", 1), ("b", "a.0", 5), ("../c", "c.0", 6)]
+        ("a", "a.1", 1),
+        ("b", "a.0", 5),
+        ("../c", "c.0", 6),
+    ]
     assert [(f.line, f.error) for f in failures] == [(3, "malformed_json"), (4, "bad_record"), (5, "bad_record")]
     assert f"{uri} line 3: malformed JSON" in failures[0].message
 
@@ -66,17 +108,29 @@ def test_escaping_clip_ids_only_matter_for_precut_layout(tmp_path):
 
 def test_texts(tmp_path):
     path = tmp_path / "subs.jsonl"
-    path.write_bytes(b'{"clip_id": "a", "text": "hello"}\n{"clip_id": "b", "text": "\xff\xfe"}\n{"clip_id": "a", "text": "again"}\n'
-                     b'{"clip_id": "c"}\n[1\n{"clip_id": "d", "text": "' + b"x" * 50 + b'"}\n')
+    path.write_bytes(
+        b'{"clip_id": "a", "text": "hello"}\n{"clip_id": "b", "text": "\xff\xfe"}\n{"clip_id": "a", "text": "again"}\n'
+        b'{"clip_id": "c"}\n[1\n{"clip_id": "d", "text": "' + b"x" * 50 + b'"}\n'
+    )
     texts, failures = read_texts(str(path), "text", "subtitles", max_chars=10)
     assert texts["a"].text == "hello" and not texts["a"].truncated
     assert texts["b"].text == "\ufffd\ufffd" and texts["d"].text == "x" * 10 and texts["d"].truncated
     assert [(f.line, f.error, f.dropped) for f in failures] == [
-        (2, "non_utf8", False), (3, "duplicate_text", False), (4, "bad_record", True), (5, "malformed_json", True)]
+        (2, "non_utf8", False),
+        (3, "duplicate_text", False),
+        (4, "bad_record", True),
+        (5, "malformed_json", True),
+    ]
 
 
 def test_inputs_join_texts_and_chunk_by_position(tmp_path):
-    meta = _meta(tmp_path, [json.dumps({"video_id": f"v{i}", "clip": [{"clip_id": f"v{i}.{k}", "span": [k, k + 1]} for k in range(3)]}) for i in range(3)])
+    meta = _meta(
+        tmp_path,
+        [
+            json.dumps({"video_id": f"v{i}", "clip": [{"clip_id": f"v{i}.{k}", "span": [k, k + 1]} for k in range(3)]})
+            for i in range(3)
+        ],
+    )
     caps = tmp_path / "caps.jsonl"
     caps.write_text(json.dumps({"clip_id": "v1.2", "caption": "a red circle"}) + "\n")
     plan = read_inputs(InputConfig(metadata=meta, videos=str(tmp_path), captions=str(caps)))
@@ -96,19 +150,26 @@ def test_source_listing(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.mp4").write_bytes(b"x")
     found = list_source_videos(str(tmp_path))
-    assert found == {"a": str(tmp_path / "a.mp4"), "b": str(tmp_path / "b.mp4"), ".hidden": str(tmp_path / ".hidden.mp4")}
+    assert found == {
+        "a": str(tmp_path / "a.mp4"),
+        "b": str(tmp_path / "b.mp4"),
+        ".hidden": str(tmp_path / ".hidden.mp4"),
+    }
 
 
-@pytest.mark.parametrize("build, field", [
-    (lambda: ShardingConfig(output="o", clips_per_shard=0), "clips_per_shard"),
-    (lambda: ShardingConfig(output="", clips_per_shard=1), "output"),
-    (lambda: ShardingConfig(output="o", max_shard_bytes=10), "max_shard_bytes"),
-    (lambda: InputConfig(metadata="m", videos="v", layout="tree"), "Layout"),
-    (lambda: InputConfig(metadata="m", videos="v", max_text_chars=0), "max_text_chars"),
-    (lambda: RayConfig(max_retries=-1), "max_retries"),
-    (lambda: RayConfig(video_timeout_s=0), "video_timeout_s"),
-    (lambda: RayConfig(max_in_flight=0), "max_in_flight"),
-])
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: ShardingConfig(output="o", clips_per_shard=0), "clips_per_shard"),
+        (lambda: ShardingConfig(output="", clips_per_shard=1), "output"),
+        (lambda: ShardingConfig(output="o", max_shard_bytes=10), "max_shard_bytes"),
+        (lambda: InputConfig(metadata="m", videos="v", layout="tree"), "Layout"),
+        (lambda: InputConfig(metadata="m", videos="v", max_text_chars=0), "max_text_chars"),
+        (lambda: RayConfig(max_retries=-1), "max_retries"),
+        (lambda: RayConfig(video_timeout_s=0), "video_timeout_s"),
+        (lambda: RayConfig(max_in_flight=0), "max_in_flight"),
+    ],
+)
 def test_config_validation_names_the_field(build, field):
     with pytest.raises(ValueError, match=field):
         build()

@@ -1,4 +1,5 @@
 """The Ray job end to end on a real local cluster: determinism, resume after SIGKILL, retries, timeouts, S3."""
+
 from __future__ import annotations
 
 import os
@@ -84,7 +85,9 @@ def test_stuck_video_times_out_and_the_job_finishes(corpus, ray_local, tmp_path,
     assert result.manifest and result.failed == {"timeout": 2} and result.ok == 10
     rows = pq.read_table(tmp_path / "failures.parquet").to_pylist()
     assert [(r["clip_id"], r["error"], r["stage"], r["shard"]) for r in rows] == [
-        ("vid01.0.mp4", "timeout", "task", 0), ("vid01.1.mp4", "timeout", "task", 1)]
+        ("vid01.0.mp4", "timeout", "task", 0),
+        ("vid01.1.mp4", "timeout", "task", 1),
+    ]
     assert "vid01 was still being read or decoded after 3 s" in rows[0]["message"]
     assert [s.meta.clip_id for s in iter_dataset(str(tmp_path))][:2] == ["vid00.0.mp4", "vid00.1.mp4"]
 
@@ -114,9 +117,19 @@ def _content(out) -> list:
 
 def test_driver_sigkill_then_rerun_gives_identical_output(clean, corpus, tmp_path):
     out = tmp_path / "out"
-    cmd = [PYTHON, str(REPO / "preprocess/shard.py"), *cli_args(corpus, out, "--ray-address", "local", "--num-cpus", "1", "--max-in-flight", "1")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=script_env(**{FAULT_DELAY_ENV: "1.5"}), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
+    cmd = [
+        PYTHON,
+        str(REPO / "preprocess/shard.py"),
+        *cli_args(corpus, out, "--ray-address", "local", "--num-cpus", "1", "--max-in-flight", "1"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=script_env(**{FAULT_DELAY_ENV: "1.5"}),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "killed.log", "w"),
+    )
     try:
         first = out / "stats" / "shard-000000.json"
         deadline = time.monotonic() + 120

@@ -6,6 +6,7 @@ line names that temp dir (the ones these tests started) are killed, by pid. The 
 its own sshd on a free loopback port with a throwaway key and HOME; it is skipped, with the
 reason, where sshd/rsync are missing or the tests do not run as root.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,18 @@ def _free_ports(n: int) -> list[int]:
 
 def _head_args(temp_dir: str) -> list[str]:
     gcs, dash, client, agent, metrics = _free_ports(5)
-    args = [f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-            f"--metrics-export-port={metrics}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    args = [
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--metrics-export-port={metrics}",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     return args, dash
 
 
@@ -92,16 +102,32 @@ def _wait_http(url: str, seconds: float) -> None:
 def test_ray_job_submit(corpus, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="vpjob", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     args, dash = _head_args(temp_dir)
-    head = subprocess.Popen([RAY, "start", "--head", "--block", *args], env=script_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"))
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", *args],
+        env=script_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "head.log", "w"),
+    )
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
         code = tmp_path / "code"
         for package in ("pipeline", "preprocess"):
             shutil.copytree(REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
         out = tmp_path / "out"
-        cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(code), "--",
-               "python", "preprocess/shard.py", *cli_args(corpus, out)]
+        cmd = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(code),
+            "--",
+            "python",
+            "preprocess/shard.py",
+            *cli_args(corpus, out),
+        ]
         proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "clips: 12 total, 12 ok, 0 failed" in proc.stdout
@@ -142,15 +168,20 @@ def sshd_localhost(tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "host_key")], check=True)
     shutil.copy(f"{key}.pub", base / "authorized_keys")
     (home / ".bashrc").write_text(
-        f'export PATH="{Path(PYTHON).parent}:$PATH" VIDPROXY_ROOT="{REPO}" RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled\n')
+        f'export PATH="{Path(PYTHON).parent}:$PATH" VIDPROXY_ROOT="{REPO}" '
+        "RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled\n"
+    )
     (base / "proxy.py").write_text(PROXY)
     (port,) = _free_ports(1)
     (base / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base}/host_key\nPidFile {base}/sshd.pid\n"
         f"AuthorizedKeysFile {base}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        f"UsePAM no\nStrictModes no\nSetEnv HOME={home}\nMaxStartups 50\n")
+        f"UsePAM no\nStrictModes no\nSetEnv HOME={home}\nMaxStartups 50\n"
+    )
     os.makedirs("/run/sshd", exist_ok=True)
-    sshd = subprocess.Popen([SSHD, "-D", "-f", str(base / "sshd_config"), "-E", str(base / "sshd.log")], start_new_session=True)
+    sshd = subprocess.Popen(
+        [SSHD, "-D", "-f", str(base / "sshd_config"), "-E", str(base / "sshd.log")], start_new_session=True
+    )
     time.sleep(0.5)
     if sshd.poll() is not None:
         pytest.skip(f"sshd could not start: {(base / 'sshd.log').read_text()[-500:]}")
@@ -167,7 +198,9 @@ def _test_cluster_yaml(ssh: dict, temp_dir: str) -> tuple[Path, str]:
     args, _ = _head_args(temp_dir)
     cfg.update(cluster_name=name, file_mounts={}, setup_commands=[])
     cfg["auth"].update(ssh_private_key=str(ssh["key"]), ssh_proxy_command=ssh["proxy"])
-    cfg["head_start_ray_commands"] = [" ".join(["ray", "start", "--head", *args, "--autoscaling-config=~/ray_bootstrap_config.yaml"])]
+    cfg["head_start_ray_commands"] = [
+        " ".join(["ray", "start", "--head", *args, "--autoscaling-config=~/ray_bootstrap_config.yaml"])
+    ]
     path = ssh["base"] / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, name
@@ -178,7 +211,9 @@ def test_ray_submit_with_the_local_provider_yaml(corpus, sshd_localhost, tmp_pat
     cluster, name = _test_cluster_yaml(sshd_localhost, temp_dir)
     env = script_env()
     try:
-        up = subprocess.run([RAY, "up", "-y", "--no-config-cache", str(cluster)], env=env, capture_output=True, text=True, timeout=240)
+        up = subprocess.run(
+            [RAY, "up", "-y", "--no-config-cache", str(cluster)], env=env, capture_output=True, text=True, timeout=240
+        )
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         out = tmp_path / "out"
         cmd = [RAY, "submit", str(cluster), str(REPO / "preprocess/shard.py"), "--", *cli_args(corpus, out)]

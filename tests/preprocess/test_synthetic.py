@@ -1,4 +1,5 @@
 """The synthetic corpus: deterministic, HD-VILA layout, texts naming what the video shows, videos that decode."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,11 @@ from preprocess.synthetic import COLOURS, CorpusConfig, clip_specs, main, make_c
 
 
 def _digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _seconds(stamp: str) -> float:
@@ -25,8 +29,9 @@ def _seconds(stamp: str) -> float:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"), videos=3, clips_per_video=2, seed=7, clip_seconds=2.0,
-                       precut=True)
+    return make_corpus(
+        tmp_path_factory.mktemp("corpus"), videos=3, clips_per_video=2, seed=7, clip_seconds=2.0, precut=True
+    )
 
 
 def test_same_seed_same_bytes_other_seed_differs(corpus, tmp_path):
@@ -62,8 +67,11 @@ def test_videos_show_the_shape_colour_moving_the_right_way(corpus):
     cfg = DecodeConfig(num_frames=2, short_side=0, jpeg_quality=95)
     for spec in specs:
         k = spec.index
-        [clip] = decode_clips(str(corpus.videos / f"{spec.video_id}.mp4"),
-                              [ClipRequest(clip_id=spec.clip_id, start=2.0 * k, end=2.0 * k + 2.0)], cfg)
+        [clip] = decode_clips(
+            str(corpus.videos / f"{spec.video_id}.mp4"),
+            [ClipRequest(clip_id=spec.clip_id, start=2.0 * k, end=2.0 * k + 2.0)],
+            cfg,
+        )
         assert isinstance(clip, DecodedClip) and clip.frame_size == (160, 120)
         centres = [_centroid(jpeg, COLOURS[spec.colour]) for jpeg in clip.frames]
         dx, dy = centres[1][0] - centres[0][0], centres[1][1] - centres[0][1]
@@ -88,6 +96,8 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 def test_precut_clips_decode_to_their_own_length(corpus):
     spec = clip_specs(CorpusConfig(videos=3, clips_per_video=2, seed=7, clip_seconds=2.0))[1]
     path = corpus.clips / spec.video_id / spec.clip_id
-    [clip] = decode_clips(str(path), [ClipRequest(clip_id=spec.clip_id, start=0.0, end=None)], DecodeConfig(num_frames=4, short_side=224))
+    [clip] = decode_clips(
+        str(path), [ClipRequest(clip_id=spec.clip_id, start=0.0, end=None)], DecodeConfig(num_frames=4, short_side=224)
+    )
     assert isinstance(clip, DecodedClip) and clip.span == (0.0, pytest.approx(2.0, abs=0.07))
     assert clip.frame_size == (299, 224) and len(clip.frames) == 4

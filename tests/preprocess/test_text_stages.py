@@ -1,4 +1,5 @@
 """Caption and ASR stages on a real Ray cluster with tiny random models, real videos with audio; text import."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,11 @@ def av_corpus(tmp_path_factory) -> dict[str, Path]:
         inputs = ["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25"]
         if audio:
             inputs += ["-f", "lavfi", "-i", f"sine=frequency={300 + 200 * v}:sample_rate=22050"]
-        subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *inputs, "-t", "4", *args, str(vdir / f"{video_id}.{ext}")], check=True, timeout=60)
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-nostdin", "-y", *inputs, "-t", "4", *args, str(vdir / f"{video_id}.{ext}")],
+            check=True,
+            timeout=60,
+        )
         clips = [{"clip_id": f"{video_id}.{c}.mp4", "span": [_ts(s), _ts(e)]} for c, (s, e) in enumerate(CLIPS)]
         meta.append({"video_id": video_id, "clip": clips})
     write_jsonl(root / "meta.jsonl", meta)
@@ -62,10 +67,34 @@ def stage_config(corpus, models, output, *extra: str):
     from preprocess.shard import build_config, build_parser
 
     args = [
-        "--metadata", str(corpus["metadata"]), "--videos", str(corpus["videos"]), "--subtitles", str(corpus["subtitles"]),
-        "--output", str(output), "--clips-per-shard", "2", "--num-frames", "3", "--short-side", "48", "--no-progress",
-        "--caption-model", str(models["caption"]), "--caption-batch-size", "3", "--caption-max-tokens", "8",
-        "--asr-model", str(models["asr"]), "--asr-batch-size", "2", "--asr-max-tokens", "8", *extra,
+        "--metadata",
+        str(corpus["metadata"]),
+        "--videos",
+        str(corpus["videos"]),
+        "--subtitles",
+        str(corpus["subtitles"]),
+        "--output",
+        str(output),
+        "--clips-per-shard",
+        "2",
+        "--num-frames",
+        "3",
+        "--short-side",
+        "48",
+        "--no-progress",
+        "--caption-model",
+        str(models["caption"]),
+        "--caption-batch-size",
+        "3",
+        "--caption-max-tokens",
+        "8",
+        "--asr-model",
+        str(models["asr"]),
+        "--asr-batch-size",
+        "2",
+        "--asr-max-tokens",
+        "8",
+        *extra,
     ]
     return build_config(build_parser().parse_args(args))
 
@@ -91,7 +120,9 @@ def test_every_clip_gets_generated_texts(staged, models):
         if clip_id == GIVEN_SUBTITLE:
             assert s.subtitle == "given words" and s.meta.subtitle_source.kind == "given"
         elif clip_id.startswith("mute"):
-            assert s.subtitle == "" and s.meta.subtitle_source.kind == "missing"  # no audio stream: kept, subtitle missing
+            assert (
+                s.subtitle == "" and s.meta.subtitle_source.kind == "missing"
+            )  # no audio stream: kept, subtitle missing
         else:
             assert s.meta.subtitle_source.kind == "generated" and s.meta.subtitle_source.origin == str(models["asr"])
             assert s.subtitle, clip_id
@@ -114,7 +145,13 @@ def test_batch_path_matches_one_at_a_time(staged, models, av_corpus):
 
     transcriber = Transcriber(AsrConfig(model=str(models["asr"]), max_new_tokens=8))
     path = av_corpus["videos"] / "av0.mp4"
-    clips = list(decode_clips(str(path), [ClipRequest(clip_id=str(c), start=s, end=e, audio=True) for c, (s, e) in enumerate(CLIPS)], DecodeConfig(num_frames=3)))
+    clips = list(
+        decode_clips(
+            str(path),
+            [ClipRequest(clip_id=str(c), start=s, end=e, audio=True) for c, (s, e) in enumerate(CLIPS)],
+            DecodeConfig(num_frames=3),
+        )
+    )
     audios = [c.audio for c in clips]
     texts = transcriber(audios)
     assert texts == [transcriber([a])[0] for a in audios]
@@ -131,7 +168,11 @@ def test_worker_death_and_resume_give_identical_shards(staged, av_corpus, models
     assert (tmp_path / "exited").exists() and result.manifest, result.summary()
     assert dataset_bytes(out) == dataset_bytes(staged)
     monkeypatch.delenv(FAULT_EXIT_ENV)
-    for name in ("stats/shard-000002.json", "manifest.json", "shard-000002-000.tar"):  # as if killed before shard 2 committed
+    for name in (
+        "stats/shard-000002.json",
+        "manifest.json",
+        "shard-000002-000.tar",
+    ):  # as if killed before shard 2 committed
         (out / name).unlink()
     result = run_job(stage_config(av_corpus, models, out))
     assert result.shards_run == 1 and result.shards_skipped == 2
@@ -147,7 +188,15 @@ def test_model_failure_is_retried_per_sample_then_recorded(models, av_corpus):
 
     captioner = Captioner(CaptionConfig(model=str(models["caption"]), max_new_tokens=6))
     path = av_corpus["videos"] / "av0.mp4"
-    decoded = [c for c in decode_clips(str(path), [ClipRequest(clip_id=f"c{i}", start=0.5 * i, end=0.5 * i + 1) for i in range(4)], DecodeConfig(num_frames=1)) if isinstance(c, DecodedClip)]
+    decoded = [
+        c
+        for c in decode_clips(
+            str(path),
+            [ClipRequest(clip_id=f"c{i}", start=0.5 * i, end=0.5 * i + 1) for i in range(4)],
+            DecodeConfig(num_frames=1),
+        )
+        if isinstance(c, DecodedClip)
+    ]
     frames = [c.frames[0] for c in decoded]
     frames[2] = b"not a jpeg"
     calls, emitted, notes = [], [], []
@@ -156,27 +205,49 @@ def test_model_failure_is_retried_per_sample_then_recorded(models, av_corpus):
         calls.append(len(batch))
         return guarded(captioner.from_jpegs, batch)
 
-    stages = TextStages(lambda item, out: emitted.append(out), lambda item, what: notes.append(what), caption=StageModel(fn=model, origin="tiny", batch_size=8))
+    stages = TextStages(
+        lambda item, out: emitted.append(out),
+        lambda item, what: notes.append(what),
+        caption=StageModel(fn=model, origin="tiny", batch_size=8),
+    )
     for i, (clip, jpeg) in enumerate(zip(decoded, frames)):
-        meta = ClipMeta(video_id="av0", clip_id=clip.clip_id, span=clip.span, source_fps=25.0, frame_times=clip.frame_times,
-                        frame_size=clip.frame_size, middle_frame=0, source_uri=str(path))
-        stages.add(ClipItem(position=i, line=1, video_id="av0", clip_id=clip.clip_id, span=clip.span), ClipSample(meta=meta, frames=(jpeg,)))
+        meta = ClipMeta(
+            video_id="av0",
+            clip_id=clip.clip_id,
+            span=clip.span,
+            source_fps=25.0,
+            frame_times=clip.frame_times,
+            frame_size=clip.frame_size,
+            middle_frame=0,
+            source_uri=str(path),
+        )
+        stages.add(
+            ClipItem(position=i, line=1, video_id="av0", clip_id=clip.clip_id, span=clip.span),
+            ClipSample(meta=meta, frames=(jpeg,)),
+        )
     assert not emitted  # waiting for a full batch (or the end of the shard)
     stages.finish()
     assert calls == [4, 1, 1, 1, 1]
     assert [s.meta.clip_id for s in emitted] == ["c0", "c1", "c2", "c3"]
     assert [s.meta.caption_source.kind for s in emitted] == ["generated", "generated", "missing", "generated"]
-    assert [s.caption for i, s in enumerate(emitted) if i != 2] == [captioner.from_jpegs([f])[0] for i, f in enumerate(frames) if i != 2]
-    assert len(notes) == 1 and notes[0].stage == "caption" and notes[0].error == "caption_error" and not notes[0].dropped
+    assert [s.caption for i, s in enumerate(emitted) if i != 2] == [
+        captioner.from_jpegs([f])[0] for i, f in enumerate(frames) if i != 2
+    ]
+    assert (
+        len(notes) == 1 and notes[0].stage == "caption" and notes[0].error == "caption_error" and not notes[0].dropped
+    )
     assert "c2" in notes[0].message and "tiny" in notes[0].message
 
 
-@pytest.mark.parametrize("which, wrong, expected", [
-    ("caption", "missing", "no such folder"),
-    ("caption", "asr", "not an image captioner"),
-    ("asr", "caption", "not a speech recogniser"),
-    ("asr", "empty", "no config.json"),
-])
+@pytest.mark.parametrize(
+    "which, wrong, expected",
+    [
+        ("caption", "missing", "no such folder"),
+        ("caption", "asr", "not an image captioner"),
+        ("asr", "caption", "not a speech recogniser"),
+        ("asr", "empty", "no config.json"),
+    ],
+)
 def test_bad_model_path_stops_before_any_work(which, wrong, expected, models, av_corpus, tmp_path):
     from preprocess.job import run_job
 
@@ -194,7 +265,13 @@ def test_decoder_reads_audio_in_the_same_pass(av_corpus):
         path = str(av_corpus["videos"] / name)
         requests = [ClipRequest(clip_id=str(c), start=s, end=e) for c, (s, e) in enumerate(CLIPS)]
         plain = list(decode_clips(path, requests, DecodeConfig(num_frames=3)))
-        with_audio = list(decode_clips(path, [ClipRequest(clip_id=r.clip_id, start=r.start, end=r.end, audio=True) for r in requests], DecodeConfig(num_frames=3)))
+        with_audio = list(
+            decode_clips(
+                path,
+                [ClipRequest(clip_id=r.clip_id, start=r.start, end=r.end, audio=True) for r in requests],
+                DecodeConfig(num_frames=3),
+            )
+        )
         assert [c.frames for c in with_audio] == [c.frames for c in plain] and all(c.audio is None for c in plain)
         for clip, (s, e) in zip(with_audio, CLIPS):
             if not has_audio:
@@ -210,13 +287,29 @@ def test_text_import_caption_list_and_lmdb(av_corpus, tmp_path):
     from preprocess.inputs import read_inputs
 
     captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps([{"image_id": "av0.0.mp4", "caption": "a tone"}, {"image_id": "mute.1.mp4", "caption": "x" * 30},
-                                    {"image_id": "av0.0.mp4", "caption": "again"}, {"caption": "no id"}]))
+    captions.write_text(
+        json.dumps(
+            [
+                {"image_id": "av0.0.mp4", "caption": "a tone"},
+                {"image_id": "mute.1.mp4", "caption": "x" * 30},
+                {"image_id": "av0.0.mp4", "caption": "again"},
+                {"caption": "no id"},
+            ]
+        )
+    )
     db = tmp_path / "subs.lmdb"
     with lmdb.open(str(db), map_size=1 << 20) as env, env.begin(write=True) as txn:
         txn.put(b"av1.1.mp4", b"lmdb words")
         txn.put(b"mute.0.mp4", b"bad \xff byte")
-    plan = read_inputs(InputConfig(metadata=str(av_corpus["metadata"]), videos=str(av_corpus["videos"]), captions=str(captions), subtitles=str(db), max_text_chars=20))
+    plan = read_inputs(
+        InputConfig(
+            metadata=str(av_corpus["metadata"]),
+            videos=str(av_corpus["videos"]),
+            captions=str(captions),
+            subtitles=str(db),
+            max_text_chars=20,
+        )
+    )
     by_id = {c.clip_id: c for c in plan.clips}
     assert by_id["av0.0.mp4"].caption.text == "a tone" and by_id["av0.0.mp4"].caption.origin == str(captions)
     assert by_id["mute.1.mp4"].caption.truncated and len(by_id["mute.1.mp4"].caption.text) == 20

@@ -1,6 +1,7 @@
 """Tiny randomly initialised text models, built and saved locally (no download): a VisionEncoderDecoder
 captioner (ViT encoder + GPT-2 decoder, a word-level tokenizer) and a Whisper speech recogniser
 (byte-level BPE tokenizer from hand-written vocab/merges files)."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,31 @@ def build_captioner(folder: Path, seed: int = 0) -> Path:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     torch.manual_seed(seed)
-    encoder = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, initializer_range=0.5)
+    encoder = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        initializer_range=0.5,
+    )
     decoder = GPT2Config(
-        vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2, add_cross_attention=True, is_decoder=True, initializer_range=0.5,
-        bos_token_id=vocab["[BOS]"], eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"],
+        vocab_size=len(vocab),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        add_cross_attention=True,
+        is_decoder=True,
+        initializer_range=0.5,
+        bos_token_id=vocab["[BOS]"],
+        eos_token_id=vocab["[EOS]"],
+        pad_token_id=vocab["[PAD]"],
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = vocab["[BOS]"]
@@ -56,7 +76,9 @@ def build_captioner(folder: Path, seed: int = 0) -> Path:
 
 def _byte_chars() -> list[str]:
     """GPT-2's byte-to-unicode table: the 256 symbols a byte-level BPE vocabulary starts from."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = list(printable), 0
     for b in range(256):
         if b not in printable:
@@ -67,7 +89,15 @@ def _byte_chars() -> list[str]:
     return [chr(c) for _, c in order]
 
 
-WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|nocaptions|>", "<|notimestamps|>"]
+WHISPER_SPECIALS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|transcribe|>",
+    "<|translate|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+]
 
 
 def build_whisper(folder: Path, seed: int = 0) -> Path:
@@ -91,16 +121,33 @@ def build_whisper(folder: Path, seed: int = 0) -> Path:
         vocab[tok] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    tokenizer = WhisperTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token="<|endoftext|>",
-                                 bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = WhisperTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     ids = {tok: vocab[tok] for tok in WHISPER_SPECIALS}
     torch.manual_seed(seed)
     config = WhisperConfig(
-        vocab_size=len(vocab), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=1500, max_target_positions=64,
-        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
-        decoder_start_token_id=ids["<|startoftranscript|>"], init_std=0.5,
+        vocab_size=len(vocab),
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        init_std=0.5,
     )
     model = WhisperForConditionalGeneration(config)
     gen = model.generation_config
@@ -108,10 +155,14 @@ def build_whisper(folder: Path, seed: int = 0) -> Path:
     gen.no_timestamps_token_id = ids["<|notimestamps|>"]
     gen.forced_decoder_ids = None
     gen.is_multilingual = False
-    readable = {vocab[c] for c in "abcdefghijklmnopqrstuvwxyzĠ"} | {vocab[a + b] for a, b in merges} | {ids["<|endoftext|>"]}
+    readable = (
+        {vocab[c] for c in "abcdefghijklmnopqrstuvwxyzĠ"} | {vocab[a + b] for a, b in merges} | {ids["<|endoftext|>"]}
+    )
     gen.suppress_tokens = sorted(set(range(len(vocab))) - readable)  # lower-case words only
     gen.begin_suppress_tokens = []
     gen.pad_token_id = gen.eos_token_id = ids["<|endoftext|>"]
     model.save_pretrained(folder)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(folder)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
+        folder
+    )
     return folder

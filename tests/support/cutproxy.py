@@ -1,4 +1,5 @@
 """A TCP proxy on loopback that drops each connection after it has relayed N bytes downstream."""
+
 from __future__ import annotations
 
 import socket

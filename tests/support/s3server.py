@@ -1,4 +1,5 @@
 """A real S3 server (moto's) on loopback, with credential checking turned on."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-_ALLOW_ALL = json.dumps(
-    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-)
+_ALLOW_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
 
 
 def free_port() -> int:
@@ -68,7 +67,9 @@ def start_s3_server(log_dir: Path) -> S3Server:
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
     _wait_up(endpoint, proc)
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot", aws_secret_access_key="boot")
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot", aws_secret_access_key="boot"
+    )
     iam.create_user(UserName="tests")
     iam.put_user_policy(UserName="tests", PolicyName="all", PolicyDocument=_ALLOW_ALL)
     key = iam.create_access_key(UserName="tests")["AccessKey"]

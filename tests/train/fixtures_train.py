@@ -10,6 +10,7 @@ the environment the launcher would give them (RANK, LOCAL_RANK, WORLD_SIZE, MAST
 that imports deepspeed costs ~10-15 CPU-seconds on our 2-core machines, and the launcher adds two
 such processes per run, so the other tests use `spawn_ranks`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -35,8 +36,9 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
 
 
-def render_frames(colour: str, shape: str, direction: str, rng: np.random.Generator,
-                  num_frames: int = 8, size: int = 32) -> tuple[bytes, ...]:
+def render_frames(
+    colour: str, shape: str, direction: str, rng: np.random.Generator, num_frames: int = 8, size: int = 32
+) -> tuple[bytes, ...]:
     """JPEG frames of a shape crossing the frame; the start point is random along both axes."""
     from PIL import Image, ImageDraw
 
@@ -60,23 +62,39 @@ def render_frames(colour: str, shape: str, direction: str, rng: np.random.Genera
     return tuple(frames)
 
 
-def moving_clip(index: int, combo: tuple[str, str, str], rng: np.random.Generator, num_frames: int = 8,
-                size: int = 32, prefix: str = "clip") -> ClipSample:
+def moving_clip(
+    index: int,
+    combo: tuple[str, str, str],
+    rng: np.random.Generator,
+    num_frames: int = 8,
+    size: int = 32,
+    prefix: str = "clip",
+) -> ClipSample:
     colour, shape, direction = combo
     times = tuple(0.25 * t for t in range(num_frames))
     meta = ClipMeta(
-        video_id=f"{prefix}{index}", clip_id=f"{prefix}{index}.0.mp4", span=(0.0, 0.25 * num_frames),
-        source_fps=4.0, frame_times=times, frame_size=(size, size), middle_frame=num_frames // 2,
-        source_uri="synthetic", subtitle_source=TextSource(kind="given", origin="synthetic"),
+        video_id=f"{prefix}{index}",
+        clip_id=f"{prefix}{index}.0.mp4",
+        span=(0.0, 0.25 * num_frames),
+        source_fps=4.0,
+        frame_times=times,
+        frame_size=(size, size),
+        middle_frame=num_frames // 2,
+        source_uri="synthetic",
+        subtitle_source=TextSource(kind="given", origin="synthetic"),
         caption_source=TextSource(kind="generated", origin="synthetic"),
     )
-    return ClipSample(meta=meta, frames=render_frames(colour, shape, direction, rng, num_frames, size),
-                      subtitle=f"the {colour} {shape} goes {direction}",
-                      caption=f"a {colour} {shape} moving {direction}")
+    return ClipSample(
+        meta=meta,
+        frames=render_frames(colour, shape, direction, rng, num_frames, size),
+        subtitle=f"the {colour} {shape} goes {direction}",
+        caption=f"a {colour} {shape} moving {direction}",
+    )
 
 
-def write_dataset(root: str, clips: list[ClipSample], shard_sizes: list[int] | None = None,
-                  max_samples: int = 16) -> str:
+def write_dataset(
+    root: str, clips: list[ClipSample], shard_sizes: list[int] | None = None, max_samples: int = 16
+) -> str:
     """Write clips as shards (sizes as given, or max_samples each) plus the manifest; returns root."""
     entries = []
     if shard_sizes is None:
@@ -84,8 +102,8 @@ def write_dataset(root: str, clips: list[ClipSample], shard_sizes: list[int] | N
     assert sum(shard_sizes) >= len(clips) or shard_sizes
     start = 0
     for i, n in enumerate(shard_sizes):
-        with ShardWriter(root, f"part{i:02d}", ShardLimits(max_samples=10 ** 6)) as writer:
-            for clip in clips[start:start + n]:
+        with ShardWriter(root, f"part{i:02d}", ShardLimits(max_samples=10**6)) as writer:
+            for clip in clips[start : start + n]:
                 writer.write(clip)
         entries.extend(writer.entries)
         start += n
@@ -93,8 +111,17 @@ def write_dataset(root: str, clips: list[ClipSample], shard_sizes: list[int] | N
     return root
 
 
-def moving_dataset(root: str, num_clips: int, seed: int, *, num_frames: int = 8, size: int = 32,
-                   shard_sizes: list[int] | None = None, max_samples: int = 16, prefix: str = "clip") -> str:
+def moving_dataset(
+    root: str,
+    num_clips: int,
+    seed: int,
+    *,
+    num_frames: int = 8,
+    size: int = 32,
+    shard_sizes: list[int] | None = None,
+    max_samples: int = 16,
+    prefix: str = "clip",
+) -> str:
     rng = np.random.default_rng(seed)
     clips = [moving_clip(i, COMBOS[i % len(COMBOS)], rng, num_frames, size, prefix) for i in range(num_clips)]
     return write_dataset(root, clips, shard_sizes, max_samples)
@@ -110,8 +137,15 @@ def tiny_overrides(run_dir: str, train: list[str], *extra: str, eval_: list[str]
 
 def env() -> dict:
     out = dict(os.environ)
-    out.update({"DS_ACCELERATOR": "cpu", "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", })
+    out.update(
+        {
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONPATH": REPO,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     out.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))  # DS's CPU op cache
     return out
 
@@ -181,14 +215,29 @@ def spawn_ranks(overrides: list[str], nproc: int = 2, port: int | None = None, s
     for rank in range(nproc):
         rank_env = env()
         if not single:
-            rank_env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                             "LOCAL_WORLD_SIZE": str(nproc), "LOCAL_SIZE": str(nproc),
-                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            rank_env.update(
+                {
+                    "RANK": str(rank),
+                    "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(nproc),
+                    "LOCAL_WORLD_SIZE": str(nproc),
+                    "LOCAL_SIZE": str(nproc),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                }
+            )
         logs.append(os.path.join(log_dir, f"rank{rank}.log"))
         with open(logs[-1], "w") as log:
-            procs.append(subprocess.Popen([PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides],
-                                          cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides],
+                    cwd=REPO,
+                    env=rank_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     return Ranks(procs, logs, port)
 
 
@@ -197,16 +246,36 @@ def shm_buffers(port: int) -> list[str]:
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
-def run_launcher(overrides: list[str], nproc: int = 2, timeout: float = 400, port: int | None = None,
-                 extra_args: list[str] | None = None, popen: bool = False):
+def run_launcher(
+    overrides: list[str],
+    nproc: int = 2,
+    timeout: float = 400,
+    port: int | None = None,
+    extra_args: list[str] | None = None,
+    popen: bool = False,
+):
     """launch/pretrain.sh with NPROC ranks on this machine (gloo on CPU)."""
     run_env = env()
     run_env["NPROC_PER_NODE"] = str(nproc)
     if port is not None:
         run_env["MASTER_PORT"] = str(port)
-    cmd = ["bash", os.path.join(REPO, "launch/pretrain.sh"), *(extra_args or []), "--",
-           "--config", os.path.join(REPO, "launch/configs/train/tiny.yaml"), *overrides]
+    cmd = [
+        "bash",
+        os.path.join(REPO, "launch/pretrain.sh"),
+        *(extra_args or []),
+        "--",
+        "--config",
+        os.path.join(REPO, "launch/configs/train/tiny.yaml"),
+        *overrides,
+    ]
     if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)

@@ -1,4 +1,5 @@
 """The streaming loader on real shards: equal batch counts, determinism, resume position, bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def data_cfg(train: list[str], **kw) -> DataConfig:
-    base = dict(train=train, batch_size=2, num_frames=4, image_size=32, num_workers=0, shards_per_window=2,
-                shuffle_buffer=4)
+    base = dict(
+        train=train, batch_size=2, num_frames=4, image_size=32, num_workers=0, shards_per_window=2, shuffle_buffer=4
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -96,8 +98,9 @@ def test_missing_and_corrupt_shards_are_skipped_and_counted(tmp_path):
     shard_errors, _ = loader.errors()
     assert shard_errors >= 2
     assert all(b["frames"].shape[0] == 3 for b in batches)
-    assert not any(k.startswith("clip3") or k.startswith("clip4") or k.startswith("clip5")
-                   for b in batches for k in b["keys"])
+    assert not any(
+        k.startswith("clip3") or k.startswith("clip4") or k.startswith("clip5") for b in batches for k in b["keys"]
+    )
 
 
 def test_undecodable_samples_are_skipped_counted_and_their_rows_refilled(tmp_path):
@@ -106,8 +109,9 @@ def test_undecodable_samples_are_skipped_counted_and_their_rows_refilled(tmp_pat
     rng = np.random.default_rng(7)
     clips = [moving_clip(i, COMBOS[i % len(COMBOS)], rng) for i in range(12)]
     bad = {2, 3, 9}
-    clips = [dataclasses.replace(c, frames=(b"not a jpeg",) * len(c.frames)) if i in bad else c
-             for i, c in enumerate(clips)]
+    clips = [
+        dataclasses.replace(c, frames=(b"not a jpeg",) * len(c.frames)) if i in bad else c for i, c in enumerate(clips)
+    ]
     root = write_dataset(str(tmp_path / "ds"), clips, max_samples=6)
     cfg = data_cfg([root], batch_size=4, shards_per_window=2, shuffle_buffer=3)
     loader = StreamingLoader(cfg, seed=1, rank=0, world_size=1)
@@ -137,8 +141,13 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="data.weights"):
         data_cfg(["a", "b"], weights=[1.0])
     with pytest.raises(ValueError, match="data.num_workers"):
-        StreamingLoader(data_cfg([moving_dataset(str(tmp_path / "w"), 2, seed=0)], num_workers=2), seed=0, rank=0,
-                        world_size=1, state={"batches": 0, "streams": [{}]})
+        StreamingLoader(
+            data_cfg([moving_dataset(str(tmp_path / "w"), 2, seed=0)], num_workers=2),
+            seed=0,
+            rank=0,
+            world_size=1,
+            state={"batches": 0, "streams": [{}]},
+        )
 
 
 def test_frame_sampling_and_normalisation():
@@ -148,14 +157,17 @@ def test_frame_sampling_and_normalisation():
     assert len(draws) > 1 and all(list(d) == sorted(d) and 0 <= d[0] and d[-1] <= 23 for d in draws)
     assert frame_indices(3, 4, seeded(0)) == [0, 0, 1, 2]
     white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    assert torch.allclose(normalize_frames(white)[0, :, 0, 0],
-                          torch.tensor([(1 - 0.48145466) / 0.26862954, (1 - 0.4578275) / 0.26130258,
-                                        (1 - 0.40821073) / 0.27577711]))
+    assert torch.allclose(
+        normalize_frames(white)[0, :, 0, 0],
+        torch.tensor([(1 - 0.48145466) / 0.26862954, (1 - 0.4578275) / 0.26130258, (1 - 0.40821073) / 0.27577711]),
+    )
 
 
 def test_decoders_agree(uneven):
-    batches = {name: take(StreamingLoader(data_cfg([uneven], decoder=name), seed=0, rank=0, world_size=1), 1)[0]
-               for name in ("simplejpeg", "torchvision", "pillow")}
+    batches = {
+        name: take(StreamingLoader(data_cfg([uneven], decoder=name), seed=0, rank=0, world_size=1), 1)[0]
+        for name in ("simplejpeg", "torchvision", "pillow")
+    }
     ref = batches.pop("simplejpeg")
     assert ref["frames"].shape == (2, 4, 3, 32, 32) and ref["image"].shape == (2, 3, 32, 32)
     for batch in batches.values():
@@ -230,7 +242,14 @@ def test_tokenizer_fast_path_gives_open_clips_ids():
     from train.tokenizer import PLAIN_TEXT, get_tokenizer
 
     ours, theirs = get_tokenizer(70), SimpleTokenizer(context_length=70)
-    alphabet = list("abcXYZ019 .,!?'-&;#\t\n\r\x0b\x0c\x1b\x7f") + ["&amp;", "&lt;", "\u00e9", "\u00c3\u00a9", "\u201c", "\ufb01"]
+    alphabet = list("abcXYZ019 .,!?'-&;#\t\n\r\x0b\x0c\x1b\x7f") + [
+        "&amp;",
+        "&lt;",
+        "\u00e9",
+        "\u00c3\u00a9",
+        "\u201c",
+        "\ufb01",
+    ]
     rng = random.Random(0)
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
     texts += ["Don't  STOP\r\nme now", "  spaced\tout\n", "fish &amp; chips", "caf\u00c3\u00a9", ""]

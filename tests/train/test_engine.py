@@ -1,6 +1,7 @@
 """Config, DeepSpeed JSON and optimizer groups; real 2-rank DeepSpeed runs: ZeRO-3 on local shards
 with a missing shard, ZeRO-2 over two simulated nodes (two launcher invocations) reading from the
 loopback S3 server. ZeRO-1 runs in test_resume.py."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 from tests.support.s3server import free_port
-from tests.train.fixtures_train import (REPO, moving_dataset, run_launcher, shm_buffers, spawn_ranks,
-                                        tiny_overrides)
+from tests.train.fixtures_train import REPO, moving_dataset, run_launcher, shm_buffers, spawn_ranks, tiny_overrides
 from train.config import deepspeed_json, load_config
 from train.frames import normalize_frames
 from train.logging_utils import read_metrics
@@ -49,11 +49,15 @@ def test_resume_refuses_a_changed_run(tmp_path):
     os.makedirs(os.path.join(run, "checkpoints"))
     with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
         f.write("global_step10")
-    with pytest.raises(ValueError, match=r"holds checkpoints of a run with other settings \(data.batch_size: 16 -> 8; "
-                                         r"optim.embedding_lr_mul: 30.0 -> 1.0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds checkpoints of a run with other settings \(data.batch_size: 16 -> 8; "
+        r"optim.embedding_lr_mul: 30.0 -> 1.0\)",
+    ):
         check_resumable(load_config(TINY, base + ["optim.embedding_lr_mul=1.0", "data.batch_size=8"]))
-    check_resumable(load_config(TINY, base + ["max_steps=50", "log.every_steps=1", "checkpoint.keep_last=5",
-                                              "data.eval=[b]"]))
+    check_resumable(
+        load_config(TINY, base + ["max_steps=50", "log.every_steps=1", "checkpoint.keep_last=5", "data.eval=[b]"])
+    )
     check_resumable(load_config(TINY, base + ["optim.lr=1", "checkpoint.resume=never"]))
 
 
@@ -66,11 +70,14 @@ def test_lock_text_freezes_the_text_tower_only():
     frozen = {n for n, p in task.model.named_parameters() if not p.requires_grad}
     assert "clip.token_embedding.weight" in frozen and "clip.text_projection" in frozen
     assert "clip.transformer.resblocks.1.mlp.c_fc.weight" in frozen and "clip.ln_final.weight" in frozen
-    assert not any(n.startswith("clip.visual") or n in ("proxy_tokens", "temporal_embedding", "clip.logit_scale")
-                   for n in frozen)
+    assert not any(
+        n.startswith("clip.visual") or n in ("proxy_tokens", "temporal_embedding", "clip.logit_scale") for n in frozen
+    )
     grouped = {id(p) for g in param_groups(task, cfg.optim) for p in g["params"]}
     assert grouped == {id(p) for p in task.parameters() if p.requires_grad}
-    top = build_task(load_config(TINY, ["run_dir=x", "model.lock_text=true", "model.lock_text_unlocked_layers=1"]), 0, 1)
+    top = build_task(
+        load_config(TINY, ["run_dir=x", "model.lock_text=true", "model.lock_text_unlocked_layers=1"]), 0, 1
+    )
     assert top.model.clip.text_projection.requires_grad and not top.model.clip.ln_final.weight.requires_grad
 
 
@@ -87,9 +94,12 @@ def test_training_forward_equals_one_text_pass_per_text():
     batched = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
     task.zero_grad()
     model = task.model
-    features = {"video": model.encode_video(normalize_frames(frames)).float(),
-                "subtitle": task._text(subtitle), "caption": task._text(caption),
-                "frame": model.encode_image(normalize_frames(frames[:, 2])).float()}
+    features = {
+        "video": model.encode_video(normalize_frames(frames)).float(),
+        "subtitle": task._text(subtitle),
+        "caption": task._text(caption),
+        "frame": model.encode_image(normalize_frames(frames[:, 2])).float(),
+    }
     reference = task.loss(features, model.logit_scale.float())
     reference["loss"].backward()
     for name, value in reference.items():
@@ -119,8 +129,13 @@ def test_weight_decay_groups():
     default = {n for n, p in named.items() if is_decayed(n, p, False)}
     everything = {n for n, p in named.items() if is_decayed(n, p, True)}
     assert "clip.visual.transformer.resblocks.0.attn.in_proj_weight" in default
-    for excluded in ("proxy_tokens", "temporal_embedding", "clip.visual.ln_pre.weight",
-                     "clip.token_embedding.weight", "clip.visual.positional_embedding"):
+    for excluded in (
+        "proxy_tokens",
+        "temporal_embedding",
+        "clip.visual.ln_pre.weight",
+        "clip.token_embedding.weight",
+        "clip.visual.positional_embedding",
+    ):
         assert excluded not in default and excluded in everything
     for never in ("clip.logit_scale", "clip.visual.ln_pre.bias"):
         assert never not in everything
@@ -129,8 +144,14 @@ def test_weight_decay_groups():
     ids = {name: id(p) for name, p in named.items()}
     mul = {ids_: g["lr_mul"] for g in groups for ids_ in map(id, g["params"])}
     assert cfg.optim.embedding_lr_mul > 1  # the tiny config learns frame order only with it
-    for name in ("proxy_tokens", "temporal_embedding", "clip.visual.positional_embedding",
-                 "clip.visual.class_embedding", "clip.token_embedding.weight", "clip.positional_embedding"):
+    for name in (
+        "proxy_tokens",
+        "temporal_embedding",
+        "clip.visual.positional_embedding",
+        "clip.visual.class_embedding",
+        "clip.token_embedding.weight",
+        "clip.positional_embedding",
+    ):
         assert mul[ids[name]] == cfg.optim.embedding_lr_mul, name
     for name in ("clip.visual.conv1.weight", "clip.visual.ln_pre.weight", "clip.text_projection"):
         assert mul[ids[name]] == 1.0, name
@@ -151,10 +172,22 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
     os.remove(os.path.join(train, "part03-000.tar"))
     held = moving_dataset(str(tmp_path / "eval"), 7, seed=2, prefix="held")  # odd: one rank's share is padded
     run_dir = str(tmp_path / "run")
-    ranks = spawn_ranks(tiny_overrides(run_dir, [train], "zero.stage=3", "max_steps=3", "data.batch_size=4",
-                                       "data.num_workers=0", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
-                                       "log.every_steps=1", "log.profile_skip=0", "log.profile_steps=2",
-                                       eval_=[held]))
+    ranks = spawn_ranks(
+        tiny_overrides(
+            run_dir,
+            [train],
+            "zero.stage=3",
+            "max_steps=3",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=2",
+            "log.every_steps=1",
+            "log.profile_skip=0",
+            "log.profile_steps=2",
+            eval_=[held],
+        )
+    )
     assert ranks.wait(240) == 0, ranks.output()
     assert not shm_buffers(ranks.port), "DeepSpeed's shared-memory comm buffers were left in RAM"
     train_rows, eval_rows = _metrics(run_dir)
@@ -172,9 +205,21 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
     with open(os.path.join(run_dir, "profile.txt")) as f:
         assert "aten::" in f.read()  # rank 0's op table of steps 2 and 3
     # resuming this 2-rank run with one rank is refused before DeepSpeed's loader fails on it
-    alone = spawn_ranks(tiny_overrides(run_dir, [train], "zero.stage=3", "max_steps=4", "data.batch_size=4",
-                                       "data.num_workers=0", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
-                                       "log.every_steps=1", eval_=[held]), nproc=1)
+    alone = spawn_ranks(
+        tiny_overrides(
+            run_dir,
+            [train],
+            "zero.stage=3",
+            "max_steps=4",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=2",
+            "log.every_steps=1",
+            eval_=[held],
+        ),
+        nproc=1,
+    )
     assert alone.wait(120) != 0
     assert "saved by 2 ranks, this run has 1" in alone.output()
 
@@ -186,17 +231,34 @@ def test_two_nodes_zero2_from_s3(tmp_path, s3_bucket):
     train = moving_dataset(f"{s3_bucket}/train", 24, seed=3, max_samples=4)
     run_dir = str(tmp_path / "run")
     port = free_port()
-    overrides = tiny_overrides(run_dir, [train], "zero.stage=2", "max_steps=3", "data.batch_size=4",
-                               "data.num_workers=0", "checkpoint.every_steps=3", "log.every_steps=1",
-                               "log.tensorboard=false", "log.plots=false")
-    nodes = [run_launcher(overrides, nproc=1, port=port, popen=True,
-                          extra_args=["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1"])
-             for r in (0, 1)]
+    overrides = tiny_overrides(
+        run_dir,
+        [train],
+        "zero.stage=2",
+        "max_steps=3",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "checkpoint.every_steps=3",
+        "log.every_steps=1",
+        "log.tensorboard=false",
+        "log.plots=false",
+    )
+    nodes = [
+        run_launcher(
+            overrides,
+            nproc=1,
+            port=port,
+            popen=True,
+            extra_args=["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1"],
+        )
+        for r in (0, 1)
+    ]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     for node, out in zip(nodes, outputs):
         assert node.returncode == 0, out[-6000:]
     train_rows, _ = _metrics(run_dir)
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert train_rows[0]["samples_per_s"] / train_rows[0]["samples_per_s_per_device"] == pytest.approx(2.0)
-    assert os.path.exists(os.path.join(run_dir, "checkpoints", "step000000003",
-                                       "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    assert os.path.exists(
+        os.path.join(run_dir, "checkpoints", "step000000003", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    )

@@ -14,6 +14,7 @@ towers learning from scratch, colour and shape are learned but direction stays a
 hundreds of steps (the text tower must separate "left" from "right" while the video tower has no
 reason to yet). With both settings, 240 steps, seeds 0/1/2: R@1 87.5/65.6/75.0 against 40.6/31.2/46.9.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -38,19 +39,31 @@ def recall(tmp_path_factory) -> dict[str, float]:
     root = tmp_path_factory.mktemp("learning")
     train = moving_dataset(str(root / "train"), 8 * len(COMBOS), seed=10, max_samples=32)
     held = moving_dataset(str(root / "eval"), len(COMBOS), seed=11, prefix="held")
-    common = ("data.batch_size=32", f"max_steps={STEPS}", "checkpoint.every_steps=1000", "log.tensorboard=false",
-              "log.plots=false", "data.num_workers=0", "log.every_steps=20", f"log.eval_every_steps={STEPS // 4}",
-              "model.lock_text=true")
+    common = (
+        "data.batch_size=32",
+        f"max_steps={STEPS}",
+        "checkpoint.every_steps=1000",
+        "log.tensorboard=false",
+        "log.plots=false",
+        "data.num_workers=0",
+        "log.every_steps=20",
+        f"log.eval_every_steps={STEPS // 4}",
+        "model.lock_text=true",
+    )
     runs = {}
     for name, extra in (("temporal", ()), ("shuffled", ("data.shuffle_frames=true",))):
         run_dir = str(root / name)
-        runs[name] = (run_dir, spawn_ranks(tiny_overrides(run_dir, [train], *common, *extra, eval_=[held]),
-                                           nproc=1, single=True))
-    for run_dir, ranks in runs.values():
+        runs[name] = (
+            run_dir,
+            spawn_ranks(tiny_overrides(run_dir, [train], *common, *extra, eval_=[held]), nproc=1, single=True),
+        )
+    for _, ranks in runs.values():
         assert ranks.wait(300) == 0, ranks.output()
     results = {name: final_r1(run_dir) for name, (run_dir, _) in runs.items()}
-    print(f"t2v R@1 after {STEPS} steps: temporal {results['temporal']:.1f}, "
-          f"frame-order-free {results['shuffled']:.1f}, chance {CHANCE:.1f}")
+    print(
+        f"t2v R@1 after {STEPS} steps: temporal {results['temporal']:.1f}, "
+        f"frame-order-free {results['shuffled']:.1f}, chance {CHANCE:.1f}"
+    )
     return results
 
 

@@ -1,4 +1,5 @@
 """OCL loss: per-variant values vs a row-by-row float64 reference, and 2-rank gloo == 1 process."""
+
 from __future__ import annotations
 
 import math
@@ -57,11 +58,19 @@ def reference_loss(variant: str, feats: dict[str, torch.Tensor], logit_scale: fl
     if variant == "infonce":
         return sym("video", "text")
     if variant == "d":
-        return (ref_pair(f["subtitle"], f["video"], s) + ref_pair(f["caption"], f["video"], s)
-                + ref_joint(f["video"], f["subtitle"], f["caption"], s)
-                + ref_joint(f["video"], f["caption"], f["subtitle"], s) + sym("frame", "caption"))
-    extra = {"vs": [], "a": [("frame", "caption")], "b": [("video", "caption")],
-             "c": [("video", "caption"), ("frame", "caption")]}[variant]
+        return (
+            ref_pair(f["subtitle"], f["video"], s)
+            + ref_pair(f["caption"], f["video"], s)
+            + ref_joint(f["video"], f["subtitle"], f["caption"], s)
+            + ref_joint(f["video"], f["caption"], f["subtitle"], s)
+            + sym("frame", "caption")
+        )
+    extra = {
+        "vs": [],
+        "a": [("frame", "caption")],
+        "b": [("video", "caption")],
+        "c": [("video", "caption"), ("frame", "caption")],
+    }[variant]
     return sym("video", "subtitle") + sum(sym(a, b) for a, b in extra)
 
 
@@ -99,9 +108,13 @@ def test_joint_pool_excludes_own_caption():
     assert terms["v2s_joint"].item() == pytest.approx(-10 + math.log(math.exp(10) + 2), rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"variant": "e"}, "variant"), ({"variant": "d", "rank": 2, "world_size": 2}, "rank"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"variant": "e"}, "variant"),
+        ({"variant": "d", "rank": 2, "world_size": 2}, "rank"),
+    ],
+)
 def test_constructor_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         OCLLoss(**kwargs)
@@ -109,8 +122,9 @@ def test_constructor_validation(kwargs, field):
 
 def test_missing_features_are_named():
     with pytest.raises(ValueError, match="frame"):
-        OCLLoss("a")({"video": torch.zeros(2, 3), "subtitle": torch.zeros(2, 3), "caption": torch.zeros(2, 3)},
-                     torch.tensor(1.0))
+        OCLLoss("a")(
+            {"video": torch.zeros(2, 3), "subtitle": torch.zeros(2, 3), "caption": torch.zeros(2, 3)}, torch.tensor(1.0)
+        )
 
 
 # ----------------------------------------------------------------------------- two gloo ranks
@@ -172,8 +186,7 @@ def test_two_ranks_equal_single_process_full_batch(gloo_results, variant):
     inputs, weights = make_problem()
     single_losses, single_grads = loss_and_grads(variant, inputs, weights)
     feats = {m: F.normalize(inputs[m] @ weights[m].t(), dim=-1) for m in required_features(variant)}
-    assert single_losses["loss"].item() == pytest.approx(
-        reference_loss(variant, feats, math.log(1 / 0.07)), rel=1e-5)
+    assert single_losses["loss"].item() == pytest.approx(reference_loss(variant, feats, math.log(1 / 0.07)), rel=1e-5)
     for rank_results in gloo_results:
         losses, grads = rank_results[variant]
         for term, value in single_losses.items():

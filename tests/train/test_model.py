@@ -1,4 +1,5 @@
 """VideoCLIP invariants, each against an independent implementation (open_clip, dense mask, np.interp)."""
+
 from __future__ import annotations
 
 import math
@@ -40,15 +41,18 @@ def frames(batch: int, num_frames: int, size: int = 32, seed: int = 1) -> torch.
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("field, value", [
-    ("clip_model", "ViT-Nope-1"),
-    ("num_proxies", 0),
-    ("temporal_slots", 0),
-    ("attention", "flash"),
-    ("pretrained", ""),
-    ("clip_overrides", {"vision": {}}),
-    ("logit_scale_init", 6.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("clip_model", "ViT-Nope-1"),
+        ("num_proxies", 0),
+        ("temporal_slots", 0),
+        ("attention", "flash"),
+        ("pretrained", ""),
+        ("clip_overrides", {"vision": {}}),
+        ("logit_scale_init", 6.0),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_field(field, value):
     fields = {"clip_model": "ViT-B-32", field: value}
     with pytest.raises(ValueError, match=field):
@@ -63,10 +67,14 @@ def test_config_fields_are_keyword_only():
 # ----------------------------------------------------------------------------- parity with open_clip
 
 
-@pytest.mark.parametrize("overrides", [
-    tiny_clip_overrides(),
-    {"text_cfg": {"width": 64, "heads": 4, "layers": 1, "vocab_size": 1000}},  # real ViT-B/32 vision tower
-], ids=["tiny", "vit-b-32"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        tiny_clip_overrides(),
+        {"text_cfg": {"width": 64, "heads": 4, "layers": 1, "vocab_size": 1000}},  # real ViT-B/32 vision tower
+    ],
+    ids=["tiny", "vit-b-32"],
+)
 def test_one_proxy_one_frame_equals_open_clip_image_tower(overrides):
     model = tiny_model(num_proxies=1, clip_overrides=overrides).eval()
     size = model.clip.visual.image_size[0]
@@ -103,14 +111,17 @@ def test_image_is_a_one_frame_video():
 
 def test_mask_matches_hand_written_pattern():
     # M=2 proxies, T=2 frames, L=2 patches: tokens [p0 p1 | a0 a1 | b0 b1]
-    expected = torch.tensor([
-        [1, 1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 0, 0, 1, 1],
-        [1, 1, 0, 0, 1, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 1],
+            [1, 1, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(proxy_attention_mask(2, 2, 2), expected)
 
 
@@ -130,9 +141,14 @@ def loop_reference_attention(q, k, v, num_proxies, num_frames):
     return out.reshape(B, N, H * K)
 
 
-@pytest.mark.parametrize("batch, num_proxies, num_frames, patches, heads, head_dim", [
-    (1, 1, 1, 4, 1, 8), (2, 4, 3, 5, 2, 16), (3, 2, 5, 9, 4, 8),
-])
+@pytest.mark.parametrize(
+    "batch, num_proxies, num_frames, patches, heads, head_dim",
+    [
+        (1, 1, 1, 4, 1, 8),
+        (2, 4, 3, 5, 2, 16),
+        (3, 2, 5, 9, 4, 8),
+    ],
+)
 def test_attention_functions_match_loop_reference(batch, num_proxies, num_frames, patches, heads, head_dim):
     gen = torch.Generator().manual_seed(5)
     N = num_proxies + num_frames * patches
@@ -142,9 +158,15 @@ def test_attention_functions_match_loop_reference(batch, num_proxies, num_frames
         torch.testing.assert_close(attend(q, k, v, num_proxies, num_frames), reference, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch, num_proxies, num_frames, width, head_width", [
-    (1, 1, 1, 32, 16), (2, 4, 3, 64, 16), (3, 3, 5, 48, 8), (2, 2, 12, 32, 32),
-])
+@pytest.mark.parametrize(
+    "batch, num_proxies, num_frames, width, head_width",
+    [
+        (1, 1, 1, 32, 16),
+        (2, 4, 3, 64, 16),
+        (3, 3, 5, 48, 8),
+        (2, 2, 12, 32, 32),
+    ],
+)
 def test_fused_equals_dense_outputs_and_gradients(batch, num_proxies, num_frames, width, head_width):
     overrides = tiny_clip_overrides()
     overrides["vision_cfg"].update(width=width, head_width=head_width)
@@ -236,11 +258,14 @@ def test_attention_choices_are_the_config_choices():
     assert set(ATTENTION_FNS) == {"fused", "dense"}
 
 
-@pytest.mark.parametrize("vision_override, message", [
-    ({"attentional_pool": True}, "attentional pooling"),
-    ({"pool_type": "avg"}, "attentional pooling"),
-    ({"qk_norm": True}, "nn.MultiheadAttention"),
-])
+@pytest.mark.parametrize(
+    "vision_override, message",
+    [
+        ({"attentional_pool": True}, "attentional pooling"),
+        ({"pool_type": "avg"}, "attentional pooling"),
+        ({"qk_norm": True}, "nn.MultiheadAttention"),
+    ],
+)
 def test_unsupported_vision_towers_raise(vision_override, message):
     overrides = tiny_clip_overrides()
     overrides["vision_cfg"].update(vision_override)

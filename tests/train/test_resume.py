@@ -1,6 +1,7 @@
 """Kill a 2-rank ZeRO-1 run (SIGKILL, 2 DataLoader workers per rank) after a checkpoint and resume it:
 the same batches and the same losses (fp32, CPU) as a run that was never stopped. The shards are
 uneven (5, 9, 3, 8, 5 clips), so this is also the uneven-shards run under DeepSpeed."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,17 @@ def kill_after_step(run_dir: str, step: int, ranks, timeout: float = 240) -> Non
 
 def test_kill_and_resume_gives_identical_batches_and_losses(tmp_path):
     train = moving_dataset(str(tmp_path / "train"), 30, seed=7, shard_sizes=[5, 9, 3, 8, 5])
-    common = ("zero.stage=1", f"max_steps={STEPS}", "data.batch_size=3", "data.num_workers=2",
-              f"checkpoint.every_steps={EVERY}", "log.every_steps=1", "log.batch_digests=true",
-              "log.tensorboard=false", "log.plots=false")
+    common = (
+        "zero.stage=1",
+        f"max_steps={STEPS}",
+        "data.batch_size=3",
+        "data.num_workers=2",
+        f"checkpoint.every_steps={EVERY}",
+        "log.every_steps=1",
+        "log.batch_digests=true",
+        "log.tensorboard=false",
+        "log.plots=false",
+    )
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     uninterrupted = spawn_ranks(tiny_overrides(reference, [train], *common))
     assert uninterrupted.wait(240) == 0, uninterrupted.output()

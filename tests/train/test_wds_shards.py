@@ -1,5 +1,6 @@
 """train/wds_shards.py against pipeline/shards.py's reader on shards written by ShardWriter: the same
 samples, the same ShardError cases, the same loader batches."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,18 +78,28 @@ def _damage(path, case: str) -> None:
     elif case == "cut at a header":
         data = data[:header]
     elif case == "cut inside a header":
-        data = data[:header + 100]
+        data = data[: header + 100]
     elif case == "altered payload":
         data[payload + 5] ^= 0xFF
     elif case == "garbled name":
-        data[header + 10:header + 20] = b"garbage!!!"
+        data[header + 10 : header + 20] = b"garbage!!!"
     elif case == "garbled size":  # not an octal number
-        data[header + 124:header + 136] = b"zz" + bytes(10)
+        data[header + 124 : header + 136] = b"zz" + bytes(10)
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "cut at a header", "cut inside a header",
-                                  "altered payload", "garbled name", "garbled size"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "truncated",
+        "cut at a header",
+        "cut inside a header",
+        "altered payload",
+        "garbled name",
+        "garbled size",
+    ],
+)
 def test_same_shard_errors(tmp_path, case):
     manifest = write_dataset(str(tmp_path), max_samples=len(CLIP_IDS))
     uri, entry = str(tmp_path / "part-000.tar"), manifest.shards[0]
@@ -96,7 +107,7 @@ def test_same_shard_errors(tmp_path, case):
     want, want_error = read(iter_shard, uri, entry)
     got, got_error = read(iter_wds_shard, uri, entry)
     assert want_error and got_error and got_error.startswith(f"{uri}: ")
-    assert got == want[:len(got)], "the same samples, or fewer (tarfile reads ahead; see train/wds_shards.py)"
+    assert got == want[: len(got)], "the same samples, or fewer (tarfile reads ahead; see train/wds_shards.py)"
     if case.startswith("garbled"):  # tarfile stops quietly at the header; the hash check catches it
         assert got_error == f"{uri}: xxh3_64 mismatch with the manifest (corrupt shard)"
     else:
@@ -117,19 +128,22 @@ def test_unreadable_without_a_manifest_entry(tmp_path):
 def test_the_loader_gives_the_same_batches_through_either_reader(tmp_path, monkeypatch):
     root = moving_dataset(str(tmp_path / "ds"), 12, seed=4, max_samples=3)
     os.remove(os.path.join(root, "part01-000.tar"))  # a missing shard is counted the same way too
-    cfg = DataConfig(train=[root], batch_size=3, num_frames=4, image_size=32, num_workers=0, shards_per_window=2,
-                     shuffle_buffer=4)
+    cfg = DataConfig(
+        train=[root], batch_size=3, num_frames=4, image_size=32, num_workers=0, shards_per_window=2, shuffle_buffer=4
+    )
 
     def batches() -> tuple[list[tuple], tuple[int, int]]:
         loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
-        out = [(b["keys"], b["digest"], b["frames"].clone(), b["subtitle"]) for b in
-               (loader.next() for _ in range(6))]
+        out = [(b["keys"], b["digest"], b["frames"].clone(), b["subtitle"]) for b in (loader.next() for _ in range(6))]
         loader.close()
         return out, loader.errors()
 
     want, want_errors = batches()
-    users = [m for name, m in sys.modules.items()
-             if name.startswith("train.") and getattr(m, "iter_wds_shard", None) is iter_wds_shard]
+    users = [
+        m
+        for name, m in sys.modules.items()
+        if name.startswith("train.") and getattr(m, "iter_wds_shard", None) is iter_wds_shard
+    ]
     assert users, "no train module reads shards through train.wds_shards.iter_wds_shard"
     for module in users:
         monkeypatch.setattr(module, "iter_wds_shard", iter_shard)

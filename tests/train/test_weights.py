@@ -1,4 +1,5 @@
 """CLIP-ViP checkpoint import/export against a tiny random transformers.CLIPModel (no download)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,14 @@ VOCAB, EOT, WIDTH, SLOTS = 1000, 999, 64, 12
 def tiny_hf_clip(seed: int = 0) -> CLIPModel:
     """HF CLIP with the same shapes as tiny_clip_overrides(), every tensor perturbed (non-trivial LN/bias)."""
     torch.manual_seed(seed)
-    common = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
-                  hidden_act="quick_gelu", projection_dim=32)
+    common = dict(
+        hidden_size=WIDTH,
+        intermediate_size=4 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act="quick_gelu",
+        projection_dim=32,
+    )
     text = CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=77, eos_token_id=EOT, **common)
     vision = CLIPVisionConfig(image_size=32, patch_size=8, **common)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
@@ -42,8 +49,11 @@ def clipvip_state(hf: CLIPModel, num_proxies: int, seed: int = 1, zero_temporal:
 
 
 def our_model(num_proxies: int):
-    return build_model(VideoCLIPConfig(clip_model="ViT-B-32", num_proxies=num_proxies,
-                                       clip_overrides=tiny_clip_overrides(vocab_size=VOCAB)))
+    return build_model(
+        VideoCLIPConfig(
+            clip_model="ViT-B-32", num_proxies=num_proxies, clip_overrides=tiny_clip_overrides(vocab_size=VOCAB)
+        )
+    )
 
 
 def text_tokens(batch: int = 3) -> torch.Tensor:
@@ -85,8 +95,9 @@ def test_export_import_round_trip(tmp_path, suffix):
     model = our_model(num_proxies=4)
     model.load_state_dict(clipvip_to_ours(state, model.state_dict()))
     torch.testing.assert_close(model.proxy_tokens, state["clipmodel.vision_model.embeddings.added_cls"])
-    torch.testing.assert_close(model.temporal_embedding,
-                               state["clipmodel.vision_model.embeddings.temporal_embedding"][0])
+    torch.testing.assert_close(
+        model.temporal_embedding, state["clipmodel.vision_model.embeddings.temporal_embedding"][0]
+    )
 
     exported = ours_to_clipvip(model.state_dict())
     assert set(exported) == set(state)
