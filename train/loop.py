@@ -22,12 +22,12 @@ from train.config import TrainConfig
 from train.eval_data import eval_batches
 from train.frames import normalize_frames
 from train.loader import StreamingLoader
-from train.logging_utils import MetricLogger, StepProfiler
 from train.loss import OCLLoss
 from train.metrics import retrieval_metrics
 from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
 from train.optim import build_optimizer, build_scheduler
 from train.run_layout import RunLayout
+from train.run_outputs import MetricLogger, StepProfiler
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     <run_dir>/
       config.yaml          the resolved TrainConfig (train/main.py; compared on resume by train/config.py)
       ds_config.json       the DeepSpeed JSON (train/engine.py)
-      metrics.jsonl        one JSON row per logged step or evaluation (train/logging_utils.py)
+      metrics.jsonl        one JSON row per logged step or evaluation (train/run_outputs.py)
       tb/                  TensorBoard events
       loss.png recall.png  plots of metrics.jsonl, written at the end
       profile.txt          the optional torch.profiler window: op tables ...

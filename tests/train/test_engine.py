@@ -14,7 +14,7 @@ from tests.support.s3server import free_port
 from tests.train.fixtures_train import REPO, moving_dataset, run_launcher, shm_buffers, spawn_ranks, tiny_overrides
 from train.config import deepspeed_json, load_config
 from train.frames import normalize_frames
-from train.logging_utils import read_metrics
+from train.run_outputs import read_metrics
 
 TINY = os.path.join(REPO, "launch/configs/train/tiny.yaml")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 
 from tests.train.fixtures_train import COMBOS, moving_dataset, spawn_ranks, tiny_overrides
-from train.logging_utils import read_metrics
+from train.run_outputs import read_metrics
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.train.fixtures_train import moving_dataset, shm_buffers, spawn_ranks, tiny_overrides
-from train.logging_utils import read_metrics
+from train.run_outputs import read_metrics
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.timeout(420)]
 STEPS = 6

@@ -1,4 +1,4 @@
-"""Run outputs on rank 0: log setup, progress bar, JSONL + TensorBoard metrics, PNG plots.
+"""What rank 0 writes while a run goes: JSONL + TensorBoard metrics, the progress line, PNG plots, the profiler window.
 
 `MetricLogger` does the rank-0 gating itself, so callers never check ``rank == 0``.
 Files in the run folder: ``metrics.jsonl`` (one JSON object per logged step or evaluation, with
