@@ -3,7 +3,7 @@
 Variants, all computing the same function (checked before timing):
   fused     train.model.fused_proxy_attention: proxies' queries over all N tokens, then patch
             queries [B*T, H, L, K] over [proxy; own-frame] keys (proxy k/v expanded, one cat).
-  original  brief §8 style: q pre-scaled, two unfused bmm + softmax passes, proxy k/v copied per
+  original  the reference implementation's style: q pre-scaled, two unfused bmm + softmax passes, proxy k/v copied per
             frame with `repeat`.
   dense     one SDPA over all N = M + T*L tokens with the boolean (N, N) pattern mask.
 Two levels: the attention op alone (packed qkv [B, N, 3D] -> [B, N, D], forward + backward) and the

@@ -92,7 +92,7 @@ def test_variant_equals_reference(variant):
     assert out["loss"].item() == pytest.approx(sum(out[t].item() for t in VARIANT_TERMS[variant]), rel=1e-6)
 
 
-def test_final_variant_has_the_six_brief_terms():
+def test_final_variant_has_the_six_paper_terms():
     assert VARIANT_TERMS["d"] == ("s2v", "c2v", "v2s_joint", "v2c_joint", "f2c", "c2f")
 
 
