@@ -7,6 +7,8 @@ docs/shard-format.md) holds::
     stats/shard-<k>.json        shard k's stats: its commit marker, written last of the shard's files
     failures/shard-<k>.parquet  shard k's failures table
     failures.parquet            all failures, merged at the end
+    texts/shard-<k>.jsonl       shard k's subtitles and captions, joined from the text files
+    texts/_joined.json          the text join's marker, written last of its files
     config.json                 the config that decides the output bytes
     sizes.json                  shard file name -> samples (open_clip's layout)
     manifest.json               the committed shards, written last of all
@@ -32,6 +34,7 @@ FAILURES_NAME = "failures.parquet"
 STATS_FOLDER = "stats"
 FAILURES_FOLDER = "failures"
 LOGS_FOLDER = "logs"
+TEXTS_FOLDER = "texts"
 
 _STEM_RE = re.compile(r"shard-(\d{6,})")
 _TAR_RE = re.compile(r"shard-(\d{6,})-(\d{3,})\.tar")
@@ -99,11 +102,25 @@ class DatasetLayout:
         """The merged failures table of the whole data set."""
         return self.path(FAILURES_NAME)
 
+    @property
+    def text_failures(self) -> str:
+        """Problems of the subtitle and caption files found by the text join (merged first into ``failures``)."""
+        return self.path(FAILURES_FOLDER, "texts.parquet")
+
     def stats(self, index: int) -> str:
         return self.path(STATS_FOLDER, f"{shard_stem(index)}.json")
 
     def shard_failures(self, index: int) -> str:
         return self.path(FAILURES_FOLDER, f"{shard_stem(index)}.parquet")
+
+    def texts(self, index: int) -> str:
+        """Shard ``index``'s subtitles and captions, written by the text join (preprocess/text_join.py)."""
+        return self.path(TEXTS_FOLDER, f"{shard_stem(index)}.jsonl")
+
+    @property
+    def texts_marker(self) -> str:
+        """Written last by the text join: its sources and cut (a rerun with the same ones skips the join)."""
+        return self.path(TEXTS_FOLDER, "_joined.json")
 
     def run_log(self, stamp: str, pid: int) -> str:
         return self.path(LOGS_FOLDER, f"run-{stamp}-{pid}.json")

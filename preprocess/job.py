@@ -511,3 +511,62 @@ def _write_run_log(cfg: PreprocessConfig, result: JobResult) -> None:
     }
     uri = DatasetLayout(cfg.sharding.output).run_log(stamp, os.getpid())
     storage.write_bytes(uri, (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+# ---- text join (Ray Data)
+# The per-shard text files of preprocess/text_join.py, made by one Ray Data pipeline (docs/preprocessing.md,
+# "How texts reach the shards"). Imports are local to this section.
+
+
+def join_texts(
+    clip_rows,
+    sources: dict[str, str],
+    max_chars: int,
+    out: DatasetLayout,
+    num_partitions: int | None = None,
+    *,
+    range_bytes: int | None = None,
+):
+    """Write ``texts/shard-<k>.jsonl`` for every shard of ``clip_rows`` (a Ray Dataset, or dicts, of
+    ``{shard, position, clip_id}``), ``failures/texts.parquet``, then the marker; skipped when the marker of the
+    same sources and cut is there. ``sources``: stage name -> jsonl or JSON-list URI (no LMDB). Returns a
+    ``TextJoinResult``. Needs a Ray connection (``ray_session``)."""
+    from preprocess import text_join
+
+    started = time.monotonic()
+    spec = text_join.JoinSpec.of(sources, max_chars)
+    if text_join.is_joined(out, spec):
+        log.info("text join: %s already holds the texts of %s; skipped", out.root, spec.marker()["sources"])
+        return text_join.TextJoinResult(skipped=True)
+    storage.delete(out.texts_marker)
+    items = spec.read_items(range_bytes or text_join.RANGE_BYTES)
+    partitions = num_partitions or spec.default_partitions(int(ray.cluster_resources().get("CPU", 1)))
+    failures = _text_join_dataset(clip_rows, spec, items, partitions, out)
+    stream = text_join.FailureStream(spec)
+    text_join.write_failures(out.text_failures, stream.failures(failures.iter_batches(batch_format="pyarrow")))
+    result = stream.result
+    result.seconds = round(time.monotonic() - started, 3)
+    text_join.write_marker(out, spec, result)
+    summary = (result.shards, result.texts, result.failures, result.seconds)
+    log.info("text join: %d shard files, %s texts, %d failures, %.1f s", *summary)
+    return result
+
+
+def _text_join_dataset(clip_rows, spec, items: list[dict], partitions: int, out: DatasetLayout):
+    """The lazy pipeline: parse -> join with the clips -> group by shard (write) -> the failure rows, sorted."""
+    import ray.data
+
+    from preprocess import text_join
+
+    parsed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        text_join.parse_items, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec}
+    )
+    if not isinstance(clip_rows, ray.data.Dataset):
+        clip_rows = ray.data.from_arrow(text_join.clip_table(clip_rows))
+    joined = parsed.join(clip_rows, join_type="full_outer", num_partitions=partitions, on=("clip_id",))
+    written = (
+        joined.map_batches(text_join.route, batch_format="pyarrow")
+        .groupby("group", num_partitions=partitions)
+        .map_groups(text_join.write_group, batch_format="pyarrow", fn_kwargs={"root": out.root, "spec": spec})
+    )
+    return written.sort(text_join.SORT_KEYS)
