@@ -257,8 +257,9 @@ def _env(repo: Path, ray_tmp: str | None = None) -> dict[str, str]:
 def driver_command(
     repo: Path, files: CorpusFiles, videos: Path, output: Path, *, multi_file: bool, plan_only: bool
 ) -> list[str]:
-    metadata = [str(p) for p in files.parts] if multi_file else [str(files.joined_metadata())]
-    cmd = [sys.executable, str(repo / "preprocess/shard.py"), "--metadata", *metadata]
+    # a comma-separated list keeps the parts in release order (a glob would sort part10 before part2)
+    metadata = ",".join(str(p) for p in files.parts) if multi_file else str(files.joined_metadata())
+    cmd = [sys.executable, str(repo / "preprocess/shard.py"), "--metadata", metadata]
     cmd += ["--subtitles", str(files.subtitles), "--captions", str(files.captions)]
     cmd += ["--videos", str(videos), "--output", str(output), "--ray-address", "local", "--no-progress"]
     return cmd + (["--plan-only"] if plan_only else [])
@@ -470,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         "--metadata-form",
         choices=("auto", "parts", "joined"),
         default="auto",
-        help="pass the part files, or one joined file; auto: parts when the driver has --plan-only (issue 15)",
+        help="pass the part files (comma-separated), or one joined file; auto: parts when the driver has "
+        "--plan-only (issue 15)",
     )
     args = parser.parse_args(argv)
     sizes = args.sizes if isinstance(args.sizes, list) else _parse_sizes(args.sizes)
