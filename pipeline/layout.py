@@ -139,11 +139,6 @@ class DatasetLayout:
                 found[index] = uri
         return found
 
-    def list_tars(self) -> dict[int, list[str]]:
-        """Shard index -> names of the tars of that shard now in the folder (one listing)."""
-        found: dict[int, list[str]] = {}
-        for name, _ in storage.list_children(self.root):
-            parsed = tar_shard(name)
-            if parsed is not None:
-                found.setdefault(parsed[0], []).append(name)
-        return found
+    def shard_tars(self, index: int) -> list[str]:
+        """Names of the tars of shard ``index`` now in the folder (one prefix listing, whatever the folder holds)."""
+        return [name for name, _ in storage.list_children(self.root, f"{shard_stem(index)}-") if tar_shard(name)]

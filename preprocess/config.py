@@ -133,6 +133,8 @@ class PreprocessConfig:
     """Redo committed shards that recorded failed clips."""
     progress: bool = True
     """Show a progress bar."""
+    plan_only: bool = False
+    """Validate every input and print the plan (videos, clips, shards, problems) and its cost; decode nothing."""
 
     def manifest_config(self) -> dict:
         """The resolved config that decides the output bytes (goes into the manifest)."""

@@ -72,6 +72,17 @@ def write_table(uri: str, table) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
+def merge_tables(uris: list[str], out: str) -> None:
+    """Concatenate failures tables into one file, one input table in memory at a time."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, table_schema(), compression="zstd") as writer:
+        for uri in uris:
+            writer.write_table(read_table(uri))
+    storage.write_bytes(out, buf.getvalue())
+
+
 def read_table(uri: str):
     import pyarrow.parquet as pq
 

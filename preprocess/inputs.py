@@ -1,19 +1,18 @@
-"""Reading the job's inputs: HD-VILA metadata, subtitles, captions and the video listing.
+"""Parsing the job's inputs: HD-VILA metadata lines, spans, text files, the video folder.
 
-Everything here runs once on the driver and is deterministic: the same input files give
-the same clip positions, problems and texts. A clip that cannot be processed because of
-its metadata (bad span, duplicate or unsafe id) keeps its position and carries its
-problem, so the worker records it in its shard's failures; a line that yields no clip at
-all (malformed JSON, a record without a video id) becomes an input-level
-:class:`preprocess.failures.Failure`.
+Deterministic: the same bytes give the same clips, problems and texts. A metadata line is parsed by
+`parse_line` wherever it is read: in the driver's streaming plan, which only counts its clips, and in the
+shard task that owns it (preprocess/plan.py). A clip that cannot be processed because of its metadata (bad
+span, unsafe id, duplicate) keeps its position and carries its problem, so the task records it in its shard's
+failures; a line or entry that yields no clip (malformed JSON, a record without a video id, an entry without a
+clip id) is recorded as a :class:`preprocess.failures.Failure` at position -1.
 
-Text files are read as UTF-8; a line that is not valid UTF-8 is decoded with
-``errors="replace"``, kept, and recorded as a ``non_utf8`` row (``dropped=False``).
-
-Texts come in three forms (:func:`read_text_source` picks by content): jsonl of
-``{clip_id, <field>}``, a JSON list of ``{image_id, caption}`` (the original release's caption
-list; ``image_id`` is the clip id) and a local LMDB folder of clip id -> UTF-8 text (needs the
-``lmdb`` package, imported only then).
+Text files are read as UTF-8; a line that is not valid UTF-8 is decoded with ``errors="replace"``, kept, and
+recorded as a ``non_utf8`` row (``dropped=False``). Texts come in three forms (:func:`text_format` tells which):
+jsonl of ``{clip_id, <field>}``, a JSON list of ``{image_id, caption}`` (the original release's caption list;
+``image_id`` is the clip id) and a local LMDB folder of clip id -> UTF-8 text. The job never reads a whole text
+source into one process (preprocess/texts.py); :func:`read_text_source` does, for small inputs and as the
+reference the distributed join is tested against (tests/preprocess/test_text_join.py).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline import storage
-from preprocess.config import InputConfig, Layout
+from preprocess.config import Layout
 from preprocess.failures import Failure
 
 log = logging.getLogger(__name__)
@@ -70,19 +69,6 @@ class ClipItem:
             message=message,
             dropped=dropped,
         )
-
-
-@dataclass(frozen=True, kw_only=True)
-class InputPlan:
-    """All clips in input order plus the input-level failures."""
-
-    clips: tuple[ClipItem, ...]
-    failures: tuple[Failure, ...]
-
-    def chunks(self, clips_per_shard: int) -> list[tuple[ClipItem, ...]]:
-        """Clip positions [k*n, (k+1)*n) form shard k."""
-        n = clips_per_shard
-        return [self.clips[i : i + n] for i in range(0, len(self.clips), n)]
 
 
 class SpanError(ValueError):
@@ -140,7 +126,7 @@ def _lines(uri: str) -> Iterator[tuple[int, bytes]]:
                 yield number, raw
 
 
-def _json_line(uri: str, number: int, raw: bytes, stage: str) -> tuple[object, list[Failure]]:
+def json_line(uri: str, number: int, raw: bytes, stage: str) -> tuple[object, list[Failure]]:
     """Decode one JSON line; non-UTF-8 is replaced (and reported), bad JSON is a failure."""
     notes = []
     try:
@@ -165,7 +151,7 @@ def read_texts(uri: str, field: str, stage: str, max_chars: int) -> tuple[dict[s
     texts: dict[str, TextEntry] = {}
     failures: list[Failure] = []
     for number, raw in _lines(uri):
-        record, notes = _json_line(uri, number, raw, stage)
+        record, notes = json_line(uri, number, raw, stage)
         failures += notes
         if record is None:
             continue
@@ -294,86 +280,80 @@ def _unsafe_clip_id(clip_id: str, layout: Layout) -> str | None:
     return None
 
 
-def _clip_items(
-    record: dict, where: str, number: int, layout: Layout, seen: set[str], start: int
-) -> tuple[list[ClipItem], list[Failure]]:
-    """Clip entries of one metadata record; ``where`` is ``<file> line <n>``."""
-    video_id = record["video_id"]
+@dataclass(frozen=True, kw_only=True)
+class ParsedLine:
+    """One metadata line: its clip entries in order, and what went wrong with the line as a whole."""
+
+    video_id: str | None
+    entries: tuple[ClipItem | Failure, ...] = ()
+    """A ClipItem for each entry with a clip id (it takes the next input position; ``problem`` set when its span or
+    ids rule it out), a Failure (stage ``metadata``) for an entry without one."""
+    notes: tuple[Failure, ...] = ()
+    """Line-level problems: malformed JSON, a record that is not a video, non-UTF-8 bytes."""
+
+    @property
+    def num_positions(self) -> int:
+        return sum(isinstance(e, ClipItem) for e in self.entries)
+
+
+def parse_line(uri: str, number: int, raw: bytes, layout: Layout, first_position: int) -> ParsedLine:
+    """Parse metadata line ``number`` of ``uri``; its clips take positions from ``first_position`` on.
+
+    Duplicate clip ids are not decided here: they depend on which shard reads the line (preprocess/plan.py).
+    """
+    record, notes = json_line(uri, number, raw, "metadata")
+    if record is None:
+        return ParsedLine(video_id=None, notes=tuple(n for n in notes if n.error != "non_utf8"))
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("video_id"), str)
+        or not record["video_id"]
+        or not isinstance(record.get("clip"), list)
+    ):
+        message = f'{uri} line {number}: expected {{"video_id": str, "clip": [...]}}'
+        notes.append(Failure(stage="metadata", error="bad_record", message=message, line=number))
+        return ParsedLine(video_id=None, notes=tuple(notes))
+    entries = _clip_entries(record, uri, number, layout, first_position)
+    return ParsedLine(video_id=record["video_id"], entries=entries, notes=tuple(notes))
+
+
+def _clip_entries(record: dict, uri: str, number: int, layout: Layout, position: int) -> tuple:
+    video_id, where = record["video_id"], f"{uri} line {number}"
     video_problem = _unsafe_video_id(video_id)
-    items, failures = [], []
+    entries: list[ClipItem | Failure] = []
     for raw in record["clip"]:
         clip_id = raw.get("clip_id") if isinstance(raw, dict) else None
         if not isinstance(clip_id, str) or not clip_id:
             message = f"{where}: clip entry {raw!r} has no clip_id"
-            failures.append(
+            entries.append(
                 Failure(stage="metadata", error="bad_record", message=message, line=number, video_id=video_id)
             )
             continue
-        item = ClipItem(position=start + len(items), line=number, video_id=video_id, clip_id=clip_id, span=None)
+        item = ClipItem(position=position, line=number, video_id=video_id, clip_id=clip_id, span=None)
+        position += 1
         span, problem = check_span(raw.get("span"))
         if problem:
             problem = item.fail(problem.stage, problem.error, f"{where}: clip {clip_id!r}: {problem.message}")
         unsafe = video_problem or _unsafe_clip_id(clip_id, layout)
         if unsafe:
             problem = item.fail("metadata", "unsafe_id", f"{where}: {unsafe}")
-        elif clip_id in seen:
-            message = f"{where}: clip id {clip_id!r} already appeared earlier"
-            problem = item.fail("metadata", "duplicate_clip_id", message)
-        seen.add(clip_id)
-        items.append(dataclasses.replace(item, span=span, problem=problem))
-    return items, failures
+        subtitle, caption = (_inline_text(raw, name, uri) for name in ("subtitle", "caption"))
+        entries.append(dataclasses.replace(item, span=span, problem=problem, subtitle=subtitle, caption=caption))
+    return tuple(entries)
 
 
-def read_metadata(uri: str, layout: Layout) -> tuple[list[ClipItem], list[Failure]]:
-    """All clip entries of an HD-VILA metadata jsonl in order, plus line-level failures."""
-    clips: list[ClipItem] = []
-    failures: list[Failure] = []
-    seen: set[str] = set()
-    for number, raw in _lines(uri):
-        record, notes = _json_line(uri, number, raw, "metadata")
-        failures += [n for n in notes if n.error != "non_utf8"] if record is None else notes
-        if record is None:
-            continue
-        if (
-            not isinstance(record, dict)
-            or not isinstance(record.get("video_id"), str)
-            or not record["video_id"]
-            or not isinstance(record.get("clip"), list)
-        ):
-            message = f'{uri} line {number}: expected {{"video_id": str, "clip": [...]}}'
-            failures.append(Failure(stage="metadata", error="bad_record", message=message, line=number))
-            continue
-        items, bad = _clip_items(record, f"{uri} line {number}", number, layout, seen, len(clips))
-        clips += items
-        failures += bad
-    return clips, failures
+def _inline_text(entry: dict, name: str, uri: str) -> TextEntry | None:
+    """A text carried in the clip entry itself (``"subtitle"`` / ``"caption"``), not yet cut to length."""
+    text = entry.get(name)
+    return TextEntry(text=text, truncated=False, origin=uri) if isinstance(text, str) else None
 
 
-def read_inputs(cfg: InputConfig) -> InputPlan:
-    """Metadata plus texts, joined by clip id."""
-    try:
-        clips, failures = read_metadata(cfg.metadata, cfg.layout)
-    except storage.StorageNotFound as exc:
-        raise ValueError(f"metadata {cfg.metadata}: not found ({exc})") from exc
-    subtitles, captions = {}, {}
-    if cfg.subtitles:
-        subtitles, bad = _read_text_file(cfg.subtitles, "text", "subtitles", cfg.max_text_chars)
-        failures += bad
-    if cfg.captions:
-        captions, bad = _read_text_file(cfg.captions, "caption", "captions", cfg.max_text_chars)
-        failures += bad
-    joined = tuple(
-        ClipItem(**{**item.__dict__, "subtitle": subtitles.get(item.clip_id), "caption": captions.get(item.clip_id)})
-        for item in clips
-    )
-    return InputPlan(clips=joined, failures=tuple(failures))
-
-
-def _read_text_file(uri: str, field: str, stage: str, max_chars: int):
-    try:
-        return read_text_source(uri, field, stage, max_chars)
-    except storage.StorageNotFound as exc:
-        raise ValueError(f"{stage} {uri}: not found ({exc})") from exc
+def duplicate_of(item: ClipItem, where: str) -> ClipItem:
+    """The item marked as a duplicate (an unsafe id keeps its own problem)."""
+    if item.problem is not None and item.problem.error == "unsafe_id":
+        return item
+    problem = item.fail("metadata", "duplicate_clip_id", f"{where}: clip id {item.clip_id!r} already appeared earlier")
+    return dataclasses.replace(item, problem=problem)
 
 
 # --------------------------------------------------------------------------- videos

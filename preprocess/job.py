@@ -21,14 +21,15 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
@@ -38,12 +39,13 @@ from pipeline.layout import DatasetLayout, shard_stem
 from pipeline.manifest import Manifest, write_manifest
 from preprocess.asr import Transcriber, check_transcriber
 from preprocess.captions import Captioner, check_captioner
-from preprocess.config import Layout, PreprocessConfig, RayConfig
-from preprocess.failures import Failure, failures_table, read_table, write_table
-from preprocess.inputs import InputPlan, list_source_videos, read_inputs
+from preprocess.config import PreprocessConfig, RayConfig
+from preprocess.failures import Failure, merge_tables
 from preprocess.model_loading import torch_device
+from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
 from preprocess.shard_task import Faults, ShardSettings, ShardStats, ShardTask, process_shard
 from preprocess.text_stages import ModelError, guarded
+from preprocess.texts import TextSources
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +98,43 @@ def _reasons(counts: dict[str, int]) -> str:
 
 
 def run_job(cfg: PreprocessConfig) -> JobResult:
-    """Run (or resume) the whole job; returns what happened. Writes the manifest last."""
+    """Run (or resume) the whole job; returns what happened. Writes the manifest last.
+
+    The metadata is planned as a stream (preprocess/plan.py): shard tasks are submitted while the plan goes on,
+    and the driver holds the shards in flight, never the clips.
+    """
     started = time.monotonic()
     out = DatasetLayout(cfg.sharding.output)
     _check_models(cfg)
-    plan = read_inputs(cfg.inputs)
+    settings = _settings(cfg)
     _check_config(out, cfg.manifest_config())
     removed = storage.cleanup_temp(out.root)
     if removed:
         log.info("removed %d temp files a killed run left under %s", removed, out.root)
-    chunks = plan.chunks(cfg.sharding.clips_per_shard)
-    committed = _committed(out, len(chunks))
+    committed = set(out.list_stats())
     if cfg.retry_failed:
         _uncommit_failed(out, committed)
-    tasks = _tasks(cfg, out, chunks, committed)
-    if tasks:
-        storage.delete(out.manifest)
-    result = JobResult(shards_total=len(chunks), shards_skipped=len(committed), shards_run=len(tasks))
-    result.shards_failed = _dispatch(tasks, _settings(cfg), cfg, committed, result)
-    _tally(result, plan, committed)
-    if len(committed) == len(chunks):
-        result.manifest = _finalize(cfg, plan, committed)
+    result = JobResult(shards_skipped=len(committed))
+    slices = _counted(plan_shards(list(settings.metadata), cfg.sharding.clips_per_shard, cfg.inputs.layout), result)
+    if settings.texts.joined():
+        slices = iter(list(slices))  # the join needs every slice first (a few cursors per shard)
+    result.shards_failed = _dispatch(slices, settings, cfg, committed, result, started)
+    result.shards_skipped = sum(1 for k in committed if k < result.shards_total) - result.shards_run
+    stats = _read_stats(out, committed, result.shards_total)
+    _tally(result, stats)
+    if len(stats) == result.shards_total:
+        result.manifest = _finalize(cfg, out, stats)
     result.wall_seconds = round(time.monotonic() - started, 3)
     _write_run_log(cfg, result)
     return result
+
+
+def _counted(slices: Iterator[ShardSlice], result: JobResult) -> Iterator[ShardSlice]:
+    """The plan's slices, counting shards and clips into ``result`` as they go by."""
+    for piece in slices:
+        result.shards_total += 1
+        result.clips += piece.clips
+        yield piece
 
 
 def _check_models(cfg: PreprocessConfig) -> None:
@@ -149,44 +164,49 @@ def _check_config(out: DatasetLayout, config: dict) -> None:
         )
 
 
-def _committed(out: DatasetLayout, num_chunks: int) -> dict[int, ShardStats]:
-    """Stats of the shards already committed (one listing of the stats folder)."""
-    found = {}
-    for index, uri in out.list_stats().items():
-        if index >= num_chunks:
-            log.warning("%s: no such shard for this metadata (%d shards); ignored", uri, num_chunks)
-            continue
-        found[index] = ShardStats.from_json(storage.read_bytes(uri), uri)
-    return found
+STATS_READERS = 16
+"""Threads reading the committed shards' stats at the end (one small GET each)."""
 
 
-def _uncommit_failed(out: DatasetLayout, committed: dict[int, ShardStats]) -> None:
-    failed = [k for k, s in committed.items() if s.num_failed]
+def _read_stats(out: DatasetLayout, committed: set[int], num_shards: int) -> dict[int, ShardStats]:
+    """The stats of the committed shards of this plan (read in parallel; stats beyond the plan are ignored)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    beyond = sorted(k for k in committed if k >= num_shards)
+    if beyond:
+        log.warning(
+            "%d stats files name shards beyond this metadata's %d (first: %s); ignored",
+            len(beyond),
+            num_shards,
+            out.stats(beyond[0]),
+        )
+    indices = sorted(k for k in committed if k < num_shards)
+
+    def read(index: int) -> ShardStats:
+        uri = out.stats(index)
+        return ShardStats.from_json(storage.read_bytes(uri), uri)
+
+    with ThreadPoolExecutor(STATS_READERS) as pool:
+        return dict(zip(indices, pool.map(read, indices)))
+
+
+def _uncommit_failed(out: DatasetLayout, committed: set[int]) -> None:
+    stats = _read_stats(out, committed, max(committed, default=-1) + 1)
+    failed = [k for k, s in stats.items() if s.num_failed]
     if failed:
         storage.delete(out.manifest)
     for index in failed:
         storage.delete(out.stats(index))
-        del committed[index]
+        committed.discard(index)
     log.info("retry-failed: redoing %d shards that had failed clips", len(failed))
 
 
-def _tasks(cfg: PreprocessConfig, out: DatasetLayout, chunks, committed: dict[int, ShardStats]) -> list[ShardTask]:
-    todo = [k for k in range(len(chunks)) if k not in committed]
-    if not todo:
-        return []
-    tars = out.list_tars()
-    uris = list_source_videos(cfg.inputs.videos) if cfg.inputs.layout is Layout.SOURCE else {}
-    tasks = []
-    for k in todo:
-        videos = {c.video_id for c in chunks[k]}
-        video_uris = {v: uris[v] for v in videos if v in uris}
-        tasks.append(ShardTask(index=k, clips=chunks[k], video_uris=video_uris, stale=tuple(tars.get(k, ()))))
-    return tasks
-
-
 def _settings(cfg: PreprocessConfig) -> ShardSettings:
+    inputs = cfg.inputs
     return ShardSettings(
         output=cfg.sharding.output,
+        metadata=tuple(metadata_files(inputs.metadata)),
+        texts=TextSources.of(inputs.subtitles, inputs.captions, inputs.max_text_chars),
         videos=cfg.inputs.videos,
         layout=cfg.inputs.layout,
         decode=cfg.decode,
@@ -297,16 +317,22 @@ class _Dispatcher:
         self,
         settings: ShardSettings,
         cfg: PreprocessConfig,
-        committed: dict[int, ShardStats],
+        committed: set[int],
         progress,
         result: JobResult,
+        started: float,
     ):
         rc = cfg.ray
         self.rc, self.committed, self.progress, self.result = rc, committed, progress, result
+        self.started = started
         self.remote = ray.remote(_run_shard).options(
             num_cpus=rc.task_cpus, max_retries=rc.max_retries, retry_exceptions=False
         )
-        self.board = _Board.options(num_cpus=0).remote()
+        # On the driver's node: a board on a worker node dies with that node, and the job with it (ActorUnavailable).
+        here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        )
+        self.board = _Board.options(num_cpus=0, scheduling_strategy=here).remote()
         self.settings_ref = ray.put(settings)
         self.pools = _model_pools(cfg)
         self.max_in_flight = rc.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -317,9 +343,10 @@ class _Dispatcher:
         self._generation = 0
 
     def submit(self, task: ShardTask, errors: int = 0) -> None:
-        known = {c.video_id for c in task.clips if c.video_id in self.given_up and c.video_id not in task.excluded}
-        if known:
-            task = dataclasses.replace(task, excluded={**task.excluded, **{v: self.given_up[v] for v in known}})
+        if any(v not in task.excluded for v in self.given_up):  # few: videos that timed out or killed workers
+            task = dataclasses.replace(task, excluded={**self.given_up, **task.excluded})
+        if self._generation == 0:
+            log.info("first shard task submitted after %.2f s", time.monotonic() - self.started)
         self._generation += 1
         token = f"{task.index}.{self._generation}"
         ref = self.remote.remote(
@@ -327,11 +354,17 @@ class _Dispatcher:
         )
         self.pending[ref] = _Attempt(task=task, token=token, errors=errors)
 
-    def run(self, tasks: list[ShardTask]) -> dict[int, str]:
-        queue = collections.deque(tasks)
-        while queue or self.pending:
-            while queue and len(self.pending) < self.max_in_flight:
-                self.submit(queue.popleft())
+    def run(self, tasks: Iterator[ShardTask]) -> dict[int, str]:
+        """Submit the tasks as room frees up (the iterator is read lazily: the plan streams in)."""
+        tasks = iter(tasks)
+        more = True
+        while more or self.pending:
+            while more and len(self.pending) < self.max_in_flight:
+                task = next(tasks, None)
+                if task is None:
+                    more = False
+                    break
+                self.submit(task)
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
             if ready:
                 ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
@@ -353,7 +386,8 @@ class _Dispatcher:
             return
         finally:
             self.board.forget.remote(attempt.token)
-        self.committed[attempt.task.index] = stats
+        self.committed.add(attempt.task.index)
+        self.result.shards_run += 1
         self.result.run_clips += stats.clips
         self.result.run_clip_seconds += stats.clip_seconds
         self.progress.update(stats.clips)
@@ -383,7 +417,7 @@ class _Dispatcher:
     def _give_up(self, task: ShardTask, message: str) -> None:
         log.error("shard %s not committed: %s", shard_stem(task.index), message)
         self.failed[task.index] = message
-        self.progress.update(len(task.clips))
+        self.progress.update(task.slice.clips)
 
     def _cancel_stuck(self) -> None:
         if not self.pending:
@@ -420,21 +454,44 @@ def _first_line(exc: Exception) -> str:
 
 
 def _dispatch(
-    tasks: list[ShardTask], settings: ShardSettings, cfg: PreprocessConfig, committed, result: JobResult
+    slices: Iterator[ShardSlice],
+    settings: ShardSettings,
+    cfg: PreprocessConfig,
+    committed: set[int],
+    result: JobResult,
+    started: float,
 ) -> dict[int, str]:
-    if not tasks:
+    """Run the shard tasks of the uncommitted slices (no cluster is started when there are none)."""
+    todo = (ShardTask(index=piece.index, slice=piece) for piece in slices if piece.index not in committed)
+    first = next(todo, None)
+    if first is None:
         return {}
+    storage.delete(DatasetLayout(settings.output).manifest)  # the data set is incomplete until the last shard
     from tqdm import tqdm
 
     with ray_session(cfg.ray):
-        with tqdm(
-            total=sum(len(t.clips) for t in tasks),
-            unit="clip",
-            disable=not cfg.progress,
-            file=sys.stderr,
-            desc="preprocess",
-        ) as bar:
-            return _Dispatcher(settings, cfg, committed, bar, result).run(tasks)
+        with tqdm(unit="clip", disable=not cfg.progress, file=sys.stderr, desc="preprocess") as bar:
+            tasks = itertools.chain([first], todo)
+            if settings.texts.joined():
+                tasks = [first, *todo]
+                _join_texts(tasks, settings)
+            return _Dispatcher(settings, cfg, committed, bar, result, started).run(tasks)
+
+
+def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:
+    """Each shard's texts into a file of its own (preprocess/text_join.py), read by the shard task: a join on Ray
+    Data over the clip ids of the shards to run, which each worker reads from its slices of the metadata."""
+    files, layout = list(settings.metadata), settings.layout
+
+    def clip_rows(row: dict) -> list[dict]:
+        piece = row["slice"]
+        return [
+            {"shard": piece.index, "position": c.position, "clip_id": c.clip_id}
+            for c in read_slice(files, piece, layout).clips
+        ]
+
+    clips = ray.data.from_items([{"slice": t.slice} for t in tasks]).flat_map(clip_rows)
+    join_texts(clips, settings.texts.joined(), settings.texts.max_chars, DatasetLayout(settings.output), None)
 
 
 @contextlib.contextmanager
@@ -476,27 +533,25 @@ def _code_packages() -> list:
 # --------------------------------------------------------------------------- results
 
 
-def _tally(result: JobResult, plan: InputPlan, committed: dict[int, ShardStats]) -> None:
-    result.clips = len(plan.clips)
-    for stats in committed.values():
-        result.ok += stats.ok
-        for reason, n in stats.failed.items():
-            result.failed[reason] = result.failed.get(reason, 0) + n
-        for name, n in stats.texts.items():
-            result.texts[name] = result.texts.get(name, 0) + n
-    for failure in plan.failures:
-        result.input_failures[failure.error] = result.input_failures.get(failure.error, 0) + 1
+def _tally(result: JobResult, stats: dict[int, ShardStats]) -> None:
+    for shard in stats.values():
+        result.ok += shard.ok
+        for into, counts in (
+            (result.failed, shard.failed),
+            (result.texts, shard.texts),
+            (result.input_failures, shard.input_failures),
+        ):
+            for reason, n in counts.items():
+                into[reason] = into.get(reason, 0) + n
 
 
-def _finalize(cfg: PreprocessConfig, plan: InputPlan, committed: dict[int, ShardStats]) -> str:
-    """Merge the failures tables, then write the manifest (last)."""
-    import pyarrow as pa
-
-    out = DatasetLayout(cfg.sharding.output)
-    tables = [failures_table((-1, -1, f) for f in plan.failures)]
-    tables += [read_table(out.shard_failures(k)) for k in sorted(committed)]
-    write_table(out.failures, pa.concat_tables(tables))
-    entries = tuple(e for k in sorted(committed) for e in committed[k].entries)
+def _finalize(cfg: PreprocessConfig, out: DatasetLayout, stats: dict[int, ShardStats]) -> str:
+    """Merge the failures tables (shard by shard: memory of one shard's table), then write the manifest (last)."""
+    tables = [out.shard_failures(k) for k in sorted(stats)]
+    if storage.exists(out.text_failures):
+        tables.insert(0, out.text_failures)
+    merge_tables(tables, out.failures)
+    entries = tuple(e for k in sorted(stats) for e in stats[k].entries)
     return write_manifest(out.root, Manifest(shards=entries, config=cfg.manifest_config()))
 
 
@@ -535,13 +590,14 @@ def join_texts(
 
     started = time.monotonic()
     spec = text_join.JoinSpec.of(sources, max_chars)
-    if text_join.is_joined(out, spec):
+    finished = text_join.finished_join(out, spec)
+    if finished is not None:
         log.info("text join: %s already holds the texts of %s; skipped", out.root, spec.marker()["sources"])
-        return text_join.TextJoinResult(skipped=True)
+        return finished
     storage.delete(out.texts_marker)
-    items = spec.read_items(range_bytes or text_join.RANGE_BYTES)
+    range_bytes = range_bytes or text_join.RANGE_BYTES
     partitions = num_partitions or spec.default_partitions(int(ray.cluster_resources().get("CPU", 1)))
-    failures = _text_join_dataset(clip_rows, spec, items, partitions, out)
+    failures = _text_join_dataset(clip_rows, spec, range_bytes, partitions, out)
     stream = text_join.FailureStream(spec)
     text_join.write_failures(out.text_failures, stream.failures(failures.iter_batches(batch_format="pyarrow")))
     result = stream.result
@@ -552,15 +608,22 @@ def join_texts(
     return result
 
 
-def _text_join_dataset(clip_rows, spec, items: list[dict], partitions: int, out: DatasetLayout):
+def _text_join_dataset(clip_rows, spec, range_bytes: int, partitions: int, out: DatasetLayout):
     """The lazy pipeline: parse -> join with the clips -> group by shard (write) -> the failure rows, sorted."""
     import ray.data
 
     from preprocess import text_join
 
-    parsed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        text_join.parse_items, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec}
-    )
+    context = ray.data.DataContext.get_current()
+    saved = context.shuffle_input_batch_bytes
+    # A shuffle map task coalesces its input up to this many bytes (1 GiB by default): one range's rows at most.
+    context.shuffle_input_batch_bytes = min(saved, range_bytes)
+    items = spec.read_items(range_bytes)
+    try:
+        items_ds = ray.data.from_items(items, override_num_blocks=len(items))  # takes the context as it is now
+    finally:
+        context.shuffle_input_batch_bytes = saved
+    parsed = items_ds.map_batches(text_join.parse_items, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec})
     if not isinstance(clip_rows, ray.data.Dataset):
         clip_rows = ray.data.from_arrow(text_join.clip_table(clip_rows))
     joined = parsed.join(clip_rows, join_type="full_outer", num_partitions=partitions, on=("clip_id",))

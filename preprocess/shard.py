@@ -95,12 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
 
     try:
+        if cfg.plan_only:
+            return _print_plan(cfg)
         result = run_job(cfg)
     except ValueError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0 if result.manifest else 1
+
+
+def _print_plan(cfg) -> int:
+    from preprocess.plan_report import plan_report
+
+    print("\n".join(plan_report(cfg).lines(cfg)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ from preprocess.config import Layout
 from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from preprocess.failures import Failure, failures_table, write_table
 from preprocess.inputs import ClipItem, TextEntry, clip_file
+from preprocess.plan import ShardSlice, SliceContents, read_slice
 from preprocess.text_stages import ModelFn, StageModel, TextStages
+from preprocess.texts import TextSources, with_texts
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,16 @@ class Faults:
 
 @dataclass(frozen=True, kw_only=True)
 class ShardSettings:
-    """What every shard task needs besides its clips."""
+    """What every shard task needs besides its slice of the metadata."""
 
     output: str
+    metadata: tuple[str, ...]
+    """The metadata files, in input order (preprocess/plan.py)."""
     videos: str
     layout: Layout
     decode: DecodeConfig
     max_shard_bytes: int
+    texts: TextSources = TextSources()
     faults: Faults = Faults()
     captioner: CaptionConfig | None = None
     """Generate captions of the clips that have none given (the model is passed to process_shard)."""
@@ -92,16 +97,12 @@ class ShardSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ShardTask:
-    """One shard's clips, plus what the driver learned about its videos."""
+    """One shard: where its clips lie in the metadata, plus what the driver learned about videos."""
 
     index: int
-    clips: tuple[ClipItem, ...]
-    video_uris: dict[str, str] = field(default_factory=dict)
-    """Source layout: video id -> URI, from the one listing of the videos folder."""
+    slice: ShardSlice
     excluded: dict[str, Failure] = field(default_factory=dict)
     """video id -> why the driver gave up on it (stage ``task``: timeout, worker death); its clips fail so."""
-    stale: tuple[str, ...] = ()
-    """Tar names of this shard that existed before the run (removed if not rewritten)."""
 
 
 @dataclass(kw_only=True)
@@ -112,6 +113,8 @@ class ShardStats:
     clips: int = 0
     ok: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    input_failures: dict[str, int] = field(default_factory=dict)
+    """Problems of metadata lines and entries that gave no clip, by error."""
     texts: dict[str, int] = field(default_factory=dict)
     clip_seconds: float = 0.0
     bytes: int = 0
@@ -143,10 +146,12 @@ class ShardStats:
 class _Shard:
     """Collects the outcome of each clip of one shard."""
 
-    def __init__(self, task: ShardTask, writer: ShardWriter):
+    def __init__(self, task: ShardTask, writer: ShardWriter, contents: SliceContents):
         self.task, self.writer = task, writer
-        self.stats = ShardStats(shard=task.index, clips=len(task.clips))
-        self.failures: list[tuple[int, int, Failure]] = []
+        self.stats = ShardStats(shard=task.index, clips=len(contents.clips))
+        self.failures: list[tuple[int, int, Failure]] = [(task.index, -1, f) for f in contents.failures]
+        for failure in contents.failures:
+            self.stats.input_failures[failure.error] = self.stats.input_failures.get(failure.error, 0) + 1
 
     def add(self, item: ClipItem, outcome: ClipSample | Failure) -> None:
         if isinstance(outcome, Failure):
@@ -210,35 +215,52 @@ def process_shard(
     _maybe_exit(task.index, settings.faults)
     time.sleep(settings.faults.delay_s)
     started = time.monotonic()
+    out = DatasetLayout(settings.output)
+    stale = out.shard_tars(task.index)
+    contents = read_slice(list(settings.metadata), task.slice, settings.layout)
+    clips, text_failures = with_texts(contents.clips, settings.texts, out, task.index)
+    contents.failures += text_failures
+    videos = _source_videos(settings, clips)
     scratch = _fresh_scratch(settings, task.index)
     try:
-        limits = ShardLimits(max_samples=max(1, len(task.clips)), max_bytes=settings.max_shard_bytes)
+        limits = ShardLimits(max_samples=max(1, len(clips)), max_bytes=settings.max_shard_bytes)
         with ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer:
-            shard = _Shard(task, writer)
+            shard = _Shard(task, writer, contents)
             stages = TextStages(shard.add, shard.note, caption=models.get("caption"), asr=models.get("asr"))
-            for run in video_runs(task.clips):
+            for run in video_runs(clips):
                 on_video(run[0].video_id)
-                for item, outcome, audio in _process_run(run, task, settings, scratch, shard.stats):
+                for item, outcome, audio in _process_run(run, task, settings, videos, scratch, shard.stats):
                     stages.add(item, outcome, audio)
             stages.finish()
         shard.stats.entries = list(writer.entries)
         shard.stats.bytes = sum(e.bytes for e in writer.entries)
         shard.stats.wall_seconds = round(time.monotonic() - started, 3)
-        _commit(task, settings, shard)
+        _commit(task, out, shard, stale)
         return shard.stats
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _commit(task: ShardTask, settings: ShardSettings, shard: _Shard) -> None:
-    out = DatasetLayout(settings.output)
+def _commit(task: ShardTask, out: DatasetLayout, shard: _Shard, stale: list[str]) -> None:
     shard.failures.sort(key=lambda row: row[1])
     write_table(out.shard_failures(task.index), failures_table(shard.failures))
     storage.write_bytes(out.stats(task.index), shard.stats.to_json())
     written = {e.url for e in shard.stats.entries}
-    for name in task.stale:
+    for name in stale:
         if name not in written:
             storage.delete(out.path(name))
+
+
+def _source_videos(settings: ShardSettings, clips: list[ClipItem]) -> dict[str, str]:
+    """Source layout: video id -> URI of ``<video_id>.<ext>`` for this shard's videos (the first in name order
+    when there are several), looked up for this shard alone."""
+    if settings.layout is not Layout.SOURCE:
+        return {}
+    found = storage.children_by_stem(settings.videos, {c.video_id for c in clips if c.problem is None})
+    for video_id, files in found.items():
+        if len(files) > 1:
+            log.warning("video %s: several files (%s); using %s", video_id, [n for n, _ in files], files[0][1])
+    return {video_id: files[0][1] for video_id, files in found.items()}
 
 
 def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
@@ -253,7 +275,7 @@ def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
         yield run
 
 
-def _process_run(run, task: ShardTask, settings: ShardSettings, scratch: str, stats: ShardStats):
+def _process_run(run, task: ShardTask, settings: ShardSettings, videos: dict[str, str], scratch: str, stats):
     todo = []
     for item in run:
         if item.problem:
@@ -271,7 +293,7 @@ def _process_run(run, task: ShardTask, settings: ShardSettings, scratch: str, st
                 clip_file(settings.videos, item.video_id, item.clip_id), [item], settings, scratch, stats
             )
         return
-    uri = task.video_uris.get(run[0].video_id)
+    uri = videos.get(run[0].video_id)
     if uri is None:
         message = f"no file {run[0].video_id}.<ext> under {settings.videos}"
         yield from ((item, item.fail("open", "missing_file", message), None) for item in todo)

@@ -32,7 +32,7 @@ GOLDEN = {
     "shard-000004-000.tar": "7395afaafb800759bf8b94de32f5fcb87b33c4e8da77b00956ec4cf4c28c32eb",
     "manifest.json": "30b1f89b55d8bb1b43142c74429a122d99f3b41e59e2225d193a950ed4bf266c",
     "sizes.json": "e5b2d2b9bf42a8b45a35d7791da274293d10634f792b7111abed1fccef96482c",
-    "failures.parquet": "6e59c091c7537c92ea4b4d41ab0e11b3ca278f5c3e8f8bc9510bc3b31dbbb54c",
+    "failures.parquet": "a0e91c7664395f6e792ebad612792fceaac9983851e911c1d3633b9843db37e9",
 }
 
 

@@ -40,5 +40,6 @@ def test_listings(tmp_path):
     for index in (0, 2):
         storage.write_bytes(out.stats(index), b"{}")
     storage.write_bytes(out.path("stats", "README"), b"")
-    assert out.list_tars() == {0: ["shard-000000-000.tar", "shard-000000-001.tar"], 2: ["shard-000002-000.tar"]}
+    assert out.shard_tars(0) == ["shard-000000-000.tar", "shard-000000-001.tar"]
+    assert out.shard_tars(2) == ["shard-000002-000.tar"] and out.shard_tars(1) == []
     assert out.list_stats() == {0: out.stats(0), 2: out.stats(2)}

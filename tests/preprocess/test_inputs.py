@@ -7,7 +7,16 @@ import json
 import pytest
 
 from preprocess.config import InputConfig, Layout, RayConfig, ShardingConfig
-from preprocess.inputs import check_span, list_source_videos, parse_time, read_inputs, read_metadata, read_texts
+from preprocess.inputs import check_span, list_source_videos, parse_time, read_texts
+from preprocess.plan import metadata_files, plan_shards, read_slice
+
+
+def read_metadata(uri: str, layout: Layout):
+    """Every clip and problem of a metadata file, read as one shard."""
+    files = metadata_files(uri)
+    (piece,) = plan_shards(files, 10**9, layout)
+    contents = read_slice(files, piece, layout)
+    return contents.clips, contents.failures
 
 
 @pytest.mark.parametrize(
@@ -123,7 +132,7 @@ def test_texts(tmp_path):
     ]
 
 
-def test_inputs_join_texts_and_chunk_by_position(tmp_path):
+def test_shards_are_chunks_of_positions(tmp_path):
     meta = _meta(
         tmp_path,
         [
@@ -131,17 +140,17 @@ def test_inputs_join_texts_and_chunk_by_position(tmp_path):
             for i in range(3)
         ],
     )
-    caps = tmp_path / "caps.jsonl"
-    caps.write_text(json.dumps({"clip_id": "v1.2", "caption": "a red circle"}) + "\n")
-    plan = read_inputs(InputConfig(metadata=meta, videos=str(tmp_path), captions=str(caps)))
-    chunks = plan.chunks(4)
-    assert [[c.position for c in chunk] for chunk in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
-    assert chunks[1][1].caption.text == "a red circle" and chunks[1][1].subtitle is None
+    files = metadata_files(meta)
+    shards = [read_slice(files, piece, Layout.SOURCE).clips for piece in plan_shards(files, 4, Layout.SOURCE)]
+    assert [[c.position for c in clips] for clips in shards] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert [c.clip_id for c in shards[1]] == ["v1.1", "v1.2", "v2.0", "v2.1"]
 
 
 def test_missing_metadata_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="nope.jsonl: not found"):
-        read_inputs(InputConfig(metadata=str(tmp_path / "nope.jsonl"), videos=str(tmp_path)))
+        metadata_files(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="part-\\*.jsonl: no file matches"):
+        metadata_files(str(tmp_path / "part-*.jsonl"))
 
 
 def test_source_listing(tmp_path):

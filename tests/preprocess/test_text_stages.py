@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -281,38 +280,27 @@ def test_decoder_reads_audio_in_the_same_pass(av_corpus):
             assert 0.05 < float(np.abs(clip.audio).max()) <= 1.0  # the sine tone, not silence
 
 
-def test_text_import_caption_list_and_lmdb(av_corpus, tmp_path):
+def test_lmdb_texts_are_looked_up_by_the_shard_task(av_corpus, tmp_path):
+    """An LMDB source needs no join: the task reads its clips' texts from the local store (JSON-list captions go
+    through the join: tests/preprocess/test_text_join.py)."""
     lmdb = pytest.importorskip("lmdb", reason="lmdb is not installed")
-    from preprocess.config import InputConfig
-    from preprocess.inputs import read_inputs
+    from pipeline.layout import DatasetLayout
+    from preprocess.config import Layout
+    from preprocess.plan import metadata_files, plan_shards, read_slice
+    from preprocess.texts import TextSources, with_texts
 
-    captions = tmp_path / "captions.json"
-    captions.write_text(
-        json.dumps(
-            [
-                {"image_id": "av0.0.mp4", "caption": "a tone"},
-                {"image_id": "mute.1.mp4", "caption": "x" * 30},
-                {"image_id": "av0.0.mp4", "caption": "again"},
-                {"caption": "no id"},
-            ]
-        )
-    )
     db = tmp_path / "subs.lmdb"
     with lmdb.open(str(db), map_size=1 << 20) as env, env.begin(write=True) as txn:
-        txn.put(b"av1.1.mp4", b"lmdb words")
+        txn.put(b"av1.1.mp4", b"lmdb words that run long")
         txn.put(b"mute.0.mp4", b"bad \xff byte")
-    plan = read_inputs(
-        InputConfig(
-            metadata=str(av_corpus["metadata"]),
-            videos=str(av_corpus["videos"]),
-            captions=str(captions),
-            subtitles=str(db),
-            max_text_chars=20,
-        )
-    )
-    by_id = {c.clip_id: c for c in plan.clips}
-    assert by_id["av0.0.mp4"].caption.text == "a tone" and by_id["av0.0.mp4"].caption.origin == str(captions)
-    assert by_id["mute.1.mp4"].caption.truncated and len(by_id["mute.1.mp4"].caption.text) == 20
-    assert by_id["av1.1.mp4"].subtitle.text == "lmdb words" and by_id["av1.1.mp4"].subtitle.origin == str(db)
+    files = metadata_files(str(av_corpus["metadata"]))
+    (piece,) = plan_shards(files, 1000, Layout.SOURCE)
+    clips = read_slice(files, piece, Layout.SOURCE).clips
+    texts = TextSources.of(str(db), None, max_chars=20)
+    assert texts.sources["subtitles"].kind == "lmdb" and not texts.joined()
+    with_text, failures = with_texts(clips, texts, DatasetLayout(str(tmp_path / "out")), 0)
+    by_id = {c.clip_id: c for c in with_text}
+    assert by_id["av1.1.mp4"].subtitle.text == "lmdb words that run " and by_id["av1.1.mp4"].subtitle.truncated
+    assert by_id["av1.1.mp4"].subtitle.origin == str(db) and by_id["av0.0.mp4"].subtitle is None
     assert by_id["mute.0.mp4"].subtitle.text == "bad \ufffd byte"
-    assert sorted(f.error for f in plan.failures) == ["bad_record", "duplicate_text", "non_utf8"]
+    assert [(f.error, f.clip_id, f.dropped) for f in failures] == [("non_utf8", "mute.0.mp4", False)]

@@ -1,0 +1,114 @@
+"""``--plan-only``: validate every input at full scale without decoding, and estimate what the job will cost.
+
+The metadata is planned and each shard's slice read exactly as the shard tasks will read it (preprocess/plan.py),
+so the problem counts are the ones the job will record. Text files are read through once, as a stream (their
+duplicates are found by the join, not here); an LMDB is opened and counted. Memory stays that of one shard.
+
+The cost estimate multiplies the plan's clips and seconds of video by the per-clip figures of `CostModel`,
+measured on this project's benchmarks (docs/scale.md says how to measure them again on your machines).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass, field
+
+from pipeline import storage
+from preprocess.config import PreprocessConfig
+from preprocess.inputs import json_line, text_format
+from preprocess.plan import metadata_files, plan_shards, read_slice
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostModel:
+    """Per-clip costs measured here (docs/scale.md): override them with your own measurements."""
+
+    cpu_seconds_per_clip: float = 0.53
+    """Decode + resize + JPEG of one 10 s 720p H.264 clip at 12 frames, one core (bench/preprocess.py)."""
+    bytes_per_frame: int = 12_000
+    """One stored 224x224 JPEG at quality 90, with its share of the sample's metadata (docs/scale.md)."""
+    requests_per_shard: int = 6
+    """S3 requests a shard task makes besides its videos: slice read, text file, listing, tar, failures, stats."""
+
+
+@dataclass
+class PlanReport:
+    files: int = 0
+    bytes: int = 0
+    videos: int = 0
+    clips: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    problems: collections.Counter = field(default_factory=collections.Counter)
+    texts: dict[str, str] = field(default_factory=dict)
+
+    def lines(self, cfg: PreprocessConfig, cost: CostModel = CostModel()) -> list[str]:
+        frames = cfg.decode.num_frames if cfg.decode.fps is None else cfg.decode.max_frames
+        ok = self.clips - sum(n for key, n in self.problems.items() if key.startswith("clip:"))
+        core_hours = ok * cost.cpu_seconds_per_clip / 3600
+        out_bytes = ok * frames * cost.bytes_per_frame
+        problems = ", ".join(f"{k}: {n}" for k, n in sorted(self.problems.items())) or "none"
+        return [
+            f"metadata: {self.files} file(s), {self.bytes / 1e9:.3f} GB",
+            f"videos: {self.videos} records; clips: {self.clips} ({self.seconds / 3600:.1f} hours of video); "
+            f"shards: {self.shards} of up to {cfg.sharding.clips_per_shard} clips",
+            f"problems: {problems}",
+            *(f"{stage}: {what}" for stage, what in self.texts.items()),
+            f"estimate: {core_hours:,.0f} core-hours of decoding ({ok} clips x {cost.cpu_seconds_per_clip} s), "
+            f"{out_bytes / 1e12:.3f} TB of shards ({frames} frames x {cost.bytes_per_frame} B), "
+            f"{self.shards * cost.requests_per_shard:,} S3 requests besides the videos (docs/scale.md)",
+        ]
+
+
+def plan_report(cfg: PreprocessConfig) -> PlanReport:
+    """Read every input as the job would, decode nothing; ValueError if an input cannot be read at all."""
+    report = PlanReport()
+    files = metadata_files(cfg.inputs.metadata)
+    report.files = len(files)
+    report.bytes = sum(storage.size(f) for f in files)
+    for piece in plan_shards(files, cfg.sharding.clips_per_shard, cfg.inputs.layout):
+        contents = read_slice(files, piece, cfg.inputs.layout)
+        report.shards += 1
+        report.clips += len(contents.clips)
+        report.videos += contents.videos
+        report.problems.update(f"line:{f.error}" for f in contents.failures)
+        report.problems.update(f"clip:{c.problem.error}" for c in contents.clips if c.problem)
+        report.seconds += sum(c.span[1] - c.span[0] for c in contents.clips if c.span and not c.problem)
+    for stage, uri in (("subtitles", cfg.inputs.subtitles), ("captions", cfg.inputs.captions)):
+        if uri:
+            report.texts[stage] = _check_texts(uri, stage, report.problems)
+    return report
+
+
+TEXT_FIELDS = {"subtitles": "text", "captions": "caption"}
+
+
+def _text_record(record: object, field: str) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("clip_id"), str) and isinstance(record.get(field), str)
+
+
+def _check_texts(uri: str, stage: str, problems: collections.Counter) -> str:
+    try:
+        kind = text_format(uri)
+    except storage.StorageNotFound as exc:
+        raise ValueError(f"{stage} {uri}: not found ({exc})") from exc
+    if kind == "lmdb":
+        import lmdb
+
+        path = storage.parse(uri).path
+        with lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path)) as env:
+            return f"LMDB {uri}, {env.stat()['entries']} entries (looked up by each shard task)"
+    if kind == "list":
+        return f"JSON list {uri}, {storage.size(uri) / 1e9:.3f} GB (converted and joined before the shard tasks)"
+    records = 0
+    with storage.open_read(uri) as stream:
+        for number, raw in enumerate(stream, start=1):
+            if not raw.strip():
+                continue
+            record, notes = json_line(uri, number, raw.strip(), stage)
+            problems.update(f"{stage}:{n.error}" for n in notes)
+            if record is not None and not _text_record(record, TEXT_FIELDS[stage]):
+                problems[f"{stage}:bad_record"] += 1
+            records += record is not None
+    return f"jsonl {uri}, {records} records (joined before the shard tasks; duplicates are found by the join)"
