@@ -1,0 +1,229 @@
+"""The job on a 2-node Ray cluster on one machine that loses its worker node while shard tasks run on it.
+
+``ray.cluster_utils.Cluster`` starts a head node with no CPUs, so every shard task lands on the worker
+node (2 CPUs); the driver is its own process (``preprocess/shard.py --ray-address``), as on a real
+cluster. Every shard task first sleeps ``DELAY_S`` (``VIDPROXY_FAULT_DELAY_S``). The test removes the
+worker node while two tasks sleep on it and two more wait to be scheduled, leaves the cluster without
+a worker until Ray has resubmitted the two lost tasks and longer than the per-video timeout, then adds
+a fresh worker node. The data set must come out byte-identical to the one a plain one-node cluster writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline import storage
+from pipeline.layout import DatasetLayout
+from pipeline.shards import iter_dataset
+from preprocess.shard_task import FAULT_DELAY_ENV
+from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, dataset_bytes, make_corpus, script_env, write_jsonl
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+DELAY_S = 2.0
+"""Each shard task sleeps this long before its first video: the window in which its node is removed."""
+VIDEO_TIMEOUT_S = 4.0
+NO_WORKER_S = 5.0
+"""The least time the cluster has no worker node: longer than the per-video timeout."""
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+"""The head declares a silent node dead after ~5 s (Ray's default: ~15 s)."""
+RETRIED = "so the task will be retried"
+"""Ray's message (in the driver's log) when it resubmits a task whose node died."""
+CLIP_IDS = [f"vid{v:02d}.{c}.mp4" for v in range(6) for c in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ray_tmpdir():
+    """A private RAY_TMPDIR: the clusters' session folders and address file stay out of /tmp/ray.
+
+    Other sessions' ``ray.init()`` must never find these clusters. Every process the clusters start
+    inherits the variable, which is how the test finds what is left of them.
+    """
+    root = Path(tempfile.mkdtemp(prefix="vpmn-", dir="/tmp"))  # short: Ray's socket paths live under it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", str(root))
+        yield root
+    _kill(_processes_of(root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """make_corpus's videos, with each clip's subtitle and caption inline in the metadata.
+
+    Inline texts need no text-join pass before the shard tasks (preprocess/texts.py), which keeps the test short.
+    """
+    paths = make_corpus(tmp_path_factory.mktemp("corpus"))
+    texts = {}
+    for name, key in (("subtitles", "text"), ("captions", "caption")):
+        for line in paths.pop(name).read_text().splitlines():
+            row = json.loads(line)
+            texts.setdefault(row["clip_id"], {})[name[:-1]] = row[key]
+    videos = [json.loads(line) for line in paths["metadata"].read_text().splitlines()]
+    for video in videos:
+        for clip in video["clip"]:
+            clip.update(texts[clip["clip_id"]])
+    write_jsonl(paths["metadata"], videos)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def one_node(corpus, ray_tmpdir, tmp_path_factory) -> Path:
+    """The reference: the same job on a plain one-node, 2-CPU local cluster."""
+    out = tmp_path_factory.mktemp("one_node") / "out"
+    log = out.parent / "driver.log"
+    proc = _start_driver(corpus, out, log, "--ray-address", "local", "--num-cpus", "2")
+    try:
+        assert proc.wait(timeout=180) == 0, _tail(log)
+    finally:
+        _kill_group(proc)
+    return out
+
+
+def test_worker_node_removed_mid_job(corpus, one_node, ray_tmpdir, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    clock = {"start": time.monotonic()}  # when each step ended, printed at the end (pytest -s)
+    head_args = {"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS}
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        clock["cluster up"] = time.monotonic()
+        proc = _start_driver(corpus, out, log, "--ray-address", cluster.address, env={FAULT_DELAY_ENV: str(DELAY_S)})
+        try:
+            tasks = lambda: _ray_processes(worker, "ray::_run_shard")  # noqa: E731
+            _wait_for("2 shard tasks running on the worker node", tasks, proc, log)
+            assert not _ray_processes(worker, "ray::_Board"), "the timeout board would die with the worker node"
+            clock["tasks running"] = time.monotonic()
+            _lose(cluster, worker)
+            _wait_for("Ray to resubmit the 2 lost tasks", lambda: log.read_text().count(RETRIED), proc, log)
+            clock["lost tasks resubmitted"] = time.monotonic()
+            time.sleep(max(0.0, clock["tasks running"] + NO_WORKER_S - time.monotonic()))
+            assert proc.poll() is None, "the driver stopped while the cluster had no worker:\n" + _tail(log)
+            assert not list(out.glob("stats/*.json")), "a shard was committed with no worker node"
+            cluster.add_node(num_cpus=2)
+            clock["new worker up"] = time.monotonic()
+            assert proc.wait(timeout=120) == 0, _tail(log)
+            clock["job done"] = time.monotonic()
+        finally:
+            _kill_group(proc)
+    finally:
+        cluster.shutdown()
+    print(", ".join(f"{step} {at - clock['start']:.1f} s" for step, at in clock.items()))
+    _, leftovers = psutil.wait_procs(_processes_of(ray_tmpdir), timeout=15)
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+    result = _run_result(out)
+    assert result["manifest"] and result["shards_run"] == 4 and not result["shards_failed"], result
+    assert result["ok"] == 12 and not result["failed"], "a task that waited for a node was timed out"
+    assert dataset_bytes(out) == dataset_bytes(one_node)
+    samples = list(iter_dataset(str(out)))
+    assert [s.meta.clip_id for s in samples] == CLIP_IDS
+    assert samples[3].subtitle == "subtitle vid01 1" and samples[3].caption == "a smptebars pattern, clip 1"
+    assert not [p for p in out.rglob("*") if p.name.startswith(storage.TEMP_PREFIX)]
+    scratch = os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
+    assert not [k for k in range(4) if os.path.exists(DatasetLayout(str(out)).scratch(scratch, k))]
+    text = log.read_text()
+    assert text.count(RETRIED) == 2, "Ray did not retry exactly the two lost tasks:\n" + text[-3000:]
+    assert "cancelling the task" not in text and "); retrying" not in text, text[-3000:]
+
+
+def _start_driver(corpus, out: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """preprocess/shard.py on ``corpus`` (texts inline), at most 4 tasks in flight, output to ``log``."""
+    args = cli_args({**corpus, "subtitles": "", "captions": ""}, out, "--max-in-flight", "4", *extra)
+    text_flags = {i for i, arg in enumerate(args) if arg in ("--subtitles", "--captions")}
+    args = [arg for i, arg in enumerate(args) if i not in text_flags and i - 1 not in text_flags]
+    args += ["--video-timeout", str(VIDEO_TIMEOUT_S)]
+    with open(log, "w") as sink:
+        return subprocess.Popen(
+            [PYTHON, str(REPO / "preprocess/shard.py"), *args],
+            cwd=out.parent,
+            env=script_env(RAY_DEDUP_LOGS="0", **(env or {})),  # every one of Ray's messages in the log
+            start_new_session=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _lose(cluster, node) -> None:
+    """``node`` goes as a machine would: its raylet and agents, then its workers, killed at once.
+
+    (Removed alone, a raylet leaves its workers running for a few seconds; those would go on with their tasks.)
+    """
+    workers = psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    _kill(workers)
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _ray_processes(node, title: str) -> list[psutil.Process]:
+    """The processes of ``node`` (its raylet's descendants) whose title starts with ``title``."""
+    found = []
+    for child in psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True):
+        try:
+            if " ".join(child.cmdline()).startswith(title):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_for(what: str, find, driver: subprocess.Popen, log: Path, count: int = 2, timeout: float = 90):
+    """``find()`` once it holds (or is) ``count`` or more; AssertionError after ``timeout`` s or if the driver stops."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and driver.poll() is None:
+        found = find()
+        if (found if isinstance(found, int) else len(found)) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"waited in vain for {what}; the driver's log:\n" + _tail(log))
+
+
+def _run_result(out: Path) -> dict:
+    (run_log,) = out.glob("logs/run-*.json")
+    return json.loads(run_log.read_text())["result"]
+
+
+def _processes_of(ray_tmpdir: Path) -> list[psutil.Process]:
+    """Live processes whose environment carries this test's RAY_TMPDIR (the clusters' and drivers')."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("RAY_TMPDIR") == str(ray_tmpdir):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """The driver and anything it started in its session (a one-node run's local cluster)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:] if log.exists() else "(no log)"
