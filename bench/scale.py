@@ -255,12 +255,13 @@ def _env(repo: Path, ray_tmp: str | None = None) -> dict[str, str]:
 
 
 def driver_command(
-    repo: Path, files: CorpusFiles, videos: Path, output: Path, *, multi_file: bool, plan_only: bool
+    repo: Path, files: CorpusFiles, videos: Path, output: Path, *, multi_file: bool, plan_only: bool, texts: bool = True
 ) -> list[str]:
     # a comma-separated list keeps the parts in release order (a glob would sort part10 before part2)
     metadata = ",".join(str(p) for p in files.parts) if multi_file else str(files.joined_metadata())
     cmd = [sys.executable, str(repo / "preprocess/shard.py"), "--metadata", metadata]
-    cmd += ["--subtitles", str(files.subtitles), "--captions", str(files.captions)]
+    if texts:
+        cmd += ["--subtitles", str(files.subtitles), "--captions", str(files.captions)]
     cmd += ["--videos", str(videos), "--output", str(output), "--ray-address", "local", "--no-progress"]
     return cmd + (["--plan-only"] if plan_only else [])
 
@@ -422,8 +423,15 @@ def measure_size(name: str, files: CorpusFiles, args, *, plan_only: bool, multi_
         (work_path / "videos").mkdir()
         for mode in modes:
             output = work_path / f"out-{mode}"
+            texts = mode == "plan" or args.first_task_texts
             cmd = driver_command(
-                args.repo, files, work_path / "videos", output, multi_file=multi_file, plan_only=mode == "plan"
+                args.repo,
+                files,
+                work_path / "videos",
+                output,
+                multi_file=multi_file,
+                plan_only=mode == "plan",
+                texts=texts,
             )
             run = runs[mode] = measure(args.repo, cmd, stop_at_marker=mode == "first", timeout=args.timeout)
             print(f"{name} {mode}: {run.peak_rss_mb:,.0f} MB, {run.wall_s:.1f} s, exit {run.returncode}", flush=True)
@@ -458,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating the parts")
     parser.add_argument("--generate-only", action="store_true", help="only make (or find) the inputs")
     parser.add_argument("--no-plan-only", action="store_true", help="skip the --plan-only runs")
+    parser.add_argument(
+        "--first-task-texts",
+        action="store_true",
+        help="pass the text files to the run timed to its first task too (the new driver then joins them on Ray "
+        "Data first: bench/text_join.py measures that pre-pass on its own)",
+    )
     parser.add_argument("--no-first-task", action="store_true", help="skip the runs killed at the first task")
     parser.add_argument("--worker-rss", action="store_true", help="also measure the text join's per-worker RSS")
     parser.add_argument(

@@ -80,24 +80,12 @@ def write_jsonl(path: Path, records: list) -> None:
 
 
 def cli_args(corpus: dict[str, Path], output, *extra: str) -> list[str]:
-    """Command-line arguments of a small, fast job over ``corpus``."""
+    """Command-line arguments of a small, fast job over ``corpus`` (a text source set to None is left out)."""
+    texts = [(f"--{name}", str(corpus[name])) for name in ("subtitles", "captions") if corpus.get(name) is not None]
     return [
-        "--metadata",
-        str(corpus["metadata"]),
-        "--videos",
-        str(corpus["videos"]),
-        "--subtitles",
-        str(corpus["subtitles"]),
-        "--captions",
-        str(corpus["captions"]),
-        "--output",
-        str(output),
-        "--clips-per-shard",
-        "3",
-        "--num-frames",
-        "4",
-        "--short-side",
-        "64",
+        *("--metadata", str(corpus["metadata"]), "--videos", str(corpus["videos"])),
+        *(arg for pair in texts for arg in pair),
+        *("--output", str(output), "--clips-per-shard", "3", "--num-frames", "4", "--short-side", "64"),
         "--no-progress",
         *extra,
     ]
