@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import resource
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,9 +43,9 @@ from preprocess.inputs import TextEntry, text_format
 
 STAGES = {"subtitles": "text", "captions": "caption"}
 """Stage name -> the jsonl field holding its text; a stage's index in this dict is its ``stage`` column."""
-RANGE_BYTES = 32 << 20
+RANGE_BYTES = 16 << 20
 """Bytes of a jsonl source parsed by one task."""
-PARTITION_BYTES = 256 << 20
+PARTITION_BYTES = 32 << 20
 """Source bytes per join partition when the caller does not choose (a partition is joined in one worker)."""
 MARKER_VERSION = 1
 
@@ -200,8 +199,19 @@ class _Rows:
     def problem(self, stage: int, part: int, order: int, seq: int, line: int, error: str, detail: str, **extra):
         key = f"\0{stage}:{order}:{seq}"
         dropped = extra.pop("dropped", True)
-        self.add(kind=FAILURE, stage=stage, part=part, order=order, seq=seq, line=line, clip_id=key, error=error,
-                 detail=detail, dropped=dropped, **extra)
+        self.add(
+            kind=FAILURE,
+            stage=stage,
+            part=part,
+            order=order,
+            seq=seq,
+            line=line,
+            clip_id=key,
+            error=error,
+            detail=detail,
+            dropped=dropped,
+            **extra,
+        )
 
     def table(self):
         import pyarrow as pa
@@ -246,8 +256,16 @@ def _parse_range(source: TextSource, part: int, start: int, end: int, max_chars:
         raw = raw.strip()
         if raw:
             _parse_line(source, part, offset, number, raw, max_chars, rows)
-    rows.add(kind=LINES, stage=source.index, part=part, order=start, seq=0, line=0, count=number,
-             clip_id=f"\0{source.index}:lines:{part}")
+    rows.add(
+        kind=LINES,
+        stage=source.index,
+        part=part,
+        order=start,
+        seq=0,
+        line=0,
+        count=number,
+        clip_id=f"\0{source.index}:lines:{part}",
+    )
 
 
 def _parse_line(source: TextSource, part: int, offset: int, number: int, raw: bytes, max_chars: int, rows) -> None:
@@ -271,8 +289,7 @@ def _parse_line(source: TextSource, part: int, offset: int, number: int, raw: by
         detail = f'expected {{"clip_id": str, "{source.field}": str}}'
         rows.problem(stage, seq=_LINE_PROBLEM, error="bad_record", detail=detail, **where)
         return
-    rows.add(kind=TEXT, stage=stage, clip_id=clip_id, text=value[:max_chars], truncated=len(value) > max_chars,
-             **where)
+    rows.add(kind=TEXT, stage=stage, clip_id=clip_id, text=value[:max_chars], truncated=len(value) > max_chars, **where)
 
 
 def _parse_list(source: TextSource, max_chars: int, rows: _Rows) -> None:
@@ -306,8 +323,16 @@ def _parse_list(source: TextSource, max_chars: int, rows: _Rows) -> None:
             detail = f'{uri} entry {index}: expected {{"image_id": str, "caption": str}}'
             rows.problem(stage, 0, index, _LINE_PROBLEM, 0, "bad_record", detail)
             continue
-        rows.add(kind=TEXT, stage=stage, part=0, order=index, line=0, clip_id=clip_id, text=value[:max_chars],
-                 truncated=len(value) > max_chars)
+        rows.add(
+            kind=TEXT,
+            stage=stage,
+            part=0,
+            order=index,
+            line=0,
+            clip_id=clip_id,
+            text=value[:max_chars],
+            truncated=len(value) > max_chars,
+        )
 
 
 def clip_table(rows: Iterable[dict]):
@@ -328,11 +353,12 @@ def route(table):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    kind, shard = table["kind"], table["shard"]
+    kind, shard = table["kind"], pc.cast(table["shard"], pa.int64())
     problem = pc.fill_null(pc.less(kind, TEXT), False)
     keep = pc.or_(problem, pc.is_valid(shard))
-    range_key = pc.subtract(pa.scalar(-1, pa.int64()),
-                            pc.add(pc.shift_left(pc.cast(table["stage"], pa.int64()), 40), table["part"]))
+    range_key = pc.subtract(
+        pa.scalar(-1, pa.int64()), pc.add(pc.shift_left(pc.cast(table["stage"], pa.int64()), 40), table["part"])
+    )
     group = pc.if_else(problem, range_key, shard)
     routed = table.append_column("group", group).filter(keep)
     return routed.select(list(ROUTED_COLUMNS)).cast(_schema(*ROUTED_COLUMNS))
@@ -415,9 +441,7 @@ def shard_texts(out: DatasetLayout, index: int) -> dict[int, tuple[TextEntry | N
     found = {}
     for line in data.decode("utf-8").splitlines():
         record = json.loads(line)
-        found[record["position"]] = tuple(
-            TextEntry(**record[stage]) if stage in record else None for stage in STAGES
-        )
+        found[record["position"]] = tuple(TextEntry(**record[stage]) if stage in record else None for stage in STAGES)
     return found
 
 
@@ -476,9 +500,10 @@ def write_failures(uri: str, failures: Iterable[Failure], rows_per_group: int = 
 
     from preprocess.failures import failures_table
 
-    with storage.open_write(uri) as stream, contextlib.closing(
-        pq.ParquetWriter(stream, table_schema(), compression="zstd")
-    ) as writer:
+    with (
+        storage.open_write(uri) as stream,
+        contextlib.closing(pq.ParquetWriter(stream, table_schema(), compression="zstd")) as writer,
+    ):
         chunk: list[Failure] = []
         for failure in failures:
             chunk.append(failure)
@@ -501,12 +526,10 @@ def write_marker(out: DatasetLayout, spec: JoinSpec, result: TextJoinResult) -> 
     storage.write_bytes(out.texts_marker, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
 
-def is_joined(out: DatasetLayout, spec: JoinSpec) -> bool:
-    """True when a finished join with the same sources and cut left its marker."""
+def finished_join(out: DatasetLayout, spec: JoinSpec) -> TextJoinResult | None:
+    """What a finished join with the same sources and cut recorded in its marker (``skipped`` set); None when
+    there is no such marker."""
     found = read_marker(out)
-    return found is not None and {k: found.get(k) for k in spec.marker()} == spec.marker()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if found is None or {k: found.get(k) for k in spec.marker()} != spec.marker():
+        return None
+    return dataclasses.replace(TextJoinResult(**found["result"]), skipped=True)
