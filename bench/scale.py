@@ -360,14 +360,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def worker_rss(files: CorpusFiles, work: Path) -> float | None:
-    """Hook (``--worker-rss``): the text join's largest per-worker peak RSS in MB at this size; None until the
-    join exists.
+    """``--worker-rss``: the text join's largest per-worker peak RSS in MB at this size (bench/text_join.py: the
+    join alone on a local cluster of this machine's CPUs, each ``ray::`` worker's VmHWM; the driver's and Ray's
+    own processes are not counted)."""
+    from text_join import measure
 
-    To fill in: run the text-join pre-pass on ``files`` (output under ``work``) and return the largest peak RSS
-    of its workers, each worker reporting its own ``resource.getrusage(resource.RUSAGE_SELF).ru_maxrss`` (KB)
-    with its result, so the driver's and Ray's processes are not counted.
-    """
-    return None
+    return measure(files, work, cpus=os.cpu_count() or 2, partition_mb=32, clips_per_shard=1000)["max_worker_mb"]
 
 
 # -- report ------------------------------------------------------------------------------------
