@@ -37,6 +37,29 @@ def test_list_children_names_files_directly_in_the_folder(root):
     assert storage.list_children(storage.join(root, "none")) == []
 
 
+def test_prefix_listing_stems_and_globs(root):
+    for name in ("v1.mp4", "v1.webm", "v10.mp4", "v2.mkv", "part-2.jsonl", "part-10.jsonl", "sub/v3.mp4"):
+        storage.write_bytes(storage.join(root, name), b"x")
+    assert [n for n, _ in storage.list_children(root, "v1")] == ["v1.mp4", "v1.webm", "v10.mp4"]
+    found = storage.children_by_stem(root, {"v1", "v2", "v3", "nope"})
+    assert found == {
+        "v1": [("v1.mp4", storage.join(root, "v1.mp4")), ("v1.webm", storage.join(root, "v1.webm"))],
+        "v2": [("v2.mkv", storage.join(root, "v2.mkv"))],
+    }
+    assert storage.expand(storage.join(root, "part-*.jsonl")) == [
+        storage.join(root, "part-10.jsonl"),
+        storage.join(root, "part-2.jsonl"),
+    ]
+    assert storage.expand(storage.join(root, "v2.mkv")) == [storage.join(root, "v2.mkv")]
+
+
+def test_ranged_read_starts_at_the_offset(root):
+    uri = storage.join(root, "lines.txt")
+    storage.write_bytes(uri, b"0123456789" * 100)
+    with storage.open_read(uri, start=995) as stream:
+        assert stream.read() == b"56789"
+
+
 def test_missing_object_is_named(root):
     uri = storage.join(root, "nothing-here.tar")
     with pytest.raises(storage.StorageNotFound, match="nothing-here.tar"):
