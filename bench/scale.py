@@ -277,9 +277,9 @@ def _vm_hwm_kb(pid: int) -> int | None:
     return None  # a zombie has no memory lines
 
 
-def measure(repo: Path, cmd: list[str], *, stop_at_marker: bool, timeout: float) -> Run:
+def measure(repo: Path, cmd: list[str], *, stop_at_marker: bool, timeout: float, proxy: bool = True) -> Run:
     """Run ``cmd``; sample the driver's VmHWM; with ``stop_at_marker``, kill it (and its Ray processes) once the
-    first-task (or proxy) line is on stderr."""
+    first-task line (or, with ``proxy``, for a driver without it, the cluster line) is on stderr."""
     ray_tmp = tempfile.mkdtemp(prefix="vps-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     run = Run()
     tail: deque[str] = deque(maxlen=40)
@@ -301,7 +301,7 @@ def measure(repo: Path, cmd: list[str], *, stop_at_marker: bool, timeout: float)
             if run.marker_s is not None:
                 continue
             match = FIRST_TASK.search(line)
-            if match or CLUSTER_UP.search(line):
+            if match or (proxy and CLUSTER_UP.search(line)):
                 run.marker_s = time.monotonic() - started
                 run.driver_s = float(match.group(1)) if match else None
                 run.proxy = match is None
@@ -431,7 +431,9 @@ def measure_size(name: str, files: CorpusFiles, args, *, plan_only: bool, multi_
                 plan_only=mode == "plan",
                 texts=texts,
             )
-            run = runs[mode] = measure(args.repo, cmd, stop_at_marker=mode == "first", timeout=args.timeout)
+            run = runs[mode] = measure(
+                args.repo, cmd, stop_at_marker=mode == "first", timeout=args.timeout, proxy=not plan_only
+            )
             print(f"{name} {mode}: {run.peak_rss_mb:,.0f} MB, {run.wall_s:.1f} s, exit {run.returncode}", flush=True)
             if (mode == "first" and run.marker_s is None) or (mode == "plan" and run.returncode != 0):
                 print("\n".join("    " + line for line in run.tail[-15:]), flush=True)

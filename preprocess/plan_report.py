@@ -24,12 +24,17 @@ from preprocess.plan import metadata_files, plan_shards, read_slice
 class CostModel:
     """Per-clip costs measured here (docs/scale.md): override them with your own measurements."""
 
-    cpu_seconds_per_clip: float = 0.53
-    """Decode + resize + JPEG of one 10 s 720p H.264 clip at 12 frames, one core (bench/preprocess.py)."""
-    bytes_per_frame: int = 12_000
-    """One stored 224x224 JPEG at quality 90, with its share of the sample's metadata (docs/scale.md)."""
-    requests_per_shard: int = 6
-    """S3 requests a shard task makes besides its videos: slice read, text file, listing, tar, failures, stats."""
+    cpu_seconds_per_video_second: float = 0.051
+    """Decoding, resizing and JPEG-encoding 12 frames of 720p H.264, per second of clip, one core: 0.51 s per
+    10 s clip (bench/preprocess.py; docs/scale.md)."""
+    bytes_per_frame: int = 19_700
+    """One stored 224x224 JPEG at quality 90 of real footage, with its share of the sample's other members and
+    tar headers: 236.8 KB per 12-frame clip (bench/shard_costs.py)."""
+    requests_per_shard: int = 9
+    """S3 requests of a shard besides its videos: metadata slice, texts, tar listing, tar, failures, stats, and
+    at the end one stats and one failures read (a tar over 64 MiB adds a multipart upload's few)."""
+    requests_per_video: int = 2
+    """The lookup of a source video (one prefix listing) and its download (one GET, resumed if cut)."""
 
 
 @dataclass
@@ -46,8 +51,9 @@ class PlanReport:
     def lines(self, cfg: PreprocessConfig, cost: CostModel = CostModel()) -> list[str]:
         frames = cfg.decode.num_frames if cfg.decode.fps is None else cfg.decode.max_frames
         ok = self.clips - sum(n for key, n in self.problems.items() if key.startswith("clip:"))
-        core_hours = ok * cost.cpu_seconds_per_clip / 3600
+        core_hours = self.seconds * cost.cpu_seconds_per_video_second / 3600
         out_bytes = ok * frames * cost.bytes_per_frame
+        requests = self.shards * cost.requests_per_shard + self.videos * cost.requests_per_video
         problems = ", ".join(f"{k}: {n}" for k, n in sorted(self.problems.items())) or "none"
         return [
             f"metadata: {self.files} file(s), {self.bytes / 1e9:.3f} GB",
@@ -55,9 +61,9 @@ class PlanReport:
             f"shards: {self.shards} of up to {cfg.sharding.clips_per_shard} clips",
             f"problems: {problems}",
             *(f"{stage}: {what}" for stage, what in self.texts.items()),
-            f"estimate: {core_hours:,.0f} core-hours of decoding ({ok} clips x {cost.cpu_seconds_per_clip} s), "
-            f"{out_bytes / 1e12:.3f} TB of shards ({frames} frames x {cost.bytes_per_frame} B), "
-            f"{self.shards * cost.requests_per_shard:,} S3 requests besides the videos (docs/scale.md)",
+            f"estimate: {core_hours:,.1f} core-hours of decoding ({cost.cpu_seconds_per_video_second} s per second of "
+            f"video), {out_bytes / 1e12:.3f} TB of shards ({ok} clips x {frames} frames x {cost.bytes_per_frame} B), "
+            f"{requests:,} S3 requests (docs/scale.md); downloads not included",
         ]
 
 
