@@ -10,7 +10,8 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
 - Timeouts: each task reports the video it is working on to a small board actor; a video
   busy for longer than ``video_timeout_s`` gets its task killed (``ray.cancel(force=True)``)
   and the shard is rerun without that video, whose clips are recorded as ``timeout``. The
-  shard's bytes are then exactly those of a run where that video was missing.
+  shard's bytes are then exactly those of a run where that video was missing. A report from a
+  node that died is dropped: Ray reruns that task, whose clock starts again at its first video.
 - Resume: shards whose stats JSON exists are skipped; ``retry_failed`` uncommits shards
   that recorded failures first. The manifest is written only when every shard is committed.
 - Model stages (captions, ASR): the models are checked before any work, then loaded once per
@@ -222,24 +223,26 @@ def _settings(cfg: PreprocessConfig) -> ShardSettings:
 
 @ray.remote
 class _Board:
-    """Which video each running shard task is on, and since when (one clock: this actor's)."""
+    """Which video each running shard task is on, since when (one clock: this actor's), and on which node."""
 
     def __init__(self):
-        self._current: dict[str, tuple[str, float]] = {}
+        self._current: dict[str, tuple[str, float, str]] = {}
 
-    def report(self, token: str, video_id: str) -> None:
-        self._current[token] = (video_id, time.monotonic())
+    def report(self, token: str, video_id: str, node: str) -> None:
+        self._current[token] = (video_id, time.monotonic(), node)
 
-    def forget(self, token: str) -> None:
-        self._current.pop(token, None)
+    def forget(self, token: str, node: str | None = None) -> None:
+        """Drop the token's entry (only if it was reported from ``node``, when given)."""
+        if node is None or self._current.get(token, (None, 0.0, None))[2] == node:
+            self._current.pop(token, None)
 
     def current(self, token: str) -> str | None:
-        return self._current.get(token, (None, 0.0))[0]
+        return self._current.get(token, (None, 0.0, None))[0]
 
-    def busy(self) -> dict[str, tuple[str, float]]:
-        """token -> (video id, seconds on it so far)."""
+    def busy(self) -> dict[str, tuple[str, float, str]]:
+        """token -> (video id, seconds on it so far, node id)."""
         now = time.monotonic()
-        return {t: (v, now - since) for t, (v, since) in self._current.items()}
+        return {t: (v, now - since, node) for t, (v, since, node) in self._current.items()}
 
 
 @ray.remote
@@ -277,10 +280,11 @@ def _model_fn(actors: list, index: int):
 def _run_shard(
     task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list
 ) -> ShardStats:
+    node = ray.get_runtime_context().get_node_id()
     return process_shard(
         task,
         settings,
-        on_video=lambda video_id: board.report.remote(token, video_id),
+        on_video=lambda video_id: board.report.remote(token, video_id, node),
         caption=_model_fn(captioners, task.index),
         transcribe=_model_fn(transcribers, task.index),
     )
@@ -423,9 +427,14 @@ class _Dispatcher:
         if not self.pending:
             return
         busy = ray.get(self.board.busy.remote())
+        dead = None
         for ref, attempt in list(self.pending.items()):
-            video, seconds = busy.get(attempt.token, (None, 0.0))
+            video, seconds, node = busy.get(attempt.token, (None, 0.0, None))
             if video is None or (seconds <= self.rc.video_timeout_s and video not in self.given_up):
+                continue
+            dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]} if dead is None else dead
+            if node in dead:  # Ray reruns the task, maybe after a long wait for a CPU: its clock restarts then
+                self.board.forget.remote(attempt.token, node)
                 continue
             log.warning(
                 "shard %s: video %s busy for over %.0f s; cancelling the task",

@@ -2,10 +2,12 @@
 
 ``ray.cluster_utils.Cluster`` starts a head node with no CPUs, so every shard task lands on the worker
 node (2 CPUs); the driver is its own process (``preprocess/shard.py --ray-address``), as on a real
-cluster. Every shard task first sleeps ``DELAY_S`` (``VIDPROXY_FAULT_DELAY_S``). The test removes the
-worker node while two tasks sleep on it and two more wait to be scheduled, leaves the cluster without
-a worker until Ray has resubmitted the two lost tasks and longer than the per-video timeout, then adds
-a fresh worker node. The data set must come out byte-identical to the one a plain one-node cluster writes.
+cluster. The first two shards start on a video that takes about a second to reach its clips. The test
+removes the worker node while both tasks are inside that video and two more tasks wait to be scheduled,
+leaves the cluster without a worker until Ray has resubmitted the two lost tasks and for longer than the
+per-video timeout, then adds a fresh worker node. Nothing may be timed out (the lost tasks' last reports to
+the timeout board are stale, and the waiting tasks never reported), and the data set must come out
+byte-identical to the one a plain one-node cluster writes.
 """
 
 from __future__ import annotations
@@ -25,21 +27,21 @@ import pytest
 from pipeline import storage
 from pipeline.layout import DatasetLayout
 from pipeline.shards import iter_dataset
-from preprocess.shard_task import FAULT_DELAY_ENV
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, dataset_bytes, make_corpus, script_env, write_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DELAY_S = 2.0
-"""Each shard task sleeps this long before its first video: the window in which its node is removed."""
-VIDEO_TIMEOUT_S = 4.0
-NO_WORKER_S = 5.0
+SLOW = "vid00"
+"""Made 80 s long with a single keyframe, its 6 clips near the end: shards 0 and 1 each decode ~1 s before a frame."""
+VIDEO_TIMEOUT_S = 6.0
+NO_WORKER_S = 8.0
 """The least time the cluster has no worker node: longer than the per-video timeout."""
-HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-"""The head declares a silent node dead after ~5 s (Ray's default: ~15 s)."""
+HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+"""The head declares a silent node dead after ~1.5 s (Ray's default: ~15 s); a check fails on an error or after
+``health_check_timeout_ms`` (10 s), not on a slow answer, so a busy machine does not lose its head node."""
 RETRIED = "so the task will be retried"
 """Ray's message (in the driver's log) when it resubmits a task whose node died."""
-CLIP_IDS = [f"vid{v:02d}.{c}.mp4" for v in range(6) for c in range(2)]
+CLIP_IDS = [f"{SLOW}.{c}.mp4" for c in range(6)] + [f"vid{v:02d}.{c}.mp4" for v in range(1, 4) for c in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +61,28 @@ def ray_tmpdir():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    """make_corpus's videos, with each clip's subtitle and caption inline in the metadata.
+    """4 of make_corpus's videos, the first one made slow (``SLOW``); subtitles and captions inline in the metadata.
 
     Inline texts need no text-join pass before the shard tasks (preprocess/texts.py), which keeps the test short.
     """
-    paths = make_corpus(tmp_path_factory.mktemp("corpus"))
-    texts = {}
-    for name, key in (("subtitles", "text"), ("captions", "caption")):
-        for line in paths.pop(name).read_text().splitlines():
-            row = json.loads(line)
-            texts.setdefault(row["clip_id"], {})[name[:-1]] = row[key]
+    paths = make_corpus(tmp_path_factory.mktemp("corpus"), videos=4)
+    del paths["subtitles"], paths["captions"]
+    one_keyframe = "-g 100000 -keyint_min 100000 -sc_threshold 0 -bf 0"
+    args = f"-f lavfi -i testsrc2=size=640x360:rate=50 -t 80 -c:v libx264 -preset ultrafast -crf 30 {one_keyframe}"
+    out = paths["videos"] / f"{SLOW}.mp4"
+    cmd = ["ffmpeg", "-v", "error", "-nostdin", "-y", *args.split(), "-pix_fmt", "yuv420p", str(out)]
+    subprocess.run(cmd, check=True, timeout=120)
     videos = [json.loads(line) for line in paths["metadata"].read_text().splitlines()]
+    videos[0]["clip"] = [{"clip_id": f"{SLOW}.{c}.mp4", "span": _span(70 + 1.5 * c, 71 + 1.5 * c)} for c in range(6)]
     for video in videos:
-        for clip in video["clip"]:
-            clip.update(texts[clip["clip_id"]])
+        for c, clip in enumerate(video["clip"]):
+            clip.update(subtitle=f"subtitle {video['video_id']} {c}", caption=f"clip {c} of {video['video_id']}")
     write_jsonl(paths["metadata"], videos)
     return paths
+
+
+def _span(start: float, end: float) -> list[str]:
+    return [time.strftime("%H:%M:%S", time.gmtime(t)) + f"{t % 1:.3f}"[1:] for t in (start, end)]
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +108,17 @@ def test_worker_node_removed_mid_job(corpus, one_node, ray_tmpdir, tmp_path):
     try:
         worker = cluster.add_node(num_cpus=2)
         clock["cluster up"] = time.monotonic()
-        proc = _start_driver(corpus, out, log, "--ray-address", cluster.address, env={FAULT_DELAY_ENV: str(DELAY_S)})
+        proc = _start_driver(corpus, out, log, "--ray-address", cluster.address)
         try:
-            tasks = lambda: _ray_processes(worker, "ray::_run_shard")  # noqa: E731
-            _wait_for("2 shard tasks running on the worker node", tasks, proc, log)
+            slow = str(corpus["videos"] / f"{SLOW}.mp4")
+            caught = lambda: _suspend_inside(worker, slow)  # noqa: E731
+            _wait_for(f"2 shard tasks inside {SLOW} on the worker node", caught, proc, log)
             assert not _ray_processes(worker, "ray::_Board"), "the timeout board would die with the worker node"
-            clock["tasks running"] = time.monotonic()
+            clock["tasks inside a video"] = time.monotonic()
             _lose(cluster, worker)
             _wait_for("Ray to resubmit the 2 lost tasks", lambda: log.read_text().count(RETRIED), proc, log)
             clock["lost tasks resubmitted"] = time.monotonic()
-            time.sleep(max(0.0, clock["tasks running"] + NO_WORKER_S - time.monotonic()))
+            time.sleep(max(0.0, clock["tasks inside a video"] + NO_WORKER_S - time.monotonic()))
             assert proc.poll() is None, "the driver stopped while the cluster had no worker:\n" + _tail(log)
             assert not list(out.glob("stats/*.json")), "a shard was committed with no worker node"
             cluster.add_node(num_cpus=2)
@@ -126,11 +135,11 @@ def test_worker_node_removed_mid_job(corpus, one_node, ray_tmpdir, tmp_path):
 
     result = _run_result(out)
     assert result["manifest"] and result["shards_run"] == 4 and not result["shards_failed"], result
-    assert result["ok"] == 12 and not result["failed"], "a task that waited for a node was timed out"
+    assert result["ok"] == 12 and not result["failed"], "a task lost with its node, or waiting for one, was timed out"
     assert dataset_bytes(out) == dataset_bytes(one_node)
     samples = list(iter_dataset(str(out)))
     assert [s.meta.clip_id for s in samples] == CLIP_IDS
-    assert samples[3].subtitle == "subtitle vid01 1" and samples[3].caption == "a smptebars pattern, clip 1"
+    assert samples[7].subtitle == "subtitle vid01 1" and samples[7].caption == "clip 1 of vid01"
     assert not [p for p in out.rglob("*") if p.name.startswith(storage.TEMP_PREFIX)]
     scratch = os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
     assert not [k for k in range(4) if os.path.exists(DatasetLayout(str(out)).scratch(scratch, k))]
@@ -139,17 +148,17 @@ def test_worker_node_removed_mid_job(corpus, one_node, ray_tmpdir, tmp_path):
     assert "cancelling the task" not in text and "); retrying" not in text, text[-3000:]
 
 
-def _start_driver(corpus, out: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def _start_driver(corpus, out: Path, log: Path, *extra: str) -> subprocess.Popen:
     """preprocess/shard.py on ``corpus`` (texts inline), at most 4 tasks in flight, output to ``log``."""
     args = cli_args({**corpus, "subtitles": "", "captions": ""}, out, "--max-in-flight", "4", *extra)
     text_flags = {i for i, arg in enumerate(args) if arg in ("--subtitles", "--captions")}
-    args = [arg for i, arg in enumerate(args) if i not in text_flags and i - 1 not in text_flags]
+    args = [arg for i, arg in enumerate(args) if i not in text_flags and i - 1 not in text_flags]  # texts inline
     args += ["--video-timeout", str(VIDEO_TIMEOUT_S)]
     with open(log, "w") as sink:
         return subprocess.Popen(
             [PYTHON, str(REPO / "preprocess/shard.py"), *args],
             cwd=out.parent,
-            env=script_env(RAY_DEDUP_LOGS="0", **(env or {})),  # every one of Ray's messages in the log
+            env=script_env(RAY_DEDUP_LOGS="0"),  # every one of Ray's messages in the log
             start_new_session=True,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -165,6 +174,17 @@ def _lose(cluster, node) -> None:
     cluster.remove_node(node, allow_graceful=False)
     _kill(workers)
     assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _suspend_inside(node, video: str) -> list[psutil.Process]:
+    """Suspend (SIGSTOP) the shard tasks of ``node`` that have ``video`` open; returns all suspended so far."""
+    for proc in _ray_processes(node, "ray::_run_shard"):
+        try:
+            if proc.status() != psutil.STATUS_STOPPED and video in {f.path for f in proc.open_files()}:
+                proc.suspend()
+        except psutil.Error:
+            continue
+    return [p for p in _ray_processes(node, "ray::_run_shard") if p.status() == psutil.STATUS_STOPPED]
 
 
 def _ray_processes(node, title: str) -> list[psutil.Process]:
