@@ -430,7 +430,9 @@ class _Dispatcher:
         dead = None
         for ref, attempt in list(self.pending.items()):
             video, seconds, node = busy.get(attempt.token, (None, 0.0, None))
-            if video is None or (seconds <= self.rc.video_timeout_s and video not in self.given_up):
+            if video is None or video in attempt.task.excluded:  # an excluded video's clips fail at once
+                continue
+            if seconds <= self.rc.video_timeout_s and video not in self.given_up:
                 continue
             dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]} if dead is None else dead
             if node in dead:  # Ray reruns the task, maybe after a long wait for a CPU: its clock restarts then
