@@ -495,13 +495,13 @@ def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:
     files, layout = list(settings.metadata), settings.layout
 
     def clip_rows(row: dict) -> list[dict]:
-        piece = row["slice"]
+        piece = ShardSlice.from_json(row["slice"])
         return [
             {"shard": piece.index, "position": c.position, "clip_id": c.clip_id}
             for c in read_slice(files, piece, layout).clips
         ]
 
-    clips = ray.data.from_items([{"slice": t.slice} for t in tasks]).flat_map(clip_rows)
+    clips = ray.data.from_items([{"slice": t.slice.to_json()} for t in tasks]).flat_map(clip_rows)
     join_texts(clips, settings.texts.joined(), settings.texts.max_chars, DatasetLayout(settings.output), None)
 
 

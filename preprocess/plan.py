@@ -20,6 +20,7 @@ in the driver (docs/scale.md).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,6 +54,15 @@ class ShardSlice:
     start: Cursor
     end: Cursor
     clips: int
+
+    def to_json(self) -> str:
+        """Plain text for a table column (Ray Data rows hold it without pickling)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardSlice:
+        data = json.loads(text)
+        return cls(data["index"], Cursor(**data["start"]), Cursor(**data["end"]), data["clips"])
 
 
 def metadata_files(spec: str) -> list[str]:
