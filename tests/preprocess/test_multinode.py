@@ -32,10 +32,11 @@ from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, dataset_bytes,
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SLOW = "vid00"
-"""Made 80 s long with a single keyframe, its 6 clips near the end: shards 0 and 1 each decode ~1 s before a frame."""
-VIDEO_TIMEOUT_S = 10.0
-"""Above the slow video's ~1 s (and its tenfold on a busy machine)."""
-NO_WORKER_S = 12.0
+"""Made 30 s long with a single keyframe, its 6 clips near the end: shards 0 and 1 each decode ~0.3 s before a frame
+(on an idle machine), the window in which the test catches them inside the video."""
+VIDEO_TIMEOUT_S = 15.0
+"""Well above a video's time in a task: ~0.5 s on an idle machine, over 10 s with 4 busy processes on its 2 cores."""
+NO_WORKER_S = 17.0
 """The least time the cluster has no worker node: longer than the per-video timeout."""
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 """The head declares a silent node dead after ~1.5 s (Ray's default: ~15 s); a check fails on an error or after
@@ -69,12 +70,12 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     paths = make_corpus(tmp_path_factory.mktemp("corpus"), videos=4)
     del paths["subtitles"], paths["captions"]
     one_keyframe = "-g 100000 -keyint_min 100000 -sc_threshold 0 -bf 0"
-    args = f"-f lavfi -i testsrc2=size=640x360:rate=50 -t 80 -c:v libx264 -preset ultrafast -crf 30 {one_keyframe}"
+    args = f"-f lavfi -i testsrc2=size=640x360:rate=50 -t 30 -c:v libx264 -preset ultrafast -crf 30 {one_keyframe}"
     out = paths["videos"] / f"{SLOW}.mp4"
     cmd = ["ffmpeg", "-v", "error", "-nostdin", "-y", *args.split(), "-pix_fmt", "yuv420p", str(out)]
     subprocess.run(cmd, check=True, timeout=120)
     videos = [json.loads(line) for line in paths["metadata"].read_text().splitlines()]
-    videos[0]["clip"] = [{"clip_id": f"{SLOW}.{c}.mp4", "span": _span(70 + 1.5 * c, 71 + 1.5 * c)} for c in range(6)]
+    videos[0]["clip"] = [{"clip_id": f"{SLOW}.{c}.mp4", "span": _span(20 + 1.5 * c, 21 + 1.5 * c)} for c in range(6)]
     for video in videos:
         for c, clip in enumerate(video["clip"]):
             clip.update(subtitle=f"subtitle {video['video_id']} {c}", caption=f"clip {c} of {video['video_id']}")
