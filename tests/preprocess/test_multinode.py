@@ -2,7 +2,7 @@
 
 ``ray.cluster_utils.Cluster`` starts a head node with no CPUs, so every shard task lands on the worker
 node (2 CPUs); the driver is its own process (``preprocess/shard.py --ray-address``), as on a real
-cluster. The first two shards start on a video that takes about a second to reach its clips. The test
+cluster. The first two shards start on a video that takes a moment (~0.3 s) to reach its clips. The test
 removes the worker node while both tasks are inside that video and two more tasks wait to be scheduled,
 leaves the cluster without a worker until Ray has resubmitted the two lost tasks and for longer than the
 per-video timeout, then adds a fresh worker node. Nothing may be timed out (the lost tasks' last reports to
