@@ -211,17 +211,22 @@ def read_text_list(uri: str, field: str, stage: str, max_chars: int) -> tuple[di
     return texts, failures
 
 
-def read_lmdb_texts(uri: str, stage: str, max_chars: int) -> tuple[dict[str, TextEntry], list[Failure]]:
-    """Read a local LMDB (folder or file) of UTF-8 clip id -> UTF-8 text."""
+def open_lmdb(uri: str, stage: str):
+    """A local LMDB (folder or file) opened read-only without a lock, or a ValueError naming it."""
     try:
         import lmdb
     except ImportError as exc:
         raise ValueError(f"{stage} {uri}: an LMDB input needs the 'lmdb' package (pip install lmdb)") from exc
     path = storage.parse(uri).path
     try:
-        env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path), max_dbs=0)
+        return lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path), max_dbs=0)
     except lmdb.Error as exc:
         raise ValueError(f"{stage} {uri}: not a readable LMDB ({exc})") from exc
+
+
+def read_lmdb_texts(uri: str, stage: str, max_chars: int) -> tuple[dict[str, TextEntry], list[Failure]]:
+    """Read a local LMDB (folder or file) of UTF-8 clip id -> UTF-8 text."""
+    env = open_lmdb(uri, stage)
     texts: dict[str, TextEntry] = {}
     failures: list[Failure] = []
     with env, env.begin() as txn:

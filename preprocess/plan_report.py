@@ -11,12 +11,11 @@ measured on this project's benchmarks (docs/scale.md says how to measure them ag
 from __future__ import annotations
 
 import collections
-import os
 from dataclasses import dataclass, field
 
 from pipeline import storage
 from preprocess.config import PreprocessConfig
-from preprocess.inputs import json_line, text_format
+from preprocess.inputs import json_line, open_lmdb, text_format
 from preprocess.plan import metadata_files, plan_shards, read_slice
 
 
@@ -100,10 +99,7 @@ def _check_texts(uri: str, stage: str, problems: collections.Counter) -> str:
     except storage.StorageNotFound as exc:
         raise ValueError(f"{stage} {uri}: not found ({exc})") from exc
     if kind == "lmdb":
-        import lmdb
-
-        path = storage.parse(uri).path
-        with lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path)) as env:
+        with open_lmdb(uri, stage) as env:
             return f"LMDB {uri}, {env.stat()['entries']} entries (looked up by each shard task)"
     if kind == "list":
         return f"JSON list {uri}, {storage.size(uri) / 1e9:.3f} GB (converted and joined before the shard tasks)"

@@ -14,13 +14,12 @@ Every text is cut to ``max_chars`` (and counted as truncated).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.layout import DatasetLayout
 from preprocess.failures import Failure
-from preprocess.inputs import ClipItem, TextEntry, text_format
+from preprocess.inputs import ClipItem, TextEntry, open_lmdb, text_format
 
 STAGES = (("subtitles", "subtitle"), ("captions", "caption"))
 """(source stage name, ClipItem field) of the two texts."""
@@ -107,15 +106,7 @@ def _cut(entry: TextEntry | None, max_chars: int) -> TextEntry | None:
 
 def lmdb_lookup(uri: str, stage: str, clip_ids: list[str], max_chars: int) -> tuple[dict[str, TextEntry], list]:
     """The texts of ``clip_ids`` in a local LMDB of UTF-8 clip id -> UTF-8 text (opened read-only, no lock)."""
-    try:
-        import lmdb
-    except ImportError as exc:
-        raise ValueError(f"{stage} {uri}: an LMDB input needs the 'lmdb' package (pip install lmdb)") from exc
-    path = storage.parse(uri).path
-    try:
-        env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path), max_dbs=0)
-    except lmdb.Error as exc:
-        raise ValueError(f"{stage} {uri}: not a readable LMDB ({exc})") from exc
+    env = open_lmdb(uri, stage)
     found: dict[str, TextEntry] = {}
     failures: list[Failure] = []
     with env, env.begin() as txn:
