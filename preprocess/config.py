@@ -87,12 +87,22 @@ class RayConfig:
     """Reruns of a shard task whose worker died or that raised."""
     video_timeout_s: float = 600.0
     """A video decoding for longer than this is cancelled and its clips fail with ``timeout``."""
+    stall_timeout_s: float | None = None
+    """Longest the job waits while none of its shard tasks makes progress (no task starts a video or ends; e.g. a
+    cluster left without a node that can run one): then the shards in flight are left uncommitted and the job
+    stops (exit 1; rerun the same command to finish). Must be longer than ``video_timeout_s``, so a slow video is
+    timed out before it counts as a stall; None: the longer of 30 minutes and twice ``video_timeout_s``."""
     task_cpus: float = 1.0
     """CPUs reserved per shard task."""
     model_actors: int | None = None
     """Actors per model stage (caption, ASR); default: one per GPU of the cluster, or 1 without GPUs."""
     model_cpus: float = 1.0
     """CPUs reserved per model actor (its torch threads)."""
+
+    @property
+    def stall_limit_s(self) -> float:
+        """``stall_timeout_s``, or its default."""
+        return self.stall_timeout_s if self.stall_timeout_s is not None else max(1800.0, 2 * self.video_timeout_s)
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
@@ -103,6 +113,11 @@ class RayConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if not self.video_timeout_s > 0:
             raise ValueError(f"video_timeout_s must be > 0, got {self.video_timeout_s}")
+        if self.stall_timeout_s is not None and not self.stall_timeout_s > self.video_timeout_s:
+            raise ValueError(
+                f"stall_timeout_s ({self.stall_timeout_s:g}) must be longer than video_timeout_s "
+                f"({self.video_timeout_s:g})"
+            )
         if not self.task_cpus > 0:
             raise ValueError(f"task_cpus must be > 0, got {self.task_cpus}")
         if self.model_actors is not None and self.model_actors < 1:

@@ -68,6 +68,8 @@ class JobResult:
     run_clip_seconds: float = 0.0
     wall_seconds: float = 0.0
     manifest: str | None = None
+    stopped: str = ""
+    """Why the job stopped before submitting every shard (the totals above count the shards planned so far)."""
 
     def summary(self) -> str:
         rate = self.run_clips / self.wall_seconds if self.wall_seconds else 0.0
@@ -81,6 +83,8 @@ class JobResult:
         ]
         if self.texts:
             lines.append(f"texts: {_reasons(self.texts)}")
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}")
         for index, message in sorted(self.shards_failed.items()):
             lines.append(f"shard {shard_stem(index)} not committed: {message}")
         lines.append(
@@ -345,6 +349,10 @@ class _Dispatcher:
         self.given_up: dict[str, Failure] = {}
         """Videos that timed out or killed workers: later shards skip them at once (same outcome, no second wait)."""
         self._generation = 0
+        self._seen: set[tuple[str, str]] = set()
+        """(token, video) pairs on the board at the last look: a new one is progress."""
+        self._progress_at = time.monotonic()
+        self.stalled = False
 
     def submit(self, task: ShardTask, errors: int = 0) -> None:
         if any(v not in task.excluded for v in self.given_up):  # few: videos that timed out or killed workers
@@ -362,7 +370,7 @@ class _Dispatcher:
         """Submit the tasks as room frees up (the iterator is read lazily: the plan streams in)."""
         tasks = iter(tasks)
         more = True
-        while more or self.pending:
+        while (more or self.pending) and not self.stalled:
             while more and len(self.pending) < self.max_in_flight:
                 task = next(tasks, None)
                 if task is None:
@@ -374,6 +382,7 @@ class _Dispatcher:
                 ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
             for ref in ready:
                 self._finished(ref, self.pending.pop(ref))
+                self._progress_at = time.monotonic()
             self._cancel_stuck()
         for actor in (a for pool in self.pools.values() for a in pool):
             ray.kill(actor)
@@ -427,6 +436,7 @@ class _Dispatcher:
         if not self.pending:
             return
         busy = ray.get(self.board.busy.remote())
+        self._check_stall(busy)
         dead = None
         for ref, attempt in list(self.pending.items()):
             video, seconds, node = busy.get(attempt.token, (None, 0.0, None))
@@ -453,6 +463,31 @@ class _Dispatcher:
             )
             failure = self.given_up.get(video, Failure(stage="task", error="timeout", message=message))
             self.submit(self._exclude(attempt.task, video, failure), attempt.errors)
+
+    def _check_stall(self, busy: dict) -> None:
+        """Stop when no task has started a video or ended for ``stall_limit_s``: none can run (a running task
+        starts a new video, ends, or is timed out within ``video_timeout_s``)."""
+        seen = {(token, video) for token, (video, _, _) in busy.items()}
+        if seen - self._seen:
+            self._progress_at = time.monotonic()
+        self._seen = seen
+        waited = time.monotonic() - self._progress_at
+        if waited <= self.rc.stall_limit_s:
+            return
+        cpus = ray.cluster_resources().get("CPU", 0)
+        message = (
+            f"not run: no shard task made progress for {waited:.0f} s (stall timeout; the cluster has {cpus:g} "
+            f"CPUs, a task needs {self.rc.task_cpus:g})"
+        )
+        log.error(
+            "no shard task made progress for %.0f s; stopping with %d shards in flight", waited, len(self.pending)
+        )
+        for ref, attempt in self.pending.items():
+            ray.cancel(ref, force=True)
+            self.board.forget.remote(attempt.token)
+            self._give_up(attempt.task, message)
+        self.pending.clear()
+        self.stalled = True
 
     def _exclude(self, task: ShardTask, video: str, failure: Failure) -> ShardTask:
         self.given_up[video] = failure
@@ -486,7 +521,11 @@ def _dispatch(
             if settings.texts.joined():
                 tasks = [first, *todo]
                 _join_texts(tasks, settings)
-            return _Dispatcher(settings, cfg, committed, bar, result, started).run(tasks)
+            dispatcher = _Dispatcher(settings, cfg, committed, bar, result, started)
+            failed = dispatcher.run(tasks)
+            if dispatcher.stalled:
+                result.stopped = f"no shard task made progress for {cfg.ray.stall_limit_s:g} s (--stall-timeout)"
+            return failed
 
 
 def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:

@@ -32,7 +32,7 @@ SECTIONS = (  # (config field, flag prefix, flag names that differ from prefix +
     ("inputs", "", {}),
     ("sharding", "", {}),
     ("decode", "", {"threads": "decoder-threads"}),
-    ("ray", "", {"address": "ray-address", "video_timeout_s": "video-timeout"}),
+    ("ray", "", {"address": "ray-address", "video_timeout_s": "video-timeout", "stall_timeout_s": "stall-timeout"}),
     ("captioner", "caption-", {"num_beams": "caption-beams", "max_new_tokens": "caption-max-tokens"}),
     ("asr", "asr-", {"num_beams": "asr-beams", "max_new_tokens": "asr-max-tokens"}),
 )

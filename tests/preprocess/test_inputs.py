@@ -176,9 +176,16 @@ def test_source_listing(tmp_path):
         (lambda: InputConfig(metadata="m", videos="v", max_text_chars=0), "max_text_chars"),
         (lambda: RayConfig(max_retries=-1), "max_retries"),
         (lambda: RayConfig(video_timeout_s=0), "video_timeout_s"),
+        (lambda: RayConfig(video_timeout_s=60, stall_timeout_s=60), "stall_timeout_s"),
         (lambda: RayConfig(max_in_flight=0), "max_in_flight"),
     ],
 )
 def test_config_validation_names_the_field(build, field):
     with pytest.raises(ValueError, match=field):
         build()
+
+
+def test_stall_timeout_defaults_to_half_an_hour_or_twice_the_video_timeout():
+    assert RayConfig().stall_limit_s == 1800.0
+    assert RayConfig(video_timeout_s=1200).stall_limit_s == 2400.0
+    assert RayConfig(video_timeout_s=1200, stall_timeout_s=1300).stall_limit_s == 1300.0

@@ -150,12 +150,47 @@ def test_worker_node_removed_mid_job(corpus, one_node, ray_tmpdir, tmp_path):
     assert "cancelling the task" not in text and "); retrying" not in text, _tail(log)
 
 
+def test_no_node_to_run_on_stops_at_the_stall_timeout(corpus, one_node, ray_tmpdir, tmp_path):
+    """A cluster without a CPU: the tasks wait to be scheduled, the job stops after ``--stall-timeout`` (exit 1,
+    nothing committed, every shard named); the same command (default timeouts: a video may be slow on a loaded
+    machine) on the cluster with a worker node then finishes it."""
+    from ray.cluster_utils import Cluster
+
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    head_args = {"num_cpus": 0, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    timeouts = ("--video-timeout", "2", "--stall-timeout", "4")
+    try:
+        proc = _start_driver(corpus, out, log, "--ray-address", cluster.address, *timeouts)
+        try:
+            code = proc.wait(timeout=90)
+        finally:
+            _kill_group(proc)
+        text = log.read_text()
+        assert code == 1, f"exit {code}:\n" + _tail(log)
+        assert "stopped early: no shard task made progress for 4 s" in text, _tail(log)
+        assert [
+            f"shard shard-{k:06d} not committed: not run: no shard task made progress" in text for k in range(4)
+        ] == [True] * 4, _tail(log)
+        assert not list(out.glob("stats/*.json")) and not (out / "manifest.json").exists()
+        cluster.add_node(num_cpus=2)
+        proc = _start_driver(corpus, out, log, "--ray-address", cluster.address)
+        try:
+            _exits_cleanly(proc, log, timeout=120)
+        finally:
+            _kill_group(proc)
+    finally:
+        cluster.shutdown()
+    assert dataset_bytes(out) == dataset_bytes(one_node)
+
+
 def _start_driver(corpus, out: Path, log: Path, *extra: str) -> subprocess.Popen:
     """preprocess/shard.py on ``corpus`` (texts inline), at most 4 tasks in flight, output to ``log``."""
     args = cli_args({**corpus, "subtitles": "", "captions": ""}, out, "--max-in-flight", "4", *extra)
     text_flags = {i for i, arg in enumerate(args) if arg in ("--subtitles", "--captions")}
     args = [arg for i, arg in enumerate(args) if i not in text_flags and i - 1 not in text_flags]  # texts inline
-    args += ["--video-timeout", str(VIDEO_TIMEOUT_S)]
+    if "--video-timeout" not in extra:
+        args += ["--video-timeout", str(VIDEO_TIMEOUT_S)]
     with open(log, "w") as sink:
         return subprocess.Popen(
             [PYTHON, str(REPO / "preprocess/shard.py"), *args],
