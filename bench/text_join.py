@@ -57,6 +57,9 @@ class WorkerPeaks:
 
     def __init__(self, every: float = 0.05):
         self.every, self.peaks, self.names, self._stop = every, {}, {}, threading.Event()
+        self.by_task: dict[str, float] = {}
+        self.private_by_task: dict[str, float] = {}
+        """Task name (without arguments) -> the largest RSS seen while a worker ran it."""
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> WorkerPeaks:
@@ -75,12 +78,18 @@ class WorkerPeaks:
                 if not proc.cmdline() or not proc.cmdline()[0].startswith("ray::"):
                     continue
                 with open(f"/proc/{proc.pid}/status") as status:
-                    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-            except (OSError, StopIteration, psutil.Error):
+                    fields = dict(
+                        line.split(":", 1) for line in status if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:"))
+                    )
+                hwm, rss, anon = (int(fields[key].split()[0]) for key in ("VmHWM", "VmRSS", "RssAnon"))
+            except (OSError, KeyError, ValueError, psutil.Error):
                 continue
             name = proc.cmdline()[0]
             if name != "ray::IDLE":
-                self.names.setdefault(proc.pid, set()).add(name.split("(")[0])
+                task = name.split("(")[0]
+                self.names.setdefault(proc.pid, set()).add(task)
+                self.by_task[task] = max(self.by_task.get(task, 0.0), rss / 1024)
+                self.private_by_task[task] = max(self.private_by_task.get(task, 0.0), anon / 1024)
             self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), hwm / 1024)
 
     def _run(self) -> None:
@@ -130,6 +139,8 @@ def measure(files: CorpusFiles, work: Path, *, cpus: int, partition_mb: int, cli
         "median_worker_mb": statistics.median(worker) if worker else 0.0,
         "rest_worker_mb": at_rest,
         "max_worker_tasks": sorted(peaks.names.get(top, ())),
+        "peak_by_task_mb": {k.removeprefix("ray::"): round(v) for k, v in sorted(peaks.by_task.items())},
+        "private_by_task_mb": {k.removeprefix("ray::"): round(v) for k, v in sorted(peaks.private_by_task.items())},
         "driver_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
