@@ -55,6 +55,8 @@ SCRATCH_PREFIX = ".fetch-"
 """Name prefix of the private folder each download works in (inside ``dest_dir``); removed when it ends."""
 CHUNK = 256 << 10
 SNIFF_BYTES = 64
+CLOSED_S = 2.0
+"""A gate wait longer than this means the host asked everybody to back off (a slot or rate wait is shorter)."""
 
 DEFAULT_FORMAT = "bv[vcodec^=avc1][height<=720]/bv[height<=720]/b[height<=720]/wv/w"
 DEFAULT_FORMAT_WITH_AUDIO = "bv[vcodec^=avc1][height<=720]+ba[ext=m4a]/bv[height<=720]+ba/b[height<=720]/wv+ba/w"
@@ -370,7 +372,7 @@ class Download:
         else:
             wait = random.uniform(0, min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (misses - 1)))
             wait = min(wait, left)
-        log.warning(
+        log.info(
             "fetch %s: %s (%s); attempt %d, retrying in %.1f s",
             self.shown,
             fail.code,
@@ -386,10 +388,10 @@ class Download:
             wait = self.gate.try_acquire(self.host)
             if wait <= 0:
                 break
-            if self.deadline is not None and wait > self.time_left():
-                raise FetchFailed(
-                    "timeout", f"no slot for host {self.host} before the timeout ({self.cfg.timeout_s:g} s)"
-                )
+            if wait > self.time_left():
+                if wait > CLOSED_S:  # only a Retry-After closes a host for that long
+                    raise FetchFailed("rate_limited", f"host {self.host} closed for {wait:.0f} s more (Retry-After)")
+                raise FetchFailed("timeout", f"no slot for host {self.host} within {self.cfg.timeout_s:g} s")
             time.sleep(wait)
         if self.deadline is None:
             self.deadline = time.monotonic() + self.cfg.timeout_s
@@ -511,7 +513,7 @@ class Sink:
 # ----------------------------------------------------------------------------- plain http(s) through requests
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
     if not value:
         return None
@@ -568,6 +570,8 @@ class HttpStream:
 
     def _accept(self, response, job: Download, resume: bool) -> int:
         """Check the status and headers; returns the byte offset the body starts at."""
+        if response.status_code == 416:
+            self.ranges = False  # the next attempt starts over
         _raise_for_status(response)
         if self.sink is None:
             self.sink = Sink(job, response.headers.get("Content-Type"), urlsplit(job.url).path)
@@ -619,7 +623,7 @@ def _raise_for_status(response) -> None:
     reason = f"HTTP {status} {response.reason or ''}".strip()
     if status in (429, 503):
         code = "rate_limited" if status == 429 else "http_5xx"
-        raise FetchFailed(code, reason, retry_after=_retry_after(response.headers.get("Retry-After")))
+        raise FetchFailed(code, reason, retry_after=retry_after(response.headers.get("Retry-After")))
     if status in _STATUS_CODES:
         raise FetchFailed(_STATUS_CODES[status], reason)
     if status == 416:

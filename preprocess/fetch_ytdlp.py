@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 
-from preprocess.fetch import Download, FetchFailed, Secrets, classify
+from preprocess.fetch import Download, FetchFailed, Secrets, classify, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -187,25 +187,27 @@ class _Logger:
         return any(text in line for line in self.lines)
 
 
-def describe_error(exc: BaseException) -> tuple[str, str]:
-    """(code, one-line reason) of a yt-dlp DownloadError, from its cause chain and its message."""
+def describe_error(exc: BaseException) -> tuple[str, str, float | None]:
+    """(code, one-line reason, Retry-After seconds or None) of a yt-dlp DownloadError, from its cause chain and
+    its message."""
     from yt_dlp.networking.exceptions import HTTPError, TransportError
     from yt_dlp.utils import GeoRestrictedError
 
     message = _first_line(str(exc))
     for cause in _causes(exc):
         if isinstance(cause, GeoRestrictedError):
-            return "geo_blocked", message
+            return "geo_blocked", message, None
         if isinstance(cause, HTTPError):
-            return _http_code(cause.status), message
+            headers = getattr(cause.response, "headers", None) or {}
+            return _http_code(cause.status), message, retry_after(headers.get("Retry-After"))
         if isinstance(cause, TransportError) or isinstance(cause, (TimeoutError, ConnectionError)):
             timed_out = isinstance(cause, TimeoutError) or "timed out" in str(cause).lower()
-            return ("timeout" if timed_out else "network"), message
+            return ("timeout" if timed_out else "network"), message, None
     lowered = str(exc).lower()
     for code, pattern in _PATTERNS:
         if re.search(pattern, lowered):
-            return code, message
-    return "fetch_error", message
+            return code, message, None
+    return "fetch_error", message, None
 
 
 def _http_code(status: int) -> str:

@@ -180,8 +180,11 @@ def test_retry_after_beyond_the_timeout_fails_at_once(fault_server, media, gate,
     started = time.monotonic()
     result = _fetch(url, tmp_path / "d", _cfg(), gate)
     assert isinstance(result, Failure) and result.error == "rate_limited"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5
     assert gate.try_acquire(fault_server.host) > 3000, "the host stays closed for the job"
+    other = _fetch(fault_server.add("y.mp4", media["small"]), tmp_path / "d2", _cfg(), gate)
+    assert isinstance(other, Failure) and other.error == "rate_limited" and "closed" in other.message
+    assert fault_server.requests("y.mp4") == [], "nobody asks a closed host"
 
 
 # ----------------------------------------------------------------------------- cut, trickle, stall
@@ -224,7 +227,7 @@ def test_a_trickling_body_is_cut_by_the_timeout(fault_server, media, gate, tmp_p
     result = _fetch(url, tmp_path / "d", _cfg(timeout_s=1.5), gate)
     elapsed = time.monotonic() - started
     assert isinstance(result, Failure) and result.error == "timeout"
-    assert 1.4 < elapsed < 3.5
+    assert 1.4 < elapsed < 5
     assert len(fault_server.requests("x.mp4")) == 1, "no retry once the video's time is spent"
 
 
@@ -234,7 +237,7 @@ def test_a_stalled_body_hits_the_read_timeout(fault_server, media, gate, tmp_pat
     started = time.monotonic()
     result = _fetch(url, tmp_path / "d", _cfg(read_timeout_s=0.5, retries=1), gate)
     assert isinstance(result, Failure) and result.error == "timeout"
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
     assert len(fault_server.requests("x.mp4")) == 2
 
 
@@ -380,6 +383,19 @@ def test_ytdlp_generic_extractor_fetches_a_direct_file(fault_server, media, gate
     assert _fetch(page, tmp_path / "d3", cfg, gate).error == "not_a_video"
 
 
+def test_ytdlp_errors_are_retried_and_honour_retry_after(fault_server, media, gate, tmp_path):
+    fault_server.add("x.mp4", media["small"])
+    url = fault_server.fault("x.mp4", Fault(status=429, times=1, headers={"Retry-After": "1"}))
+    _assert_fetched(_fetch(url, tmp_path / "d", _cfg(http_downloader="yt-dlp"), gate), media["small"])
+    first, second = fault_server.requests("x.mp4")[:2]
+    assert first.status == 429 and second.start - first.start >= 0.95
+    fault_server.add("y.mp4", media["small"])
+    url = fault_server.fault("y.mp4", Fault(status=503))
+    result = _fetch(url, tmp_path / "d2", _cfg(http_downloader="yt-dlp", retries=1), gate)
+    assert isinstance(result, Failure) and result.error == "http_5xx"
+    assert len(fault_server.requests("y.mp4")) == 2
+
+
 def test_ytdlp_checks_duration_and_size_before_downloading(fault_server, media, gate, tmp_path):
     cfg = _cfg(http_downloader="yt-dlp", max_video_seconds=60.0)
     fault_server.add("long.mp4", media["big"])
@@ -391,7 +407,7 @@ def test_ytdlp_checks_duration_and_size_before_downloading(fault_server, media, 
     started = time.monotonic()
     result = _fetch(page, tmp_path / "d1", cfg, gate)
     assert isinstance(result, Failure) and result.error == "too_long", result
-    assert time.monotonic() - started < 3, "refused before the video is downloaded"
+    assert time.monotonic() - started < 4.5, "refused before the video is downloaded"
     assert all(r.sent < len(media["big"]) // 2 for r in fault_server.requests("long.mp4"))
     small_cap = _fetch(video, tmp_path / "d2", _cfg(http_downloader="yt-dlp", max_video_bytes=10_000), gate)
     assert isinstance(small_cap, Failure) and small_cap.error == "too_large"
@@ -403,7 +419,7 @@ def test_ytdlp_download_is_cut_by_the_timeout(fault_server, media, gate, tmp_pat
     started = time.monotonic()
     result = _fetch(url, tmp_path / "d", _cfg(http_downloader="yt-dlp", timeout_s=1.5), gate)
     assert isinstance(result, Failure) and result.error == "timeout", result
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("url", [YOUTUBE, "https://youtu.be/dQw4w9WgXcQ", "https://www.youtube.com/shorts/dQw4w9WgXcQ"])
