@@ -145,18 +145,26 @@ def measure(files: CorpusFiles, work: Path, *, cpus: int, partition_mb: int, cli
     }
 
 
+PRIVATE_COLUMNS = ("MapBatches", "JoinShuffleMapLeft", "JoinShuffleReduce", "HashShuffleReduce")
+"""Task kinds whose private memory the table shows: parse, the join's map of the text rows, the join's reduce, and
+the group-by-shard reduce that writes the files."""
+
+
 def print_table(rows: list[dict]) -> None:
+    """Worker memory two ways: peak RSS (which counts the object-store pages a worker maps: shared, bounded by the
+    object store, spilled beyond it) and peak private memory (RssAnon) per task kind: what a task itself holds."""
+    kinds = " / ".join(PRIVATE_COLUMNS)
     print(
         "| clips | text files | partitions (MB of text each) | join wall | worker peak RSS: max / median (at rest) "
-        "| driver peak RSS | shard files | largest worker ran |"
+        f"| worker peak private MB: {kinds} | driver peak RSS | shard files |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        private = " / ".join(str(r["private_by_task_mb"].get(k, "-")) for k in PRIVATE_COLUMNS)
         print(
             f"| {r['clips']:,} | {r['text_mb']:,.0f} MB | {r['partitions']} ({r['partition_mb']}) "
             f"| {r['seconds']:.1f} s | {r['max_worker_mb']:,.0f} / {r['median_worker_mb']:,.0f} MB "
-            f"({r['rest_worker_mb']:,.0f}) | {r['driver_mb']:,.0f} MB | {r['shards']:,} "
-            f"| {', '.join(t.removeprefix('ray::') for t in r['max_worker_tasks'])} |"
+            f"({r['rest_worker_mb']:,.0f}) | {private} | {r['driver_mb']:,.0f} MB | {r['shards']:,} |"
         )
 
 
