@@ -80,7 +80,9 @@ class Request:
     sent: int = 0
     """Body bytes written."""
     end: float | None = None
-    """time.monotonic() when the handler finished (None while in flight)."""
+    """time.monotonic() just before the response's last write (None while in flight): a client that holds the whole
+    response is never counted as in flight, so :meth:`FaultServer.max_in_flight` never exceeds the client's own."""
+    last_write: float | None = None
 
     def header(self, name: str) -> str | None:
         lowered = {k.lower(): v for k, v in self.headers.items()}
@@ -251,7 +253,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (_ClientGone, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            request.end = time.monotonic()
+            request.end = request.last_write or time.monotonic()
 
     # ------------------------------------------------------------------ answers
 
@@ -337,6 +339,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
+        self._request.last_write = time.monotonic()
         self.end_headers()
         self._chunked = headers.get("Transfer-Encoding") == "chunked"
 
@@ -345,8 +348,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _write_all(self, chunks, fault: Fault) -> None:
         pace = _Pace(self, fault.bandwidth if fault.bandwidth is not None else self.owner.bandwidth)
         budget = fault.stall_after
+        size = fault.trickle[0] if fault.trickle else pace.piece
         for data in chunks:
-            for piece in _pieces(data, fault.trickle[0] if fault.trickle else CHUNK):
+            for piece in _pieces(data, size):
                 if budget is not None and len(piece) >= budget:
                     self._write(piece[:budget], pace)
                     self.wfile.flush()
@@ -358,18 +362,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     self._sleep(fault.trickle[1])
         if self._chunked:
+            self._request.last_write = time.monotonic()
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
     def _write(self, data: bytes, pace: _Pace) -> None:
         if not data:
             return
-        pace.wait(len(data))
+        pace.wait()
+        self._request.last_write = time.monotonic()
         if self._chunked:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         else:
             self.wfile.write(data)
         self._request.sent += len(data)
+        pace.total += len(data)
 
     def _sleep(self, seconds: float) -> None:
         if self.owner._stopping.wait(seconds):
@@ -389,18 +396,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Pace:
-    """Holds a connection to ``rate`` bytes per second (None: no limit)."""
+    """Holds a connection to ``rate`` bytes per second (None: no limit): small pieces, each sent on schedule."""
 
     def __init__(self, handler: _Handler, rate: float | None):
-        self.handler, self.rate, self.start, self.sent = handler, rate, time.monotonic(), 0
+        self.handler, self.rate, self.start, self.total = handler, rate, time.monotonic(), 0
+        self.piece = CHUNK if not rate else max(1024, min(CHUNK, int(rate / 50)))
 
-    def wait(self, n: int) -> None:
+    def wait(self) -> None:
         if self.rate:
             self.handler.wfile.flush()
-            ahead = self.start + self.sent / self.rate - time.monotonic()
+            ahead = self.start + self.total / self.rate - time.monotonic()
             if ahead > 0:
                 self.handler._sleep(ahead)
-        self.sent += n
 
 
 def _pieces(data: bytes, size: int) -> Iterator[bytes]:
