@@ -111,33 +111,42 @@ def reset_clients() -> None:
     _s3_client.cache_clear()
 
 
+_DENIED = {
+    "InvalidAccessKeyId": "the access key id is unknown to S3: check AWS_ACCESS_KEY_ID or the profile",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": "these credentials lack the permission: check the bucket policy or the IAM role",
+    "InvalidToken": "the session token is invalid: refresh the credentials",
+    "ExpiredToken": "the session token has expired: refresh the credentials",
+    "403": "the access key, the secret key or the permissions are wrong (S3 gives no detail for this request)",
+}
+"""S3 error codes that mean the credentials were refused, with a short reason (a HEAD answer has no code)."""
+
+
 def _s3_error(uri: str, exc: Exception) -> StorageError:
-    """Turn a botocore error into a StorageError with a readable reason."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    """Turn a botocore error into a StorageError: one line naming the URI and the reason."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, NoCredentialsError):
         return StorageError(
             f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
         )
-    if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint: {exc}")
+    if isinstance(exc, BotoConnectionError):  # refused, timed out, DNS, proxy or TLS failure
+        return StorageError(f"{uri}: cannot reach the S3 endpoint: {_one_line(exc)}")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code == "NoSuchBucket":
             return StorageNotFound(f"{uri}: bucket {parse(uri).bucket!r} does not exist")
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageNotFound(f"{uri}: no such object")
-        if code in (
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "AccessDenied",
-            "403",
-            "InvalidToken",
-            "ExpiredToken",
-        ):
-            return StorageError(f"{uri}: access denied by S3 ({code}): check the AWS credentials and permissions")
-        return StorageError(f"{uri}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
-    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+        if code in _DENIED:
+            return StorageError(f"{uri}: access denied by S3 ({code}): {_DENIED[code]}")
+        return StorageError(f"{uri}: S3 error {code}: {_one_line(exc.response.get('Error', {}).get('Message', ''))}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {_one_line(exc)}")
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())
 
 
 @contextlib.contextmanager

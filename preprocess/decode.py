@@ -36,6 +36,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from PIL import Image
 
 from preprocess.failures import Failure
 
@@ -47,6 +48,13 @@ MAX_GOP_BYTES = 256 << 20
 """Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 TRAINING_SIZE = (224, 224)
 """Stored frame size by default: CLIP-ViP's 224x224 input (arXiv 2209.06430; its code squashes each frame to it)."""
+END_SLACK = 1e-3
+"""Seconds a span's end may pass the video's end (its last frame plus one frame interval): timestamp rounding."""
+IMAGE_CODECS = frozenset(
+    "png apng mjpeg jpeg2000 jpegls jpegxl gif webp bmp tiff qoi targa pam pbm pgm ppm sgi dpx exr psd pcx "
+    "xbm xpm xwd sunrast hdr dds photocd".split()
+)
+"""Still-image codecs: a stream of one of these holding a single frame is a picture, not a video."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,15 +276,39 @@ def _probe(path: str, container) -> tuple[av.video.stream.VideoStream, _VideoInf
         return Failure(stage="probe", error="unsupported_codec", message=f"{path}: {why}")
     if stream.time_base is None:
         return Failure(stage="probe", error="no_timestamps", message=f"{path}: the video stream has no time base")
+    if _is_still_image(container, stream):
+        why = f"a still image ({container.format.name}, {codec_name}), not a video"
+        return Failure(stage="probe", error="not_a_video", message=f"{path}: {why}")
     info = _video_info(stream, container)
     return stream, info
+
+
+def _is_still_image(container, stream) -> bool:
+    """An image demuxer (image2, png_pipe, ...) that finds one frame, or an image codec holding one frame (a
+    one-frame GIF, a PNG in an mp4), whatever the file is named. Leaves the container at its start."""
+    formats = container.format.name.split(",")
+    if not any(f in ("image2", "image2pipe") or f.endswith("_pipe") for f in formats):
+        return stream.codec_context.name in IMAGE_CODECS and stream.frames == 1
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            count += packet.size > 0
+            if count > 1:
+                break
+        container.seek(0)  # an image sequence (raw MJPEG, concatenated PNGs) is a video: rewind it
+    except av.FFmpegError:
+        pass
+    return count <= 1
 
 
 def _video_info(stream, container) -> _VideoInfo:
     tb = Fraction(stream.time_base)
     start_pts = stream.start_time if stream.start_time is not None else 0
+    tagged_end = _tag_seconds(stream.metadata.get("DURATION"))  # Matroska/WebM: the video track's own end
     if stream.duration is not None and stream.duration > 0:
         duration = float(stream.duration * tb)
+    elif tagged_end is not None and tagged_end > float(start_pts * tb):
+        duration = tagged_end - float(start_pts * tb)
     elif container.duration is not None and container.duration > 0:
         offset = float(start_pts * tb) - (container.start_time or 0) / av.time_base
         duration = max(0.0, container.duration / av.time_base - offset)
@@ -284,6 +316,15 @@ def _video_info(stream, container) -> _VideoInfo:
         duration = math.inf
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return _VideoInfo(time_base=tb, start_pts=start_pts, duration=duration, fps=float(rate) if rate else 0.0)
+
+
+def _tag_seconds(text: str | None) -> float | None:
+    """``HH:MM:SS.nnnnnnnnn`` (the DURATION tag ffmpeg writes per Matroska track) in seconds; None if absent."""
+    try:
+        hours, minutes, seconds = text.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (AttributeError, ValueError):
+        return None
 
 
 def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: DecodeConfig) -> _Clip | Failure:
@@ -303,9 +344,10 @@ def _plan_clip(path: str, index: int, r: ClipRequest, info: _VideoInfo, cfg: Dec
         return fail(
             "span_out_of_range", f"span starts at {r.start:.3f} s, after the video's end at {info.duration:.3f} s"
         )
+    cut = r.end is None or end > info.duration  # a span the video's end cuts (one inside may be under a frame)
     end = min(end, info.duration)
     frame_dur = 1.0 / info.fps if info.fps > 0 else 0.0
-    if math.isfinite(end) and end - r.start < frame_dur:
+    if math.isfinite(end) and cut and end - r.start < frame_dur:
         return fail(
             "span_out_of_range",
             f"only {end - r.start:.3f} s of the span lies inside the video "
@@ -397,6 +439,17 @@ class _AudioTrack:
             clip.audio_done = True
 
 
+_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+"""PIL turns, counterclockwise, by quarter turns."""
+
+
+def _quarter_turns(frame) -> int:
+    """Counterclockwise quarter turns that show the frame upright: its display matrix (a phone's rotation), as
+    ``frame.rotation`` (PyAV: degrees counterclockwise); 0 for an angle that is not a multiple of 90."""
+    degrees = frame.rotation % 360
+    return round(degrees / 90) % 4 if abs(degrees - 90 * round(degrees / 90)) < 1 else 0
+
+
 def _short(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
     return str(text).splitlines()[0][:200]
@@ -431,6 +484,11 @@ class _Pass:
         self.max_gop = 0.0
         self.prev_gop: list = []
         """The GOP before the current one, kept (compressed) for open-GOP leading frames."""
+        self.interval = 1.0 / info.fps if info.fps > 0 else 0.0
+        self.video_end = -math.inf
+        """Seconds: the latest frame seen so far (packet or decoded) plus its duration, at least one frame interval."""
+        self.waiting: dict[int, _Clip] = {}
+        """Clips with all their frames whose span ends past ``video_end``: complete once the stream reaches it."""
 
     # -- orchestration -----------------------------------------------------------------------
     def run(self, planned: list[_Clip | Failure]) -> Iterator[DecodedClip | Failure]:
@@ -474,10 +532,13 @@ class _Pass:
                     if not self._wanted():
                         return
                     continue
+                time = self._packet_time(packet)
+                if self._reach(time, packet.duration):
+                    yield None
                 if not self.pending:
                     if not self._wanted():
                         return
-                    continue  # frames all found; reading on for audio only
+                    continue  # frames all found; reading on for audio or to the end of a span
                 gop_bytes += packet.size
                 if gop_bytes > MAX_GOP_BYTES:
                     self.stopped = (
@@ -486,7 +547,6 @@ class _Pass:
                         f"after {self.last_time:.3f} s; not buffering more",
                     )
                     return
-                time = self._packet_time(packet)
                 if skip_until is not None:
                     if not (packet.is_keyframe and time is not None and time >= skip_until):
                         continue
@@ -509,12 +569,22 @@ class _Pass:
             self._process_gop(gop, eof=True)
 
     def _wanted(self) -> bool:
-        return bool(self.pending) or (self.audio is not None and self.audio.pending())
+        return bool(self.pending or self.waiting) or (self.audio is not None and self.audio.pending())
 
     def _next_need(self) -> float:
-        """Earliest time still needed: the next frame target or the next audio a clip lacks."""
+        """Earliest time still needed: the next frame target, a waiting clip's end, or the next audio a clip lacks."""
         frame = self.pending[0].time if self.pending else math.inf
+        frame = min([frame] + [c.span[1] - self.interval for c in self.waiting.values()])
         return min(frame, self.audio.next_need()) if self.audio is not None else frame
+
+    def _reach(self, time: float | None, duration: int | None) -> bool:
+        """The stream holds a frame at ``time`` lasting ``duration`` (time-base units): complete the waiting
+        clips whose span it now covers; True if any."""
+        if time is None:
+            return False
+        self.video_end = max(self.video_end, time + max(self.interval, (duration or 0) * self.tb))
+        waiting, self.waiting = self.waiting, {}
+        return any([self._complete(c) for c in waiting.values()])
 
     def _seek_ahead(self, keyframe_time: float) -> bool:
         """Seek to the keyframe before the next target when it is far ahead; True if it did."""
@@ -593,6 +663,7 @@ class _Pass:
         pts = frame.pts
         time = self._seconds(pts) if pts is not None else self.last_time
         self.last_frame, self.last_time = frame, time
+        self._reach(time, frame.duration)
         for tg in needed:
             if tg.clip.frames[tg.slot] is not None or tg.clip.index in self.done:
                 continue
@@ -605,7 +676,8 @@ class _Pass:
     def _store(self, tg: _Target, frame, time: float) -> None:
         clip = tg.clip
         if clip.size is None:
-            clip.size = output_size(frame.width, frame.height, self.cfg.short_side, self.cfg.frame_size)
+            upright = (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
+            clip.size = output_size(*upright, self.cfg.short_side, self.cfg.frame_size)
         try:
             jpeg = self._jpeg(frame, clip.size)
         except (av.FFmpegError, OSError, ValueError) as exc:
@@ -618,6 +690,9 @@ class _Pass:
     def _complete(self, clip: _Clip) -> bool:
         """Finish a clip whose frames (and audio, if asked for) are all in; True if it did."""
         if clip.missing or not clip.audio_done or clip.index in self.done:
+            return False
+        if clip.span[1] > self.video_end + END_SLACK:
+            self.waiting[clip.index] = clip
             return False
         audio = None
         if clip.audio_parts is not None:
@@ -637,7 +712,11 @@ class _Pass:
         key = frame.pts if frame.pts is not None else -1
         if self.jpeg_cache is not None and self.jpeg_cache[:2] == (key, size):
             return self.jpeg_cache[2]
-        image = frame.to_image(width=size[0], height=size[1], interpolation=self.interpolation)
+        turns = _quarter_turns(frame)
+        width, height = (size[1], size[0]) if turns % 2 else size
+        image = frame.to_image(width=width, height=height, interpolation=self.interpolation)
+        if turns:  # resize, then turn: the same pixels as turning first, on fewer of them
+            image = image.transpose(_TURNS[turns])
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=self.cfg.jpeg_quality)
         data = buf.getvalue()
@@ -668,6 +747,15 @@ class _Pass:
         self.pending = []
         for clip in self.clips:
             self._complete(clip)
+        for clip in self.waiting.values():
+            self._fail(clip, "decode", *(self.stopped or self._beyond_end(clip)))
+        self.waiting = {}
+
+    def _beyond_end(self, clip: _Clip) -> tuple[str, str]:
+        return "span_beyond_end", (
+            f"the span ends at {clip.span[1]:.3f} s, more than one frame interval past the video's last frame "
+            f"(the stream ends at {self.video_end:.3f} s; a truncated file, a wrong duration, or a still picture)"
+        )
 
     def _eof_reason(self, tg: _Target) -> tuple[str, str]:
         if self.stopped is not None:

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.logs import setup_logging
+    from pipeline.storage import StorageError
     from preprocess.job import run_job
 
     setup_logging(args.log_level)
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_job(cfg)
     except ValueError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:  # storage unreachable, refused or missing: one line naming the URI, no traceback
+        print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0 if result.manifest else 1
