@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from preprocess.asr import AsrConfig
 from preprocess.captions import CaptionConfig
 from preprocess.decode import DecodeConfig
+from preprocess.fetch import FetchConfig
 
 
 class Layout(str, enum.Enum):
@@ -33,8 +34,8 @@ class InputConfig:
 
     metadata: str
     """HD-VILA metadata jsonl (local path, file:// or s3://)."""
-    videos: str
-    """Folder or s3:// prefix holding the videos."""
+    videos: str | None = None
+    """Folder or s3:// prefix holding the videos (optional with ``fetch``: looked up first)."""
     layout: Layout = Layout.SOURCE
     """``source`` (whole videos cut by span) or ``clips`` (pre-cut clip files)."""
     subtitles: str | None = None
@@ -43,12 +44,25 @@ class InputConfig:
     """Optional jsonl of ``{clip_id, caption}``."""
     max_text_chars: int = 2000
     """Subtitles and captions longer than this are truncated (and counted in the stats)."""
+    fetch: bool = False
+    """Download each source video found in neither ``videos`` nor ``keep_sources`` from its metadata line's
+    ``url`` (YouTube through yt-dlp, http(s), s3://), inside the shard task; settings: the fetch section."""
+    keep_sources: str | None = None
+    """With ``fetch``: folder or s3:// prefix where every fetched source is archived as ``<video_id>.<ext>``
+    and looked up before downloading, so a rerun (another decode config) downloads nothing again."""
 
     def __post_init__(self) -> None:
-        for name in ("metadata", "videos"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty path or URI")
+        if not isinstance(self.metadata, str) or not self.metadata:
+            raise ValueError("metadata must be a non-empty path or URI")
+        if self.videos is None and not self.fetch:
+            raise ValueError("videos must be given (a folder or s3:// prefix), unless fetch is on")
+        if self.videos is not None and (not isinstance(self.videos, str) or not self.videos):
+            raise ValueError("videos must be a non-empty path or URI")
         object.__setattr__(self, "layout", Layout(self.layout))
+        if self.fetch and self.layout is not Layout.SOURCE:
+            raise ValueError("fetch downloads whole source videos: it needs layout source")
+        if self.keep_sources is not None and not self.fetch:
+            raise ValueError("keep_sources archives fetched videos: it needs fetch")
         if self.max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1, got {self.max_text_chars}")
 
@@ -128,6 +142,10 @@ class RayConfig:
             raise ValueError(f"num_cpus applies to a new local cluster, not to address {self.address!r}")
 
 
+FETCH_OUTPUT_FIELDS = ("format", "audio", "max_video_bytes", "max_video_seconds")
+"""The fetch settings that decide which bytes are downloaded (so the shards' bytes): in the manifest."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
     """The whole job."""
@@ -140,12 +158,15 @@ class PreprocessConfig:
     """Frames per clip, resize, JPEG quality, decoder threads."""
     ray: RayConfig = RayConfig()
     """Cluster connection, backpressure, retries, timeouts."""
+    fetch: FetchConfig = FetchConfig()
+    """How source videos are downloaded (with ``inputs.fetch``): format, caps, timeouts, retries, politeness."""
     captioner: CaptionConfig | None = None
     """Caption stage: generate the captions of clips that have none given."""
     asr: AsrConfig | None = None
     """ASR stage: transcribe the audio of clips that have no subtitle given."""
     retry_failed: bool = False
-    """Redo committed shards that recorded failed clips."""
+    """Redo committed shards that recorded failed clips (not those whose only failures are permanent fetch
+    failures: a removed, private or 404 video does not come back)."""
     progress: bool = True
     """Show a progress bar."""
     plan_only: bool = False
@@ -155,6 +176,9 @@ class PreprocessConfig:
         """The resolved config that decides the output bytes (goes into the manifest)."""
         inputs = dataclasses.asdict(self.inputs)
         inputs["layout"] = self.inputs.layout.value
+        inputs.pop("keep_sources")  # an archive: decides no byte
+        if inputs.pop("fetch"):  # only when enabled: a job without it keeps its old manifest
+            inputs["fetch"] = {name: getattr(self.fetch, name) for name in FETCH_OUTPUT_FIELDS}
         sharding = dataclasses.asdict(self.sharding)
         sharding.pop("output")
         decode = dataclasses.asdict(self.decode)
@@ -174,5 +198,10 @@ class PreprocessConfig:
         out = self.manifest_config()
         out["sharding"]["output"] = self.sharding.output
         out["ray"] = dataclasses.asdict(self.ray)
+        if self.inputs.fetch:  # the cookies file and proxy may carry credentials: named as set, never shown
+            out["fetch"] = {
+                k: ("<set>" if k in ("cookies", "proxy") and v else v)
+                for k, v in dataclasses.asdict(self.fetch).items()
+            }
         out["retry_failed"] = self.retry_failed
         return out

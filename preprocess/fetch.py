@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 SCRATCH_PREFIX = ".fetch-"
 """Name prefix of the private folder each download works in (inside ``dest_dir``); removed when it ends."""
 CHUNK = 256 << 10
-SNIFF_BYTES = 64
+SNIFF_BYTES = 512
 CLOSED_S = 2.0
 """A gate wait longer than this means the host asked everybody to back off (a slot or rate wait is shorter)."""
 
@@ -79,6 +79,7 @@ CODES = {
     "truncated": "fewer bytes than Content-Length after the retries",
     "network": "DNS, refused or reset connection, proxy or S3 endpoint errors after the retries",
     "fetch_error": "anything else (the message carries yt-dlp's first line)",
+    "no_url": "the metadata line has no url to fetch from (preprocess/sources.py)",
 }
 """Every ``error`` a fetch Failure can carry, with its meaning."""
 
@@ -443,6 +444,8 @@ def classify(head: bytes, content_type: str | None, url_path: str) -> str:
             return _EXT_OF_TYPE.get(kind, ext) if ext in (".mkv", ".mov") else ext
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return ".avi"
+    if _mpeg_ts(head):
+        return ".ts"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         raise FetchFailed("not_a_video", "the body is a WebP image")
     for magic, what in _NOT_VIDEO_MAGIC:
@@ -452,6 +455,15 @@ def classify(head: bytes, content_type: str | None, url_path: str) -> str:
         raise FetchFailed("not_a_video", f"the body is not a video (Content-Type {kind or 'none'}: {_peek(head)})")
     ext = os.path.splitext(url_path)[1].lower()
     return ext if re.fullmatch(r"\.[a-z0-9]{1,5}", ext) else _EXT_OF_TYPE.get(kind, ".video")
+
+
+def _mpeg_ts(head: bytes) -> bool:
+    """An MPEG transport stream: a 0x47 sync byte every 188 bytes (192 in M2TS, after a 4-byte time code)."""
+    for first, step in ((0, 188), (4, 192)):
+        syncs = head[first::step]
+        if len(syncs) >= 2 and set(syncs) == {0x47}:
+            return True
+    return False
 
 
 def _is_text(head: bytes) -> bool:

@@ -57,6 +57,8 @@ class ClipItem:
     """Set when the metadata already rules the clip out."""
     subtitle: TextEntry | None = None
     caption: TextEntry | None = None
+    url: str | None = None
+    """The metadata line's ``url`` (where ``--fetch`` downloads the source video from)."""
 
     def fail(self, stage: str, error: str, message: str, dropped: bool = True) -> Failure:
         """A failure of this clip (its ids and metadata line filled in)."""
@@ -324,6 +326,7 @@ def parse_line(uri: str, number: int, raw: bytes, layout: Layout, first_position
 
 def _clip_entries(record: dict, uri: str, number: int, layout: Layout, position: int) -> tuple:
     video_id, where = record["video_id"], f"{uri} line {number}"
+    url = record.get("url") if isinstance(record.get("url"), str) and record.get("url") else None
     video_problem = _unsafe_video_id(video_id)
     entries: list[ClipItem | Failure] = []
     for raw in record["clip"]:
@@ -334,7 +337,7 @@ def _clip_entries(record: dict, uri: str, number: int, layout: Layout, position:
                 Failure(stage="metadata", error="bad_record", message=message, line=number, video_id=video_id)
             )
             continue
-        item = ClipItem(position=position, line=number, video_id=video_id, clip_id=clip_id, span=None)
+        item = ClipItem(position=position, line=number, video_id=video_id, clip_id=clip_id, span=None, url=url)
         position += 1
         span, problem = check_span(raw.get("span"))
         if problem:

@@ -42,6 +42,8 @@ from preprocess.asr import Transcriber, check_transcriber
 from preprocess.captions import Captioner, check_captioner
 from preprocess.config import PreprocessConfig, RayConfig
 from preprocess.failures import Failure, merge_tables
+from preprocess.fetch import PERMANENT
+from preprocess.host_gate import HostGate
 from preprocess.model_loading import torch_device
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
 from preprocess.shard_task import Faults, ShardSettings, ShardStats, ShardTask, process_shard
@@ -196,14 +198,16 @@ def _read_stats(out: DatasetLayout, committed: set[int], num_shards: int) -> dic
 
 
 def _uncommit_failed(out: DatasetLayout, committed: set[int]) -> None:
+    """Uncommit the shards with a failure worth retrying: any but a permanent fetch failure (a video that is
+    private, removed, 404...: it will not come back)."""
     stats = _read_stats(out, committed, max(committed, default=-1) + 1)
-    failed = [k for k, s in stats.items() if s.num_failed]
+    failed = [k for k, s in stats.items() if set(s.failed) - PERMANENT]
     if failed:
         storage.delete(out.manifest)
     for index in failed:
         storage.delete(out.stats(index))
         committed.discard(index)
-    log.info("retry-failed: redoing %d shards that had failed clips", len(failed))
+    log.info("retry-failed: redoing %d shards that had failed clips (permanent fetch failures aside)", len(failed))
 
 
 def _settings(cfg: PreprocessConfig) -> ShardSettings:
@@ -213,6 +217,8 @@ def _settings(cfg: PreprocessConfig) -> ShardSettings:
         metadata=tuple(metadata_files(inputs.metadata)),
         texts=TextSources.of(inputs.subtitles, inputs.captions, inputs.max_text_chars),
         videos=cfg.inputs.videos,
+        keep_sources=inputs.keep_sources,
+        fetch=dataclasses.replace(cfg.fetch, audio=cfg.asr is not None) if inputs.fetch else None,
         layout=cfg.inputs.layout,
         decode=cfg.decode,
         max_shard_bytes=cfg.sharding.max_shard_bytes,
@@ -281,8 +287,24 @@ def _model_fn(actors: list, index: int):
     return call
 
 
+class _GateClient:
+    """The shard task's side of the job-wide host gate (a ``HostGate`` in one actor): the same methods."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def try_acquire(self, host: str) -> float:
+        return ray.get(self.actor.try_acquire.remote(host))
+
+    def release(self, host: str) -> None:
+        self.actor.release.remote(host)
+
+    def back_off(self, host: str, seconds: float) -> None:
+        self.actor.back_off.remote(host, seconds)
+
+
 def _run_shard(
-    task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list
+    task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list, gate
 ) -> ShardStats:
     node = ray.get_runtime_context().get_node_id()
     return process_shard(
@@ -291,6 +313,7 @@ def _run_shard(
         on_video=lambda video_id: board.report.remote(token, video_id, node),
         caption=_model_fn(captioners, task.index),
         transcribe=_model_fn(transcribers, task.index),
+        gate=_GateClient(gate) if gate is not None else None,
     )
 
 
@@ -341,6 +364,12 @@ class _Dispatcher:
             ray.get_runtime_context().get_node_id(), soft=False
         )
         self.board = _Board.options(num_cpus=0, scheduling_strategy=here).remote()
+        self.gate = None
+        if settings.fetch is not None:  # one gate for the whole job: per-host concurrency and rate
+            fetch = settings.fetch
+            gate = ray.remote(HostGate).options(num_cpus=0, scheduling_strategy=here, max_concurrency=64)
+            # a slot of a task killed mid-download comes back after the longest a download may take
+            self.gate = gate.remote(fetch.host_concurrency, fetch.host_rate, lease_s=fetch.timeout_s + 60.0)
         self.settings_ref = ray.put(settings)
         self.pools = _model_pools(cfg)
         self.max_in_flight = rc.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -361,9 +390,8 @@ class _Dispatcher:
             log.info("first shard task submitted after %.2f s", time.monotonic() - self.started)
         self._generation += 1
         token = f"{task.index}.{self._generation}"
-        ref = self.remote.remote(
-            task, self.settings_ref, self.board, token, self.pools.get("caption", []), self.pools.get("asr", [])
-        )
+        models = (self.pools.get("caption", []), self.pools.get("asr", []))
+        ref = self.remote.remote(task, self.settings_ref, self.board, token, *models, self.gate)
         self.pending[ref] = _Attempt(task=task, token=token, errors=errors)
 
     def run(self, tasks: Iterator[ShardTask]) -> dict[int, str]:

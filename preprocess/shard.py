@@ -1,17 +1,20 @@
 """Command line: HD-VILA-style metadata and videos -> WebDataset shards, on Ray.
 
     python preprocess/shard.py --metadata meta.jsonl --videos videos/ --output out/
+    python preprocess/shard.py --metadata 'hdvila_part*.jsonl' --fetch --output s3://b/shards
     ray job submit --working-dir . -- python preprocess/shard.py ...
     ray submit launch/ray-local.yaml preprocess/shard.py -- ...
 
 Exit codes: 0 all shards committed and the manifest written; 1 some shards could not be
-committed (rerun the same command to finish them); 2 bad arguments or inputs.
+committed (rerun the same command to finish them); 2 bad arguments or inputs, or storage that is
+unreachable or refuses the credentials (one line on stderr naming the URI).
 See docs/preprocessing.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -35,7 +38,19 @@ SECTIONS = (  # (config field, flag prefix, flag names that differ from prefix +
     ("ray", "", {"address": "ray-address", "video_timeout_s": "video-timeout", "stall_timeout_s": "stall-timeout"}),
     ("captioner", "caption-", {"num_beams": "caption-beams", "max_new_tokens": "caption-max-tokens"}),
     ("asr", "asr-", {"num_beams": "asr-beams", "max_new_tokens": "asr-max-tokens"}),
+    (
+        "fetch",
+        "fetch-",
+        {
+            "max_video_bytes": "max-video-bytes",
+            "max_video_seconds": "max-video-seconds",
+            **{f"{name}_s": f"fetch-{name.replace('_', '-')}" for name in ("timeout", "read_timeout", "backoff")},
+            "max_backoff_s": "fetch-max-backoff",
+        },
+    ),
 )
+NOT_FLAGS = {"fetch": ("audio",)}
+"""Fields the job sets itself (the fetch of audio follows the ASR stage)."""
 OPTIONAL_SECTIONS = {"captioner": "caption-model", "asr": "asr-model"}
 
 
@@ -50,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     types = config.hints(PreprocessConfig)
     for name, prefix, names in SECTIONS:
         optional = name in OPTIONAL_SECTIONS
+        section = config.section_type(types[name])
+        hidden = NOT_FLAGS.get(name, ())
         config.add_flags(
             p,
-            config.section_type(types[name]),
+            section,
             dest=name,
             prefix=prefix,
             names=names,
+            only=tuple(f.name for f in dataclasses.fields(section) if f.name not in hidden) if hidden else None,
             optional=optional,
             title=config.field_docs(PreprocessConfig)[name],
         )

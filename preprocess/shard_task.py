@@ -19,7 +19,6 @@ subtitle ask the decoder for their audio, read in the same pass as their frames.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -40,8 +39,10 @@ from preprocess.captions import CaptionConfig
 from preprocess.config import Layout
 from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from preprocess.failures import Failure, failures_table, write_table
+from preprocess.fetch import FetchConfig
 from preprocess.inputs import ClipItem, TextEntry, clip_file
 from preprocess.plan import ShardSlice, SliceContents, read_slice
+from preprocess.sources import LocalVideo, ShardSources, SourceSettings, local_video, prefetched
 from preprocess.text_stages import ModelFn, StageModel, TextStages
 from preprocess.texts import TextSources, with_texts
 
@@ -83,7 +84,8 @@ class ShardSettings:
     output: str
     metadata: tuple[str, ...]
     """The metadata files, in input order (preprocess/plan.py)."""
-    videos: str
+    videos: str | None
+    """Folder or s3:// prefix of the videos (None: every source video is fetched)."""
     layout: Layout
     decode: DecodeConfig
     max_shard_bytes: int
@@ -93,6 +95,13 @@ class ShardSettings:
     """Generate captions of the clips that have none given (the model is passed to process_shard)."""
     asr: AsrConfig | None = None
     """Transcribe the audio of the clips that have no subtitle given."""
+    keep_sources: str | None = None
+    """Archive of fetched source videos (looked up after ``videos``)."""
+    fetch: FetchConfig | None = None
+    """Download source videos found nowhere from their metadata ``url``."""
+
+    def source_settings(self) -> SourceSettings:
+        return SourceSettings(videos=self.videos, keep_sources=self.keep_sources, fetch=self.fetch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,12 +213,14 @@ def process_shard(
     on_video: Callable[[str], None] = lambda _: None,
     caption: ModelFn | None = None,
     transcribe: ModelFn | None = None,
+    gate=None,
 ) -> ShardStats:
     """Decode, write and commit one shard; returns its stats (also written as its commit marker).
 
     ``caption`` (middle-frame JPEGs -> captions) and ``transcribe`` (16 kHz audio -> subtitles)
     are the models of the stages configured in ``settings``; they raise
-    :class:`preprocess.text_stages.ModelError` when the model fails on its inputs.
+    :class:`preprocess.text_stages.ModelError` when the model fails on its inputs. ``gate`` spaces the
+    downloads of each host job-wide (preprocess/host_gate.py; needed with ``settings.fetch``).
     """
     models = _stage_models(settings, caption, transcribe)
     _maybe_exit(task.index, settings.faults)
@@ -220,16 +231,14 @@ def process_shard(
     contents = read_slice(list(settings.metadata), task.slice, settings.layout)
     clips, text_failures = with_texts(contents.clips, settings.texts, out, task.index)
     contents.failures += text_failures
-    videos = _source_videos(settings, clips)
     scratch = _fresh_scratch(settings, task.index)
     try:
         limits = ShardLimits(max_samples=max(1, len(clips)), max_bytes=settings.max_shard_bytes)
         with ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer:
             shard = _Shard(task, writer, contents)
             stages = TextStages(shard.add, shard.note, caption=models.get("caption"), asr=models.get("asr"))
-            for run in video_runs(clips):
-                on_video(run[0].video_id)
-                for item, outcome, audio in _process_run(run, task, settings, videos, scratch, shard.stats):
+            for run, video in _with_videos(video_runs(clips), task, settings, scratch, on_video, gate):
+                for item, outcome, audio in _process_run(run, task, settings, video, scratch, shard.stats):
                     stages.add(item, outcome, audio)
             stages.finish()
         shard.stats.entries = list(writer.entries)
@@ -251,18 +260,6 @@ def _commit(task: ShardTask, out: DatasetLayout, shard: _Shard, stale: list[str]
             storage.delete(out.path(name))
 
 
-def _source_videos(settings: ShardSettings, clips: list[ClipItem]) -> dict[str, str]:
-    """Source layout: video id -> URI of ``<video_id>.<ext>`` for this shard's videos (the first in name order
-    when there are several), looked up for this shard alone."""
-    if settings.layout is not Layout.SOURCE:
-        return {}
-    found = storage.children_by_stem(settings.videos, {c.video_id for c in clips if c.problem is None})
-    for video_id, files in found.items():
-        if len(files) > 1:
-            log.warning("video %s: several files (%s); using %s", video_id, [n for n, _ in files], files[0][1])
-    return {video_id: files[0][1] for video_id, files in found.items()}
-
-
 def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
     """Consecutive clips of the same video, in input order."""
     run: list[ClipItem] = []
@@ -275,7 +272,30 @@ def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
         yield run
 
 
-def _process_run(run, task: ShardTask, settings: ShardSettings, videos: dict[str, str], scratch: str, stats):
+def _with_videos(runs, task: ShardTask, settings: ShardSettings, scratch: str, on_video, gate):
+    """Each run with its source video (source layout: got ahead of the decoder, preprocess/sources.py), or None."""
+    if settings.layout is Layout.CLIPS:
+        for run in runs:
+            on_video(run[0].video_id)
+            yield run, None
+        return
+    runs = list(runs)
+    urls = {run[0].video_id: run[0].url for run in runs if _needs_video(run, task)}
+    sources = ShardSources(settings.source_settings(), urls, scratch, gate)
+    depth = settings.fetch.prefetch if settings.fetch else 1
+    key = lambda run: run[0].video_id if _needs_video(run, task) else None  # noqa: E731
+    report = lambda run: on_video(run[0].video_id)  # noqa: E731
+    for run, video in prefetched(runs, key, sources.get, depth, before=report):
+        report(run)  # again once it is here: the wait for a download and the decode are timed apart
+        yield run, video
+
+
+def _needs_video(run: list[ClipItem], task: ShardTask) -> bool:
+    """Some clip of the run is to be decoded (not ruled out by the metadata or by the driver)."""
+    return run[0].video_id not in task.excluded and any(item.problem is None for item in run)
+
+
+def _process_run(run, task: ShardTask, settings: ShardSettings, video, scratch: str, stats):
     todo = []
     for item in run:
         if item.problem:
@@ -289,51 +309,58 @@ def _process_run(run, task: ShardTask, settings: ShardSettings, videos: dict[str
         return
     if settings.layout is Layout.CLIPS:
         for item in todo:
-            yield from _decode_file(
-                clip_file(settings.videos, item.video_id, item.clip_id), [item], settings, scratch, stats
-            )
+            yield from _decode_clip_file(item, settings, scratch, stats)
         return
-    uri = videos.get(run[0].video_id)
-    if uri is None:
-        message = f"no file {run[0].video_id}.<ext> under {settings.videos}"
-        yield from ((item, item.fail("open", "missing_file", message), None) for item in todo)
+    if isinstance(video, Failure):
+        yield from ((item, item.fail(video.stage, video.error, video.message), None) for item in todo)
         return
-    yield from _decode_file(uri, todo, settings, scratch, stats)
+    yield from _decode_file(video, todo, settings, stats)
 
 
-def _decode_file(uri: str, items: list[ClipItem], settings: ShardSettings, scratch: str, stats: ShardStats):
-    """Open one video file once and turn each requested clip into (item, sample or failure, audio or None)."""
-    whole = settings.layout is Layout.CLIPS
-    done = 0
+def _decode_clip_file(item: ClipItem, settings: ShardSettings, scratch: str, stats: ShardStats):
+    """A pre-cut clip file (copied into scratch when it is stored remotely)."""
+    uri = clip_file(settings.videos, item.video_id, item.clip_id)
     try:
-        with _local_copy(uri, scratch) as path:
-            _maybe_hang(items[0].video_id, settings.faults)
-            asr = settings.asr is not None
-            requests = [
-                ClipRequest(
-                    clip_id=i.clip_id,
-                    start=0.0 if whole else i.span[0],
-                    end=None if whole else i.span[1],
-                    audio=asr and i.subtitle is None,
-                )
-                for i in items
-            ]
-            results = decode_clips(path, requests, settings.decode)
-            while done < len(items):
-                t0 = time.monotonic()
-                result = next(results, None)
-                stats.decode_seconds = round(stats.decode_seconds + time.monotonic() - t0, 6)
-                if result is None:
-                    break
-                audio = result.audio if isinstance(result, DecodedClip) else None
-                yield items[done], _outcome(items[done], result, uri, path, whole), audio
-                done += 1
+        video = local_video(uri, scratch)
     except storage.StorageNotFound as exc:
-        yield from ((i, i.fail("open", "missing_file", str(exc)), None) for i in items[done:])
+        yield item, item.fail("open", "missing_file", str(exc)), None
         return
     except storage.StorageError as exc:
-        yield from ((i, i.fail("fetch", "read_error", str(exc)), None) for i in items[done:])
+        yield item, item.fail("fetch", "read_error", str(exc)), None
         return
+    try:
+        yield from _decode_file(video, [item], settings, stats)
+    finally:
+        video.discard()
+
+
+def _decode_file(video: LocalVideo, items: list[ClipItem], settings: ShardSettings, stats: ShardStats):
+    """Open one video file once and turn each requested clip into (item, sample or failure, audio or None)."""
+    whole = settings.layout is Layout.CLIPS
+    uri, path = video.uri, video.path
+    done = 0
+    try:
+        _maybe_hang(items[0].video_id, settings.faults)
+        asr = settings.asr is not None
+        requests = [
+            ClipRequest(
+                clip_id=i.clip_id,
+                start=0.0 if whole else i.span[0],
+                end=None if whole else i.span[1],
+                audio=asr and i.subtitle is None,
+            )
+            for i in items
+        ]
+        results = decode_clips(path, requests, settings.decode)
+        while done < len(items):
+            t0 = time.monotonic()
+            result = next(results, None)
+            stats.decode_seconds = round(stats.decode_seconds + time.monotonic() - t0, 6)
+            if result is None:
+                break
+            audio = result.audio if isinstance(result, DecodedClip) else None
+            yield items[done], _outcome(items[done], result, uri, path, whole), audio
+            done += 1
     except Exception as exc:  # the decoder promises not to raise; if it does, record it per clip
         log.exception("%s: decoder raised", uri)
         yield from ((i, i.fail("decode", type(exc).__name__, f"{uri}: {exc}"), None) for i in items[done:])
@@ -381,25 +408,6 @@ def _sample(item: ClipItem, clip: DecodedClip, uri: str, whole: bool) -> ClipSam
 
 
 # --------------------------------------------------------------------------- local files
-
-
-@contextlib.contextmanager
-def _local_copy(uri: str, scratch: str) -> Iterator[str]:
-    """A local path for the video: the file itself, or an S3 object streamed to scratch."""
-    if not storage.is_remote(uri):
-        path = storage.parse(uri).path
-        if not os.path.isfile(path):
-            raise storage.StorageNotFound(f"{uri}: no such file")
-        yield path
-        return
-    fd, path = tempfile.mkstemp(prefix=storage.TEMP_PREFIX, suffix=os.path.splitext(uri)[1], dir=scratch)
-    try:
-        with os.fdopen(fd, "wb") as dst, storage.open_read(uri) as src:
-            shutil.copyfileobj(src, dst, storage.READ_CHUNK)
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 
 def _fresh_scratch(settings: ShardSettings, index: int) -> str:
