@@ -132,7 +132,7 @@ class FetchConfig:
     host_rate: float = 2.0
     """New requests per second to one host, job-wide."""
     prefetch: int = 1
-    """Videos downloaded ahead of the one being decoded."""
+    """Videos downloaded ahead of the one being decoded (0: each is downloaded when its turn comes)."""
     cookies: str | None = field(default=None, repr=False)
     """Cookies file (Netscape format) given to yt-dlp, e.g. to pass YouTube's bot check; never logged."""
     proxy: str | None = field(default=None, repr=False)
