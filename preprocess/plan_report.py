@@ -11,6 +11,7 @@ measured on this project's benchmarks (docs/scale.md says how to measure them ag
 from __future__ import annotations
 
 import collections
+import urllib.parse
 from dataclasses import dataclass, field
 
 from pipeline import storage
@@ -34,6 +35,8 @@ class CostModel:
     at the end one stats and one failures read (a tar over 64 MiB adds a multipart upload's few)."""
     requests_per_video: int = 2
     """The lookup of a source video (one prefix listing) and its download (one GET, resumed if cut)."""
+    source_bits_per_second: float = 2e6
+    """Bitrate of a fetched source (assumed: YouTube's 720p H.264, docs/scale.md "Downloads")."""
 
 
 @dataclass
@@ -46,6 +49,8 @@ class PlanReport:
     seconds: float = 0.0
     problems: collections.Counter = field(default_factory=collections.Counter)
     texts: dict[str, str] = field(default_factory=dict)
+    fetches: collections.Counter = field(default_factory=collections.Counter)
+    """With ``--fetch``: source videos to download per route (one per shard that needs it), and ``no url``."""
 
     def lines(self, cfg: PreprocessConfig, cost: CostModel = CostModel()) -> list[str]:
         frames = cfg.decode.num_frames if cfg.decode.fps is None else cfg.decode.max_frames
@@ -63,6 +68,18 @@ class PlanReport:
             f"estimate: {core_hours:,.1f} core-hours of decoding ({cost.cpu_seconds_per_video_second} s per second of "
             f"video), {out_bytes / 1e12:.3f} TB of shards ({ok} clips x {frames} frames x {cost.bytes_per_frame} B), "
             f"{requests:,} S3 requests (docs/scale.md); downloads not included",
+            *self._fetch_lines(cost),
+        ]
+
+    def _fetch_lines(self, cost: CostModel) -> list[str]:
+        if not self.fetches:
+            return []
+        routes = ", ".join(f"{k}: {n}" for k, n in sorted(self.fetches.items()))
+        tb = self.seconds * cost.source_bits_per_second / 8 / 1e12
+        return [
+            f"fetch: {sum(n for k, n in self.fetches.items() if k != 'no url')} source videos to download ({routes}); "
+            f"at least {tb:.3f} TB at {cost.source_bits_per_second / 1e6:g} Mbit/s (the clips' seconds; a source "
+            "is longer than its clips)"
         ]
 
 
@@ -80,10 +97,23 @@ def plan_report(cfg: PreprocessConfig) -> PlanReport:
         report.problems.update(f"line:{f.error}" for f in contents.failures)
         report.problems.update(f"clip:{c.problem.error}" for c in contents.clips if c.problem)
         report.seconds += sum(c.span[1] - c.span[0] for c in contents.clips if c.span and not c.problem)
+        if cfg.inputs.fetch:
+            report.fetches.update(
+                _route(c.url) for c in {c.video_id: c for c in contents.clips if not c.problem}.values()
+            )
     for stage, uri in (("subtitles", cfg.inputs.subtitles), ("captions", cfg.inputs.captions)):
         if uri:
             report.texts[stage] = _check_texts(uri, stage, report.problems)
     return report
+
+
+def _route(url: str | None) -> str:
+    if not url:
+        return "no url"
+    if storage.has_scheme(url) and not url.startswith(("http://", "https://")):
+        return url.split("://", 1)[0]
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return "youtube" if host == "youtu.be" or host.endswith("youtube.com") else "http(s)"
 
 
 TEXT_FIELDS = {"subtitles": "text", "captions": "caption"}

@@ -179,6 +179,23 @@ def test_plan_only_counts_every_kind_of_problem(tmp_path):
     assert bad.returncode == 2 and "none.jsonl: not found" in bad.stderr
 
 
+def test_plan_only_with_fetch_counts_the_downloads_by_route(tmp_path):
+    meta = tmp_path / "hdvila_part0.jsonl"
+    lines = [
+        {"video_id": "yt", "url": "https://www.youtube.com/watch?v=yt", "clip": [{"clip_id": "yt.0", "span": [0, 10]}]},
+        {"video_id": "short", "url": "https://youtu.be/short", "clip": [{"clip_id": "s.0", "span": [0, 10]}]},
+        {"video_id": "web", "url": "http://example.org/v.mp4", "clip": [{"clip_id": "w.0", "span": [0, 10]}]},
+        {"video_id": "s3", "url": "s3://b/v.mp4", "clip": [{"clip_id": "b.0", "span": [0, 10]}]},
+        {"video_id": "none", "clip": [{"clip_id": "n.0", "span": [0, 10]}]},
+    ]
+    meta.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = _shard_cli("--metadata", str(tmp_path / "hdvila_part*.jsonl"), "--fetch", "--output", "o", "--plan-only")
+    assert result.returncode == 0, result.stderr
+    assert "fetch: 4 source videos to download (http(s): 1, no url: 1, s3: 1, youtube: 2)" in result.stdout
+    no_videos = _shard_cli("--metadata", str(meta), "--output", "o", "--plan-only")
+    assert no_videos.returncode == 2 and "videos must be given" in no_videos.stderr
+
+
 PEAK_RSS = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
