@@ -47,6 +47,7 @@ from preprocess.host_gate import HostGate
 from preprocess.model_loading import torch_device
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
 from preprocess.shard_task import Faults, ShardSettings, ShardStats, ShardTask, process_shard
+from preprocess.text_join import LOCAL_JOIN_CLIPS
 from preprocess.text_stages import ModelError, guarded
 from preprocess.texts import TextSources
 
@@ -568,7 +569,10 @@ def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:
             for c in read_slice(files, piece, layout).clips
         ]
 
-    clips = ray.data.from_items([{"slice": t.slice.to_json()} for t in tasks]).flat_map(clip_rows)
+    if sum(t.slice.clips for t in tasks) <= LOCAL_JOIN_CLIPS:  # small: the rows here, and maybe joined here
+        clips = [row for t in tasks for row in clip_rows({"slice": t.slice.to_json()})]
+    else:
+        clips = ray.data.from_items([{"slice": t.slice.to_json()} for t in tasks]).flat_map(clip_rows)
     join_texts(clips, settings.texts.joined(), settings.texts.max_chars, DatasetLayout(settings.output), None)
 
 
@@ -660,10 +664,12 @@ def join_texts(
     *,
     range_bytes: int | None = None,
 ):
-    """Write ``texts/shard-<k>.jsonl`` for every shard of ``clip_rows`` (a Ray Dataset, or dicts, of
+    """Write ``texts/shard-<k>.jsonl`` for every shard of ``clip_rows`` (a Ray Dataset, or a list of dicts, of
     ``{shard, position, clip_id}``), ``failures/texts.parquet``, then the marker; skipped when the marker of the
     same sources and cut is there. ``sources``: stage name -> jsonl or JSON-list URI (no LMDB). Returns a
-    ``TextJoinResult``. Needs a Ray connection (``ray_session``)."""
+    ``TextJoinResult``. Needs a Ray connection (``ray_session``). A small join (a list of rows, no
+    ``num_partitions``, preprocess/text_join.py ``LOCAL_JOIN_CLIPS``) runs in this process instead of on Ray Data:
+    the same files."""
     from preprocess import text_join
 
     started = time.monotonic()
@@ -674,10 +680,16 @@ def join_texts(
         return finished
     storage.delete(out.texts_marker)
     range_bytes = range_bytes or text_join.RANGE_BYTES
-    partitions = num_partitions or spec.default_partitions(int(ray.cluster_resources().get("CPU", 1)))
-    failures = _text_join_dataset(clip_rows, spec, range_bytes, partitions, out)
     stream = text_join.FailureStream(spec)
-    text_join.write_failures(out.text_failures, stream.failures(failures.iter_batches(batch_format="pyarrow")))
+    import ray.data
+
+    if not isinstance(clip_rows, ray.data.Dataset) and num_partitions is None and spec.local(len(clip_rows)):
+        batches = text_join.join_locally(clip_rows, spec, out.root, range_bytes).to_batches()
+    else:
+        partitions = num_partitions or spec.default_partitions(int(ray.cluster_resources().get("CPU", 1)))
+        failures = _text_join_dataset(clip_rows, spec, range_bytes, partitions, out)
+        batches = failures.iter_batches(batch_format="pyarrow")
+    text_join.write_failures(out.text_failures, stream.failures(batches))
     result = stream.result
     result.seconds = round(time.monotonic() - started, 3)
     text_join.write_marker(out, spec, result)

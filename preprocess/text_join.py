@@ -47,6 +47,9 @@ RANGE_BYTES = 16 << 20
 """Bytes of a jsonl source parsed by one task."""
 PARTITION_BYTES = 32 << 20
 """Source bytes per join partition when the caller does not choose (a partition is joined in one worker)."""
+LOCAL_JOIN_CLIPS = 200_000
+"""Up to this many clips, and text files of at most one partition (``PARTITION_BYTES``), the join runs in the
+driver (:func:`join_locally`: the same steps, the same files), skipping Ray Data's start-up of several seconds."""
 MARKER_VERSION = 1
 
 LINES, FAILURE, TEXT = 0, 1, 2
@@ -166,6 +169,13 @@ class JoinSpec:
                 for k, s in enumerate(starts)
             ]
         return items
+
+    def text_bytes(self) -> int:
+        return sum(storage.size(s.uri) for s in self.sources)
+
+    def local(self, clips: int) -> bool:
+        """Small enough to join in the driver (see ``LOCAL_JOIN_CLIPS``)."""
+        return clips <= LOCAL_JOIN_CLIPS and self.text_bytes() <= PARTITION_BYTES
 
     def default_partitions(self, min_partitions: int = 2) -> int:
         total = sum(storage.size(s.uri) for s in self.sources)
@@ -443,6 +453,27 @@ def shard_texts(out: DatasetLayout, index: int) -> dict[int, tuple[TextEntry | N
         record = json.loads(line)
         found[record["position"]] = tuple(TextEntry(**record[stage]) if stage in record else None for stage in STAGES)
     return found
+
+
+def join_locally(clip_rows: Iterable[dict], spec: JoinSpec, root: str, range_bytes: int = RANGE_BYTES):
+    """The pipeline of preprocess/job.py ``_text_join_dataset`` in this process, for small inputs: the same parse,
+    full outer join on clip id, route, per-group write, and the failure rows sorted by ``SORT_KEYS`` (returned as
+    one Arrow table). Its files and failures are byte-identical to the distributed join's
+    (tests/preprocess/test_text_join.py)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    items = pa.Table.from_pylist(spec.read_items(range_bytes))
+    parsed = pa.concat_tables([parse_items(items.slice(k, 1), spec=spec) for k in range(items.num_rows)])
+    joined = parsed.join(clip_table(clip_rows), keys="clip_id", join_type="full outer")
+    routed = route(joined).sort_by("group")
+    groups = routed["group"].to_numpy()
+    starts = [0, *(k for k in range(1, len(groups)) if groups[k] != groups[k - 1])]
+    ends = [*starts[1:], len(groups)]
+    written = [write_group(routed.slice(a, b - a), root=root, spec=spec) for a, b in zip(starts, ends) if b > a]
+    problems = pa.concat_tables(written) if written else _schema(*PROBLEM_COLUMNS).empty_table()
+    order = pc.sort_indices(problems, sort_keys=[(key, "ascending") for key in SORT_KEYS])
+    return problems.take(order)
 
 
 # --------------------------------------------------------------------------- failures and marker

@@ -133,6 +133,24 @@ def test_join_equals_the_in_memory_join_and_is_deterministic(ray_local, inputs, 
 
 
 @pytest.mark.ray
+def test_a_small_join_in_the_driver_writes_the_same_bytes(ray_local, inputs, tmp_path):
+    rows = clip_rows()
+    ray_join = DatasetLayout(str(tmp_path / "ray"))
+    join_texts(rows, inputs, MAX_CHARS, ray_join, num_partitions=3, range_bytes=64)
+    local = DatasetLayout(str(tmp_path / "local"))
+    assert text_join.JoinSpec.of(inputs, MAX_CHARS).local(len(rows))
+    result = join_texts(rows, inputs, MAX_CHARS, local, range_bytes=64)  # no partitions given: small, so here
+    assert files(tmp_path / "local") == files(tmp_path / "ray") and len(files(tmp_path / "local")) == 8
+    assert storage.read_bytes(local.text_failures) == storage.read_bytes(ray_join.text_failures)
+    assert result == dataclasses.replace(json_result(ray_join), seconds=result.seconds)
+
+
+def json_result(out: DatasetLayout) -> text_join.TextJoinResult:
+    found = json.loads(storage.read_bytes(out.texts_marker))["result"]
+    return text_join.TextJoinResult(**found)
+
+
+@pytest.mark.ray
 def test_sources_and_output_on_s3(ray_local, inputs, s3_bucket, tmp_path):
     sources = {}
     for stage, path in inputs.items():
