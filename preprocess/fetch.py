@@ -247,14 +247,15 @@ def route(url: str, cfg: FetchConfig) -> str:
     """Who downloads ``url``: ``storage`` (a URI pipeline.storage reads: s3://, file://), ``yt-dlp`` (a URL one
     of its site extractors claims, or any other with ``http_downloader=yt-dlp``) or ``requests`` (which refuses
     what is not http(s) with ``fetch_error``)."""
-    if _is_storage_uri(url):
+    if is_storage_uri(url):
         return "storage"
     if cfg.http_downloader is HttpDownloader.YT_DLP or site_extractor(url) is not None:
         return "yt-dlp"
     return "requests"
 
 
-def _is_storage_uri(url: str) -> bool:
+def is_storage_uri(url: str) -> bool:
+    """A URI with a scheme that pipeline/storage.py reads (s3://, file://); False for http(s) and plain paths."""
     if not storage.has_scheme(url):
         return False
     try:
@@ -279,7 +280,7 @@ def site_extractor(url: str) -> str | None:
 def host_key(url: str) -> str:
     """What the gate counts by: the site for yt-dlp sites (``youtube`` for all of its hosts), ``bucket:<name>``
     for S3, ``local`` for local files, else the URL's ``host[:port]``."""
-    if _is_storage_uri(url):
+    if is_storage_uri(url):
         return f"bucket:{storage.parse(url).bucket}" if storage.is_remote(url) else "local"
     site = site_extractor(url)
     if site is not None:

@@ -10,7 +10,8 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
 - Timeouts: each task reports the video it is working on to a small board actor; a video
   busy for longer than ``video_timeout_s`` gets its task killed (``ray.cancel(force=True)``)
   and the shard is rerun without that video, whose clips are recorded as ``timeout``. The
-  shard's bytes are then exactly those of a run where that video was missing. A report from a
+  shard's bytes are then exactly those of a run where that video was missing. A task waiting for a
+  download reports no video (the fetch settings bound that wait). A report from a
   node that died is dropped: Ray reruns that task, whose clock starts again at its first video.
 - Resume: shards whose stats JSON exists are skipped; ``retry_failed`` uncommits shards
   that recorded failures first. The manifest is written only when every shard is committed.
@@ -239,7 +240,8 @@ class _Board:
     def __init__(self):
         self._current: dict[str, tuple[str, float, str]] = {}
 
-    def report(self, token: str, video_id: str, node: str) -> None:
+    def report(self, token: str, video_id: str | None, node: str) -> None:
+        """The task is on ``video_id`` from now (None: on no video, e.g. waiting for a download)."""
         self._current[token] = (video_id, time.monotonic(), node)
 
     def forget(self, token: str, node: str | None = None) -> None:

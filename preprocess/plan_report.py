@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pipeline import storage
 from preprocess.config import PreprocessConfig
+from preprocess.fetch import is_storage_uri
 from preprocess.inputs import json_line, open_lmdb, text_format
 from preprocess.plan import metadata_files, plan_shards, read_slice
 
@@ -110,8 +111,8 @@ def plan_report(cfg: PreprocessConfig) -> PlanReport:
 def _route(url: str | None) -> str:
     if not url:
         return "no url"
-    if storage.has_scheme(url) and not url.startswith(("http://", "https://")):
-        return url.split("://", 1)[0]
+    if is_storage_uri(url):
+        return "s3" if storage.is_remote(url) else "file"
     host = urllib.parse.urlsplit(url).hostname or ""
     return "youtube" if host == "youtu.be" or host.endswith("youtube.com") else "http(s)"
 

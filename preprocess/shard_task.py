@@ -210,7 +210,7 @@ def _stage_models(
 def process_shard(
     task: ShardTask,
     settings: ShardSettings,
-    on_video: Callable[[str], None] = lambda _: None,
+    on_video: Callable[[str | None], None] = lambda _: None,
     caption: ModelFn | None = None,
     transcribe: ModelFn | None = None,
     gate=None,
@@ -284,9 +284,10 @@ def _with_videos(runs, task: ShardTask, settings: ShardSettings, scratch: str, o
     sources = ShardSources(settings.source_settings(), urls, scratch, gate)
     depth = settings.fetch.prefetch if settings.fetch else 1
     key = lambda run: run[0].video_id if _needs_video(run, task) else None  # noqa: E731
-    report = lambda run: on_video(run[0].video_id)  # noqa: E731
-    for run, video in prefetched(runs, key, sources.get, depth, before=report):
-        report(run)  # again once it is here: the wait for a download and the decode are timed apart
+    # While a task waits for a video it is on no video (the fetch settings bound a download, and the queue for a
+    # host's slot is no video's fault); the video timeout runs from the moment the video is here.
+    for run, video in prefetched(runs, key, sources.get, depth, before=lambda _: on_video(None)):
+        on_video(run[0].video_id)
         yield run, video
 
 
