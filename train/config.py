@@ -97,11 +97,14 @@ class DataConfig:
     """The streaming loader: sources, sampling, decode and tokenisation."""
 
     train: list = field(default_factory=list)
-    """Manifest URIs (or data set folders) to train on: local path, file:// or s3://."""
+    """Sources to train on, local, file:// or s3://: manifests, data set folders or shard URL lists
+    (shard-{000000..000099}-000.tar); open_clip's a::b is the list [a, b] (train/shard_sources.py)."""
     weights: list | None = None
-    """Sampling weight per train source (None: proportional to each source's sample count)."""
+    """Sampling weight per train source, also as open_clip's 3::1 (None: in proportion to their sample counts)."""
+    train_num_samples: int | None = None
+    """Samples per epoch (open_clip's --train-num-samples); needed when a source has no manifest or sizes.json."""
     eval: list = field(default_factory=list)
-    """Held-out manifests for zero-shot retrieval (empty: no evaluation)."""
+    """Held-out sources for zero-shot retrieval, written as data.train (empty: no evaluation)."""
     eval_text: str = "caption"
     """Which text is the retrieval query: caption or subtitle."""
     train_text: str = "subtitle"
@@ -134,11 +137,18 @@ class DataConfig:
     """Permute frame order (a no-temporal-order baseline; off for real training)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.train, str):
-            self.train = [self.train]
-        if isinstance(self.eval, str):
-            self.eval = [self.eval]
-        self.train, self.eval = list(self.train), list(self.eval)
+        self.train, self.eval = _split_sources(self.train), _split_sources(self.eval)
+        for name, sources in (("data.train", self.train), ("data.eval", self.eval)):
+            unread = [source for source in sources if source.startswith("[")]
+            if unread:
+                raise ValueError(
+                    f"{name}: {unread[0]!r} is a list YAML could not read (braces and commas inside [...] need "
+                    "quotes): write one source bare, several as a::b, or quote each: ['a-{0..9}.tar','b']"
+                )
+        if isinstance(self.weights, str):
+            parts = self.weights.split("::")
+            _check(all(_is_number(w) for w in parts), "data.weights", f"must be numbers, got {self.weights!r}")
+            self.weights = [float(w) for w in parts]
         if self.weights is not None:
             _check(
                 len(self.weights) == len(self.train),
@@ -170,7 +180,25 @@ class DataConfig:
         ):
             _check(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(
+            self.train_num_samples is None or self.train_num_samples >= 1,
+            "data.train_num_samples",
+            f"must be >= 1 or null, got {self.train_num_samples}",
+        )
         _check(self.context_length >= 3, "data.context_length", "must hold at least SOT, one token and EOT")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_sources(value: str | list) -> list[str]:
+    """Sources as a list: a string is one source; ``a::b`` (open_clip's separator) is two."""
+    return [part for item in ([value] if isinstance(value, str) else value) for part in str(item).split("::")]
 
 
 @dataclass(kw_only=True)

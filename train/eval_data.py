@@ -11,18 +11,19 @@ from pipeline.schema import ClipSample
 from pipeline.shards import ShardError
 from train.config import DataConfig
 from train.sample_transform import SampleTransform, decode_batch
-from train.shard_stream import ErrorCounter, open_source
+from train.shard_sources import open_sources
+from train.shard_stream import ErrorCounter
 from train.tokenizer import get_tokenizer
 from train.wds_shards import iter_wds_shard
 
 
 def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
-    """Held-out clips in manifest order (first eval_max_samples), split over ranks.
+    """Held-out clips in source order (first eval_max_samples), split over ranks.
 
     Every rank gets the same number of batches of the same size (the last rank's share is padded by
     repeating a clip, marked with index -1) so ZeRO-3 forwards stay in lock-step.
     """
-    samples = _eval_samples(cfg)
+    samples = _eval_samples(cfg, log_warnings=rank == 0)
     per_rank = math.ceil(len(samples) / world_size)
     mine = list(range(rank, len(samples), world_size))
     mine += [-1] * (per_rank - len(mine))
@@ -39,11 +40,11 @@ def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
         }
 
 
-def _eval_samples(cfg: DataConfig) -> list[ClipSample]:
+def _eval_samples(cfg: DataConfig, log_warnings: bool) -> list[ClipSample]:
     errors = ErrorCounter()
     out: list[ClipSample] = []
-    for location in cfg.eval:
-        for ref in open_source(location).shards:
+    for source in open_sources(cfg.eval, "data.eval", log_warnings=log_warnings):
+        for ref in source.shards:
             try:
                 for raw in iter_wds_shard(ref.uri, ref.entry):
                     out.append(ClipSample.from_wds(raw))

@@ -32,7 +32,8 @@ from pipeline.schema import ClipSample, SchemaError
 from train.config import DataConfig
 from train.frames import BatchFrames, FramePool
 from train.sample_transform import SampleTransform, decode_item
-from train.shard_stream import ErrorCounter, ShardPlan, open_sources, seeded, window_samples
+from train.shard_sources import Source, open_sources
+from train.shard_stream import ErrorCounter, ShardPlan, seeded, window_samples
 from train.tokenizer import get_tokenizer
 
 MAX_EMPTY_WINDOWS = 64
@@ -157,7 +158,8 @@ class StreamingDataset(IterableDataset):
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.num_workers = max(cfg.num_workers, 1)
-        self.sources = open_sources(cfg.train)
+        self.sources = open_sources(cfg.train, "data.train", log_warnings=rank == 0)
+        self.samples_per_epoch = epoch_samples(self.sources, cfg.train_num_samples)
         self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
         self.transform = SampleTransform(
             cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines
@@ -167,10 +169,6 @@ class StreamingDataset(IterableDataset):
         # per worker, one flag per pooled batch buffer (see FramePool): enough for the batches in
         # flight (prefetch), the one being used, and one whose release is seen at the next fetch
         self.buffers_in_use = torch.zeros(self.num_workers, cfg.prefetch_factor + 4, dtype=torch.uint8).share_memory_()
-
-    @property
-    def samples_per_epoch(self) -> int:
-        return sum(source.num_samples for source in self.sources)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -182,6 +180,19 @@ class StreamingDataset(IterableDataset):
         for batch in stream_batches(self.plan, stream, start, self.cfg, self.transform, self.seed, pool):
             batch["stream"], batch["worker"] = logical, worker
             yield batch
+
+
+def epoch_samples(sources: list[Source], override: int | None) -> int:
+    """``data.train_num_samples`` if set, else the sources' total; ValueError when a count is unknown."""
+    if override is not None:
+        return override
+    unknown = [f"{s.location} ({s.uncounted} shards)" for s in sources if s.num_samples is None]
+    if unknown:
+        raise ValueError(
+            f"data.train: no sample count for the shards of {', '.join(unknown)} (no manifest or sizes.json next "
+            "to them): set data.train_num_samples (open_clip's --train-num-samples)"
+        )
+    return sum(s.num_samples for s in sources)
 
 
 def fresh_state(num_workers: int) -> dict:

@@ -1,5 +1,5 @@
-"""Which raw samples each stream of the training loader reads, in which order: manifests -> shard
-sequences -> shuffled windows of raw tar samples.
+"""Which raw samples each stream of the training loader reads, in which order: sources (train/shard_sources.py)
+-> shard sequences -> shuffled windows of raw tar samples.
 
 * **Streams.** Each (rank, DataLoader worker) pair is one *stream* ``s`` of ``S = world * workers``.
   The shard sequence of a stream is infinite and a pure function of the seed: epoch ``e`` of the
@@ -9,7 +9,8 @@ sequences -> shuffled windows of raw tar samples.
   stops after the same number of steps on every rank: no rank can hang waiting for another.
 * **Windows.** A stream reads ``shards_per_window`` shards at a time, interleaved at random in
   proportion to their remaining samples, through a raw-sample shuffle buffer that is drained at the
-  end of the window. The order inside window ``k`` depends only on ``(seed, s, k)``.
+  end of the window. The order inside window ``k`` depends only on ``(seed, s, k)``. Shards whose
+  sample count is unknown (a shard list without manifest or sizes.json) are interleaved evenly.
 * **Randomness.** Window order and per-sample draws use `random.Random` seeded with a string
   (hashed with SHA-512 by the standard library, the same on every platform): 7 us a seed, where
   numpy's SeedSequence takes 50 us and a weighted ``Generator.choice`` 16 us, per sample.
@@ -25,51 +26,14 @@ import functools
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
 from pipeline.shards import ShardError
+from train.shard_sources import ShardRef, Source
 from train.wds_shards import iter_wds_shard
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    uri: str
-    entry: ShardEntry
-
-
-@dataclass(frozen=True)
-class Source:
-    location: str
-    shards: tuple[ShardRef, ...]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(ref.entry.samples for ref in self.shards)
-
-
-def open_source(location: str) -> Source:
-    """Read a manifest (ManifestError names the file on failure) and list its shards."""
-    manifest: Manifest = read_manifest(location)
-    refs = tuple(
-        ShardRef(uri, entry) for uri, entry in zip(shard_uris(manifest, location), manifest.shards) if entry.samples > 0
-    )
-    if not refs:
-        raise ValueError(f"{location}: the manifest lists no non-empty shard")
-    return Source(location, refs)
-
-
-def open_sources(locations: list[str]) -> list[Source]:
-    if not locations:
-        raise ValueError("data.train: no training manifest given")
-    return [open_source(loc) for loc in locations]
 
 
 # ----------------------------------------------------------------------------- shard plan
@@ -141,7 +105,7 @@ def window_samples(
 ) -> Iterator[dict]:
     """Raw webdataset samples of a window: random interleave of its shards, then a shuffle buffer."""
     readers = [iter_wds_shard(ref.uri, ref.entry) for ref in shards]
-    remaining = [max(ref.entry.samples, 1) for ref in shards]
+    remaining = [ref.samples or 1 for ref in shards]  # unknown counts interleave evenly
     buffer: list[dict] = []
     while readers:
         j = rng.choices(range(len(readers)), weights=remaining)[0]
