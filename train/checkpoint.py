@@ -13,6 +13,7 @@ checkpoint into it for inference (train/evaluate.py, train/search.py).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -46,23 +47,86 @@ class ArchitectureMismatch(ValueError):
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str | None]:
-    """(weights file, config.yaml of its run or None) for a run folder, checkpoints folder, tag folder or file."""
+    """(weights, config.yaml of its run or None) for a run folder, checkpoints folder, tag folder or file.
+
+    The weights are a file, or for ZeRO-3 the tag folder: its weights are split over every rank's files
+    and `read_weights` consolidates them. A checkpoint with a file missing raises FileNotFoundError
+    naming it (train/run_layout.py shows the layout).
+    """
     if os.path.isfile(path):
         sibling = RunLayout(os.path.dirname(os.path.abspath(path))).config
         return path, sibling if os.path.exists(sibling) else None
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file or folder")
     parent = os.path.dirname(os.path.abspath(path))
-    for folder, run_dir in ((RunLayout(path).checkpoints, path), (CheckpointFolder(path), parent)):
-        tag = folder.latest_tag()
-        if tag is not None:
-            return folder.model_states(tag), _config_near(run_dir)
-    if os.path.exists(model_states_in(path)):
-        return model_states_in(path), _config_near(os.path.dirname(parent))
+    run = RunLayout(path)
+    if os.path.isdir(run.checkpoints.path) or os.path.exists(run.config):
+        return tag_weights(latest_tag_dir(run.checkpoints)), _config_near(path)
+    folder = CheckpointFolder(path)
+    if os.path.exists(folder.latest) or folder.tags():
+        return tag_weights(latest_tag_dir(folder)), _config_near(parent)
+    if glob.glob(os.path.join(path, "*_states.pt")):
+        return tag_weights(path), _config_near(os.path.dirname(parent))
     raise FileNotFoundError(
         f"checkpoint {path}: neither a run folder (checkpoints/latest), a DeepSpeed checkpoint "
-        f"folder ({MODEL_STATES}) nor a weights file"
+        f"folder ({MODEL_STATES} or ZeRO-3's {zero3_model_states(0)}) nor a weights file"
     )
+
+
+def latest_tag_dir(folder: CheckpointFolder) -> str:
+    """The tag folder named by ``latest``; FileNotFoundError when either is missing."""
+    if not os.path.isdir(folder.path):
+        raise FileNotFoundError(f"checkpoint {folder.path}: no such folder (the run saved no checkpoint)")
+    tag = folder.latest_tag()
+    if tag is None:
+        saved = ", ".join(folder.tags()) or "none"
+        raise FileNotFoundError(
+            f"checkpoint {folder.latest}: missing (it names the newest checkpoint; tag folders: {saved}; "
+            "pass a tag folder to load one of them)"
+        )
+    if not os.path.isdir(folder.tag_dir(tag)):
+        raise FileNotFoundError(f"checkpoint {folder.latest} names {tag}, but {folder.tag_dir(tag)} is missing")
+    return folder.tag_dir(tag)
+
+
+def tag_weights(tag_dir: str) -> str:
+    """The model states file of a ZeRO-1/2 tag folder, or the ZeRO-3 tag folder once all its rank files are there."""
+    if os.path.exists(model_states_in(tag_dir)):
+        return model_states_in(tag_dir)
+    rank_files = sorted(glob.glob(os.path.join(tag_dir, zero3_model_states("*"))))
+    if not rank_files:
+        raise FileNotFoundError(
+            f"checkpoint {tag_dir}: no model states: neither {MODEL_STATES} (ZeRO-1/2) nor "
+            f"{zero3_model_states('<rank>')} (ZeRO-3)"
+        )
+    world = _saved_world_size(rank_files[0])
+    missing = [
+        name
+        for rank in range(world)
+        for name in (zero3_model_states(rank), zero3_optim_states(rank))
+        if not glob.glob(os.path.join(tag_dir, f"*{name}"))  # bf16 runs prefix the optimizer file with bf16_
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {tag_dir}: saved by {world} ranks (ZeRO-3) but missing {', '.join(missing)}"
+        )
+    return tag_dir
+
+
+def zero3_model_states(rank: int | str) -> str:
+    """DeepSpeed's per-rank model states file of a ZeRO-3 tag folder (its weights are in the optimizer files)."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def zero3_optim_states(rank: int | str) -> str:
+    """A rank's optimizer states file: its partition of the fp32 weights, Adam moments."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def _saved_world_size(rank_file: str) -> int:
+    """The data-parallel world size recorded in a ZeRO-3 rank's model states file (our run's own file)."""
+    state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    return int(state["dp_world_size"])
 
 
 def _config_near(run_dir: str) -> str | None:
@@ -71,8 +135,17 @@ def _config_near(run_dir: str) -> str | None:
 
 
 def read_weights(path: str) -> dict[str, Tensor]:
-    """A flat state dict: DeepSpeed model states (``module``, our run's own file) or a weights file."""
-    if os.path.basename(path) == MODEL_STATES:
+    """A flat state dict: a ZeRO-3 tag folder, DeepSpeed model states (``module``) or a weights file.
+
+    ZeRO-3 weights are consolidated from every rank's partition of the fp32 master weights by
+    DeepSpeed's zero_to_fp32 (train/engine.py, the one module that imports deepspeed, imported here
+    only then); ZeRO-1/2 files hold the whole model as it trained (bf16 on GPU, fp32 on CPU).
+    """
+    if os.path.isdir(path):
+        from train.engine import consolidated_state_dict  # deepspeed: ~5 s of imports, ZeRO-3 only
+
+        state = consolidated_state_dict(path)
+    elif os.path.basename(path) == MODEL_STATES:
         # DeepSpeed pickles non-tensor objects next to the weights; only read files of your own runs.
         loaded = torch.load(path, map_location="cpu", weights_only=False)
         state = loaded.get("module") if isinstance(loaded, dict) else None

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import deepspeed
 import torch
@@ -181,6 +182,19 @@ def save_checkpoint(
     barrier()
     logger.info("saved checkpoint %s", folder.tag_dir(tag))
     return tag
+
+
+def consolidated_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint tag folder, gathered from every rank's partition.
+
+    DeepSpeed's own zero_to_fp32 reads the partitions from each rank's optimizer file; it prints its
+    progress, sent to stderr so that a command's stdout stays its result (train/evaluate.py).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder, tag = os.path.split(os.path.abspath(tag_dir))
+    with contextlib.redirect_stdout(sys.stderr):
+        return get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
 
 
 def check_world_size(path: str, saved: int) -> None:
