@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP
+from open_clip.model import CLIP, resize_pos_embed, resize_text_pos_embed
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -58,7 +60,7 @@ class VideoCLIPConfig:
     grad_checkpointing: bool = False
     """Recompute each transformer block in backward (both towers)."""
     pretrained: str | None = None
-    """Local path of open_clip/OpenAI-format CLIP weights (.pt/.pth/.bin/.safetensors)."""
+    """Local path of open_clip/OpenAI-format CLIP weights (.pt/.pth/.bin/.safetensors, or OpenAI's TorchScript .pt)."""
     clip_overrides: dict[str, Any] = field(default_factory=dict)
     """Merged into the open_clip model config: embed_dim, quick_gelu, vision_cfg/text_cfg keys."""
     logit_scale_init: float = 4.60
@@ -362,15 +364,42 @@ def build_clip(cfg: VideoCLIPConfig) -> CLIP:
 
 
 def load_clip_weights(model: VideoCLIP, path: str) -> None:
-    """Load open_clip/OpenAI-format CLIP weights (state dict in .pt/.pth/.bin or .safetensors) into `model.clip`.
+    """Load open_clip/OpenAI-format CLIP weights into `model.clip`, strict.
 
-    Uses open_clip's `load_checkpoint` (torch.load with weights_only=True, or safetensors), strict.
+    A state dict (.pt/.pth/.bin or .safetensors) goes through open_clip's `load_checkpoint`
+    (torch.load with weights_only=True, or safetensors). A TorchScript archive (OpenAI's original
+    CLIP .pt files) is read with `torch.jit.load`, which rebuilds only TorchScript's own types (no
+    arbitrary pickled Python objects), and its state dict loaded (OpenAI's names are open_clip's).
     The logit scale is then reset to `cfg.logit_scale_init` (CLIP-ViP starts post-pretraining at 4.60).
-    TorchScript archives (OpenAI's original .pt) are refused by weights_only loading: convert them first.
     """
-    open_clip.load_checkpoint(model.clip, path, strict=True, weights_only=True)
+    if is_torchscript_archive(path):
+        state = torchscript_state_dict(path)
+        resize_pos_embed(state, model.clip)
+        resize_text_pos_embed(state, model.clip)
+        model.clip.load_state_dict(state, strict=True)
+    else:
+        open_clip.load_checkpoint(model.clip, path, strict=True, weights_only=True)
     model.reset_logit_scale_()
     logger.info("loaded CLIP weights from %s", path)
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """A TorchScript zip (``constants.pkl`` and ``code/`` beside the data), as torch.jit.save writes them."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def torchscript_state_dict(path: str) -> dict[str, Tensor]:
+    """The tensors of a TorchScript CLIP, without OpenAI's three shape constants (``input_resolution``, ...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files stay TorchScript
+        module = torch.jit.load(path, map_location="cpu")
+    state = dict(module.state_dict())
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    return state
 
 
 def build_model(cfg: VideoCLIPConfig) -> VideoCLIP:

@@ -9,6 +9,9 @@ attn.in_proj_weight [3D, D] / in_proj_bias [3D]; HF Linear weights are [out, in]
 `visual.proj` and `text_projection` are [in, out] (transposed); HF's 0-dim logit_scale is reshaped
 to ours. The HF position_ids buffers are accepted and ignored.
 
+Export to open_clip (`ours_to_open_clip`) keeps the ``clip.`` part of our state dict: the names of
+open_clip's CLIP, without the proxy tokens and the temporal embedding (train/export.py).
+
 Import is strict: missing, unexpected and shape-mismatched keys are collected and raised together
 in one `CheckpointKeyError`. Files are read with torch.load(weights_only=True) or safetensors.
 """
@@ -28,6 +31,8 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "clipmodel."
+OPEN_CLIP_PREFIX = "clip."
+"""Our VideoCLIP keeps open_clip's CLIP as ``self.clip`` (train/model.py)."""
 IGNORED_HF_KEYS = frozenset(
     {
         "clipmodel.text_model.embeddings.position_ids",
@@ -236,8 +241,27 @@ def load_clipvip_checkpoint(model: nn.Module, path: str | Path) -> None:
 def save_clipvip_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Write a VideoCLIP in the CLIP-ViP layout (.safetensors, else torch.save)."""
     hf_state = ours_to_clipvip(model.state_dict())
-    if Path(path).suffix == ".safetensors":
-        save_file(hf_state, str(path))
-    else:
-        torch.save(hf_state, path)
+    save_state_dict(hf_state, path)
     logger.info("saved CLIP-ViP checkpoint %s (%d tensors)", path, len(hf_state))
+
+
+def ours_to_open_clip(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The CLIP towers of our state dict as an open_clip CLIP state dict (same names under ``clip.``).
+
+    The proxy tokens and the temporal embedding have no place in open_clip's CLIP and are left out:
+    its image tower is then CLIP's own (one class token, no frames).
+    """
+    return {
+        key.removeprefix(OPEN_CLIP_PREFIX): value.detach().contiguous().clone()
+        for key, value in model_state.items()
+        if key.startswith(OPEN_CLIP_PREFIX)
+    }
+
+
+def save_state_dict(state: Mapping[str, Tensor], path: str | Path) -> None:
+    """Tensors as .safetensors, else torch.save of a plain dict (both read with weights_only loading)."""
+    tensors = {key: value.detach().contiguous() for key, value in state.items()}
+    if Path(path).suffix == ".safetensors":
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
