@@ -296,6 +296,16 @@ class LogConfig:
     """tqdm bar on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard events on rank 0."""
+    wandb: bool = False
+    """Log to Weights & Biases on rank 0 (pip install 'vidproxy[wandb]'; WANDB_MODE=offline works without a login)."""
+    wandb_project: str | None = None
+    """W&B project (None: WANDB_PROJECT, else vidproxy)."""
+    wandb_entity: str | None = None
+    """W&B entity, a user or team (None: WANDB_ENTITY, else the login's default)."""
+    wandb_name: str | None = None
+    """W&B run name (None: WANDB_NAME, else the run folder's name); a resumed run continues its W&B run."""
+    wandb_tags: list = field(default_factory=list)
+    """W&B run tags."""
     plots: bool = True
     """Write loss/recall PNGs into the run folder."""
     batch_digests: bool = False

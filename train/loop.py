@@ -27,7 +27,7 @@ from train.metrics import retrieval_metrics
 from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
 from train.optim import build_optimizer, build_scheduler
 from train.run_layout import RunLayout
-from train.run_outputs import MetricLogger, StepProfiler
+from train.run_outputs import MetricLogger, StepProfiler, wandb_settings
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -
 def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     """Build everything, resume if possible, train, validate; returns the last validation metrics."""
     device, run = ds.current_device(), RunLayout(cfg.run_dir)
+    wandb = wandb_settings(cfg)  # first: a missing wandb package stops every rank before any work
     probe = StreamingLoader(cfg.data, cfg.seed, rank, world_size)
     total_steps = cfg.total_steps(probe.samples_per_epoch, world_size)
     del probe
@@ -242,6 +243,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
         tensorboard=cfg.log.tensorboard,
         progress_bar=cfg.log.progress_bar,
         plots=cfg.log.plots,
+        wandb=wandb,
     )
     logger.info(
         "training %d steps (from step %d) on %d rank(s), %d samples per epoch",

@@ -81,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.logs import setup_logging
     from train.config import check_resumable, dump_config, load_config
     from train.run_layout import RunLayout
+    from train.run_outputs import wandb_settings
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_resumable(cfg)
+        wandb_settings(cfg)  # log.wandb=true without the wandb package: one line here, before any rank starts
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

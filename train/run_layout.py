@@ -8,6 +8,7 @@
       loss.png recall.png  plots of metrics.jsonl, written at the end
       profile.txt          the optional torch.profiler window: op tables ...
       profile_trace.json   ... and the trace (Perfetto, chrome://tracing)
+      wandb/               W&B's own run folders (log.wandb=true) and run_id, the W&B run a resume continues
       checkpoints/         DeepSpeed checkpoints (`CheckpointFolder`):
         latest             the name (tag) of the newest one
         step000000100/     one folder per save; mp_rank_00_model_states.pt holds the model weights
@@ -109,6 +110,15 @@ class RunLayout:
     @property
     def profile_trace(self) -> str:
         return os.path.join(self.root, "profile_trace.json")
+
+    @property
+    def wandb(self) -> str:
+        """The folder W&B writes into (``wandb.init(dir=root)`` makes ``<root>/wandb``)."""
+        return os.path.join(self.root, "wandb")
+
+    @property
+    def wandb_run_id(self) -> str:
+        return os.path.join(self.wandb, "run_id")
 
     @property
     def checkpoints(self) -> CheckpointFolder:
