@@ -10,6 +10,7 @@ to ``<run_dir>/config.yaml`` by the entry point.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -257,12 +258,72 @@ class ZeroConfig:
     """Gradient accumulation dtype under bf16 (fp32 avoids drift)."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward."""
+    extra: dict | str | None = None
+    """DeepSpeed settings the config does not model (offload, monitors, comms logging, ...), merged over the
+    generated JSON: a JSON or YAML file (read at load, so the run's config.yaml keeps its content) or a
+    mapping (zero.extra.wall_clock_breakdown=true). Keys the config sets are refused, naming the setting to
+    use, unless their value is "auto" (docs/training.md, "DeepSpeed settings")."""
 
     def __post_init__(self) -> None:
         _check(self.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {self.stage}")
         _check(self.precision in PRECISIONS, "zero.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.grad_accum_steps >= 1, "zero.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
         _check(self.grad_accum_dtype in ("fp32", "bf16"), "zero.grad_accum_dtype", "must be fp32 or bf16")
+        if isinstance(self.extra, str):
+            self.extra = _read_fragment(self.extra)
+        _check(self.extra is None or isinstance(self.extra, dict), "zero.extra", "must be a file or a mapping")
+        conflicts = [f"{key} -> use {MODELLED_DEEPSPEED_KEYS[m]}" for key, m in _modelled_keys(self.extra or {})]
+        _check(not conflicts, "zero.extra", f'keys the config sets: {"; ".join(conflicts)} (or give "auto")')
+
+
+MODELLED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.batch_size and zero.grad_accum_steps (their product times the ranks)",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "zero.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "zero.stage",
+    "zero_optimization.overlap_comm": "zero.overlap_comm",
+    "bf16.enabled": "zero.precision",
+    "bfloat16.enabled": "zero.precision",
+    "fp16.enabled": "zero.precision (bf16 or fp32; fp16 is not supported)",
+    "torch_autocast": "zero.precision",
+    "amp": "zero.precision",
+    "data_types.grad_accum_dtype": "zero.grad_accum_dtype",
+    "seed": "seed",
+    "optimizer": "optim.* (the trainer builds AdamW; DeepSpeedCPUAdam under zero_optimization.offload_optimizer)",
+    "scheduler": "optim.lr, optim.min_lr, optim.warmup_fraction (the trainer's warmup + cosine schedule)",
+    "zero_allow_untested_optimizer": "nothing: the trainer sets it (DeepSpeed does not build its optimizer)",
+    "activation_checkpointing": "model.grad_checkpointing (DeepSpeed's section only configures "
+    "deepspeed.checkpointing, which the model does not call)",
+}
+"""DeepSpeed JSON keys (dotted) that the config decides (`deepspeed_json`), and what to set instead."""
+
+
+def _read_fragment(path: str) -> dict:
+    """A DeepSpeed JSON or YAML fragment file as a mapping (ValueError naming the file)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"zero.extra: {path!r} is not a file")
+    with open(path) as f:
+        try:
+            loaded = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ValueError(
+                f"zero.extra: {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"zero.extra: {path!r} must hold a mapping")
+    return loaded
+
+
+def _modelled_keys(extra: dict) -> list[tuple[str, str]]:
+    """(dotted key of ``extra``, modelled key it sets) for every value other than "auto" under a modelled key."""
+    out = []
+    for key, value in config.flatten(extra).items():
+        modelled = next((m for m in MODELLED_DEEPSPEED_KEYS if key == m or key.startswith(m + ".")), None)
+        if modelled is not None and value != "auto":
+            out.append((key, modelled))
+    return out
 
 
 @dataclass(kw_only=True)

@@ -3,8 +3,8 @@
 Everything else sees a plain ``nn.Module`` plus the small API below.
 
 * `ds_config` resolves the precision (bf16 on GPU / fp32 on CPU) and builds the DeepSpeed JSON with
-  `train.config.deepspeed_json` (plain data, no deepspeed import); `write_ds_config` saves it to the
-  run folder.
+  `train.config.deepspeed_json` (plain data, no deepspeed import), then merges the settings of
+  ``zero.extra`` over it (`merge_extra`); `write_ds_config` saves it to the run folder.
 * `save_checkpoint` must be called by every rank (DeepSpeed hangs otherwise). DeepSpeed writes
   ``client_state`` from rank 0 only, so each rank's own state (data position, RNG states) is
   all-gathered first and stored as a list indexed by rank. Only the newest ``keep_last``
@@ -79,8 +79,31 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run (every value explicit; see `train.config.deepspeed_json`)."""
-    return deepspeed_json(cfg, world_size, bf16=use_bf16(cfg))
+    """The DeepSpeed JSON for this run: `train.config.deepspeed_json` (every modelled value explicit)
+    with ``zero.extra`` merged over it (train/config.py refused its modelled keys at load)."""
+    return merge_extra(deepspeed_json(cfg, world_size, bf16=use_bf16(cfg)), cfg.zero.extra or {})
+
+
+def merge_extra(base: dict, extra: dict) -> dict:
+    """``extra`` merged over ``base``: mappings key by key, anything else replaced; an "auto" value
+    (the Hugging Face convention) leaves ``base``'s value, or DeepSpeed's default where base has none."""
+    out = dict(base)
+    for key, value in extra.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_extra(out[key], value)
+        elif isinstance(value, dict):
+            out[key] = merge_extra({}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def offloads_optimizer(config: dict) -> bool:
+    """Whether ZeRO-Offload keeps the optimizer (and its step) on the CPU or NVMe."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
 
 
 def write_ds_config(config: dict, run: RunLayout) -> str:
@@ -94,8 +117,15 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
     """deepspeed.initialize with a client optimizer (torch AdamW: no compiled op on CPU).
 
     ``external_params``: parameters read outside their owner's forward; under ZeRO-3 they are
-    registered on ``module`` so they are gathered for its whole forward.
+    registered on ``module`` so they are gathered for its whole forward. Under optimizer offload
+    the same groups and schedule move to DeepSpeedCPUAdam (DeepSpeed refuses torch's AdamW there
+    unless the config says ``zero_force_ds_cpu_optimizer: false``).
     """
+    if offloads_optimizer(config) and config.get("zero_force_ds_cpu_optimizer", True):
+        optimizer, scheduler = _on_cpu_adam(optimizer, scheduler)
+        logger.info(
+            "optimizer offload to %s: DeepSpeedCPUAdam", config["zero_optimization"]["offload_optimizer"]["device"]
+        )
     if config["zero_optimization"]["stage"] == 3:
         for param in external_params:
             deepspeed.zero.register_external_parameter(module, param)
@@ -103,6 +133,27 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
     )
     return engine
+
+
+def _on_cpu_adam(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR):
+    """DeepSpeedCPUAdam (AdamW mode) with ``optimizer``'s groups and hyper-parameters, and the same
+    LambdaLR schedule on it. DeepSpeed compiles its CPU Adam op on first use (TORCH_EXTENSIONS_DIR)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if not isinstance(optimizer, torch.optim.AdamW) or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"optimizer offload expects AdamW and LambdaLR, got {type(optimizer)}, {type(scheduler)}")
+    keep = ("params", "weight_decay", "lr_mul", "name", "betas", "eps")
+    groups = [{k: v for k, v in g.items() if k in keep} | {"lr": g["initial_lr"]} for g in optimizer.param_groups]
+    defaults = optimizer.defaults
+    cpu_adam = DeepSpeedCPUAdam(
+        groups,
+        lr=defaults["lr"],
+        betas=defaults["betas"],
+        eps=defaults["eps"],
+        weight_decay=defaults["weight_decay"],
+        adamw_mode=True,
+    )
+    return cpu_adam, torch.optim.lr_scheduler.LambdaLR(cpu_adam, scheduler.lr_lambdas)
 
 
 # ----------------------------------------------------------------------------- parameters
