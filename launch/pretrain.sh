@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Post-pretraining launcher: wraps the `deepspeed` launcher around `python -m train.main`.
+""":"
+# Post-pretraining (python -m train.main) under DeepSpeed, started either way:
 #
-#   launch/pretrain.sh [options] -- --config launch/configs/train/vit-b32.yaml data.train=[s3://b/ds] run_dir=runs/b32
+#   deepspeed [--hostfile H] [--num_nodes N] [--num_gpus G] [--master_port P] launch/pretrain.sh TRAIN_ARGS
+#   launch/pretrain.sh [options] -- TRAIN_ARGS
 #
-# Options (each also read from the environment variable in brackets):
+# e.g. TRAIN_ARGS = --config launch/configs/train/vit-b32.yaml data.train=[s3://b/ds] run_dir=runs/b32
+# (`python -m train.main --help` lists every setting). `--deepspeed_config FILE` among TRAIN_ARGS merges
+# DeepSpeed settings the config does not model (the same as zero.extra=FILE; docs/training.md).
+#
+# Options of the second form, which starts the deepspeed launcher itself (each also read from the
+# environment variable in brackets):
 #   --gpus N          ranks per node [NPROC_PER_NODE]; default: all GPUs, or 2 CPU ranks without a GPU
 #   --nodes N         number of nodes [NNODES], default 1
 #   --hostfile F      DeepSpeed hostfile ("host slots=N" lines) [HOSTFILE]; without --node-rank one call
@@ -13,12 +20,34 @@
 #   --master-addr A   rendezvous address [MASTER_ADDR], default 127.0.0.1
 #   --master-port P   rendezvous port [MASTER_PORT], default 29500
 #   --dry-run         print the deepspeed command and run train.main --dry-run on one process
-# Without a GPU, DS_ACCELERATOR=cpu and the ranks talk over gloo. TORCH_EXTENSIONS_DIR defaults to
-# ./.cache/torch_extensions (DeepSpeed compiles its CPU shared-memory op there once).
+#   -h, --help        this text
+# Without a GPU, DS_ACCELERATOR=cpu and the ranks talk over gloo (`deepspeed --num_gpus N` then starts
+# N CPU ranks). TORCH_EXTENSIONS_DIR defaults to .cache/torch_extensions in the repository (DeepSpeed
+# compiles its CPU ops there once). Relative paths in TRAIN_ARGS are read from the current folder.
+
+# How one file serves both forms: it is a bash script and a Python program at once. Bash reads the
+# second line as the no-op command `:` and runs the bash below, which always ends in exec or exit
+# (the Python lines at the end are a here-document to bash); Python reads everything from the second
+# line to the closing quotes before those lines as one string and runs only the lines after it. The deepspeed launcher starts each rank as `python -u launch/pretrain.sh --local_rank=N
+# TRAIN_ARGS`, so a rank runs the Python part, launch/pretrain_rank.py. Under bash the script is a
+# rank too when a launcher started it (`deepspeed --no_python`: a --local_rank argument, or LOCAL_RANK
+# and WORLD_SIZE in the environment) and hands over to the same module; otherwise it is the
+# stand-alone launcher that follows. (The bash part must hold no backslash and no three double quotes.)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-.venv/bin/python}"
-[ -x "$PY" ] || PY=python
+ROOT="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY="$(command -v python3 || command -v python)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+RANK_MODE=0
+for arg in "$@"; do
+  case "$arg" in --local_rank|--local_rank=*|--local-rank|--local-rank=*) RANK_MODE=1;; esac
+done
+[ -n "${LOCAL_RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ] && RANK_MODE=1
+if [ "$RANK_MODE" = 1 ]; then
+  exec "$PY" -u -m launch.pretrain_rank "$@"
+fi
+
 NPROC="${NPROC_PER_NODE:-}"; NNODES="${NNODES:-1}"; HOSTFILE="${HOSTFILE:-}"; NODE_RANK="${NODE_RANK:-}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"; DRY=0
 while [ $# -gt 0 ]; do
@@ -30,8 +59,9 @@ while [ $# -gt 0 ]; do
     --master-addr) MASTER_ADDR="$2"; shift 2;;
     --master-port) MASTER_PORT="$2"; shift 2;;
     --dry-run) DRY=1; shift;;
+    -h|--help) sed -n '3,/^$/p' "${BASH_SOURCE[0]}" | grep '^#' | cut -c3-; exit 0;;
     --) shift; break;;
-    *) echo "pretrain.sh: unknown option $1 (train.main arguments go after --)" >&2; exit 2;;
+    *) echo "pretrain.sh: unknown option $1 (train.main arguments go after --; see --help)" >&2; exit 2;;
   esac
 done
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -43,8 +73,7 @@ if [ "$GPUS" = "0" ]; then
 else
   NPROC="${NPROC:-$GPUS}"
 fi
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 
 if [ -n "$HOSTFILE" ] && [ -z "$NODE_RANK" ]; then
@@ -80,7 +109,20 @@ PYEOF
           "--master_addr=$MASTER_ADDR" "--master_port=$MASTER_PORT")
 fi
 if [ "$DRY" = 1 ]; then
-  echo "${LAUNCH[*]} --module train.main $*"
-  exec "$PY" -m train.main --dry-run "$@"
+  echo "${LAUNCH[*]} --module launch.pretrain_rank $*"
+  exec "$PY" -m launch.pretrain_rank --dry-run "$@"
 fi
-exec "${LAUNCH[@]}" --module train.main "$@"
+exec "${LAUNCH[@]}" --module launch.pretrain_rank "$@"
+: <<'END_OF_PYTHON'
+":"""
+# Python: a rank started by a launcher (see the comment at the top).
+import os
+import sys
+
+here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != here]  # launch/ would shadow modules
+sys.path.insert(0, os.path.dirname(here))  # the repository
+from launch.pretrain_rank import main  # noqa: E402
+
+sys.exit(main())
+END_OF_PYTHON
