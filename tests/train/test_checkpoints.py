@@ -120,8 +120,8 @@ def test_every_stage_loads_for_evaluation_and_fine_tuning(runs, stage, tmp_path)
 
 @pytest.mark.deepspeed
 @pytest.mark.timeout(600)
-def test_zero3_run_evaluates_and_searches_from_the_command_line(runs, tmp_path, capsys):
-    """The commands of the issue: train.evaluate on a ZeRO-3 run folder, then train.search embed and query."""
+def test_zero3_run_through_the_evaluate_and_search_commands(runs, tmp_path, capsys):
+    """train.evaluate on a ZeRO-3 run folder (the command that failed before), then train.search embed and query."""
     assert evaluate_main(["--checkpoint", runs[3], "--data", runs["held"], "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "text->video" in out and "6 videos, 6 texts" in out

@@ -199,6 +199,7 @@ def torchscript_clip(state: dict[str, torch.Tensor], path: str) -> None:
     torch.jit.save(torch.jit.script(root), path)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_openai_torchscript_archive_loads_as_pretrained(tmp_path):
     cfg = tiny_config()
     torch.manual_seed(5)
