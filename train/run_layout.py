@@ -11,7 +11,8 @@
       wandb/               W&B's own run folders (log.wandb=true) and run_id, the W&B run a resume continues
       checkpoints/         DeepSpeed checkpoints (`CheckpointFolder`):
         latest             the name (tag) of the newest one
-        step000000100/     one folder per save; mp_rank_00_model_states.pt holds the model weights
+        step000000100/     one folder per save; mp_rank_00_model_states.pt holds the model weights (ZeRO-1/2;
+                           ZeRO-3 spreads them over the ranks' files: train/checkpoint.py consolidates)
 
 A checkpoints folder is also read on its own (train/checkpoint.py takes a run folder, a
 checkpoints folder or one tag folder), hence its own class.
