@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from pipeline.config import prog
 from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from train import search
 from train.checkpoint import LoadedModel, load_model
@@ -106,7 +107,7 @@ def video_vector(loaded: LoadedModel, path: str) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     return search.build_parser(
-        prog="python -m launch.search",
+        prog=prog("python -m launch.search"),
         description=__doc__.split("\n\n")[0],
         more_sources=(("--videos", "local folder of video files (searched recursively)"),),
         more_queries=(("--video", "video file query: returns --target rows"),),

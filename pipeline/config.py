@@ -20,6 +20,7 @@ import enum
 import functools
 import inspect
 import os
+import sys
 import textwrap
 import typing
 from typing import Any
@@ -334,6 +335,13 @@ def flag_values(args: argparse.Namespace, dest: str) -> dict:
     """The flags given for section ``dest``, as {field: value}."""
     head = f"{dest}."
     return {name[len(head) :]: value for name, value in vars(args).items() if name.startswith(head)}
+
+
+def prog(module_form: str) -> str:
+    """The program name of a usage line: the installed command's (``vidproxy-evaluate``, setup.cfg) when it runs as
+    one, else ``module_form`` (``python -m train.evaluate``)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("vidproxy-") else module_form
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

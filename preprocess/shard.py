@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from preprocess.config import PreprocessConfig
 
     p = argparse.ArgumentParser(
-        prog="preprocess/shard.py", description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter
+        prog=config.prog("preprocess/shard.py"),
+        description=__doc__.split("\n\n")[0],
+        formatter_class=config.HelpFormatter,
     )
     types = config.hints(PreprocessConfig)
     for name, prefix, names in SECTIONS:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import HelpFormatter
+from pipeline.config import HelpFormatter, prog
 from pipeline.logs import setup_logging
 from pipeline.schema import ClipSample
 from pipeline.shards import iter_dataset
@@ -170,7 +170,7 @@ def format_results(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        prog=prog("python -m train.evaluate"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder, tag folder or weights file")
     p.add_argument("--data", required=True, help="test data set (folder or s3:// prefix with manifest.json)")

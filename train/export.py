@@ -35,7 +35,7 @@ from pathlib import Path
 import open_clip
 from safetensors.torch import save_file
 
-from pipeline.config import HelpFormatter
+from pipeline.config import HelpFormatter, prog
 from pipeline.logs import setup_logging
 from train.checkpoint import load_model
 from train.model import VideoCLIP, clip_model_config
@@ -98,7 +98,7 @@ def how_to_load(model: VideoCLIP, fmt: str, written: list[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train.export", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        prog=prog("python -m train.export"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     p.add_argument("checkpoint", help="run folder, checkpoints folder, tag folder or weights file")
     p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="what to write (see the module doc)")

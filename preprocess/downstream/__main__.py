@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from ConvertConfig and RayConfig (pipeline/config.py: defaults and help from the fields)."""
     p = argparse.ArgumentParser(
-        prog="python -m preprocess.downstream",
+        prog=config.prog("python -m preprocess.downstream"),
         description=__doc__.split("\n\n")[0],
         formatter_class=config.HelpFormatter,
     )
