@@ -38,3 +38,16 @@ if [ ! -d "$TORCH_EXTENSIONS_DIR" ] || [ -z "$(find "$TORCH_EXTENSIONS_DIR" -nam
   fi
   rm -f "$build_log"
 fi
+
+# So does the CPU Adam op of ZeRO optimizer offload (~75 s): once here too.
+if [ -z "$(find "$TORCH_EXTENSIONS_DIR" -name 'cpu_adam*.so' 2>/dev/null | head -1)" ]; then
+  echo "building DeepSpeed's CPU Adam op into $TORCH_EXTENSIONS_DIR (once)"
+  build_log="$(mktemp)"
+  if ! DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
+      "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()" \
+      >"$build_log" 2>&1; then
+    echo "warning: could not prebuild DeepSpeed's CPU Adam op; it will build on first use. Its last lines:"
+    tail -n 15 "$build_log" | sed 's/^/  | /'
+  fi
+  rm -f "$build_log"
+fi
