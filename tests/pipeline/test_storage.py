@@ -1,6 +1,7 @@
 import os
 import uuid
 
+import boto3
 import pytest
 
 from pipeline import storage
@@ -93,6 +94,12 @@ def test_multipart_upload_round_trip(s3_bucket, monkeypatch):
     uri = f"{s3_bucket}/big.bin"
     storage.write_bytes(uri, payload)
     assert storage.read_bytes(uri) == payload
+    loc = storage.parse(uri)
+    etag = boto3.client("s3").head_object(Bucket=loc.bucket, Key=loc.path)["ETag"]
+    assert etag.strip('"').endswith("-3"), f"not a 3-part multipart upload: ETag {etag}"  # 12 MiB in 5 MiB parts
+    storage.write_bytes(f"{s3_bucket}/small.bin", payload[: 1 << 20])
+    small = boto3.client("s3").head_object(Bucket=loc.bucket, Key="small.bin")["ETag"]
+    assert "-" not in small, "a small object was uploaded in parts"
 
 
 def test_wrong_credentials_are_reported(s3_bucket, monkeypatch):
