@@ -141,6 +141,8 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
             return StorageNotFound(f"{uri}: no such object")
         if code in _DENIED:
             return StorageError(f"{uri}: access denied by S3 ({code}): {_DENIED[code]}")
+        if code in ("PreconditionFailed", "412"):  # a resumed read pins the ETag it started with
+            return StorageError(f"{uri}: the object was replaced while it was being read (its ETag changed)")
         return StorageError(f"{uri}: S3 error {code}: {_one_line(exc.response.get('Error', {}).get('Message', ''))}")
     return StorageError(f"{uri}: {type(exc).__name__}: {_one_line(exc)}")
 

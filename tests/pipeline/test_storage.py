@@ -190,3 +190,29 @@ def test_connection_cut_mid_read_resumes(s3_bucket, s3_server, monkeypatch):
         proxy.close()
     assert got == [f"clip.{i}.mp4" for i in range(12)]
     assert proxy.cuts_made >= 3
+
+
+def test_an_object_replaced_mid_read_is_a_clear_error(s3_bucket, s3_server, monkeypatch):
+    """The reader pins the ETag of its first GET: a resume after the object was rewritten fails, naming why,
+    instead of splicing two versions."""
+    uri = f"{s3_bucket}/replaced.bin"
+    storage.write_bytes(uri, os.urandom(200_000))
+    host, port = s3_server.endpoint.removeprefix("http://").split(":")
+    proxy = CuttingProxy((host, int(port)), cut_after=20_000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    storage.reset_clients()
+    try:
+        with storage.open_read(uri) as stream:
+            first = stream.read(10_000)
+            monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # the writer goes straight to the server
+            storage.reset_clients()
+            storage.write_bytes(uri, os.urandom(200_000))
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+            storage.reset_clients()
+            with pytest.raises(storage.StorageError, match="replaced while it was being read"):
+                stream.read()
+    finally:
+        monkeypatch.undo()
+        storage.reset_clients()
+        proxy.close()
+    assert len(first) == 10_000 and proxy.cuts_made >= 1
