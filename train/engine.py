@@ -10,7 +10,8 @@ Everything else sees a plain ``nn.Module`` plus the small API below.
   all-gathered first and stored as a list indexed by rank. Only the newest ``keep_last``
   checkpoints are kept.
 * `clamp_param_` clamps a parameter in the optimiser's fp32 master copy *and* the model copy, for
-  ZeRO 1/2/3 (clamping only ``param.data`` would be undone by the next step's master update).
+  ZeRO 1/2/3 (clamping only ``param.data`` would be undone by the next step's master update; under
+  ZeRO-3 both the partition and a still-gathered copy; tests/train/test_logit_clamp.py).
 """
 
 from __future__ import annotations
@@ -169,10 +170,12 @@ def clamp_param_(param: torch.nn.Parameter, low: float, high: float) -> None:
         master, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=True)
         master.data.clamp_(low, high)
         param.ds_tensor.data.clamp_(low, high)
-        return
-    mapping = getattr(param, "_hp_mapping", None)
-    if mapping is not None:  # ZeRO-1/2: this rank's slice of the fp32 master partition
-        mapping.get_hp_fragment().data.clamp_(low, high)
+    else:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:  # ZeRO-1/2: this rank's slice of the fp32 master partition
+            mapping.get_hp_fragment().data.clamp_(low, high)
+    # ZeRO-3 keeps a small (persistent) parameter gathered after the step and the next forward uses
+    # that copy as it is; empty when only the partition is held
     param.data.clamp_(low, high)
 
 
