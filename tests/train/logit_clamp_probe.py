@@ -4,14 +4,13 @@
 
 For each stage every rank builds the tiny config's engine (train/engine.py `initialize`), pushes
 the optimiser's fp32 master copy of ``logit_scale`` to 6.0 (past ln 200, train/model.py
-``LOGIT_SCALE_MAX``; `_push_master`), and then follows the
-training loop's order (train/loop.py `run_loop`): a step, `clamp_param_`, another step, recording
-the scale that step's forward used. It then pushes again, steps, clamps, reads at once and
-steps again. Every
-step has zero gradients, so Adam leaves every value where it is and a step only copies the master
-into the model. It records the model copy (`read_param`, or ``param.data`` as the forward sees it)
-and the master copy (``safe_get_full_fp32_param``, a DeepSpeed read path that `clamp_param_` does
-not use); rank 0 writes them to OUT.json.
+``LOGIT_SCALE_MAX``; `_push_master`) and follows the training loop's order (train/loop.py
+`run_loop`): a step, `clamp_param_`, another step, recording the scale that step's forward used.
+It then pushes again, steps, clamps, reads at once and steps again. Every step has zero gradients,
+so Adam leaves every value where it is and a step only copies the master into the model. It
+records the model copy (`read_param`, or ``param.data`` as the forward sees it) and the master copy
+(``safe_get_full_fp32_param``, a DeepSpeed read path that `clamp_param_` does not use); rank 0
+writes them to OUT.json.
 """
 
 from __future__ import annotations
