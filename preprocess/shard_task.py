@@ -52,6 +52,8 @@ FAULT_EXIT_ENV = "VIDPROXY_FAULT_EXIT_SHARD"
 """Fault injection: ``<shard index>:<marker file>`` makes the worker os._exit() once on that shard."""
 FAULT_HANG_ENV = "VIDPROXY_FAULT_HANG_VIDEO"
 """Fault injection: a video id whose decode hangs (sleeps) until the job's timeout kills it."""
+FAULT_EXIT_VIDEO_ENV = "VIDPROXY_FAULT_EXIT_VIDEO"
+"""Fault injection: a video id at which the worker os._exit()s on every attempt (a video that kills its worker)."""
 FAULT_DELAY_ENV = "VIDPROXY_FAULT_DELAY_S"
 """Fault injection: seconds to sleep at the start of every shard (widens timing windows in tests)."""
 
@@ -63,6 +65,7 @@ class Faults:
     exit_shard: int | None = None
     exit_marker: str = ""
     hang_video: str | None = None
+    exit_video: str | None = None
     delay_s: float = 0.0
 
     @classmethod
@@ -74,7 +77,10 @@ class Faults:
             exit_shard = int(index)
         delay = float(env.get(FAULT_DELAY_ENV) or 0.0)
         hang_video = env.get(FAULT_HANG_ENV) or None
-        return cls(exit_shard=exit_shard, exit_marker=exit_marker, hang_video=hang_video, delay_s=delay)
+        exit_video = env.get(FAULT_EXIT_VIDEO_ENV) or None
+        return cls(
+            exit_shard=exit_shard, exit_marker=exit_marker, hang_video=hang_video, exit_video=exit_video, delay_s=delay
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -432,6 +438,10 @@ def _maybe_exit(index: int, faults: Faults) -> None:
 
 
 def _maybe_hang(video_id: str, faults: Faults) -> None:
+    if faults.exit_video == video_id:
+        log.warning("fault injection: the worker exits at video %s", video_id)
+        time.sleep(0.5)  # dies while decoding: its report of the video has reached the driver's board
+        os._exit(17)
     if faults.hang_video == video_id:
         log.warning("fault injection: video %s hangs", video_id)
         time.sleep(3600)

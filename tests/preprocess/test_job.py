@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.manifest import read_manifest
 from pipeline.shards import iter_dataset
 from preprocess.job import run_job
-from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_HANG_ENV
+from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_EXIT_VIDEO_ENV, FAULT_HANG_ENV
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, config, corpus, dataset_bytes, ray_local, script_env  # noqa: F401
 
 pytestmark = pytest.mark.ray
@@ -90,6 +90,38 @@ def test_stuck_video_times_out_and_the_job_finishes(corpus, ray_local, tmp_path,
     ]
     assert "vid01 was still being read or decoded after 3 s" in rows[0]["message"]
     assert [s.meta.clip_id for s in iter_dataset(str(tmp_path))][:2] == ["vid00.0.mp4", "vid00.1.mp4"]
+
+
+@pytest.fixture(scope="module")
+def without_vid01(corpus, ray_local, tmp_path_factory) -> Path:
+    """The reference for a video the job gives up on: the same job with vid01's file missing."""
+    root = tmp_path_factory.mktemp("without_vid01")
+    shutil.copytree(corpus["videos"], root / "videos", ignore=shutil.ignore_patterns("vid01.*"))
+    result = run_job(config({**corpus, "videos": root / "videos"}, root / "out"))
+    assert result.failed == {"missing_file": 2}
+    return root / "out"
+
+
+def _tars(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
+
+
+@pytest.mark.parametrize("fault, error", [(FAULT_HANG_ENV, "timeout"), (FAULT_EXIT_VIDEO_ENV, "worker_died")])
+def test_a_video_given_up_leaves_the_shards_of_a_run_without_it(
+    corpus, without_vid01, tmp_path, monkeypatch, fault, error
+):
+    """A video that hangs every attempt (timed out) or kills its worker every attempt (after Ray's retries): its
+    clips are recorded, the job finishes (exit 0), and every tar is byte-identical to a run without the video's
+    file (whose source paths differ only in the manifest, not in the tars: the same folder is not needed)."""
+    monkeypatch.setenv(fault, "vid01")
+    result = run_job(config(corpus, tmp_path, "--video-timeout", "3", "--max-retries", "1"))
+    assert result.manifest and result.failed == {error: 2} and result.ok == 10 and not result.shards_failed
+    rows = pq.read_table(tmp_path / "failures.parquet").to_pylist()
+    assert [(r["clip_id"], r["error"], r["stage"]) for r in rows] == [
+        ("vid01.0.mp4", error, "task"),
+        ("vid01.1.mp4", error, "task"),
+    ]
+    assert _content(tmp_path) == _content(without_vid01)
 
 
 def test_retry_failed_redoes_only_failed_shards(clean, corpus, tmp_path):
