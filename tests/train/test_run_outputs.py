@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 import time
 
 import pytest
@@ -85,6 +86,11 @@ def wandb_offline(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
     for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_TAGS", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(name, raising=False)
+    # W&B makes temp folders of its own (``tmp...wandb-media``, ``-artifacts``) and leaves them: keep them here
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
 
 
 def eval_row(step: int) -> dict:
