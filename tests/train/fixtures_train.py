@@ -150,6 +150,15 @@ def env() -> dict:
     return out
 
 
+def rank_env_of(rank: int, nproc: int, port: int | str) -> dict:
+    """``env()`` plus what torch.distributed and DeepSpeed read to make ``rank`` one of ``nproc`` local ranks."""
+    out = env()
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        out[name] = str(nproc)
+    out.update(RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return out
+
+
 TINY_CONFIG = os.path.join(REPO, "launch/configs/train/tiny.yaml")
 
 
@@ -213,19 +222,7 @@ def spawn_ranks(overrides: list[str], nproc: int = 2, port: int | None = None, s
     log_dir = tempfile.mkdtemp(prefix="rank-logs-", dir=os.path.dirname(run_dir) if run_dir else None)
     procs, logs = [], []
     for rank in range(nproc):
-        rank_env = env()
-        if not single:
-            rank_env.update(
-                {
-                    "RANK": str(rank),
-                    "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(nproc),
-                    "LOCAL_WORLD_SIZE": str(nproc),
-                    "LOCAL_SIZE": str(nproc),
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                }
-            )
+        rank_env = env() if single else rank_env_of(rank, nproc, port)
         logs.append(os.path.join(log_dir, f"rank{rank}.log"))
         with open(logs[-1], "w") as log:
             procs.append(

@@ -19,7 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support.s3server import free_port
-from tests.train.fixtures_train import PYTHON, REPO, TINY_CONFIG, env, moving_dataset, spawn_ranks, tiny_overrides
+from tests.train.fixtures_train import (
+    PYTHON,
+    REPO,
+    TINY_CONFIG,
+    moving_dataset,
+    rank_env_of,
+    spawn_ranks,
+    tiny_overrides,
+)
 from train.checkpoint import load_model, resolve_checkpoint
 from train.config import load_config
 from train.evaluate import main as evaluate_main
@@ -66,18 +74,7 @@ def run_reference(run_dir: str, out: str, nproc: int = 2) -> None:
     """tests/train/zero_reference.py as ``nproc`` ranks."""
     port, procs = free_port(), []
     for rank in range(nproc):
-        rank_env = env()
-        rank_env.update(
-            {
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(nproc),
-                "LOCAL_WORLD_SIZE": str(nproc),
-                "LOCAL_SIZE": str(nproc),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            }
-        )
+        rank_env = rank_env_of(rank, nproc, port)
         cmd = [PYTHON, "-m", "tests.train.zero_reference", run_dir, out]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = [proc.communicate(timeout=240)[0].decode(errors="replace") for proc in procs]

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from tests.support.s3server import free_port
-from tests.train.fixtures_train import PYTHON, REPO, env
+from tests.train.fixtures_train import PYTHON, REPO, rank_env_of
 from train.model import LOGIT_SCALE_MAX
 
 NPROC = 2
@@ -24,18 +24,7 @@ def probed(tmp_path_factory) -> dict:
     port = str(free_port())
     procs = []
     for rank in range(NPROC):
-        rank_env = env()
-        rank_env.update(
-            {
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(NPROC),
-                "LOCAL_WORLD_SIZE": str(NPROC),
-                "LOCAL_SIZE": str(NPROC),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-            }
-        )
+        rank_env = rank_env_of(rank, NPROC, port)
         procs.append(
             subprocess.Popen(
                 [PYTHON, "-m", "tests.train.logit_clamp_probe", str(out)],
