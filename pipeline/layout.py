@@ -4,6 +4,7 @@ A data set folder (local path, ``file://`` or ``s3://`` prefix; see docs/preproc
 docs/shard-format.md) holds::
 
     shard-<k>-<part>.tar        the tars of shard k (k: 6 digits, part: 3 digits, 000 unless split)
+    shard-<k>-<part>.idx.json   each tar's sample index (pipeline/sample_index.py), written just before it
     stats/shard-<k>.json        shard k's stats: its commit marker, written last of the shard's files
     failures/shard-<k>.parquet  shard k's failures table
     failures.parquet            all failures, merged at the end
@@ -35,6 +36,7 @@ STATS_FOLDER = "stats"
 FAILURES_FOLDER = "failures"
 LOGS_FOLDER = "logs"
 TEXTS_FOLDER = "texts"
+INDEX_SUFFIX = ".idx.json"
 
 _STEM_RE = re.compile(r"shard-(\d{6,})")
 _TAR_RE = re.compile(r"shard-(\d{6,})-(\d{3,})\.tar")
@@ -139,6 +141,7 @@ class DatasetLayout:
                 found[index] = uri
         return found
 
-    def shard_tars(self, index: int) -> list[str]:
-        """Names of the tars of shard ``index`` now in the folder (one prefix listing, whatever the folder holds)."""
-        return [name for name, _ in storage.list_children(self.root, f"{shard_stem(index)}-") if tar_shard(name)]
+    def shard_files(self, index: int) -> list[str]:
+        """Names of the tars of shard ``index`` and their sample indexes now in the folder (one prefix listing)."""
+        found = storage.list_children(self.root, f"{shard_stem(index)}-")
+        return [name for name, _ in found if tar_shard(name) or tar_shard(name.removesuffix(INDEX_SUFFIX) + ".tar")]

@@ -2,9 +2,10 @@
 
 ``manifest.json`` sits next to the shards. It records the schema version, the config that
 produced the data set, and per shard its relative URL, sample count, byte size, SHA-256,
-XXH3-64 (the fast hash that streaming readers verify) and total clip seconds, plus totals and a
-``sizes`` map (shard file name -> samples) in the layout of open_clip's ``sizes.json`` (also
-written as its own file, before the manifest). Nothing else in a data set folder is
+XXH3-64 (the fast hash that streaming readers verify), the XXH3-64 of its sample index
+(pipeline/sample_index.py) and total clip seconds, plus totals and a ``sizes`` map (shard file
+name -> samples) in the layout of open_clip's ``sizes.json`` (also written as its own file, before
+the manifest). Nothing else in a data set folder is
 authoritative: a shard that is not in the manifest does not exist for readers.
 """
 
@@ -42,6 +43,9 @@ class ShardEntry:
     xxh3_64: str = ""
     """XXH3-64 of the shard (16 hex digits), what streaming readers check; empty in older manifests,
     whose readers then check the SHA-256."""
+    index_xxh3_64: str = ""
+    """XXH3-64 of the shard's sample index (pipeline/sample_index.py: per-sample digests, so readers check each
+    sample before handing it on); empty in older manifests, whose readers then check the whole shard first."""
 
     def validate(self) -> None:
         if not self.url or self.url.startswith("/") or storage.has_scheme(self.url) or ".." in self.url.split("/"):
@@ -52,6 +56,8 @@ class ShardEntry:
             raise ValueError(f"shard {self.url!r}: sha256 {self.sha256!r} is not 64 hex digits")
         if self.xxh3_64 and not _XXH_RE.match(self.xxh3_64):
             raise ValueError(f"shard {self.url!r}: xxh3_64 {self.xxh3_64!r} is not 16 hex digits")
+        if self.index_xxh3_64 and not _XXH_RE.match(self.index_xxh3_64):
+            raise ValueError(f"shard {self.url!r}: index_xxh3_64 {self.index_xxh3_64!r} is not 16 hex digits")
 
     @property
     def name(self) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pipeline import storage
 from pipeline.layout import DatasetLayout, shard_stem
 from pipeline.manifest import ShardEntry
+from pipeline.sample_index import index_name
 from pipeline.schema import ClipMeta, ClipSample, SchemaError, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
 from preprocess.asr import AsrConfig
@@ -233,7 +234,7 @@ def process_shard(
     time.sleep(settings.faults.delay_s)
     started = time.monotonic()
     out = DatasetLayout(settings.output)
-    stale = out.shard_tars(task.index)
+    stale = out.shard_files(task.index)
     contents = read_slice(list(settings.metadata), task.slice, settings.layout)
     clips, text_failures = with_texts(contents.clips, settings.texts, out, task.index)
     contents.failures += text_failures
@@ -260,7 +261,7 @@ def _commit(task: ShardTask, out: DatasetLayout, shard: _Shard, stale: list[str]
     shard.failures.sort(key=lambda row: row[1])
     write_table(out.shard_failures(task.index), failures_table(shard.failures))
     storage.write_bytes(out.stats(task.index), shard.stats.to_json())
-    written = {e.url for e in shard.stats.entries}
+    written = {name for e in shard.stats.entries for name in (e.url, index_name(e.url))}
     for name in stale:
         if name not in written:
             storage.delete(out.path(name))

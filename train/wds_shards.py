@@ -6,23 +6,15 @@ training reads through webdataset. :func:`iter_wds_shard` keeps iter_shard's con
 interchangeable (tests/train/test_wds_shards.py checks it):
 * the same sample dicts: ``__key__``, ``__url__`` (the shard's URI), then each member's lower-cased
   field -> bytes, in tar order;
-* the same checks: the bytes come from :func:`pipeline.shards.open_shard`, which checks the size and
-  the XXH3-64 (or SHA-256) against the manifest entry at EOF. A missing, truncated, altered or
-  unreadable shard raises :class:`pipeline.shards.ShardError` naming the shard.
+* the same checks: the bytes come from :func:`pipeline.shards.open_shard`, and each sample is admitted by the
+  shard's check (pipeline/shard_check.py: its digest in the shard's sample index) before it is yielded; the
+  size and XXH3-64 of the whole shard are checked at EOF. A missing, truncated, altered or unreadable shard
+  raises :class:`pipeline.shards.ShardError` naming the shard, after the samples before the bad one.
 
-The parsing is webdataset 1.0.2's, as ``webdataset.WebDataset`` does it once a URL is open:
-``tar_file_expander`` (``tarfile`` in stream mode) lists the members, and ``group_by_keys`` groups
-them into samples. The module lives in train/ because ``import webdataset`` imports torch, which
-pipeline/ must not import.
-
-On a shard that fails its check, this reader raises the same ShardError as iter_shard. It may
-yield fewer samples first, never others:
-* ``tarfile`` reads ahead in 10 KiB records, so the check at EOF can fire a few members earlier.
-* ``tarfile`` stops quietly at a garbled header, and ``group_by_keys`` then hands on the sample it
-  was building. So the last sample goes out only once the check has passed. A garbled header
-  therefore shows up as a hash mismatch here.
-With no manifest entry there is no check: a shard cut at a header ends quietly here, where
-iter_shard raises.
+``group_by_keys`` emits a sample once the next one begins (its header was read) or at the end of the tar, so
+its bytes are all in when it is admitted. ``tarfile`` stops quietly at a garbled header; the checks then
+raise at the next sample or at EOF. With no manifest entry there is no check: a shard cut at a header ends
+quietly here, where iter_shard raises.
 """
 
 from __future__ import annotations
@@ -63,19 +55,19 @@ def iter_wds_shard(uri: str, entry: ShardEntry | None = None) -> Iterator[dict]:
     with open_shard(uri, entry) as stream:
         watched = _WatchedStream(stream, uri)
         files = tar_file_expander([{"url": uri, "stream": watched}], handler=reraise_exception)
-        held = None  # group_by_keys emits a sample once the next one begins, or at the end of the tar
+        i = 0
         try:
             for sample in group_by_keys(files, handler=reraise_exception):
-                if held is not None:
-                    yield held
-                held = sample
-        except Exception as exc:  # tarfile's, webdataset's duplicate-field ValueError, or the check's
-            if held is not None:
-                yield held  # complete: a later member began the next sample
-            raise watched.error or _unreadable(uri, exc) from exc
+                stream.admit(i, sample["__key__"])
+                i += 1
+                yield sample
+        except Exception as exc:  # the checks', tarfile's, or webdataset's duplicate-field ValueError
+            if watched.error is not None:  # as raised, before webdataset added to its message
+                raise watched.error from exc
+            if isinstance(exc, ShardError):  # admit's
+                raise
+            raise _unreadable(uri, exc) from exc
         stream.read()  # the rest after the tar's end: the size and hash are checked at EOF
-        if held is not None:
-            yield held
 
 
 def _unreadable(uri: str, exc: Exception) -> ShardError:

@@ -35,11 +35,12 @@ def test_scratch_is_unique_per_output_and_shard():
 
 def test_listings(tmp_path):
     out = DatasetLayout(str(tmp_path))
-    for name in ("shard-000000-000.tar", "shard-000000-001.tar", "shard-000002-000.tar", "notes.tar"):
+    names = ("shard-000000-000.tar", "shard-000000-000.idx.json", "shard-000000-001.tar", "shard-000002-000.tar")
+    for name in names + ("notes.tar", "shard-000000-x.idx.json", "shard-000002.idx.json"):
         storage.write_bytes(out.path(name), b"t")
     for index in (0, 2):
         storage.write_bytes(out.stats(index), b"{}")
     storage.write_bytes(out.path("stats", "README"), b"")
-    assert out.shard_tars(0) == ["shard-000000-000.tar", "shard-000000-001.tar"]
-    assert out.shard_tars(2) == ["shard-000002-000.tar"] and out.shard_tars(1) == []
+    assert out.shard_files(0) == ["shard-000000-000.idx.json", "shard-000000-000.tar", "shard-000000-001.tar"]
+    assert out.shard_files(2) == ["shard-000002-000.tar"] and out.shard_files(1) == []
     assert out.list_stats() == {0: out.stats(0), 2: out.stats(2)}

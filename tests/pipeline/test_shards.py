@@ -8,7 +8,9 @@ import pytest
 
 from pipeline import storage
 from pipeline.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from pipeline.schema import encode_key
 from pipeline.shards import ShardError, ShardLimits, ShardWriter, iter_dataset, iter_shard
+from tests.support.damage import flip_payload_byte, flip_trailer_byte, member_offsets
 from tests.support.ids import CLIP_IDS
 from tests.support.samples import make_sample
 
@@ -91,23 +93,81 @@ def test_truncated_tar_without_manifest_is_named(tmp_path):
         list(iter_shard(str(path)))
 
 
-def test_altered_shard_fails_hash(tmp_path):
+KEYS = [encode_key(c) for c in CLIP_IDS]  # shards part-000: 0-2, part-001: 3-5, part-002: 6-7
+
+
+def read_keys(root: str, manifest: Manifest | None = None) -> tuple[list[str], list[str]]:
+    """Keys of the samples iter_dataset hands on, and the ShardErrors it reported."""
+    errors = []
+    keys = [s.key for s in iter_dataset(root, manifest, on_error=lambda exc: errors.append(str(exc)))]
+    return keys, errors
+
+
+@pytest.mark.parametrize("sample", [0, 1, 2])
+def test_a_flipped_byte_stops_its_shard_before_the_sample(tmp_path, sample):
+    """Each sample is checked against the shard's index before it goes on: the samples before the damaged
+    one, exactly, then the error; the other shards whole. The last sample waits for the whole-shard check."""
+    root = str(tmp_path)
+    write_dataset(root, CLIP_IDS)
+    flip_payload_byte(tmp_path / "part-000.tar", KEYS[sample])
+    keys, errors = read_keys(root)
+    assert keys == KEYS[:sample] + KEYS[3:]
+    assert errors == [
+        f"{tmp_path}/part-000.tar: sample {KEYS[sample]!r} does not match its digest in the shard's index (corrupt)"
+    ]
+    with pytest.raises(ShardError, match="part-000.tar: sample"):
+        list(iter_dataset(root))
+
+
+def test_damage_after_the_last_sample_holds_back_the_last_sample(tmp_path):
     write_dataset(str(tmp_path), CLIP_IDS)
-    path = tmp_path / "part-002.tar"
-    data = bytearray(path.read_bytes())
-    data[700] ^= 0xFF  # inside the first JPEG payload
-    path.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="part-002.tar: xxh3_64 mismatch"):
-        list(iter_dataset(str(tmp_path)))
-    # a manifest written before the fast hash existed: the reader checks the SHA-256 instead
-    manifest = read_manifest(str(tmp_path))
-    write_manifest(
-        str(tmp_path),
-        dataclasses.replace(manifest, shards=tuple(dataclasses.replace(e, xxh3_64="") for e in manifest.shards)),
+    flip_trailer_byte(tmp_path / "part-001.tar")
+    keys, errors = read_keys(str(tmp_path))
+    assert keys == KEYS[:5] + KEYS[6:]
+    assert errors == [f"{tmp_path}/part-001.tar: xxh3_64 mismatch with the manifest (corrupt shard)"]
+
+
+@pytest.mark.parametrize("fields", [("index_xxh3_64",), ("index_xxh3_64", "xxh3_64")])
+def test_without_an_index_a_shard_is_checked_whole_before_any_sample(tmp_path, fields):
+    """Manifests written before the sample index (and before the fast hash): the reader checks the whole shard
+    first (pipeline/shard_check.py), so a damaged shard gives no sample at all."""
+    manifest = write_dataset(str(tmp_path), CLIP_IDS)
+    old = dataclasses.replace(
+        manifest, shards=tuple(dataclasses.replace(e, **dict.fromkeys(fields, "")) for e in manifest.shards)
     )
-    with pytest.raises(ShardError, match="part-002.tar: sha256 mismatch"):
-        list(iter_dataset(str(tmp_path)))
-    assert len(list(iter_dataset(str(tmp_path), on_error=lambda exc: None))) > 0
+    write_manifest(str(tmp_path), old)
+    flip_payload_byte(tmp_path / "part-002.tar", KEYS[7])
+    keys, errors = read_keys(str(tmp_path))
+    assert keys == KEYS[:6]
+    hash_name = "sha256" if "xxh3_64" in fields else "xxh3_64"
+    assert errors == [f"{tmp_path}/part-002.tar: {hash_name} mismatch with the manifest (corrupt shard)"]
+
+
+@pytest.mark.parametrize("fault", ["missing", "altered"])
+def test_an_unusable_index_falls_back_to_the_whole_shard_check(tmp_path, fault, caplog):
+    write_dataset(str(tmp_path), CLIP_IDS)
+    for name in ("part-000", "part-001"):
+        index = tmp_path / f"{name}.idx.json"
+        if fault == "missing":
+            index.unlink()
+        else:
+            index.write_bytes(index.read_bytes().replace(b'"keys":[', b'"keys": ['))
+    flip_payload_byte(tmp_path / "part-001.tar", KEYS[5])
+    keys, errors = read_keys(str(tmp_path))
+    assert keys == KEYS[:3] + KEYS[6:]
+    assert errors == [f"{tmp_path}/part-001.tar: xxh3_64 mismatch with the manifest (corrupt shard)"]
+    warned = [r.getMessage() for r in caplog.records if "sample index unusable" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith(f"{tmp_path}/part-000.idx.json: sample index unusable")
+
+
+def test_truncated_shard_gives_only_checked_samples(tmp_path):
+    write_dataset(str(tmp_path), CLIP_IDS)
+    path = tmp_path / "part-000.tar"
+    size, cut = path.stat().st_size, member_offsets(path)[f"{KEYS[2]}.f000.jpg"][0]
+    path.write_bytes(path.read_bytes()[:cut])  # cut where sample 2 starts: samples 0 and 1 are whole
+    keys, errors = read_keys(str(tmp_path))
+    assert keys == KEYS[:1] + KEYS[3:]  # sample 1 ends only with the next header, where the size check fires
+    assert errors == [f"{path}: truncated or altered shard: {cut} bytes, manifest says {size}"]
 
 
 def test_bad_shard_can_be_skipped_and_reported(tmp_path):
@@ -115,7 +175,7 @@ def test_bad_shard_can_be_skipped_and_reported(tmp_path):
     (tmp_path / "part-001.tar").unlink()
     errors = []
     got = list(iter_dataset(str(tmp_path), on_error=errors.append))
-    assert len(got) == 5
+    assert [s.key for s in got] == KEYS[:3] + KEYS[6:]
     assert len(errors) == 1 and "part-001.tar: shard missing" in str(errors[0])
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.manifest import Manifest, shard_uris, write_manifest
+from pipeline.schema import encode_key
 from pipeline.shards import ShardError, ShardLimits, ShardWriter, iter_shard
 from tests.support.ids import CLIP_IDS
 from tests.support.samples import make_sample
@@ -107,11 +108,18 @@ def test_same_shard_errors(tmp_path, case):
     want, want_error = read(iter_shard, uri, entry)
     got, got_error = read(iter_wds_shard, uri, entry)
     assert want_error and got_error and got_error.startswith(f"{uri}: ")
-    assert got == want[: len(got)], "the same samples, or fewer (tarfile reads ahead; see train/wds_shards.py)"
-    if case.startswith("garbled"):  # tarfile stops quietly at the header; the hash check catches it
-        assert got_error == f"{uri}: xxh3_64 mismatch with the manifest (corrupt shard)"
-    else:
+    if case in ("missing", "truncated", "cut at a header", "cut inside a header"):
+        assert got == want[: len(got)], "the same samples, or fewer (tarfile reads ahead; see train/wds_shards.py)"
         assert got_error == want_error
+        return
+    # damage inside the second sample: exactly the first goes on, through either reader
+    assert len(got) == len(want) == 1 and got == want
+    second = f"{uri}: sample {encode_key(CLIP_IDS[1])!r}"
+    assert got_error == f"{second} does not match its digest in the shard's index (corrupt)"
+    if case.startswith("garbled"):  # our reader refuses the header itself; tarfile stops quietly before it
+        assert want_error == f"{uri}: unreadable or truncated tar: bad header checksum"
+    else:
+        assert want_error == got_error
 
 
 def test_unreadable_without_a_manifest_entry(tmp_path):
