@@ -99,6 +99,8 @@ class RangeHasher:
         self.digests: list[str] = []
 
     def expect(self, end: int) -> None:
+        if end < self._pos:
+            raise ValueError(f"range end {end} is behind the {self._pos} bytes hashed so far")
         self._ends.append(end)
 
     def update(self, data) -> None:
