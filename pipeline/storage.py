@@ -9,7 +9,10 @@ logged or put into error messages.
 Writes are atomic: a local write goes to a hidden temp file in the target folder and is
 renamed into place; an S3 write is spooled to a local temp file and uploaded in one
 PutObject or one multipart upload that is completed only when every part is in (and
-aborted otherwise), so no reader sees a partial object under its final name.
+aborted otherwise), so no reader sees a partial object under its final name. What a killed
+writer leaves (a local temp file, an S3 multipart upload never completed nor aborted, whose parts S3
+keeps and bills) is removed by :func:`cleanup_temp`. Objects above ``VIDPROXY_S3_PART_BYTES`` (default
+64 MiB) go in parts of that size.
 
 Reads stream. An S3 read whose connection is cut part-way re-opens the object with a
 ranged GET from the last byte received (pinned to the object's ETag), up to
@@ -28,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 READ_RETRIES = 8
 MULTIPART_THRESHOLD = 64 << 20
+PART_BYTES_ENV = "VIDPROXY_S3_PART_BYTES"
+"""Overrides ``MULTIPART_THRESHOLD``: S3 uploads above this size go in parts of this size (boto3 raises a part
+below S3's least, 5 MiB, to 5 MiB; the tests set it low to make small objects multipart uploads)."""
 TEMP_PREFIX = ".tmp-"
 
 
@@ -109,6 +115,18 @@ def _s3_client():
 def reset_clients() -> None:
     """Forget cached S3 clients (after the AWS environment changed)."""
     _s3_client.cache_clear()
+
+
+@contextlib.contextmanager
+def s3_hook(event: str, handler: Callable[..., None]) -> Iterator[None]:
+    """Within the block, call ``handler`` on a botocore event of this process's S3 client (such as
+    ``after-call.s3.UploadPart``): fault injection (preprocess/shard_task.py)."""
+    events = _s3_client().meta.events
+    events.register(event, handler)
+    try:
+        yield
+    finally:
+        events.unregister(event, handler)
 
 
 _DENIED = {
@@ -420,7 +438,7 @@ def upload(fileobj: BinaryIO, uri: str) -> None:
     from boto3.s3.transfer import TransferConfig
 
     loc = parse(uri)
-    part = MULTIPART_THRESHOLD
+    part = int(os.environ.get(PART_BYTES_ENV) or MULTIPART_THRESHOLD)
     config = TransferConfig(multipart_threshold=part, multipart_chunksize=part, use_threads=True)
     with _s3_errors(uri):
         _s3_client().upload_fileobj(fileobj, loc.bucket, loc.path, Config=config)
@@ -442,9 +460,13 @@ def put_file(local_path: str, uri: str) -> None:
 
 
 def cleanup_temp(prefix: str) -> int:
-    """Remove temp files that a killed writer left under a local folder; returns how many."""
+    """Remove what killed writers left under a local folder (temp files) or an S3 prefix (multipart uploads in
+    progress: aborted); returns how many. Only for a folder no one is writing: an upload in progress there is a
+    dead writer's (preprocess/job.py calls it before and after a job, the one writer of its output folder)."""
     loc = parse(prefix)
-    if loc.scheme != "file" or not os.path.isdir(loc.path):
+    if loc.scheme == "s3":
+        return _abort_uploads(prefix)
+    if not os.path.isdir(loc.path):
         return 0
     removed = 0
     for folder, _, files in os.walk(loc.path):
@@ -453,3 +475,25 @@ def cleanup_temp(prefix: str) -> int:
                 os.remove(os.path.join(folder, name))
                 removed += 1
     return removed
+
+
+def _abort_uploads(prefix: str) -> int:
+    """Abort the multipart uploads in progress under an S3 prefix. Listing them needs the
+    ``s3:ListBucketMultipartUploads`` permission: without it, a warning says that none was aborted."""
+    loc = parse(prefix)
+    key_prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+    client = _s3_client()
+    try:
+        with _s3_errors(prefix):
+            pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=loc.bucket, Prefix=key_prefix)
+            uploads = [u for page in pages for u in page.get("Uploads", [])]
+    except StorageNotFound:
+        return 0
+    except StorageError as exc:
+        log.warning("cannot list the multipart uploads in progress (%s); none aborted", exc)
+        return 0
+    for upload in uploads:
+        with _s3_errors(f"s3://{loc.bucket}/{upload['Key']}"):
+            client.abort_multipart_upload(Bucket=loc.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        log.info("aborted an unfinished multipart upload of s3://%s/%s", loc.bucket, upload["Key"])
+    return len(uploads)

@@ -15,6 +15,8 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
   node that died is dropped: Ray reruns that task, whose clock starts again at its first video.
 - Resume: shards whose stats JSON exists are skipped; ``retry_failed`` uncommits shards
   that recorded failures first. The manifest is written only when every shard is committed.
+  Before and after its tasks run, the job removes what killed workers left in its output folder
+  (local temp files; S3 multipart uploads in progress, aborted): it is that folder's one writer.
 - Model stages (captions, ASR): the models are checked before any work, then loaded once per
   actor of a small pool per stage (GPU actors when the cluster has GPUs); a shard task sends its
   batches to one actor of each pool. A model failure on a batch is a ``ModelError`` (retried
@@ -117,9 +119,7 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     _check_models(cfg)
     settings = _settings(cfg)
     _check_config(out, cfg.manifest_config())
-    removed = storage.cleanup_temp(out.root)
-    if removed:
-        log.info("removed %d temp files a killed run left under %s", removed, out.root)
+    _clean_up(out)
     committed = set(out.list_stats())
     if cfg.retry_failed:
         _uncommit_failed(out, committed)
@@ -128,6 +128,7 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     if settings.texts.joined():
         slices = iter(list(slices))  # the join needs every slice first (a few cursors per shard)
     result.shards_failed = _dispatch(slices, settings, cfg, committed, result, started)
+    _clean_up(out)  # a worker killed and retried in this run may have left a temp file or an upload
     result.shards_skipped = sum(1 for k in committed if k < result.shards_total) - result.shards_run
     stats = _read_stats(out, committed, result.shards_total)
     _tally(result, stats)
@@ -136,6 +137,12 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     result.wall_seconds = round(time.monotonic() - started, 3)
     _write_run_log(cfg, result)
     return result
+
+
+def _clean_up(out: DatasetLayout) -> None:
+    removed = storage.cleanup_temp(out.root)
+    if removed:
+        log.info("removed %d temp files or unfinished uploads that killed workers left under %s", removed, out.root)
 
 
 def _counted(slices: Iterator[ShardSlice], result: JobResult) -> Iterator[ShardSlice]:
