@@ -533,6 +533,9 @@ class _Dispatcher:
 
 
 def _first_line(exc: Exception) -> str:
+    """``Type: message`` of what a task raised (its own exception, not Ray's wrapper), on one line."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
+        exc = exc.cause
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 

@@ -19,6 +19,7 @@ subtitle ask the decoder for their audio, read in the same pass as their frames.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,6 +52,15 @@ log = logging.getLogger(__name__)
 
 FAULT_EXIT_ENV = "VIDPROXY_FAULT_EXIT_SHARD"
 """Fault injection: ``<shard index>:<marker file>`` makes the worker os._exit() once on that shard."""
+FAULT_EXIT_WRITE_ENV = "VIDPROXY_FAULT_EXIT_WRITE"
+"""Fault injection: ``<shard index>:<samples>:<marker file>`` makes the worker os._exit() once in that shard's tar
+write, right after its ``<samples>``-th sample went into the local temp tar."""
+FAULT_EXIT_UPLOAD_ENV = "VIDPROXY_FAULT_EXIT_UPLOAD"
+"""Fault injection: ``<shard index>:<marker file>`` makes the worker os._exit() once, right after the first part of
+an S3 multipart upload of that shard's task was sent (the upload is left in progress)."""
+FAULT_RAISE_ENV = "VIDPROXY_FAULT_RAISE_SHARD"
+"""Fault injection: ``<shard index>:<attempts>:<count file>``: the first ``<attempts>`` attempts at that shard raise
+RuntimeError once their first sample is written; each attempt that raises appends a line to the count file."""
 FAULT_HANG_ENV = "VIDPROXY_FAULT_HANG_VIDEO"
 """Fault injection: a video id whose decode hangs (sleeps) until the job's timeout kills it."""
 FAULT_EXIT_VIDEO_ENV = "VIDPROXY_FAULT_EXIT_VIDEO"
@@ -59,12 +69,34 @@ FAULT_DELAY_ENV = "VIDPROXY_FAULT_DELAY_S"
 """Fault injection: seconds to sleep at the start of every shard (widens timing windows in tests)."""
 
 
+@dataclass(frozen=True)
+class FaultPoint:
+    """Where a fault fires: at shard ``shard``, after ``count`` (samples written, or attempts that raise), with
+    ``file`` recording that it fired."""
+
+    shard: int
+    count: int
+    file: str
+
+    @classmethod
+    def parse(cls, name: str, value: str, counted: bool) -> FaultPoint:
+        """``<shard>:<count>:<file>`` (``<shard>:<file>`` when not ``counted``: count 1)."""
+        parts = value.split(":", 2 if counted else 1)
+        if len(parts) != (3 if counted else 2) or not parts[-1]:
+            form = "<shard>:<count>:<file>" if counted else "<shard>:<file>"
+            raise ValueError(f"{name}={value!r}: expected {form}")
+        return cls(shard=int(parts[0]), count=int(parts[1]) if counted else 1, file=parts[-1])
+
+
 @dataclass(frozen=True, kw_only=True)
 class Faults:
     """Fault injection for tests of the real system (read from the driver's environment)."""
 
     exit_shard: int | None = None
     exit_marker: str = ""
+    exit_write: FaultPoint | None = None
+    exit_upload: FaultPoint | None = None
+    raise_shard: FaultPoint | None = None
     hang_video: str | None = None
     exit_video: str | None = None
     delay_s: float = 0.0
@@ -76,11 +108,21 @@ class Faults:
         if env.get(FAULT_EXIT_ENV):
             index, _, exit_marker = env[FAULT_EXIT_ENV].partition(":")
             exit_shard = int(index)
-        delay = float(env.get(FAULT_DELAY_ENV) or 0.0)
-        hang_video = env.get(FAULT_HANG_ENV) or None
-        exit_video = env.get(FAULT_EXIT_VIDEO_ENV) or None
+        points = {
+            field: FaultPoint.parse(name, env[name], counted) if env.get(name) else None
+            for field, name, counted in (
+                ("exit_write", FAULT_EXIT_WRITE_ENV, True),
+                ("exit_upload", FAULT_EXIT_UPLOAD_ENV, False),
+                ("raise_shard", FAULT_RAISE_ENV, True),
+            )
+        }
         return cls(
-            exit_shard=exit_shard, exit_marker=exit_marker, hang_video=hang_video, exit_video=exit_video, delay_s=delay
+            exit_shard=exit_shard,
+            exit_marker=exit_marker,
+            hang_video=env.get(FAULT_HANG_ENV) or None,
+            exit_video=env.get(FAULT_EXIT_VIDEO_ENV) or None,
+            delay_s=float(env.get(FAULT_DELAY_ENV) or 0.0),
+            **points,
         )
 
 
@@ -162,8 +204,8 @@ class ShardStats:
 class _Shard:
     """Collects the outcome of each clip of one shard."""
 
-    def __init__(self, task: ShardTask, writer: ShardWriter, contents: SliceContents):
-        self.task, self.writer = task, writer
+    def __init__(self, task: ShardTask, writer: ShardWriter, contents: SliceContents, faults: Faults):
+        self.task, self.writer, self.faults = task, writer, faults
         self.stats = ShardStats(shard=task.index, clips=len(contents.clips))
         self.failures: list[tuple[int, int, Failure]] = [(task.index, -1, f) for f in contents.failures]
         for failure in contents.failures:
@@ -176,6 +218,7 @@ class _Shard:
             return
         self.writer.write(outcome)
         self.stats.ok += 1
+        _maybe_fail_in_write(self.task.index, self.stats.ok, self.faults)
         self.stats.clip_seconds = round(self.stats.clip_seconds + outcome.meta.duration, 6)
         for name, text, source in (
             ("subtitle", outcome.subtitle, outcome.meta.subtitle_source),
@@ -241,8 +284,11 @@ def process_shard(
     scratch = _fresh_scratch(settings, task.index)
     try:
         limits = ShardLimits(max_samples=max(1, len(clips)), max_bytes=settings.max_shard_bytes)
-        with ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer:
-            shard = _Shard(task, writer, contents)
+        with (
+            _exit_in_upload(task.index, settings.faults),
+            ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer,
+        ):
+            shard = _Shard(task, writer, contents, settings.faults)
             stages = TextStages(shard.add, shard.note, caption=models.get("caption"), asr=models.get("asr"))
             for run, video in _with_videos(video_runs(clips), task, settings, scratch, on_video, gate):
                 for item, outcome, audio in _process_run(run, task, settings, video, scratch, shard.stats):
@@ -436,6 +482,50 @@ def _maybe_exit(index: int, faults: Faults) -> None:
             f.write(f"worker {os.getpid()} exits on shard {index}\n")
         log.warning("fault injection: worker exits on shard %d", index)
         os._exit(17)
+
+
+def _exit_once(marker: str, what: str) -> None:
+    with open(marker, "w") as f:
+        f.write(f"worker {os.getpid()} exits {what}\n")
+    log.warning("fault injection: worker exits %s", what)
+    os._exit(17)
+
+
+def _maybe_fail_in_write(index: int, written: int, faults: Faults) -> None:
+    """The write and raise faults, after ``written`` samples of shard ``index`` went into its temp tar."""
+    point = faults.exit_write
+    if point and (point.shard, point.count) == (index, written) and not os.path.exists(point.file):
+        _exit_once(point.file, f"in the tar write of shard {index}, after {written} samples")
+    point = faults.raise_shard
+    if point and point.shard == index and written == 1:
+        attempts = _lines(point.file)
+        if attempts < point.count:
+            with open(point.file, "a") as f:
+                f.write(f"worker {os.getpid()} raises in shard {index}\n")
+            raise RuntimeError(f"fault injection: shard {index} raises (attempt {attempts + 1})")
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+@contextlib.contextmanager
+def _exit_in_upload(index: int, faults: Faults) -> Iterator[None]:
+    """Within the block, the upload fault of shard ``index``: exit once the first part of a multipart upload is sent."""
+    point = faults.exit_upload
+    if point is None or point.shard != index or os.path.exists(point.file):
+        yield
+        return
+
+    def exit_after_part(**_) -> None:
+        _exit_once(point.file, f"in a multipart upload of shard {index}, after its first part")
+
+    with storage.s3_hook("after-call.s3.UploadPart", exit_after_part):
+        yield
 
 
 def _maybe_hang(video_id: str, faults: Faults) -> None:

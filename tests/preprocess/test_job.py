@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.manifest import read_manifest
 from pipeline.shards import iter_dataset
 from preprocess.job import run_job
-from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_EXIT_VIDEO_ENV, FAULT_HANG_ENV
+from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_EXIT_VIDEO_ENV, FAULT_HANG_ENV, FAULT_RAISE_ENV
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, config, corpus, dataset_bytes, ray_local, script_env  # noqa: F401
 
 pytestmark = pytest.mark.ray
@@ -75,6 +75,17 @@ def test_worker_death_is_retried(clean, corpus, tmp_path, monkeypatch):
     assert marker.exists(), "the fault injection did not kill a worker"
     assert result.manifest and not result.shards_failed
     assert dataset_bytes(out) == dataset_bytes(clean)
+
+
+def test_a_task_that_raised_is_resubmitted(clean, corpus, tmp_path, monkeypatch):
+    """The driver resubmits a task that raised (here after writing its first sample); the job then finishes (the
+    command's exit 0: the manifest written) with the bytes of a run without the fault."""
+    attempts = tmp_path / "attempts"
+    monkeypatch.setenv(FAULT_RAISE_ENV, f"1:1:{attempts}")
+    result = run_job(config(corpus, tmp_path / "out"))
+    assert len(attempts.read_text().splitlines()) == 1
+    assert result.manifest and not result.shards_failed and result.shards_run == 4, result.summary()
+    assert dataset_bytes(tmp_path / "out") == dataset_bytes(clean)
 
 
 def test_stuck_video_times_out_and_the_job_finishes(corpus, ray_local, tmp_path, monkeypatch):
