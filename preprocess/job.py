@@ -6,7 +6,10 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
 - Worker death: Ray reruns the task up to ``max_retries`` times; a task that raised is
   resubmitted by the driver up to ``max_retries`` times. If the worker keeps dying on the
   same video, that video's clips are recorded as ``worker_died`` and the shard is rerun
-  without it.
+  without it: when Ray's retries are spent, the driver submits the shard once more, and that
+  attempt gives up the video its dead predecessors on the node were in (a marker file they left,
+  preprocess/shard_task.py ``VideoDeaths``: their reports to the board may have died with them).
+  Should it die too (on another node, no marker), the video on the board is given up, if any.
 - Timeouts: each task reports the video it is working on to a small board actor; a video
   busy for longer than ``video_timeout_s`` gets its task killed (``ray.cancel(force=True)``)
   and the shard is rerun without that video, whose clips are recorded as ``timeout``. The
@@ -232,6 +235,7 @@ def _settings(cfg: PreprocessConfig) -> ShardSettings:
         decode=cfg.decode,
         max_shard_bytes=cfg.sharding.max_shard_bytes,
         faults=Faults.from_env(),
+        max_video_deaths=cfg.ray.max_retries + 1,
         captioner=cfg.captioner,
         asr=cfg.asr,
     )
@@ -349,6 +353,8 @@ class _Attempt:
     task: ShardTask
     token: str
     errors: int = 0
+    rechecked: bool = False
+    """Submitted again after Ray's retries of a dying worker ran out (``_Dispatcher._died``)."""
 
 
 class _Dispatcher:
@@ -393,7 +399,7 @@ class _Dispatcher:
         self._progress_at = time.monotonic()
         self.stalled = False
 
-    def submit(self, task: ShardTask, errors: int = 0) -> None:
+    def submit(self, task: ShardTask, errors: int = 0, rechecked: bool = False) -> None:
         if any(v not in task.excluded for v in self.given_up):  # few: videos that timed out or killed workers
             task = dataclasses.replace(task, excluded={**self.given_up, **task.excluded})
         if self._generation == 0:
@@ -402,7 +408,7 @@ class _Dispatcher:
         token = f"{task.index}.{self._generation}"
         models = (self.pools.get("caption", []), self.pools.get("asr", []))
         ref = self.remote.remote(task, self.settings_ref, self.board, token, *models, self.gate)
-        self.pending[ref] = _Attempt(task=task, token=token, errors=errors)
+        self.pending[ref] = _Attempt(task=task, token=token, errors=errors, rechecked=rechecked)
 
     def run(self, tasks: Iterator[ShardTask]) -> dict[int, str]:
         """Submit the tasks as room frees up (the iterator is read lazily: the plan streams in)."""
@@ -444,18 +450,26 @@ class _Dispatcher:
         self.progress.update(stats.clips)
 
     def _died(self, attempt: _Attempt, exc: Exception) -> None:
+        task, deaths = attempt.task, self.rc.max_retries + 1
+        if not attempt.rechecked:
+            log.warning(
+                "shard %s: worker died %d times; one more attempt, which gives up a video they all died in",
+                shard_stem(task.index),
+                deaths,
+            )
+            self.submit(task, attempt.errors, rechecked=True)
+            return
         video = ray.get(self.board.current.remote(attempt.token))
-        task = attempt.task
         if video is None or video in task.excluded:
-            self._give_up(task, f"worker died {self.rc.max_retries + 1} times: {_first_line(exc)}")
+            self._give_up(task, f"worker died {2 * deaths} times: {_first_line(exc)}")
             return
         log.warning(
-            "shard %s: worker died %d times on video %s; rerunning the shard without it",
+            "shard %s: worker died %d times, last on video %s; rerunning the shard without it",
             shard_stem(task.index),
-            self.rc.max_retries + 1,
+            2 * deaths,
             video,
         )
-        message = f"the worker process died {self.rc.max_retries + 1} times while decoding video {video}"
+        message = f"the worker process died {2 * deaths} times while decoding video {video}"
         self.submit(self._exclude(task, video, Failure(stage="task", error="worker_died", message=message)))
 
     def _raised(self, attempt: _Attempt, exc: Exception) -> None:

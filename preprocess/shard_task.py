@@ -64,7 +64,8 @@ RuntimeError once their first sample is written; each attempt that raises append
 FAULT_HANG_ENV = "VIDPROXY_FAULT_HANG_VIDEO"
 """Fault injection: a video id whose decode hangs (sleeps) until the job's timeout kills it."""
 FAULT_EXIT_VIDEO_ENV = "VIDPROXY_FAULT_EXIT_VIDEO"
-"""Fault injection: a video id at which the worker os._exit()s on every attempt (a video that kills its worker)."""
+"""Fault injection: a video id at which the worker os._exit()s on every attempt (a video that kills its worker), as
+soon as it starts the video: before its report to the driver's board is sent."""
 FAULT_DELAY_ENV = "VIDPROXY_FAULT_DELAY_S"
 """Fault injection: seconds to sleep at the start of every shard (widens timing windows in tests)."""
 
@@ -148,6 +149,9 @@ class ShardSettings:
     """Archive of fetched source videos (looked up after ``videos``)."""
     fetch: FetchConfig | None = None
     """Download source videos found nowhere from their metadata ``url``."""
+    max_video_deaths: int = 4
+    """A video in which this many attempts at a shard died (on one node) is given up by the next attempt there:
+    its clips fail as ``worker_died`` (the job sets ``max_retries + 1``, the attempts Ray gives a task)."""
 
     def source_settings(self) -> SourceSettings:
         return SourceSettings(videos=self.videos, keep_sources=self.keep_sources, fetch=self.fetch)
@@ -281,7 +285,9 @@ def process_shard(
     contents = read_slice(list(settings.metadata), task.slice, settings.layout)
     clips, text_failures = with_texts(contents.clips, settings.texts, out, task.index)
     contents.failures += text_failures
-    scratch = _fresh_scratch(settings, task.index)
+    scratch, deaths = _fresh_scratch(settings, task.index)
+    task = deaths.give_up_killers(task, settings.max_video_deaths)
+    on_video = deaths.reporting(on_video, lambda video_id: _maybe_exit_at(video_id, task, settings.faults))
     try:
         limits = ShardLimits(max_samples=max(1, len(clips)), max_bytes=settings.max_shard_bytes)
         with (
@@ -464,13 +470,83 @@ def _sample(item: ClipItem, clip: DecodedClip, uri: str, whole: bool) -> ClipSam
 # --------------------------------------------------------------------------- local files
 
 
-def _fresh_scratch(settings: ShardSettings, index: int) -> str:
-    """An empty per-shard scratch folder (what a killed earlier attempt left is removed)."""
+def _fresh_scratch(settings: ShardSettings, index: int) -> tuple[str, VideoDeaths]:
+    """An empty per-shard scratch folder (what a killed earlier attempt left is removed), and the deaths of the
+    earlier attempts at the shard on this node that its marker recorded (written back into the new folder)."""
     root = os.path.join(tempfile.gettempdir(), "vidproxy-scratch")
     path = DatasetLayout(settings.output).scratch(root, index)
+    deaths = VideoDeaths.left_in(path)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
-    return path
+    deaths.enter(None)
+    return path, deaths
+
+
+VIDEO_MARKER = "video.json"
+"""The marker file of :class:`VideoDeaths` in a shard's scratch folder."""
+
+
+class VideoDeaths:
+    """The video an attempt at a shard is on, in a marker file of the shard's scratch folder, and the attempts at
+    the shard that died in each video so far (on this node).
+
+    The marker is written before the attempt touches a video, so a worker that dies at once leaves it behind;
+    the task's report to the driver's board (preprocess/job.py) is sent asynchronously and may die with the
+    worker, or be the previous video's. An attempt that ends (committed or raising) removes its scratch folder
+    and the marker with it, so a marker found at the start names the video the previous attempt died in. A
+    video that killed ``max_video_deaths`` attempts is given up by the next one (``worker_died``), which then
+    writes the same bytes as a run without that video. A synchronous report (``ray.get`` in the task) would
+    release the task's CPU while it waits and oversubscribe the node (tests/preprocess/test_multinode.py).
+    """
+
+    def __init__(self, path: str, deaths: dict[str, int]):
+        self.path, self.deaths = path, deaths
+
+    @classmethod
+    def left_in(cls, scratch: str) -> VideoDeaths:
+        path = os.path.join(scratch, VIDEO_MARKER)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return cls(path, {})
+        except ValueError as exc:  # written by rename: only a disk fault makes it unreadable
+            log.warning("%s: unreadable (%s); earlier deaths in videos not counted", path, exc)
+            return cls(path, {})
+        deaths = dict(data["deaths"])
+        if data["video"] is not None:
+            deaths[data["video"]] = deaths.get(data["video"], 0) + 1
+        return cls(path, deaths)
+
+    def enter(self, video_id: str | None) -> None:
+        """The attempt is on ``video_id`` from now (None: on no video)."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"video": video_id, "deaths": self.deaths}, f)
+        os.replace(tmp, self.path)
+
+    def reporting(self, on_video: Callable[[str | None], None], then: Callable[[str], None]):
+        """``on_video`` that records the video here first, then calls ``then`` (a fault hook) with it."""
+
+        def report(video_id: str | None) -> None:
+            self.enter(video_id)
+            if video_id is not None:
+                then(video_id)
+            on_video(video_id)
+
+        return report
+
+    def give_up_killers(self, task: ShardTask, limit: int) -> ShardTask:
+        """``task`` with the videos that killed ``limit`` attempts excluded (``worker_died``)."""
+        killers = {v: n for v, n in sorted(self.deaths.items()) if n >= limit and v not in task.excluded}
+        if not killers:
+            return task
+        excluded = dict(task.excluded)
+        for video, n in killers.items():
+            log.warning("shard %s: %d attempts died in video %s; giving it up", shard_stem(task.index), n, video)
+            message = f"the worker process died {n} times while decoding video {video}"
+            excluded[video] = Failure(stage="task", error="worker_died", message=message)
+        return dataclasses.replace(task, excluded=excluded)
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -528,11 +604,14 @@ def _exit_in_upload(index: int, faults: Faults) -> Iterator[None]:
         yield
 
 
-def _maybe_hang(video_id: str, faults: Faults) -> None:
-    if faults.exit_video == video_id:
+def _maybe_exit_at(video_id: str, task: ShardTask, faults: Faults) -> None:
+    """The video that kills its worker, on every attempt that decodes it (not once given up)."""
+    if faults.exit_video == video_id and video_id not in task.excluded:
         log.warning("fault injection: the worker exits at video %s", video_id)
-        time.sleep(0.5)  # dies while decoding: its report of the video has reached the driver's board
         os._exit(17)
+
+
+def _maybe_hang(video_id: str, faults: Faults) -> None:
     if faults.hang_video == video_id:
         log.warning("fault injection: video %s hangs", video_id)
         time.sleep(3600)
