@@ -3,12 +3,13 @@
 A clip shows one coloured shape moving left, right, up or down over its frames; the caption and
 subtitle name colour, shape and direction, so matching a caption to its clip needs frame order.
 
-Runs start real DeepSpeed ranks in one of two ways: `run_launcher` goes through
+Runs start real DeepSpeed ranks in one of two ways: `start_launcher` goes through
 ``launch/pretrain.sh`` and the ``deepspeed`` launcher (used where the launcher itself is under test:
 the two-node run), `spawn_ranks` starts the ``python -m train.main`` rank processes directly with
 the environment the launcher would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*). Every process
 that imports deepspeed costs ~10-15 CPU-seconds on our 2-core machines, and the launcher adds two
-such processes per run, so the other tests use `spawn_ranks`.
+such processes per run, so the other tests use `spawn_ranks`. Both are waited on by progress
+(`Ranks.wait`, tests/support/progress.py), not by a fixed time limit.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from pipeline.manifest import Manifest, write_manifest
 from pipeline.schema import ClipMeta, ClipSample, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
+from tests.support.progress import DEFAULT_LIMITS, POLL_S, Limits, wait_progressing
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
@@ -169,10 +171,18 @@ def run_single(overrides: list[str], timeout: float = 240) -> subprocess.Complet
 
 
 class Ranks:
-    """The rank processes of one run, each in its own session with its output in a log file."""
+    """The processes of one run (its ranks, or launchers), each in its own session with its output in a log file;
+    waited on by progress (tests/support/progress.py): their logs and the run folder must keep changing."""
 
-    def __init__(self, procs: list[subprocess.Popen], logs: list[str], port: int):
-        self.procs, self.logs, self.port = procs, logs, port
+    def __init__(self, procs: list[subprocess.Popen], logs: list[str], port: int, watched: tuple[str, ...] = ()):
+        self.procs, self.logs, self.port, self.watched = procs, logs, port, watched
+
+    @classmethod
+    def together(cls, parts: list[Ranks]) -> Ranks:
+        """The processes of several (the launchers of a multi-node run) as one group to wait on."""
+        watched = tuple(dict.fromkeys(path for part in parts for path in part.watched))
+        procs, logs = [p for part in parts for p in part.procs], [log for part in parts for log in part.logs]
+        return cls(procs, logs, parts[0].port, watched)
 
     @property
     def returncode(self) -> int | None:
@@ -183,14 +193,27 @@ class Ranks:
         """True once any rank has ended."""
         return any(p.poll() is not None for p in self.procs)
 
-    def wait(self, timeout: float) -> int:
-        try:
-            for proc in self.procs:
-                proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"ranks still running after {timeout}s:\n{self.output()}") from None
+    def wait(self, limits: Limits = DEFAULT_LIMITS) -> int:
+        """Every rank's exit (the one furthest from 0), waiting while they progress; killed, with their output in
+        the AssertionError, when they stop progressing (tests/support/progress.py, `Limits`)."""
+        self.wait_until(lambda: self.returncode is not None, limits)
         return self.returncode
+
+    def wait_until(self, condition, limits: Limits = DEFAULT_LIMITS, poll: float = POLL_S) -> None:
+        """Return once ``condition()`` holds (checked every ``poll`` seconds); the limits as for `wait`."""
+        wait_progressing(
+            condition,
+            [*self.logs, *self.watched],
+            self._stop_and_report,
+            limits,
+            failed=lambda: any(p.poll() not in (None, 0) for p in self.procs),
+            what=f"{len(self.procs)} process(es) of {self.watched[0] if self.watched else 'a run'}",
+            poll=poll,
+        )
+
+    def _stop_and_report(self) -> str:
+        self.kill()
+        return self.output()
 
     def kill(self) -> None:
         """SIGKILL every rank and its DataLoader workers (the rank's process group)."""
@@ -210,6 +233,26 @@ class Ranks:
         return "\n".join(parts)
 
 
+def start_ranks(cmd: list[str], envs: list[dict], log_dir: str, watched: tuple[str, ...] = (), port: int = 0) -> Ranks:
+    """``cmd`` once per environment in ``envs`` (from REPO), output to ``log_dir/rankN.log``; ``watched``: the
+    run folder, whose changes count as progress besides the logs."""
+    procs, logs = [], []
+    for rank, rank_env in enumerate(envs):
+        logs.append(os.path.join(log_dir, f"rank{rank}.log"))
+        with open(logs[-1], "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=rank_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    return Ranks(procs, logs, port, watched)
+
+
 def spawn_ranks(overrides: list[str], nproc: int = 2, port: int | None = None, single: bool = False) -> Ranks:
     """Start NPROC ``train.main`` ranks on this machine, as the deepspeed launcher would (gloo on CPU).
 
@@ -218,24 +261,19 @@ def spawn_ranks(overrides: list[str], nproc: int = 2, port: int | None = None, s
     from tests.support.s3server import free_port
 
     port = port or free_port()
-    run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
-    log_dir = tempfile.mkdtemp(prefix="rank-logs-", dir=os.path.dirname(run_dir) if run_dir else None)
-    procs, logs = [], []
-    for rank in range(nproc):
-        rank_env = env() if single else rank_env_of(rank, nproc, port)
-        logs.append(os.path.join(log_dir, f"rank{rank}.log"))
-        with open(logs[-1], "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides],
-                    cwd=REPO,
-                    env=rank_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    return Ranks(procs, logs, port)
+    run_dir = run_dir_of(overrides)
+    envs = [env() if single else rank_env_of(rank, nproc, port) for rank in range(nproc)]
+    cmd = [PYTHON, "-m", "train.main", "--config", TINY_CONFIG, *overrides]
+    return start_ranks(cmd, envs, log_dir_beside(run_dir), (run_dir,) if run_dir else (), port)
+
+
+def run_dir_of(overrides: list[str]) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
+
+
+def log_dir_beside(path: str | None) -> str:
+    """A new folder for process logs next to ``path`` (a run folder, in the test's tmp_path)."""
+    return tempfile.mkdtemp(prefix="rank-logs-", dir=os.path.dirname(path) if path else None)
 
 
 def shm_buffers(port: int) -> list[str]:
@@ -243,15 +281,10 @@ def shm_buffers(port: int) -> list[str]:
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
-def run_launcher(
-    overrides: list[str],
-    nproc: int = 2,
-    timeout: float = 400,
-    port: int | None = None,
-    extra_args: list[str] | None = None,
-    popen: bool = False,
-):
-    """launch/pretrain.sh with NPROC ranks on this machine (gloo on CPU)."""
+def start_launcher(
+    overrides: list[str], nproc: int = 2, port: int | None = None, extra_args: list[str] | None = None
+) -> Ranks:
+    """launch/pretrain.sh with NPROC ranks on this machine (gloo on CPU), as one process to wait on."""
     run_env = env()
     run_env["NPROC_PER_NODE"] = str(nproc)
     if port is not None:
@@ -265,14 +298,5 @@ def run_launcher(
         os.path.join(REPO, "launch/configs/train/tiny.yaml"),
         *overrides,
     ]
-    if popen:
-        return subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=run_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+    run_dir = run_dir_of(overrides)
+    return start_ranks(cmd, [run_env], log_dir_beside(run_dir), (run_dir,) if run_dir else (), port or 0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -21,11 +20,12 @@ from safetensors.torch import load_file
 from tests.support.s3server import free_port
 from tests.train.fixtures_train import (
     PYTHON,
-    REPO,
     TINY_CONFIG,
+    log_dir_beside,
     moving_dataset,
     rank_env_of,
     spawn_ranks,
+    start_ranks,
     tiny_overrides,
 )
 from train.checkpoint import load_model, resolve_checkpoint
@@ -63,7 +63,7 @@ def runs(tmp_path_factory) -> dict:
         for stage in STAGES
     }
     for ranks in started.values():
-        assert ranks.wait(300) == 0, ranks.output()
+        assert ranks.wait() == 0, ranks.output()
     out = {stage: str(root / f"zero{stage}") for stage in STAGES}
     reference = str(root / "zero3-reference.pt")
     run_reference(out[3], reference)
@@ -72,13 +72,11 @@ def runs(tmp_path_factory) -> dict:
 
 def run_reference(run_dir: str, out: str, nproc: int = 2) -> None:
     """tests/train/zero_reference.py as ``nproc`` ranks."""
-    port, procs = free_port(), []
-    for rank in range(nproc):
-        rank_env = rank_env_of(rank, nproc, port)
-        cmd = [PYTHON, "-m", "tests.train.zero_reference", run_dir, out]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [proc.communicate(timeout=240)[0].decode(errors="replace") for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-3000:] for o in outputs)
+    port = free_port()
+    envs = [rank_env_of(rank, nproc, port) for rank in range(nproc)]
+    cmd = [PYTHON, "-m", "tests.train.zero_reference", run_dir, out]
+    ranks = start_ranks(cmd, envs, log_dir_beside(out), port=port)
+    assert ranks.wait() == 0, ranks.output()
 
 
 def trained_weights(runs: dict, stage: int) -> dict[str, torch.Tensor]:
@@ -97,7 +95,6 @@ def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 
 
 @pytest.mark.deepspeed
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_loads_for_evaluation_and_fine_tuning(runs, stage, tmp_path):
     expected = trained_weights(runs, stage)
@@ -116,7 +113,6 @@ def test_every_stage_loads_for_evaluation_and_fine_tuning(runs, stage, tmp_path)
 
 
 @pytest.mark.deepspeed
-@pytest.mark.timeout(600)
 def test_zero3_run_through_the_evaluate_and_search_commands(runs, tmp_path, capsys):
     """train.evaluate on a ZeRO-3 run folder (the command that failed before), then train.search embed and query."""
     assert evaluate_main(["--checkpoint", runs[3], "--data", runs["held"], "--no-progress"]) == 0
@@ -140,7 +136,6 @@ def broken_copy(runs: dict, stage: int, tmp_path, *remove: str) -> str:
 
 
 @pytest.mark.deepspeed
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "stage, remove, named",
     [

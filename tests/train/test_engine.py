@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from tests.support.s3server import free_port
-from tests.train.fixtures_train import REPO, moving_dataset, run_launcher, shm_buffers, spawn_ranks, tiny_overrides
+from tests.train.fixtures_train import (
+    REPO,
+    Ranks,
+    moving_dataset,
+    shm_buffers,
+    spawn_ranks,
+    start_launcher,
+    tiny_overrides,
+)
 from train.config import deepspeed_json, load_config
 from train.frames import normalize_frames
 from train.run_outputs import read_metrics
@@ -166,7 +174,6 @@ def _metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.mark.deepspeed
-@pytest.mark.timeout(300)
 def test_zero3_two_ranks_skips_missing_shard(tmp_path):
     train = moving_dataset(str(tmp_path / "train"), 24, seed=1, max_samples=4)
     os.remove(os.path.join(train, "part03-000.tar"))
@@ -188,7 +195,7 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
             eval_=[held],
         )
     )
-    assert ranks.wait(240) == 0, ranks.output()
+    assert ranks.wait() == 0, ranks.output()
     assert not shm_buffers(ranks.port), "DeepSpeed's shared-memory comm buffers were left in RAM"
     train_rows, eval_rows = _metrics(run_dir)
     assert [r["step"] for r in train_rows] == [1, 2, 3]
@@ -220,12 +227,11 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
         ),
         nproc=1,
     )
-    assert alone.wait(120) != 0
+    assert alone.wait() != 0, alone.output()
     assert "saved by 2 ranks, this run has 1" in alone.output()
 
 
 @pytest.mark.deepspeed
-@pytest.mark.timeout(300)
 def test_two_nodes_zero2_from_s3(tmp_path, s3_bucket):
     """Two launcher invocations (node ranks 0 and 1, one rank each) sharing a master address."""
     train = moving_dataset(f"{s3_bucket}/train", 24, seed=3, max_samples=4)
@@ -243,19 +249,18 @@ def test_two_nodes_zero2_from_s3(tmp_path, s3_bucket):
         "log.tensorboard=false",
         "log.plots=false",
     )
-    nodes = [
-        run_launcher(
-            overrides,
-            nproc=1,
-            port=port,
-            popen=True,
-            extra_args=["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1"],
-        )
-        for r in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
-    for node, out in zip(nodes, outputs):
-        assert node.returncode == 0, out[-6000:]
+    nodes = Ranks.together(
+        [
+            start_launcher(
+                overrides,
+                nproc=1,
+                port=port,
+                extra_args=["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1"],
+            )
+            for r in (0, 1)
+        ]
+    )
+    assert nodes.wait() == 0, nodes.output()
     train_rows, _ = _metrics(run_dir)
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert train_rows[0]["samples_per_s"] / train_rows[0]["samples_per_s_per_device"] == pytest.approx(2.0)

@@ -58,7 +58,7 @@ def recall(tmp_path_factory) -> dict[str, float]:
             spawn_ranks(tiny_overrides(run_dir, [train], *common, *extra, eval_=[held]), nproc=1, single=True),
         )
     for _, ranks in runs.values():
-        assert ranks.wait(300) == 0, ranks.output()
+        assert ranks.wait() == 0, ranks.output()
     results = {name: final_r1(run_dir) for name, (run_dir, _) in runs.items()}
     print(
         f"t2v R@1 after {STEPS} steps: temporal {results['temporal']:.1f}, "
@@ -67,12 +67,10 @@ def recall(tmp_path_factory) -> dict[str, float]:
     return results
 
 
-@pytest.mark.timeout(420)
 def test_tiny_model_learns_retrieval_far_above_chance(recall):
     assert recall["temporal"] >= 3 * CHANCE, recall
     assert recall["shuffled"] >= 3 * CHANCE, recall
 
 
-@pytest.mark.timeout(420)
 def test_temporal_model_beats_frame_order_free_baseline(recall):
     assert recall["temporal"] >= recall["shuffled"] + 15.0, recall
