@@ -370,7 +370,7 @@ class LogConfig:
     plots: bool = True
     """Write loss/recall PNGs into the run folder."""
     batch_digests: bool = False
-    """Record a digest of every rank's batch per step (used by the resume test)."""
+    """Record a digest of every rank's batch per step: keys, frame indices, texts (used by the resume tests)."""
     peak_tflops: float = 0.0
     """Accelerator peak TFLOP/s for MFU (0: auto for known GPUs, no MFU on CPU)."""
     profile_steps: int = 0

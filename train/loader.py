@@ -49,11 +49,12 @@ class StreamPosition(TypedDict):
 
 
 def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict:
-    """Items -> batch; their frames already sit in ``filled`` (row i = item i)."""
+    """Items -> batch; their frames already sit in ``filled`` (row i = item i). The batch's digest covers
+    each item's key, frame indices and texts (with ``data.text_lines=sample``, the lines drawn)."""
     tokenizer = get_tokenizer(context_length)
     digest = hashlib.sha1()
     for item in items:
-        digest.update(f"{item['key']}:{item['indices']};".encode())
+        digest.update(repr((item["key"], item["indices"], item["subtitle"], item["caption"])).encode())
     frames, images = filled.views()
     return {
         "frames": frames,
