@@ -25,12 +25,17 @@ pytestmark = pytest.mark.ray
 ROOT = Path("/tmp/vidproxy-golden")
 
 GOLDEN = {
+    "shard-000000-000.idx.json": "43658c767576bdcb8630dee97a441fffc1faeea24071c36283ccb9decaae4c11",
     "shard-000000-000.tar": "02db0bdead2c3e6fd4f85019e8d041157c7f5a63420015384110748c09292a37",
+    "shard-000001-000.idx.json": "4503407f98839ce4352e4a548043239793f772c5c9ad333b55951123979ce4ad",
     "shard-000001-000.tar": "4a6a35f18c22ade7f33f58f56db01aee1604b93dd366e1c979f1fe84c249af42",
+    "shard-000002-000.idx.json": "d7566fe8f9901e8dba983c40812bb7c9ea359ed326ad6255fdde6a6005a07b9f",
     "shard-000002-000.tar": "bb4f2258ef1182834946259a560c9287a9be2625f9221561562c42eda77f1c5d",
+    "shard-000003-000.idx.json": "0e529089599bf9d37c613426bffab56c3b86387b32384090fe9948130bb34800",
     "shard-000003-000.tar": "54ee751fc90fd00954466caeeaf95478287cabe2e1aa2bdc06771ac82f93cb84",
+    "shard-000004-000.idx.json": "5f03cf320414c03c3d7ff42164065b184f33ca567f8931d01849e9479ff54462",
     "shard-000004-000.tar": "7395afaafb800759bf8b94de32f5fcb87b33c4e8da77b00956ec4cf4c28c32eb",
-    "manifest.json": "30b1f89b55d8bb1b43142c74429a122d99f3b41e59e2225d193a950ed4bf266c",
+    "manifest.json": "68c366485cd57c83a8645fe20ba249e3d3bdccbf09384faaec7ddbef23f01515",
     "sizes.json": "e5b2d2b9bf42a8b45a35d7791da274293d10634f792b7111abed1fccef96482c",
     "failures.parquet": "a0e91c7664395f6e792ebad612792fceaac9983851e911c1d3633b9843db37e9",
 }
@@ -62,7 +67,8 @@ def _corpus(root: Path):
 
 
 def _digests(out: Path) -> dict[str, str]:
-    names = sorted(p.name for p in out.glob("shard-*.tar")) + ["manifest.json", "sizes.json", "failures.parquet"]
+    shards = sorted(p.name for p in out.glob("shard-*") if p.suffix == ".tar" or p.name.endswith(".idx.json"))
+    names = shards + ["manifest.json", "sizes.json", "failures.parquet"]
     return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in names}
 
 
