@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 
 from tests.support.s3server import free_port
-from tests.train.fixtures_train import PYTHON, REPO, rank_env_of
+from tests.train.fixtures_train import PYTHON, rank_env_of, start_ranks
 from train.model import LOGIT_SCALE_MAX
 
 NPROC = 2
@@ -20,34 +19,19 @@ NPROC = 2
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("clamp") / "values.json"
-    port = str(free_port())
-    procs = []
-    for rank in range(NPROC):
-        rank_env = rank_env_of(rank, NPROC, port)
-        procs.append(
-            subprocess.Popen(
-                [PYTHON, "-m", "tests.train.logit_clamp_probe", str(out)],
-                cwd=REPO,
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+    folder = tmp_path_factory.mktemp("clamp")
+    out, port = folder / "values.json", free_port()
+    envs = [rank_env_of(rank, NPROC, port) for rank in range(NPROC)]
+    ranks = start_ranks([PYTHON, "-m", "tests.train.logit_clamp_probe", str(out)], envs, str(folder), port=port)
     try:
-        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
+        assert ranks.wait() == 0, ranks.output()
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    assert [proc.returncode for proc in procs] == [0] * NPROC, "\n---\n".join(o[-4000:] for o in outputs)
+        ranks.kill()
     with open(out) as f:
         return json.load(f)
 
 
 @pytest.mark.deepspeed
-@pytest.mark.timeout(200)
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_clamp_reaches_the_master_copy(probed, stage):
     assert LOGIT_SCALE_MAX == pytest.approx(math.log(200))
