@@ -90,7 +90,7 @@ def test_weighted_sources(tmp_path):
     assert loader.samples_per_epoch == 16
 
 
-def test_missing_and_corrupt_shards_are_skipped_and_counted(tmp_path):
+def test_missing_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
     """part01 (clips 3-5) is missing; one byte of clip 7's first frame in part02 (clips 6-8) is flipped (the
     JPEG still decodes). Each sample is checked before it goes on, so clip 6 trains and clips 7 and 8 never do."""
     root = moving_dataset(str(tmp_path / "ds"), 12, seed=4, max_samples=3)
@@ -104,6 +104,11 @@ def test_missing_and_corrupt_shards_are_skipped_and_counted(tmp_path):
     shard_errors, sample_errors = loader.errors()
     assert sample_errors == 0
     assert 4 <= shard_errors <= 6  # 2 bad shards an epoch; the third epoch's last ones may not be reached yet
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping the rest of a shard")]
+    missing = f"skipping the rest of a shard: {root}/part01-000.tar: shard missing"
+    damaged = f"skipping the rest of a shard: {root}/part02-000.tar: sample 'clip7%2E0%2Emp4' does not match its digest"
+    assert len(skipped) == shard_errors and all(m.startswith((missing, damaged)) for m in skipped)
+    assert any(m.startswith(missing) for m in skipped) and any(m.startswith(damaged) for m in skipped)
 
 
 def test_undecodable_samples_are_skipped_counted_and_their_rows_refilled(tmp_path):
