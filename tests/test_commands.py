@@ -22,6 +22,7 @@ COMMANDS = {
     "vidproxy-search": "launch.search",
     "vidproxy-export": "train.export",
     "vidproxy-downstream": "preprocess.downstream.__main__",
+    "vidproxy-verify": "pipeline.verify",
 }
 
 
