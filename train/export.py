@@ -33,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
-from safetensors.torch import save_file
 
 from pipeline.config import HelpFormatter, prog
 from pipeline.logs import setup_logging
@@ -48,7 +47,7 @@ def export_safetensors(model: VideoCLIP, out: str) -> list[str]:
     """The whole model's state dict as one .safetensors file."""
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: the safetensors format writes a .safetensors file")
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, out, metadata={"format": "pt"})
+    save_state_dict(model.state_dict(), out)
     return [out]
 
 
