@@ -48,11 +48,12 @@ from preprocess.asr import Transcriber, check_transcriber
 from preprocess.captions import Captioner, check_captioner
 from preprocess.config import PreprocessConfig, RayConfig
 from preprocess.failures import Failure, merge_tables
+from preprocess.faults import Faults
 from preprocess.fetch import PERMANENT
 from preprocess.host_gate import HostGate
 from preprocess.model_loading import torch_device
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
-from preprocess.shard_task import Faults, ShardSettings, ShardStats, ShardTask, process_shard
+from preprocess.shard_task import ShardSettings, ShardStats, ShardTask, process_shard
 from preprocess.text_join import LOCAL_JOIN_CLIPS
 from preprocess.text_stages import ModelError, guarded
 from preprocess.texts import TextSources

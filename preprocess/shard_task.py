@@ -19,7 +19,6 @@ subtitle ask the decoder for their audio, read in the same pass as their frames.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,6 +40,7 @@ from preprocess.captions import CaptionConfig
 from preprocess.config import Layout
 from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from preprocess.failures import Failure, failures_table, write_table
+from preprocess.faults import Faults
 from preprocess.fetch import FetchConfig
 from preprocess.inputs import ClipItem, TextEntry, clip_file
 from preprocess.plan import ShardSlice, SliceContents, read_slice
@@ -49,82 +49,6 @@ from preprocess.text_stages import ModelFn, StageModel, TextStages
 from preprocess.texts import TextSources, with_texts
 
 log = logging.getLogger(__name__)
-
-FAULT_EXIT_ENV = "VIDPROXY_FAULT_EXIT_SHARD"
-"""Fault injection: ``<shard index>:<marker file>`` makes the worker os._exit() once on that shard."""
-FAULT_EXIT_WRITE_ENV = "VIDPROXY_FAULT_EXIT_WRITE"
-"""Fault injection: ``<shard index>:<samples>:<marker file>`` makes the worker os._exit() once in that shard's tar
-write, right after its ``<samples>``-th sample went into the local temp tar."""
-FAULT_EXIT_UPLOAD_ENV = "VIDPROXY_FAULT_EXIT_UPLOAD"
-"""Fault injection: ``<shard index>:<marker file>`` makes the worker os._exit() once, right after the first part of
-an S3 multipart upload of that shard's task was sent (the upload is left in progress)."""
-FAULT_RAISE_ENV = "VIDPROXY_FAULT_RAISE_SHARD"
-"""Fault injection: ``<shard index>:<attempts>:<count file>``: the first ``<attempts>`` attempts at that shard raise
-RuntimeError once their first sample is written; each attempt that raises appends a line to the count file."""
-FAULT_HANG_ENV = "VIDPROXY_FAULT_HANG_VIDEO"
-"""Fault injection: a video id whose decode hangs (sleeps) until the job's timeout kills it."""
-FAULT_EXIT_VIDEO_ENV = "VIDPROXY_FAULT_EXIT_VIDEO"
-"""Fault injection: a video id at which the worker os._exit()s on every attempt (a video that kills its worker), as
-soon as it starts the video: before its report to the driver's board is sent."""
-FAULT_DELAY_ENV = "VIDPROXY_FAULT_DELAY_S"
-"""Fault injection: seconds to sleep at the start of every shard (widens timing windows in tests)."""
-
-
-@dataclass(frozen=True)
-class FaultPoint:
-    """Where a fault fires: at shard ``shard``, after ``count`` (samples written, or attempts that raise), with
-    ``file`` recording that it fired."""
-
-    shard: int
-    count: int
-    file: str
-
-    @classmethod
-    def parse(cls, name: str, value: str, counted: bool) -> FaultPoint:
-        """``<shard>:<count>:<file>`` (``<shard>:<file>`` when not ``counted``: count 1)."""
-        parts = value.split(":", 2 if counted else 1)
-        if len(parts) != (3 if counted else 2) or not parts[-1]:
-            form = "<shard>:<count>:<file>" if counted else "<shard>:<file>"
-            raise ValueError(f"{name}={value!r}: expected {form}")
-        return cls(shard=int(parts[0]), count=int(parts[1]) if counted else 1, file=parts[-1])
-
-
-@dataclass(frozen=True, kw_only=True)
-class Faults:
-    """Fault injection for tests of the real system (read from the driver's environment)."""
-
-    exit_shard: int | None = None
-    exit_marker: str = ""
-    exit_write: FaultPoint | None = None
-    exit_upload: FaultPoint | None = None
-    raise_shard: FaultPoint | None = None
-    hang_video: str | None = None
-    exit_video: str | None = None
-    delay_s: float = 0.0
-
-    @classmethod
-    def from_env(cls) -> Faults:
-        env = os.environ
-        exit_shard, exit_marker = None, ""
-        if env.get(FAULT_EXIT_ENV):
-            index, _, exit_marker = env[FAULT_EXIT_ENV].partition(":")
-            exit_shard = int(index)
-        points = {
-            field: FaultPoint.parse(name, env[name], counted) if env.get(name) else None
-            for field, name, counted in (
-                ("exit_write", FAULT_EXIT_WRITE_ENV, True),
-                ("exit_upload", FAULT_EXIT_UPLOAD_ENV, False),
-                ("raise_shard", FAULT_RAISE_ENV, True),
-            )
-        }
-        return cls(
-            exit_shard=exit_shard,
-            exit_marker=exit_marker,
-            hang_video=env.get(FAULT_HANG_ENV) or None,
-            exit_video=env.get(FAULT_EXIT_VIDEO_ENV) or None,
-            delay_s=float(env.get(FAULT_DELAY_ENV) or 0.0),
-            **points,
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,7 +146,7 @@ class _Shard:
             return
         self.writer.write(outcome)
         self.stats.ok += 1
-        _maybe_fail_in_write(self.task.index, self.stats.ok, self.faults)
+        self.faults.in_write(self.task.index, self.stats.ok)
         self.stats.clip_seconds = round(self.stats.clip_seconds + outcome.meta.duration, 6)
         for name, text, source in (
             ("subtitle", outcome.subtitle, outcome.meta.subtitle_source),
@@ -277,8 +201,7 @@ def process_shard(
     downloads of each host job-wide (preprocess/host_gate.py; needed with ``settings.fetch``).
     """
     models = _stage_models(settings, caption, transcribe)
-    _maybe_exit(task.index, settings.faults)
-    time.sleep(settings.faults.delay_s)
+    settings.faults.at_start(task.index)
     started = time.monotonic()
     out = DatasetLayout(settings.output)
     stale = out.shard_files(task.index)
@@ -287,11 +210,11 @@ def process_shard(
     contents.failures += text_failures
     scratch, deaths = _fresh_scratch(settings, task.index)
     task = deaths.give_up_killers(task, settings.max_video_deaths)
-    on_video = deaths.reporting(on_video, lambda video_id: _maybe_exit_at(video_id, task, settings.faults))
+    on_video = deaths.reporting(on_video, lambda video_id: settings.faults.at_video(video_id, task.excluded))
     try:
         limits = ShardLimits(max_samples=max(1, len(clips)), max_bytes=settings.max_shard_bytes)
         with (
-            _exit_in_upload(task.index, settings.faults),
+            settings.faults.in_upload(task.index),
             ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer,
         ):
             shard = _Shard(task, writer, contents, settings.faults)
@@ -400,7 +323,7 @@ def _decode_file(video: LocalVideo, items: list[ClipItem], settings: ShardSettin
     uri, path = video.uri, video.path
     done = 0
     try:
-        _maybe_hang(items[0].video_id, settings.faults)
+        settings.faults.in_decode(items[0].video_id)
         asr = settings.asr is not None
         requests = [
             ClipRequest(
@@ -547,71 +470,3 @@ class VideoDeaths:
             message = f"the worker process died {n} times while decoding video {video}"
             excluded[video] = Failure(stage="task", error="worker_died", message=message)
         return dataclasses.replace(task, excluded=excluded)
-
-
-# --------------------------------------------------------------------------- fault injection
-
-
-def _maybe_exit(index: int, faults: Faults) -> None:
-    if faults.exit_shard == index and faults.exit_marker and not os.path.exists(faults.exit_marker):
-        with open(faults.exit_marker, "w") as f:
-            f.write(f"worker {os.getpid()} exits on shard {index}\n")
-        log.warning("fault injection: worker exits on shard %d", index)
-        os._exit(17)
-
-
-def _exit_once(marker: str, what: str) -> None:
-    with open(marker, "w") as f:
-        f.write(f"worker {os.getpid()} exits {what}\n")
-    log.warning("fault injection: worker exits %s", what)
-    os._exit(17)
-
-
-def _maybe_fail_in_write(index: int, written: int, faults: Faults) -> None:
-    """The write and raise faults, after ``written`` samples of shard ``index`` went into its temp tar."""
-    point = faults.exit_write
-    if point and (point.shard, point.count) == (index, written) and not os.path.exists(point.file):
-        _exit_once(point.file, f"in the tar write of shard {index}, after {written} samples")
-    point = faults.raise_shard
-    if point and point.shard == index and written == 1:
-        attempts = _lines(point.file)
-        if attempts < point.count:
-            with open(point.file, "a") as f:
-                f.write(f"worker {os.getpid()} raises in shard {index}\n")
-            raise RuntimeError(f"fault injection: shard {index} raises (attempt {attempts + 1})")
-
-
-def _lines(path: str) -> int:
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
-
-
-@contextlib.contextmanager
-def _exit_in_upload(index: int, faults: Faults) -> Iterator[None]:
-    """Within the block, the upload fault of shard ``index``: exit once the first part of a multipart upload is sent."""
-    point = faults.exit_upload
-    if point is None or point.shard != index or os.path.exists(point.file):
-        yield
-        return
-
-    def exit_after_part(**_) -> None:
-        _exit_once(point.file, f"in a multipart upload of shard {index}, after its first part")
-
-    with storage.s3_hook("after-call.s3.UploadPart", exit_after_part):
-        yield
-
-
-def _maybe_exit_at(video_id: str, task: ShardTask, faults: Faults) -> None:
-    """The video that kills its worker, on every attempt that decodes it (not once given up)."""
-    if faults.exit_video == video_id and video_id not in task.excluded:
-        log.warning("fault injection: the worker exits at video %s", video_id)
-        os._exit(17)
-
-
-def _maybe_hang(video_id: str, faults: Faults) -> None:
-    if faults.hang_video == video_id:
-        log.warning("fault injection: video %s hangs", video_id)
-        time.sleep(3600)

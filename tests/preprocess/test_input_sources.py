@@ -8,8 +8,8 @@ import json
 import pytest
 
 from pipeline.shards import iter_dataset
+from preprocess.faults import FAULT_EXIT_ENV
 from preprocess.job import run_job
-from preprocess.shard_task import FAULT_EXIT_ENV
 from tests.preprocess.fixtures_job import config, corpus, ray_local  # noqa: F401
 
 pytestmark = pytest.mark.ray

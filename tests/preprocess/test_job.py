@@ -15,8 +15,8 @@ import pytest
 from pipeline import storage
 from pipeline.manifest import read_manifest
 from pipeline.shards import iter_dataset
+from preprocess.faults import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_EXIT_VIDEO_ENV, FAULT_HANG_ENV, FAULT_RAISE_ENV
 from preprocess.job import run_job
-from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_ENV, FAULT_EXIT_VIDEO_ENV, FAULT_HANG_ENV, FAULT_RAISE_ENV
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, config, corpus, dataset_bytes, ray_local, script_env  # noqa: F401
 
 pytestmark = pytest.mark.ray

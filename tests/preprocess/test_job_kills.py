@@ -25,7 +25,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.layout import DatasetLayout
-from preprocess.shard_task import FAULT_DELAY_ENV, FAULT_EXIT_UPLOAD_ENV, FAULT_EXIT_WRITE_ENV, FAULT_RAISE_ENV
+from preprocess.faults import FAULT_DELAY_ENV, FAULT_EXIT_UPLOAD_ENV, FAULT_EXIT_WRITE_ENV, FAULT_RAISE_ENV
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, corpus, script_env  # noqa: F401
 
 pytestmark = pytest.mark.ray

@@ -158,8 +158,8 @@ def test_batch_path_matches_one_at_a_time(staged, models, av_corpus):
 
 
 def test_worker_death_and_resume_give_identical_shards(staged, av_corpus, models, tmp_path, monkeypatch):
+    from preprocess.faults import FAULT_EXIT_ENV
     from preprocess.job import run_job
-    from preprocess.shard_task import FAULT_EXIT_ENV
 
     monkeypatch.setenv(FAULT_EXIT_ENV, f"1:{tmp_path / 'exited'}")
     out = tmp_path / "out"
