@@ -108,9 +108,9 @@ class ShardStream(io.BufferedReader):
     shard checked: a consumer sees all of a shard's samples only when the shard matches its entry whole.
     """
 
-    def __init__(self, raw: io.RawIOBase, checked: _CheckedBytes | None = None):
+    def __init__(self, raw: io.RawIOBase):
         super().__init__(raw, buffer_size=storage.READ_CHUNK)
-        self._checked = checked
+        self._checked = raw if isinstance(raw, _CheckedBytes) and raw.index is not None else None
 
     def admit(self, i: int, key: str) -> None:
         checked = self._checked
@@ -133,8 +133,7 @@ def open_shard(uri: str, entry: ShardEntry | None = None) -> ShardStream:
         return ShardStream(raw)
     if index is None:
         return ShardStream(_verified_whole(raw, uri, entry))
-    checked = _CheckedBytes(raw, uri, entry, index)
-    return ShardStream(checked, checked)
+    return ShardStream(_CheckedBytes(raw, uri, entry, index))
 
 
 def _open(uri: str):

@@ -282,17 +282,24 @@ def iter_shard(uri: str, entry: ShardEntry | None = None) -> Iterator[dict]:
         stream.read()  # drain the tar padding so the size and hash are checked
 
 
+def key_and_field(name: str) -> tuple[str, str] | None:
+    """webdataset's split of a member name: the key is the path up to the first dot of the file name, the rest
+    (lower-cased) the field; None for a name without one."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    return (name[:dot], name[dot + 1 :].lower()) if dot > base else None
+
+
 def group_samples(members: Iterable[tuple[str, bytes]], uri: str) -> Iterator[dict]:
     """Consecutive members with the same key form a sample, as webdataset groups them: the key is the
     path up to the first dot of the file name, the rest (lower-cased) the field; names without one
     are skipped. A field repeated within a sample is a ShardError."""
     sample: dict | None = None
     for name, data in members:
-        base = name.rfind("/") + 1
-        dot = name.find(".", base)
-        if dot <= base:
+        split = key_and_field(name)
+        if split is None:
             continue
-        key, field = name[:dot], name[dot + 1 :].lower()
+        key, field = split
         if sample is None or key != sample["__key__"]:
             if sample is not None:
                 yield sample

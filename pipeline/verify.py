@@ -30,7 +30,7 @@ from pipeline.config import HelpFormatter, prog
 from pipeline.logs import setup_logging
 from pipeline.manifest import ManifestError, ShardEntry, read_manifest, shard_uris, write_manifest
 from pipeline.sample_index import RangeHasher, SampleIndex, index_name
-from pipeline.shards import ShardError, iter_shard, open_shard
+from pipeline.shards import ShardError, iter_shard, key_and_field, open_shard
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,17 @@ class Checked:
 
 
 def check_shard(uri: str, entry: ShardEntry, add_index: bool) -> Checked:
-    """Read the shard through every check; with ``add_index``, index it first if its entry has no index."""
+    """Read the shard through every check; with ``add_index``, a shard whose entry has no index is checked whole
+    and indexed instead."""
     try:
-        if add_index and not entry.index_xxh3_64:
-            entry = dataclasses.replace(entry, index_xxh3_64=write_index(uri, entry))
-            indexed = True
-        else:
-            indexed = False
+        if add_index and not entry.index_xxh3_64:  # indexed from bytes checked whole: no second read
+            return Checked(dataclasses.replace(entry, index_xxh3_64=write_index(uri, entry)), indexed=True)
         count = sum(1 for _ in iter_shard(uri, entry))
         if count != entry.samples:
             raise ShardError(f"{uri}: {count} samples, manifest says {entry.samples}")
     except (ShardError, storage.StorageError) as exc:
         return Checked(entry, error=str(exc))
-    return Checked(entry, indexed=indexed)
+    return Checked(entry)
 
 
 def write_index(uri: str, entry: ShardEntry) -> str:
@@ -73,19 +71,16 @@ def write_index(uri: str, entry: ShardEntry) -> str:
 
 
 def index_of(path: str, uri: str) -> SampleIndex:
-    """The sample index of a local tar: samples grouped by key as webdataset groups them (pipeline/shards.py)."""
+    """The sample index of a local tar: samples grouped by key as webdataset groups them (``key_and_field``)."""
     keys: list[str] = []
     offsets: list[int] = []
     end = 0
     with tarfile.open(path) as tar:
         for member in tar:
-            if not member.isfile():
+            split = key_and_field(member.name) if member.isfile() else None
+            if split is None:
                 continue
-            base = member.name.rfind("/") + 1
-            dot = member.name.find(".", base)
-            if dot <= base:
-                continue
-            key = member.name[:dot]
+            key = split[0]
             if not keys or key != keys[-1]:
                 keys.append(key)
                 offsets.append(member.offset)  # where its first header block starts (PAX headers included)
