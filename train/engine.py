@@ -92,10 +92,9 @@ def merge_extra(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if value == "auto":
             continue
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_extra(out[key], value)
-        elif isinstance(value, dict):
-            out[key] = merge_extra({}, value)
+        if isinstance(value, dict):
+            below = out.get(key)
+            out[key] = merge_extra(below if isinstance(below, dict) else {}, value)
         else:
             out[key] = value
     return out
