@@ -52,6 +52,11 @@ def tar_name(stem: str, part: int) -> str:
     return f"{stem}-{part:03d}.tar"
 
 
+def index_name(tar: str) -> str:
+    """The sample index file of a tar (a name, relative URL or URI): ``x.tar`` -> ``x.idx.json``."""
+    return (tar[:-4] if tar.endswith(".tar") else tar) + INDEX_SUFFIX
+
+
 def shard_index(name: str, suffix: str) -> int | None:
     """The shard index of ``shard-<k><suffix>`` (a stats or failures file name); None for another name."""
     match = _STEM_RE.fullmatch(name.removesuffix(suffix)) if name.endswith(suffix) else None

@@ -1,7 +1,7 @@
 """A shard's sample index: per-sample digests that let a reader check each sample before handing it on.
 
 Next to each tar ``shard-000012-000.tar`` the writer puts ``shard-000012-000.idx.json`` (written before the
-tar; name: :func:`index_name`). For sample ``i`` (tar order) it lists the sample's key and the offset
+tar; name: :func:`pipeline.layout.index_name`). For sample ``i`` (tar order) it lists the sample's key and the offset
 ``offsets[i]`` where the first header of its members starts; ``offsets[n]`` is where the tar's
 end-of-archive blocks start. ``xxh3_64[i]`` is the XXH3-64 of the tar bytes ``[offsets[i], offsets[i+1])``:
 the sample's headers, data and padding. The manifest entry of the shard records the XXH3-64 of the index
@@ -22,16 +22,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-from pipeline.layout import INDEX_SUFFIX
-
 FORMAT = "vidproxy.sample-index"
 VERSION = 1
 _XXH_RE = re.compile(r"^[0-9a-f]{16}$")
-
-
-def index_name(tar: str) -> str:
-    """The index file of a tar (a name, relative URL or URI): ``x.tar`` -> ``x.idx.json``."""
-    return (tar[:-4] if tar.endswith(".tar") else tar) + INDEX_SUFFIX
 
 
 class SampleIndexError(ValueError):

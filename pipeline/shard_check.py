@@ -31,8 +31,9 @@ import tempfile
 import xxhash
 
 from pipeline import storage
+from pipeline.layout import index_name
 from pipeline.manifest import ShardEntry
-from pipeline.sample_index import RangeHasher, SampleIndex, SampleIndexError, index_name
+from pipeline.sample_index import RangeHasher, SampleIndex, SampleIndexError
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import xxhash
 
 from pipeline import storage
-from pipeline.layout import DatasetLayout, tar_name
+from pipeline.layout import DatasetLayout, index_name, tar_name
 from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
-from pipeline.sample_index import RangeHasher, SampleIndex, index_name
+from pipeline.sample_index import RangeHasher, SampleIndex
 from pipeline.schema import ClipSample
 from pipeline.shard_check import ShardError, open_shard
 

@@ -27,9 +27,10 @@ import xxhash
 
 from pipeline import storage
 from pipeline.config import HelpFormatter, prog
+from pipeline.layout import index_name
 from pipeline.logs import setup_logging
 from pipeline.manifest import ManifestError, ShardEntry, read_manifest, shard_uris, write_manifest
-from pipeline.sample_index import RangeHasher, SampleIndex, index_name
+from pipeline.sample_index import RangeHasher, SampleIndex
 from pipeline.shards import ShardError, iter_shard, key_and_field, open_shard
 
 

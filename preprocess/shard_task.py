@@ -30,9 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipeline import storage
-from pipeline.layout import DatasetLayout, shard_stem
+from pipeline.layout import DatasetLayout, index_name, shard_stem
 from pipeline.manifest import ShardEntry
-from pipeline.sample_index import index_name
 from pipeline.schema import ClipMeta, ClipSample, SchemaError, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
 from preprocess.asr import AsrConfig

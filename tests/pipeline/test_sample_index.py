@@ -7,7 +7,8 @@ import random
 import pytest
 import xxhash
 
-from pipeline.sample_index import RangeHasher, SampleIndex, SampleIndexError, index_name
+from pipeline.layout import index_name
+from pipeline.sample_index import RangeHasher, SampleIndex, SampleIndexError
 
 
 def test_range_digests_do_not_depend_on_how_the_bytes_arrive():
