@@ -23,7 +23,14 @@ from torch import Tensor
 
 from train.config import TrainConfig, load_config
 from train.model import VideoCLIP, VideoCLIPConfig, build_model
-from train.run_layout import MODEL_STATES, CheckpointFolder, RunLayout, model_states_in
+from train.run_layout import (
+    MODEL_STATES,
+    CheckpointFolder,
+    RunLayout,
+    model_states_in,
+    zero3_model_states,
+    zero3_optim_states,
+)
 from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -111,16 +118,6 @@ def tag_weights(tag_dir: str) -> str:
             f"checkpoint {tag_dir}: saved by {world} ranks (ZeRO-3) but missing {', '.join(missing)}"
         )
     return tag_dir
-
-
-def zero3_model_states(rank: int | str) -> str:
-    """DeepSpeed's per-rank model states file of a ZeRO-3 tag folder (its weights are in the optimizer files)."""
-    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-
-
-def zero3_optim_states(rank: int | str) -> str:
-    """A rank's optimizer states file: its partition of the fp32 weights, Adam moments."""
-    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
 def _saved_world_size(rank_file: str) -> int:

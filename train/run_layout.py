@@ -74,6 +74,16 @@ def model_states_in(tag_dir: str) -> str:
     return os.path.join(tag_dir, MODEL_STATES)
 
 
+def zero3_model_states(rank: int | str) -> str:
+    """DeepSpeed's per-rank model states file of a ZeRO-3 tag folder (its weights are in the optimizer files)."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def zero3_optim_states(rank: int | str) -> str:
+    """A rank's optimizer states file: its partition of the fp32 weights, Adam moments."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """The paths of one run folder (see the module docstring)."""
