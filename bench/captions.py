@@ -30,10 +30,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def preprocess(paths, out: Path, captioner, batch: int, num_cpus: int) -> float:
-    from preprocess.captions import CaptionConfig
     from preprocess.config import InputConfig, PreprocessConfig, RayConfig, ShardingConfig
     from preprocess.decode import DecodeConfig
     from preprocess.job import run_job
+    from preprocess.text.captions import CaptionConfig
 
     cfg = PreprocessConfig(
         inputs=InputConfig(metadata=str(paths.metadata), videos=str(paths.videos), subtitles=str(paths.subtitles)),
@@ -53,7 +53,7 @@ def preprocess(paths, out: Path, captioner, batch: int, num_cpus: int) -> float:
 def model_start_seconds(model: Path) -> float:
     """What a fresh caption actor pays once: a new process importing torch/transformers and loading the model."""
     code = (
-        "from preprocess.captions import CaptionConfig, Captioner; import sys; "
+        "from preprocess.text.captions import CaptionConfig, Captioner; import sys; "
         "Captioner(CaptionConfig(model=sys.argv[1]))"
     )
     started = time.perf_counter()
@@ -88,8 +88,8 @@ def main() -> int:
     import ray
 
     from pipeline.shards import iter_dataset
-    from preprocess.captions import CaptionConfig, Captioner
     from preprocess.synthetic import make_corpus
+    from preprocess.text.captions import CaptionConfig, Captioner
     from tests.preprocess.tiny_models import build_captioner
 
     root = Path(tempfile.mkdtemp(prefix="bench-captions-"))

@@ -5,7 +5,7 @@ HTTP server of the fetch tests (tests/preprocess/http_faults.py) with each conne
 the same shard, alternated round by round (the machine is noisy) and timed by wall clock:
 
 - decode only: preprocess/shard_task.py ``process_shard`` with the sources in a local folder;
-- fetch only: preprocess/fetch.py ``fetch_video`` on every source URL in turn (what the task downloads);
+- fetch only: preprocess/fetching/fetch.py ``fetch_video`` on every source URL in turn (what the task downloads);
 - fetch + decode: ``process_shard`` with ``--fetch`` (the next ``--prefetch`` videos download while one decodes),
   and once more with no prefetch (download, then decode, in turn) for reference.
 
@@ -140,8 +140,8 @@ def shard_run(meta: Path, out: Path, videos: Path | None, prefetch: int | None) 
     from pipeline.layout import DatasetLayout
     from preprocess.config import Layout
     from preprocess.decode import DecodeConfig
-    from preprocess.fetch import FetchConfig
-    from preprocess.host_gate import HostGate
+    from preprocess.fetching.config import FetchConfig
+    from preprocess.fetching.host_gate import HostGate
     from preprocess.plan import plan_shards
     from preprocess.shard_task import ShardSettings, ShardTask, process_shard
 
@@ -168,8 +168,9 @@ def shard_run(meta: Path, out: Path, videos: Path | None, prefetch: int | None) 
 
 
 def fetch_only(urls: list[str], folder: Path) -> float:
-    from preprocess.fetch import FetchConfig, Fetched, fetch_video
-    from preprocess.host_gate import HostGate
+    from preprocess.fetching.config import FetchConfig
+    from preprocess.fetching.fetch import Fetched, fetch_video
+    from preprocess.fetching.host_gate import HostGate
 
     cfg, gate = FetchConfig(host_rate=100.0), HostGate(4, 100.0)
     started = time.perf_counter()

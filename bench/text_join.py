@@ -1,4 +1,4 @@
-"""The text join's cost (preprocess/text_join.py on Ray Data): wall time and per-worker peak RSS at 100k and 1M clips.
+"""The text join's cost (preprocess/text/join.py on Ray Data): wall time and per-worker peak RSS at 100k and 1M clips.
 
 Inputs are bench/scale.py's release-shaped corpus (metadata parts, subtitles.jsonl, captions.jsonl; generated once
 under its cache). The clip rows ``{shard, position, clip_id}`` are written to parquet files first (one per part,

@@ -121,7 +121,7 @@ class DatasetLayout:
         return self.path(FAILURES_FOLDER, f"{shard_stem(index)}.parquet")
 
     def texts(self, index: int) -> str:
-        """Shard ``index``'s subtitles and captions, written by the text join (preprocess/text_join.py)."""
+        """Shard ``index``'s subtitles and captions, written by the text join (preprocess/text/join.py)."""
         return self.path(TEXTS_FOLDER, f"{shard_stem(index)}.jsonl")
 
     @property

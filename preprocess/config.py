@@ -13,10 +13,10 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from preprocess.asr import AsrConfig
-from preprocess.captions import CaptionConfig
 from preprocess.decode import DecodeConfig
-from preprocess.fetch import FetchConfig
+from preprocess.fetching.config import FetchConfig
+from preprocess.text.asr import AsrConfig
+from preprocess.text.captions import CaptionConfig
 
 
 class Layout(str, enum.Enum):

@@ -11,7 +11,7 @@ Text files are read as UTF-8; a line that is not valid UTF-8 is decoded with ``e
 recorded as a ``non_utf8`` row (``dropped=False``). Texts come in three forms (:func:`text_format` tells which):
 jsonl of ``{clip_id, <field>}``, a JSON list of ``{image_id, caption}`` (the original release's caption list;
 ``image_id`` is the clip id) and a local LMDB folder of clip id -> UTF-8 text. The job never reads a whole text
-source into one process (preprocess/texts.py); :func:`read_text_source` does, for small inputs and as the
+source into one process (preprocess/text/texts.py); :func:`read_text_source` does, for small inputs and as the
 reference the distributed join is tested against (tests/preprocess/test_text_join.py).
 """
 

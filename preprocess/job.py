@@ -44,19 +44,19 @@ import ray
 from pipeline import storage
 from pipeline.layout import DatasetLayout, shard_stem
 from pipeline.manifest import Manifest, write_manifest
-from preprocess.asr import Transcriber, check_transcriber
-from preprocess.captions import Captioner, check_captioner
 from preprocess.config import PreprocessConfig, RayConfig
 from preprocess.failures import Failure, merge_tables
 from preprocess.faults import Faults
-from preprocess.fetch import PERMANENT
-from preprocess.host_gate import HostGate
-from preprocess.model_loading import torch_device
+from preprocess.fetching.config import PERMANENT
+from preprocess.fetching.host_gate import HostGate
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
 from preprocess.shard_task import ShardSettings, ShardStats, ShardTask, process_shard
-from preprocess.text_join import LOCAL_JOIN_CLIPS
-from preprocess.text_stages import ModelError, guarded
-from preprocess.texts import TextSources
+from preprocess.text.asr import Transcriber, check_transcriber
+from preprocess.text.captions import Captioner, check_captioner
+from preprocess.text.join import LOCAL_JOIN_CLIPS
+from preprocess.text.model_loading import torch_device
+from preprocess.text.stages import ModelError, guarded
+from preprocess.text.texts import TextSources
 
 log = logging.getLogger(__name__)
 
@@ -585,7 +585,7 @@ def _dispatch(
 
 
 def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:
-    """Each shard's texts into a file of its own (preprocess/text_join.py), read by the shard task: a join on Ray
+    """Each shard's texts into a file of its own (preprocess/text/join.py), read by the shard task: a join on Ray
     Data over the clip ids of the shards to run, which each worker reads from its slices of the metadata."""
     files, layout = list(settings.metadata), settings.layout
 
@@ -678,7 +678,7 @@ def _write_run_log(cfg: PreprocessConfig, result: JobResult) -> None:
 
 
 # ---- text join (Ray Data)
-# The per-shard text files of preprocess/text_join.py, made by one Ray Data pipeline (docs/preprocessing.md,
+# The per-shard text files of preprocess/text/join.py, made by one Ray Data pipeline (docs/preprocessing.md,
 # "How texts reach the shards"). Imports are local to this section.
 
 
@@ -695,9 +695,9 @@ def join_texts(
     ``{shard, position, clip_id}``), ``failures/texts.parquet``, then the marker; skipped when the marker of the
     same sources and cut is there. ``sources``: stage name -> jsonl or JSON-list URI (no LMDB). Returns a
     ``TextJoinResult``. Needs a Ray connection (``ray_session``). A small join (a list of rows, no
-    ``num_partitions``, preprocess/text_join.py ``LOCAL_JOIN_CLIPS``) runs in this process instead of on Ray Data:
+    ``num_partitions``, preprocess/text/join.py ``LOCAL_JOIN_CLIPS``) runs in this process instead of on Ray Data:
     the same files."""
-    from preprocess import text_join
+    from preprocess.text import join as text_join
 
     started = time.monotonic()
     spec = text_join.JoinSpec.of(sources, max_chars)
@@ -729,7 +729,7 @@ def _text_join_dataset(clip_rows, spec, range_bytes: int, partitions: int, out: 
     """The lazy pipeline: parse -> join with the clips -> group by shard (write) -> the failure rows, sorted."""
     import ray.data
 
-    from preprocess import text_join
+    from preprocess.text import join as text_join
 
     context = ray.data.DataContext.get_current()
     saved = context.shuffle_input_batch_bytes

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pipeline import storage
 from preprocess.config import PreprocessConfig
-from preprocess.fetch import is_storage_uri
+from preprocess.fetching.fetch import is_storage_uri
 from preprocess.inputs import json_line, open_lmdb, text_format
 from preprocess.plan import metadata_files, plan_shards, read_slice
 

@@ -11,7 +11,7 @@ final name, and a rerun writes the same bytes again.
 Consecutive clips of the same video are decoded from one open file. A video on S3 is
 streamed to a local scratch file first (bounded disk, constant RAM) and deleted after.
 
-With a caption or ASR stage, samples pass through :class:`preprocess.text_stages.TextStages`
+With a caption or ASR stage, samples pass through :class:`preprocess.text.stages.TextStages`
 (batched model calls, input order kept) on their way to the writer; the models themselves are
 callables handed in by the caller (Ray actors in :mod:`preprocess.job`). Clips without a given
 subtitle ask the decoder for their audio, read in the same pass as their frames.
@@ -34,18 +34,18 @@ from pipeline.layout import DatasetLayout, index_name, shard_stem
 from pipeline.manifest import ShardEntry
 from pipeline.schema import ClipMeta, ClipSample, SchemaError, TextSource
 from pipeline.shards import ShardLimits, ShardWriter
-from preprocess.asr import AsrConfig
-from preprocess.captions import CaptionConfig
 from preprocess.config import Layout
 from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from preprocess.failures import Failure, failures_table, write_table
 from preprocess.faults import Faults
-from preprocess.fetch import FetchConfig
+from preprocess.fetching.config import FetchConfig
+from preprocess.fetching.sources import LocalVideo, ShardSources, SourceSettings, local_video, prefetched
 from preprocess.inputs import ClipItem, TextEntry, clip_file
 from preprocess.plan import ShardSlice, SliceContents, read_slice
-from preprocess.sources import LocalVideo, ShardSources, SourceSettings, local_video, prefetched
-from preprocess.text_stages import ModelFn, StageModel, TextStages
-from preprocess.texts import TextSources, with_texts
+from preprocess.text.asr import AsrConfig
+from preprocess.text.captions import CaptionConfig
+from preprocess.text.stages import ModelFn, StageModel, TextStages
+from preprocess.text.texts import TextSources, with_texts
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ def process_shard(
 
     ``caption`` (middle-frame JPEGs -> captions) and ``transcribe`` (16 kHz audio -> subtitles)
     are the models of the stages configured in ``settings``; they raise
-    :class:`preprocess.text_stages.ModelError` when the model fails on its inputs. ``gate`` spaces the
-    downloads of each host job-wide (preprocess/host_gate.py; needed with ``settings.fetch``).
+    :class:`preprocess.text.stages.ModelError` when the model fails on its inputs. ``gate`` spaces the
+    downloads of each host job-wide (preprocess/fetching/host_gate.py; needed with ``settings.fetch``).
     """
     models = _stage_models(settings, caption, transcribe)
     settings.faults.at_start(task.index)
@@ -254,7 +254,8 @@ def video_runs(clips: Sequence[ClipItem]) -> Iterator[list[ClipItem]]:
 
 
 def _with_videos(runs, task: ShardTask, settings: ShardSettings, scratch: str, on_video, gate):
-    """Each run with its source video (source layout: got ahead of the decoder, preprocess/sources.py), or None."""
+    """Each run with its source video (source layout: got ahead of the decoder, preprocess/fetching/sources.py), or
+    None."""
     if settings.layout is Layout.CLIPS:
         for run in runs:
             on_video(run[0].video_id)

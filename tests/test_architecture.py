@@ -4,7 +4,9 @@
 - train/ and preprocess/ never import each other (launch/ is the layer above both);
 - one module imports ray (preprocess/job.py), one imports deepspeed (train/engine.py);
 - train/model.py imports nothing else from train/;
-- only pipeline/storage.py compares URI schemes.
+- only pipeline/storage.py compares URI schemes;
+- no two modules import each other, directly or round a longer circle (function-level imports too);
+- preprocess/'s stages have folders: the fetcher, the text side and the scores are not back in the flat top level.
 """
 
 from __future__ import annotations
@@ -103,6 +105,54 @@ def test_only_storage_knows_uri_schemes(sources):
     assert not {path: lines for path, lines in found.items() if lines}
 
 
+def project_imports(sources: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Module path -> the project modules it imports (``from pkg import mod`` counts as importing ``pkg/mod.py``)."""
+    by_name = {path[:-3].replace("/", ".").removesuffix(".__init__"): path for path in sources}
+    graph = {}
+    for path, tree in sources.items():
+        names = set(imported(tree))
+        for node in ast.walk(tree):  # relative imports do not occur; ``from preprocess.fetching import http``
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[path] = {by_name[name] for name in names if name in by_name and by_name[name] != path}
+        graph[path] = {dep for dep in graph[path] if not dep.endswith("__init__.py")}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One circle of imports (its modules in order), or [] when there is none."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep) :] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_no_import_circles(sources):
+    assert import_cycle(project_imports(sources)) == []
+
+
+@pytest.mark.parametrize(
+    "module", ["fetch", "fetch_ytdlp", "host_gate", "sources", "texts", "text_join", "text_stages", "captions", "asr"]
+)
+def test_preprocess_stages_live_in_their_folders(module):
+    assert not (REPO / "preprocess" / f"{module}.py").exists()
+
+
 def test_the_checks_see_violations():
     """The detectors themselves: each finds what it is meant to find (so the tests above can fail)."""
     tree = ast.parse(
@@ -117,3 +167,8 @@ def test_the_checks_see_violations():
     assert top_level(imported(tree)) == {"ray", "train", "torch"}
     assert "train.model.VideoCLIP" in imported(tree)
     assert sorted(scheme_checks(tree)) == [5, 5, 6, 7]
+    circle = {"a.py": {"b.py"}, "b.py": {"c.py"}, "c.py": {"a.py"}, "d.py": {"a.py"}}
+    assert import_cycle(circle) == ["a.py", "b.py", "c.py", "a.py"]
+    assert import_cycle({"a.py": {"b.py"}, "b.py": set()}) == []
+    lazy = {"x/f.py": ast.parse("def g():\n    from x import h\n"), "x/h.py": ast.parse("from x.f import g\n")}
+    assert import_cycle(project_imports(lazy)) == ["x/f.py", "x/h.py", "x/f.py"]

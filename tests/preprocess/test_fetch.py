@@ -1,4 +1,4 @@
-"""preprocess/fetch.py against a real HTTP server on loopback with injected faults, the real S3 server, and yt-dlp.
+"""preprocess/fetching/ against a real HTTP server on loopback with injected faults, the real S3 server, and yt-dlp.
 
 Every fault gets its own error code, good files arrive byte-identical, nothing is left in the destination folder
 after a failure, Retry-After and the host gate's limits are measured from the server's request log, and neither
@@ -20,18 +20,10 @@ import pytest
 
 from pipeline import storage
 from preprocess.failures import Failure
-from preprocess.fetch import (
-    CODES,
-    TRANSIENT,
-    FetchConfig,
-    Fetched,
-    fetch_video,
-    host_key,
-    redact_url,
-    route,
-    site_extractor,
-)
-from preprocess.host_gate import HostGate
+from preprocess.fetching.attempts import redact_url
+from preprocess.fetching.config import CODES, TRANSIENT, FetchConfig
+from preprocess.fetching.fetch import Fetched, fetch_video, host_key, route, site_extractor
+from preprocess.fetching.host_gate import HostGate
 from tests.preprocess.http_faults import Fault, FaultServer, fault_server  # noqa: F401 - the fixture
 
 YOUTUBE = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"

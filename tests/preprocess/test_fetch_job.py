@@ -18,7 +18,7 @@ import pytest
 from pipeline import storage
 from pipeline.layout import DatasetLayout
 from pipeline.shards import iter_dataset
-from preprocess.fetch import TRANSIENT
+from preprocess.fetching.config import TRANSIENT
 from preprocess.job import run_job
 from tests.preprocess.fixtures_job import (  # noqa: F401
     PYTHON,

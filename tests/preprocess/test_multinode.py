@@ -65,7 +65,7 @@ def ray_tmpdir():
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """4 of make_corpus's videos, the first one made slow (``SLOW``); subtitles and captions inline in the metadata.
 
-    Inline texts need no text-join pass before the shard tasks (preprocess/texts.py), which keeps the test short.
+    Inline texts need no text-join pass before the shard tasks (preprocess/text/texts.py), which keeps the test short.
     """
     paths = make_corpus(tmp_path_factory.mktemp("corpus"), videos=4)
     del paths["subtitles"], paths["captions"]

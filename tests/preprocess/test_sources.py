@@ -1,4 +1,4 @@
-"""preprocess/sources.py: videos got ahead of the decoder, at most depth + 1 on disk, none left behind."""
+"""preprocess/fetching/sources.py: videos got ahead of the decoder, at most depth + 1 on disk, none left behind."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from preprocess.failures import Failure
-from preprocess.sources import LocalVideo, prefetched
+from preprocess.fetching.sources import LocalVideo, prefetched
 
 
 class Downloads:

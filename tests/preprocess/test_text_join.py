@@ -1,4 +1,4 @@
-"""The text join (preprocess/text_join.py, wired in preprocess/job.py ``join_texts``) on a real local Ray cluster.
+"""The text join (preprocess/text/join.py, wired in preprocess/job.py ``join_texts``) on a real local Ray cluster.
 
 The reference is the plain in-memory join of preprocess/inputs.py (``read_text_source`` into dicts, looked up by
 clip id): the per-shard files must hold exactly its texts, and the failures table its problems (less the second
@@ -15,10 +15,10 @@ import pytest
 
 from pipeline import storage
 from pipeline.layout import DatasetLayout
-from preprocess import text_join
 from preprocess.failures import read_table
 from preprocess.inputs import read_text_source
 from preprocess.job import join_texts
+from preprocess.text import join as text_join
 from tests.preprocess.fixtures_job import ray_local  # noqa: F401
 
 MAX_CHARS = 24

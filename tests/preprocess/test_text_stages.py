@@ -132,8 +132,8 @@ def test_every_clip_gets_generated_texts(staged, models):
 
 def test_batch_path_matches_one_at_a_time(staged, models, av_corpus):
     """Batched captions/transcripts equal one-at-a-time ones, and equal what the Ray pipeline stored."""
-    from preprocess.asr import AsrConfig, Transcriber
-    from preprocess.captions import CaptionConfig, Captioner
+    from preprocess.text.asr import AsrConfig, Transcriber
+    from preprocess.text.captions import CaptionConfig, Captioner
 
     samples = list(iter_dataset(str(staged)))
     captioner = Captioner(CaptionConfig(model=str(models["caption"]), max_new_tokens=8))
@@ -181,9 +181,9 @@ def test_worker_death_and_resume_give_identical_shards(staged, av_corpus, models
 def test_model_failure_is_retried_per_sample_then_recorded(models, av_corpus):
     """A corrupt frame makes the captioner fail: the batch is retried one by one; only that clip loses its caption."""
     from pipeline.schema import ClipMeta, ClipSample
-    from preprocess.captions import CaptionConfig, Captioner
     from preprocess.inputs import ClipItem
-    from preprocess.text_stages import StageModel, TextStages, guarded
+    from preprocess.text.captions import CaptionConfig, Captioner
+    from preprocess.text.stages import StageModel, TextStages, guarded
 
     captioner = Captioner(CaptionConfig(model=str(models["caption"]), max_new_tokens=6))
     path = av_corpus["videos"] / "av0.mp4"
@@ -287,7 +287,7 @@ def test_lmdb_texts_are_looked_up_by_the_shard_task(av_corpus, tmp_path):
     from pipeline.layout import DatasetLayout
     from preprocess.config import Layout
     from preprocess.plan import metadata_files, plan_shards, read_slice
-    from preprocess.texts import TextSources, with_texts
+    from preprocess.text.texts import TextSources, with_texts
 
     db = tmp_path / "subs.lmdb"
     with lmdb.open(str(db), map_size=1 << 20) as env, env.begin(write=True) as txn:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from preprocess.model_loading import LOAD_ERRORS, check_model_kind, load_model, load_processor
+from preprocess.text.model_loading import LOAD_ERRORS, check_model_kind, load_model, load_processor
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from preprocess.decode import AUDIO_RATE
-from preprocess.model_loading import check_model_kind, load_model, load_processor
+from preprocess.text.model_loading import check_model_kind, load_model, load_processor
 
 
 @dataclass(frozen=True, kw_only=True)

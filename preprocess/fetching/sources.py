@@ -2,7 +2,7 @@
 
 A video of the ``source`` layout is found, in this order: under ``--videos`` (when given), in the
 ``--keep-sources`` archive (when given), or, with ``--fetch``, downloaded from its metadata line's ``url``
-(preprocess/fetch.py). Each is looked up for this shard alone (one LIST per folder and shard).
+(preprocess/fetching/fetch.py). Each is looked up for this shard alone (one LIST per folder and shard).
 
 :func:`prefetched` gets the videos of the shard's runs in order on a few threads while the caller decodes: at
 most ``depth`` videos are on their way while one is being decoded, so a task's scratch holds at most
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from pipeline import storage
 from preprocess.failures import Failure
-from preprocess.fetch import FetchConfig, fetch_video
+from preprocess.fetching.config import FetchConfig
+from preprocess.fetching.fetch import fetch_video
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
-"""One download attempt through yt-dlp used as a library (YouTube and the other sites it knows; its generic
-extractor for direct files and pages), and the mapping of its errors to fetch codes (:data:`preprocess.fetch.CODES`).
+"""One download attempt through yt-dlp used as a library (YouTube and the other sites it knows; its generic extractor
+for direct files and pages), and the mapping of its errors to fetch codes
+(:data:`preprocess.fetching.config.CODES`).
 
 The info is extracted first (``extract_info(download=False)``), so a video longer than ``max_video_seconds`` or
 announced larger than ``max_video_bytes`` is refused before any byte of it is downloaded; the same info is then
-downloaded (``process_ie_result``). yt-dlp's own retries are off so that :class:`preprocess.fetch.Download`'s
-backoff and the host gate apply; its ``.part`` file stays in the scratch folder between attempts, so a cut
-download resumes. A progress hook enforces the whole-download timeout and counts bytes. yt-dlp's messages go to
-this module's logger at DEBUG level with the proxy and cookie paths scrubbed; nothing is printed.
+downloaded (``process_ie_result``). yt-dlp's own retries are off so that
+:class:`preprocess.fetching.attempts.Download`'s backoff and the host gate apply; its ``.part`` file stays in the
+scratch folder between attempts, so a cut download resumes. A progress hook enforces the whole-download timeout and
+counts bytes. yt-dlp's messages go to this module's logger at DEBUG level with the proxy and cookie paths scrubbed;
+nothing is printed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import re
 import shutil
 
-from preprocess.fetch import Download, FetchFailed, Secrets, classify, retry_after
+from preprocess.fetching.attempts import Download, FetchFailed, Secrets, classify, retry_after
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Three sources, chosen per text (docs/preprocessing.md, "Texts"):
 
 * ``joined``: a jsonl file or JSON list of ``{clip_id, text}``. Before the shard tasks, a join on Ray Data
-  (preprocess/text_join.py, run by preprocess/job.py) writes each shard's texts to a small file of its own; the
+  (preprocess/text/join.py, run by preprocess/job.py) writes each shard's texts to a small file of its own; the
   task reads that file.
 * ``lmdb``: a local LMDB of clip id -> text, present at the same path on every node; the task looks its clips up.
 * ``inline``: no source given; a ``"subtitle"`` or ``"caption"`` string in the clip entry of the metadata is used.
@@ -90,7 +90,7 @@ def with_texts(
 def _joined(texts: TextSources, out: DatasetLayout, index: int) -> dict[int, dict[str, TextEntry]]:
     if not texts.joined():
         return {}
-    from preprocess.text_join import shard_texts
+    from preprocess.text.join import shard_texts
 
     return {
         position: {field: entry for (_, field), entry in zip(STAGES, pair) if entry is not None}

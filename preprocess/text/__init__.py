@@ -1,0 +1,1 @@
+"""The texts of each clip: given files joined to shards, and the caption and ASR model stages."""
