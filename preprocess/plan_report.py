@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pipeline import storage
 from preprocess.config import PreprocessConfig
+from preprocess.fetching import js_runtime
 from preprocess.fetching.fetch import is_storage_uri
 from preprocess.inputs import json_line, open_lmdb, text_format
 from preprocess.plan import metadata_files, plan_shards, read_slice
@@ -80,7 +81,8 @@ class PlanReport:
         return [
             f"fetch: {sum(n for k, n in self.fetches.items() if k != 'no url')} source videos to download ({routes}); "
             f"at least {tb:.3f} TB at {cost.source_bits_per_second / 1e6:g} Mbit/s (the clips' seconds; a source "
-            "is longer than its clips)"
+            "is longer than its clips)",
+            *js_runtime.report_lines(self.fetches["youtube"]),  # versions; a warning: line if YouTube lacks them
         ]
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 
+from preprocess.fetching import js_runtime
 from preprocess.fetching.attempts import Download, FetchFailed, Secrets, classify, retry_after
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,10 @@ def attempt(job: Download) -> tuple[str, float | None]:
     from yt_dlp.cookies import CookieLoadError
     from yt_dlp.utils import DownloadError
 
-    logger = _Logger(job.secrets)
-    params = _params(job, logger)
+    logger = YtdlpLogger(job.secrets)
+    options = params(job, logger)
     try:
-        with yt_dlp.YoutubeDL(params) as ydl:
+        with yt_dlp.YoutubeDL(options) as ydl:
             info = ydl.extract_info(job.url, download=False)
             duration = _check_info(info, job)
             info = ydl.process_ie_result(info, download=True)
@@ -95,9 +96,11 @@ def attempt(job: Download) -> tuple[str, float | None]:
     return path, duration
 
 
-def _params(job: Download, logger: _Logger) -> dict:
+def params(job: Download, logger: YtdlpLogger) -> dict:
+    """The YoutubeDL parameters of one attempt: the format, the scratch folder, no retries of its own (ours apply),
+    the caps, the deno runtime by path (preprocess/fetching/js_runtime.py), the proxy and a private cookies copy."""
     cfg = job.cfg
-    params = {
+    out = {
         "format": cfg.selector,
         "outtmpl": {"default": f"{STEM}.%(ext)s"},
         "paths": {"home": job.scratch, "temp": job.scratch},
@@ -117,12 +120,13 @@ def _params(job: Download, logger: _Logger) -> dict:
         "cachedir": False,
         "updatetime": False,
         "color": {"stdout": "no_color", "stderr": "no_color"},
+        **js_runtime.ytdlp_params(),
     }
     if cfg.proxy:
-        params["proxy"] = cfg.proxy
+        out["proxy"] = cfg.proxy
     if cfg.cookies:
-        params["cookiefile"] = _private_cookies(cfg.cookies, job.scratch)
-    return params
+        out["cookiefile"] = _private_cookies(cfg.cookies, job.scratch)
+    return out
 
 
 def _private_cookies(path: str, scratch: str) -> str:
@@ -172,7 +176,7 @@ class _ProgressHook:
         self.job.check_size(total)
 
 
-class _Logger:
+class YtdlpLogger:
     """yt-dlp's ``logger`` parameter: its messages go to DEBUG, scrubbed; the last ones are kept for the codes."""
 
     def __init__(self, secrets: Secrets):
