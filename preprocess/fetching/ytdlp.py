@@ -36,12 +36,20 @@ _PATTERNS = (
         r"not (made this video )?available in your country|geo.?restrict|from your location|"
         r"blocked it in your country",
     ),
-    ("rate_limited", r"not a bot|too many requests|http error 429"),
-    ("login_required", r"confirm your age|age.?restricted|inappropriate for some users|sign in to view"),
+    # YouTube's bot check and session limits say nothing about the video: it may be fetched later (docs/fetching.md)
+    (
+        "rate_limited",
+        r"not a bot|too many requests|http error 429|rate-limited|try again later|ip is likely being blocked",
+    ),
+    (
+        "login_required",
+        r"confirm your age|age.?restricted|inappropriate for some users|sign in|"
+        r"only available for registered users|login details are needed",
+    ),
     (
         "unavailable",
         r"video unavailable|has been removed|account associated with this video|terminated|"
-        r"no longer available|video is unavailable|does not exist|this live event will begin|premieres in",
+        r"no longer available|video is (un|not )available|does not exist|this live event will begin|premieres in",
     ),
     ("http_403", r"http error 403"),
     ("http_404", r"http error 404"),
@@ -59,6 +67,11 @@ _PATTERNS = (
     ),
     ("not_a_video", r"unsupported url|no video formats found|no video could be found"),
 )
+"""(code, pattern) tried in order on yt-dlp's lowered message (curly apostrophes made straight) when its cause
+chain names no HTTP or network error; the first match wins, so the bot check (``Sign in to confirm you're not a
+bot``) is ``rate_limited`` before any ``sign in`` is ``login_required``, and a private video's ``Sign in if you've
+been granted access`` is ``private``. The strings are yt-dlp's and YouTube's as yt-dlp raises them
+(tests/preprocess/test_fetch_youtube.py quotes each with its source)."""
 
 
 def attempt(job: Download) -> tuple[str, float | None]:
@@ -209,7 +222,7 @@ def describe_error(exc: BaseException) -> tuple[str, str, float | None]:
         if isinstance(cause, TransportError) or isinstance(cause, (TimeoutError, ConnectionError)):
             timed_out = isinstance(cause, TimeoutError) or "timed out" in str(cause).lower()
             return ("timeout" if timed_out else "network"), message, None
-    lowered = str(exc).lower()
+    lowered = str(exc).lower().replace("\u2019", "'")
     for code, pattern in _PATTERNS:
         if re.search(pattern, lowered):
             return code, message, None

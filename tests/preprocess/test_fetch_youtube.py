@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -17,10 +18,10 @@ import pytest
 
 from preprocess.fetching import js_runtime, ytdlp
 from preprocess.fetching.attempts import Download, Secrets
-from preprocess.fetching.config import FetchConfig
+from preprocess.fetching.config import PERMANENT, TRANSIENT, FetchConfig
 from preprocess.fetching.fetch import Fetched, fetch_video
 from preprocess.fetching.host_gate import HostGate
-from tests.preprocess.http_faults import fault_server  # noqa: F401 - the fixture
+from tests.preprocess.http_faults import Fault, fault_server  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 YOUTUBE = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
@@ -173,3 +174,181 @@ def test_plan_only_fetch_prints_the_tools_and_warns_when_youtube_lacks_them(tmp_
 
     others = _plan(_metadata(tmp_path / "web.jsonl", ["http://example.org/v.mp4"]), tools=False)
     assert others.returncode == 0 and "JS runtime: none" in others.stdout and "warning:" not in others.stdout
+
+
+# ----------------------------------------------------------------------------- yt-dlp's errors -> fetch codes
+# Each case raises an error the way yt-dlp does: an extractor below calls yt-dlp's own raise helpers
+# (extractor/common.py raise_no_formats / raise_login_required / raise_geo_restricted) or makes a real request that
+# fails (yt-dlp's networking wraps it in ExtractorError with the TransportError/HTTPError as cause), and YoutubeDL
+# (built from our fetcher's parameters) wraps that in the DownloadError the fetcher sees (YoutubeDL.py,
+# _handle_extraction_exceptions and trouble). describe_error then gives the code.
+
+
+def _youtube_reason(ie, reason: str) -> str:
+    """What extractor/youtube/_video.py (_real_extract, ``if reason:``) adds to YouTube's playability reason
+    before ``raise_no_formats(reason, expected=True)``; the sentences are quoted from that code."""
+    from yt_dlp.utils import remove_end
+
+    if "sign in" in reason.lower():
+        reason = remove_end(reason, "This helps protect our community. Learn more")
+        return f"{remove_end(reason.strip(), '.')}. {ie._youtube_login_hint}"
+    if "This content isn't available, try again later" in reason:
+        return (
+            f"{remove_end(reason.strip(), '.')}. The current session has been rate-limited by YouTube for up to an "
+            "hour. It is recommended to use `-t sleep` to add a delay between video requests to avoid exceeding the "
+            "rate limit. For more information, refer to  "
+            "https://github.com/yt-dlp/yt-dlp/wiki/Extractors#this-content-isnt-available-try-again-later"
+        )
+    return reason
+
+
+def _says(reason: str):
+    return lambda ie: ie.raise_no_formats(_youtube_reason(ie, reason), expected=True)
+
+
+YOUTUBE_SAYS = {
+    # private: YouTube's reason as yt-dlp prints it (yt-dlp issues #4455, #2027); members-only: YouTube's text
+    "private": (_says("Private video. Sign in if you've been granted access to this video"), "private"),
+    "members_only": (
+        _says("Join this channel to get access to members-only content like this video, and other exclusive perks."),
+        "private",
+    ),
+    # removed / unavailable: extractor/youtube/_video.py test entries ('skip': ...) quote YouTube's reasons
+    "unavailable": (_says("Video unavailable"), "unavailable"),
+    "does_not_exist": (_says("This video does not exist."), "unavailable"),
+    "not_available": (_says("This video is not available."), "unavailable"),
+    "removed_policy": (
+        _says("This video has been removed for violating YouTube's policy on hate speech."),
+        "unavailable",
+    ),
+    "terminated": (
+        _says(
+            "This video is no longer available because the YouTube account associated with this video has been "
+            "terminated."
+        ),
+        "unavailable",
+    ),
+    # geo: _video.py raises raise_geo_restricted(subreason, countries) for this subreason (its startswith check);
+    # extractor/common.py raise_geo_restricted's default message
+    "geo_subreason": (
+        lambda ie: ie.raise_geo_restricted(
+            "The uploader has not made this video available in your country", ["DE"], metadata_available=True
+        ),
+        "geo_blocked",
+    ),
+    "geo_default": (lambda ie: ie.raise_geo_restricted(), "geo_blocked"),
+    # age: _video.py _is_agegated's reasons ('confirm your age', 'inappropriate'); YouTube's full reason
+    "age": (_says("Sign in to confirm your age. This video may be inappropriate for some users."), "login_required"),
+    # sign-in required: extractor/common.py raise_login_required's default; youtube/_base.py _check_login_required
+    "registered_only": (lambda ie: ie.raise_login_required(), "login_required"),
+    "login_details": (
+        lambda ie: ie.raise_login_required(
+            f"Login details are needed to download this content. {ie._youtube_login_hint}", method=None
+        ),
+        "login_required",
+    ),
+    # rate limits: the bot check (the suffix _video.py strips is quoted there), the "try again later" session
+    # limit, and _video.py's "All player responses are invalid" (_extract_player_responses)
+    "bot_check": (
+        _says("Sign in to confirm you\u2019re not a bot. This helps protect our community. Learn more"),
+        "rate_limited",
+    ),
+    "try_later": (_says("This content isn't available, try again later."), "rate_limited"),
+    "ip_blocked": (
+        lambda ie: _raise_extractor_error(
+            "All player responses are invalid. Your IP is likely being blocked by Youtube", expected=True
+        ),
+        "rate_limited",
+    ),
+    # an extractor error we do not know (_video.py _extract_player_responses; not expected: a bug report hint)
+    "unknown": (lambda ie: _raise_extractor_error("Failed to extract any player response"), "fetch_error"),
+}
+"""Case -> (what the extractor does, the expected code)."""
+
+
+def _raise_extractor_error(message: str, expected: bool = False):
+    from yt_dlp.utils import ExtractorError
+
+    raise ExtractorError(message, expected=expected)
+
+
+def _youtube_like_extractor():
+    """An extractor named ``youtube`` (its messages read ``[youtube] <id>: ...``) with YouTube's login hint (it
+    is one of YouTube's extractor classes) whose extraction does what ``actions[id]`` says."""
+    from yt_dlp.extractor.youtube._base import YoutubeBaseInfoExtractor
+
+    class YoutubeSaysIE(YoutubeBaseInfoExtractor):
+        IE_NAME = "youtube"
+        _VALID_URL = r"https?://says\.invalid/(?P<id>[\w.:/-]+)"
+        actions: dict = {}
+
+        def _real_extract(self, url):
+            video_id = self._match_id(url)
+            self.actions[video_id](self)
+
+    return YoutubeSaysIE
+
+
+def _yt_dlp_error(tmp_path: Path, case: str, action, **cfg) -> BaseException:
+    """The DownloadError YoutubeDL (with our fetcher's parameters) raises when the extractor does ``action``."""
+    import yt_dlp
+    from yt_dlp.utils import DownloadError
+
+    cls = _youtube_like_extractor()
+    cls.actions = {case: action}
+    with yt_dlp.YoutubeDL(_fetcher_params(tmp_path, **cfg)) as ydl:
+        ydl.add_info_extractor(cls())
+        with pytest.raises(DownloadError) as raised:
+            ydl.extract_info(f"https://says.invalid/{case}", download=False, ie_key="YoutubeSays")
+    return raised.value
+
+
+@pytest.mark.parametrize("case", sorted(YOUTUBE_SAYS))
+def test_youtube_refusals_map_to_their_codes(case, tmp_path):
+    action, expected = YOUTUBE_SAYS[case]
+    error = _yt_dlp_error(tmp_path, case, action)
+    code, message, retry_after = ytdlp.describe_error(error)
+    assert (code, retry_after) == (expected, None), (case, str(error))
+    assert message.startswith(f"[youtube] {case}: ") and "\n" not in message, message
+    assert (code in TRANSIENT) == (case in ("bot_check", "try_later", "ip_blocked")), "only the rate limits retry"
+
+
+def _fetch_page(url: str):
+    return lambda ie: ie._download_webpage(url, "net")
+
+
+def test_network_and_http_errors_map_to_their_codes(fault_server, tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}/watch"
+    fault_server.add("slow", b"<html>" + bytes(10_000))
+    fault_server.fault("slow", Fault(stall_after=100))
+    cases = {
+        "dns": (_fetch_page("http://no-such-host.invalid/watch"), "network", None, {}),
+        "refused": (_fetch_page(refused), "network", None, {}),
+        "proxy": (_fetch_page("http://example.invalid/watch"), "network", None, {"proxy": refused}),
+        "stalled": (_fetch_page(fault_server.url("slow")), "timeout", None, {"read_timeout_s": 0.5}),
+        "http_429": (
+            _fetch_page(fault_server.fault("busy", Fault(status=429, headers={"Retry-After": "7"}))),
+            "rate_limited",
+            7.0,
+            {},
+        ),
+        "http_503": (_fetch_page(fault_server.fault("down", Fault(status=503))), "http_5xx", None, {}),
+        "http_404": (_fetch_page(fault_server.url("missing")), "http_404", None, {}),
+        "http_403": (_fetch_page(fault_server.fault("no", Fault(status=403))), "http_403", None, {}),
+    }
+    got = {}
+    for case, (action, _, _, cfg) in cases.items():
+        code, message, retry_after = ytdlp.describe_error(_yt_dlp_error(tmp_path / case, case, action, **cfg))
+        got[case] = (code, retry_after)
+        assert message.startswith("[youtube] ") and " net: " in message and "\n" not in message, message
+    assert got == {case: (code, wait) for case, (_, code, wait, _) in cases.items()}
+
+
+def test_transient_codes_are_exactly_the_ones_worth_a_retry():
+    # network (DNS, refused, reset, proxy) is retried; fetch_error (an extractor error we do not know) is not:
+    # a swap of the two fails here and in the two tests above
+    assert TRANSIENT == {"rate_limited", "timeout", "truncated", "network", "http_5xx"}
+    assert {"network", "rate_limited"} <= TRANSIENT and not {"fetch_error", "private", "unavailable"} & TRANSIENT
+    assert {"private", "unavailable", "geo_blocked", "login_required", "fetch_error"} <= PERMANENT
