@@ -3,7 +3,8 @@
 ``manifest.json`` sits next to the shards. It records the schema version, the config that
 produced the data set, and per shard its relative URL, sample count, byte size, SHA-256,
 XXH3-64 (the fast hash that streaming readers verify), the XXH3-64 of its sample index
-(pipeline/sample_index.py) and total clip seconds, plus totals and a ``sizes`` map (shard file
+(pipeline/sample_index.py), total clip seconds and the samples with a non-empty subtitle and caption (the
+text coverage training checks; absent in older manifests: unknown), plus totals and a ``sizes`` map (shard file
 name -> samples) in the layout of open_clip's ``sizes.json`` (also written as its own file, before
 the manifest). Nothing else in a data set folder is
 authoritative: a shard that is not in the manifest does not exist for readers.
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 from pipeline import storage
 from pipeline.layout import DatasetLayout
 from pipeline.schema import SCHEMA_VERSION
+
+TEXT_FIELDS = ("subtitle", "caption")
+"""The texts whose coverage the manifest records."""
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _XXH_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -46,6 +50,9 @@ class ShardEntry:
     index_xxh3_64: str = ""
     """XXH3-64 of the shard's sample index (pipeline/sample_index.py: per-sample digests, so readers check each
     sample before handing it on); empty in older manifests, whose readers then check the whole shard first."""
+    texts: dict[str, int] = field(default_factory=dict)
+    """Samples whose text is not empty or blank, per text (``subtitle``, ``caption``); empty in older manifests, whose
+    text coverage is then unknown."""
 
     def validate(self) -> None:
         if not self.url or self.url.startswith("/") or storage.has_scheme(self.url) or ".." in self.url.split("/"):
@@ -58,6 +65,9 @@ class ShardEntry:
             raise ValueError(f"shard {self.url!r}: xxh3_64 {self.xxh3_64!r} is not 16 hex digits")
         if self.index_xxh3_64 and not _XXH_RE.match(self.index_xxh3_64):
             raise ValueError(f"shard {self.url!r}: index_xxh3_64 {self.index_xxh3_64!r} is not 16 hex digits")
+        bad = {k: n for k, n in self.texts.items() if k not in TEXT_FIELDS or not 0 <= n <= self.samples}
+        if bad:
+            raise ValueError(f"shard {self.url!r}: texts {bad} are not counts of {TEXT_FIELDS} within its samples")
 
     @property
     def name(self) -> str:
@@ -85,6 +95,20 @@ class Manifest:
         return round(sum(s.seconds for s in self.shards), 3)
 
     @property
+    def texts(self) -> dict[str, int] | None:
+        """Samples with a non-empty text, per text; None when a shard with samples does not say (older)."""
+        if any(s.samples and not s.texts for s in self.shards):
+            return None
+        return {name: sum(s.texts.get(name, 0) for s in self.shards) for name in TEXT_FIELDS}
+
+    def text_coverage(self) -> dict[str, float] | None:
+        """Share of the samples with a non-empty text, per text; None when unknown (an older manifest)."""
+        texts = self.texts
+        if texts is None or not self.num_samples:
+            return None
+        return {name: n / self.num_samples for name, n in texts.items()}
+
+    @property
     def sizes(self) -> dict[str, int]:
         """open_clip-compatible ``sizes.json`` content."""
         return {s.name: s.samples for s in self.shards}
@@ -100,21 +124,27 @@ class Manifest:
             names.add(entry.name)
 
     def to_dict(self) -> dict:
+        totals = {"shards": len(self.shards), "samples": self.num_samples, "bytes": self.num_bytes}
+        totals["seconds"] = self.seconds
+        if self.texts is not None:
+            totals["texts"] = self.texts
         return {
             "schema_version": self.schema_version,
             "config": self.config,
-            "totals": {
-                "shards": len(self.shards),
-                "samples": self.num_samples,
-                "bytes": self.num_bytes,
-                "seconds": self.seconds,
-            },
+            "totals": totals,
             "sizes": self.sizes,
-            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "shards": [_entry_dict(s) for s in self.shards],
         }
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _entry_dict(entry: ShardEntry) -> dict:
+    data = dataclasses.asdict(entry)
+    if not entry.texts:  # unknown: an older entry is written as it was read
+        data.pop("texts")
+    return data
 
 
 def shard_uris(manifest: Manifest, location: str) -> list[str]:

@@ -36,7 +36,7 @@ import xxhash
 
 from pipeline import storage
 from pipeline.layout import DatasetLayout, index_name, tar_name
-from pipeline.manifest import Manifest, ShardEntry, read_manifest, shard_uris
+from pipeline.manifest import TEXT_FIELDS, Manifest, ShardEntry, read_manifest, shard_uris
 from pipeline.sample_index import RangeHasher, SampleIndex
 from pipeline.schema import ClipSample
 from pipeline.shard_check import ShardError, open_shard
@@ -85,6 +85,7 @@ class ShardBuilder:
         self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.PAX_FORMAT)
         self.samples = 0
         self.seconds = 0.0
+        self.texts = dict.fromkeys(TEXT_FIELDS, 0)
         self._keys: list[str] = []
         self._offsets: list[int] = []
         self._closed = False
@@ -104,6 +105,8 @@ class ShardBuilder:
         self._keys.append(sample.key)
         self.samples += 1
         self.seconds += sample.meta.duration
+        for name in TEXT_FIELDS:
+            self.texts[name] += bool(getattr(sample, name).strip())
 
     def _mark_range_end(self) -> None:
         self._offsets.append(self._tar.offset)  # tarfile counts what it wrote, ahead of its 10 KiB write buffer
@@ -127,6 +130,7 @@ class ShardBuilder:
             xxh3_64=self._hashing.xxh.hexdigest(),
             seconds=round(self.seconds, 3),
             index_xxh3_64=xxhash.xxh3_64_hexdigest(raw_index),
+            texts=dict(self.texts),
         )
 
     def _finish(self) -> None:

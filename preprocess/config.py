@@ -13,6 +13,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
+from pipeline.manifest import TEXT_FIELDS
 from preprocess.decode import DecodeConfig
 from preprocess.fetching.config import FetchConfig
 from preprocess.text.asr import AsrConfig
@@ -50,6 +51,12 @@ class InputConfig:
     keep_sources: str | None = None
     """With ``fetch``: folder or s3:// prefix where every fetched source is archived as ``<video_id>.<ext>``
     and looked up before downloading, so a rerun (another decode config) downloads nothing again."""
+    require_texts: tuple[str, ...] = TEXT_FIELDS
+    """Texts that must have a source (a file, inline in the metadata, or a model stage), else the job and
+    ``plan_only`` stop: ``subtitle,caption`` (what training's default loss d reads), a subset, or ``none``."""
+    max_missing_videos: float = 0.01
+    """Largest fraction of the planned source videos (``clips`` layout: clip files) that may be absent from
+    ``videos`` before the job and ``plan_only`` stop (with ``fetch`` they are downloaded instead); 1: no check."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.metadata, str) or not self.metadata:
@@ -65,6 +72,21 @@ class InputConfig:
             raise ValueError("keep_sources archives fetched videos: it needs fetch")
         if self.max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1, got {self.max_text_chars}")
+        object.__setattr__(self, "require_texts", _text_fields(self.require_texts))
+        if not 0 <= self.max_missing_videos <= 1:
+            raise ValueError(f"max_missing_videos must be a fraction in [0, 1], got {self.max_missing_videos}")
+
+
+def _text_fields(value) -> tuple[str, ...]:
+    """``require_texts`` as given (a tuple, or ``a,b`` / ``none`` as text) -> the fields in sample order."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = {str(n).strip() for n in names} - {""}
+    if not names or names == {"none"}:
+        return ()
+    unknown = sorted(names - set(TEXT_FIELDS))
+    if unknown:
+        raise ValueError(f"require_texts must be a subset of {','.join(TEXT_FIELDS)}, or none; got {value!r}")
+    return tuple(f for f in TEXT_FIELDS if f in names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,7 +198,8 @@ class PreprocessConfig:
         """The resolved config that decides the output bytes (goes into the manifest)."""
         inputs = dataclasses.asdict(self.inputs)
         inputs["layout"] = self.inputs.layout.value
-        inputs.pop("keep_sources")  # an archive: decides no byte
+        for name in ("keep_sources", "require_texts", "max_missing_videos"):  # checks and an archive: no byte
+            inputs.pop(name)
         if inputs.pop("fetch"):  # only when enabled: a job without it keeps its old manifest
             inputs["fetch"] = {name: getattr(self.fetch, name) for name in FETCH_OUTPUT_FIELDS}
         sharding = dataclasses.asdict(self.sharding)

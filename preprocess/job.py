@@ -20,6 +20,8 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
   that recorded failures first. The manifest is written only when every shard is committed.
   Before and after its tasks run, the job removes what killed workers left in its output folder
   (local temp files; S3 multipart uploads in progress, aborted): it is that folder's one writer.
+- Start checks (preprocess/input_checks.py): a required text with no source, or more source videos missing
+  from their folder than ``max_missing_videos``, stops the job before anything is written (one line).
 - Model stages (captions, ASR): the models are checked before any work, then loaded once per
   actor of a small pool per stage (GPU actors when the cluster has GPUs); a shard task sends its
   batches to one actor of each pool. A model failure on a batch is a ``ModelError`` (retried
@@ -28,6 +30,7 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -49,6 +52,7 @@ from preprocess.failures import Failure, merge_tables
 from preprocess.faults import Faults
 from preprocess.fetching.config import PERMANENT
 from preprocess.fetching.host_gate import HostGate
+from preprocess.input_checks import VideoCheck, inline_texts, text_file, text_model, unsourced, unsourced_message
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
 from preprocess.shard_task import ShardSettings, ShardStats, ShardTask, process_shard
 from preprocess.text.asr import Transcriber, check_transcriber
@@ -80,11 +84,14 @@ class JobResult:
     manifest: str | None = None
     stopped: str = ""
     """Why the job stopped before submitting every shard (the totals above count the shards planned so far)."""
+    videos: str = ""
+    """The video check at the start: found and missing (or to fetch) in one listing of the videos folder."""
 
     def summary(self) -> str:
         rate = self.run_clips / self.wall_seconds if self.wall_seconds else 0.0
         hours = self.run_clip_seconds / 3600 / self.wall_seconds if self.wall_seconds else 0.0
-        lines = [
+        lines = [self.videos] if self.videos else []
+        lines += [
             f"clips: {self.clips} total, {self.ok} ok, {sum(self.failed.values())} failed {_reasons(self.failed)}",
             f"input line problems: {sum(self.input_failures.values())} {_reasons(self.input_failures)}",
             f"shards: {self.shards_total} total, {self.shards_run} run now, {self.shards_skipped} already committed, "
@@ -122,15 +129,15 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     out = DatasetLayout(cfg.sharding.output)
     _check_models(cfg)
     settings = _settings(cfg)
+    _check_texts(cfg, settings)
+    plan, videos = _checked_plan(cfg, settings)
     _check_config(out, cfg.manifest_config())
     _clean_up(out)
     committed = set(out.list_stats())
     if cfg.retry_failed:
         _uncommit_failed(out, committed)
-    result = JobResult(shards_skipped=len(committed))
-    slices = _counted(plan_shards(list(settings.metadata), cfg.sharding.clips_per_shard, cfg.inputs.layout), result)
-    if settings.texts.joined():
-        slices = iter(list(slices))  # the join needs every slice first (a few cursors per shard)
+    result = JobResult(shards_skipped=len(committed), videos=videos)
+    slices = _counted(plan, result)
     result.shards_failed = _dispatch(slices, settings, cfg, committed, result, started)
     _clean_up(out)  # a worker killed and retried in this run may have left a temp file or an upload
     result.shards_skipped = sum(1 for k in committed if k < result.shards_total) - result.shards_run
@@ -163,6 +170,40 @@ def _check_models(cfg: PreprocessConfig) -> None:
         check_captioner(cfg.captioner)
     if cfg.asr is not None:
         check_transcriber(cfg.asr)
+
+
+def _check_texts(cfg: PreprocessConfig, settings: ShardSettings) -> None:
+    """A required text needs a file, a model stage or inline texts (preprocess/input_checks.py): for the last, the
+    clips of the first shard must carry some (one ranged read; the whole metadata is not read for this)."""
+    inline = collections.Counter()
+    if any(not text_file(cfg, f) and not text_model(cfg, f) for f in cfg.inputs.require_texts):
+        files, layout = list(settings.metadata), cfg.inputs.layout
+        with contextlib.closing(plan_shards(files, cfg.sharding.clips_per_shard, layout)) as plan:
+            first = next(plan, None)
+        if first is None:  # no clip at all: nothing to refuse
+            return
+        inline = inline_texts(read_slice(files, first, layout).clips)
+    missing = unsourced(cfg, inline)
+    if missing:
+        raise ValueError(unsourced_message(cfg, missing))
+
+
+def _checked_plan(cfg: PreprocessConfig, settings: ShardSettings) -> tuple[Iterator[ShardSlice], str]:
+    """The plan, and the video check's line ("" when it is off). The plan is read through before the first task
+    when the videos are checked (their count comes with it, preprocess/input_checks.py) or the texts are joined
+    (the join needs every slice); its slices are a few cursors each. ValueError: too many videos missing."""
+    videos = VideoCheck.listing(cfg.inputs)
+    files, per_shard = list(settings.metadata), cfg.sharding.clips_per_shard
+    plan = plan_shards(files, per_shard, cfg.inputs.layout, videos.add_line if videos is not None else None)
+    if videos is None and not settings.texts.joined():
+        return plan, ""
+    slices = list(plan)
+    if videos is None:
+        return iter(slices), ""
+    log.info("%s", videos.line())
+    if videos.refusal():
+        raise ValueError(videos.refusal())
+    return iter(slices), videos.line()
 
 
 def _check_config(out: DatasetLayout, config: dict) -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pipeline import storage
 from preprocess.config import Layout
 from preprocess.failures import Failure
-from preprocess.inputs import ClipItem, duplicate_of, parse_line
+from preprocess.inputs import ClipItem, ParsedLine, duplicate_of, parse_line
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,20 @@ def _lines(files: list[str], start: Cursor) -> Iterator[tuple[int, int, int, byt
 # --------------------------------------------------------------------------- planning
 
 
-def plan_shards(files: list[str], clips_per_shard: int, layout: Layout) -> Iterator[ShardSlice]:
-    """Every shard's slice, in order, from one streaming pass over ``files``."""
+def plan_shards(
+    files: list[str], clips_per_shard: int, layout: Layout, on_line: Callable[[ParsedLine], None] | None = None
+) -> Iterator[ShardSlice]:
+    """Every shard's slice, in order, from one streaming pass over ``files``; ``on_line`` sees each parsed line
+    (the video check of preprocess/input_checks.py counts on it, with no second pass)."""
     start: Cursor | None = None
     position = 0
     taken = 0  # clips of the current shard so far
     index = 0
     for file, offset, number, raw in _lines(files, Cursor(0, 0, 1, 0, 0)):
-        count = parse_line(files[file], number, raw, layout, position).num_positions
+        parsed = parse_line(files[file], number, raw, layout, position)
+        if on_line is not None:
+            on_line(parsed)
+        count = parsed.num_positions
         if start is None:
             start = Cursor(0, 0, 1, 0, 0)
         used = 0

@@ -2,7 +2,14 @@
 
 The metadata is planned and each shard's slice read exactly as the shard tasks will read it (preprocess/plan.py),
 so the problem counts are the ones the job will record. Text files are read through once, as a stream (their
-duplicates are found by the join, not here); an LMDB is opened and counted. Memory stays that of one shard.
+duplicates are found by the join, not here); an LMDB is opened and counted. Per text, the report says where it
+comes from and what share of the clips to decode will have one: a file's share is counted on the planned clip
+ids, or past 200k clips on an even sample of them by hash (`ClipSample`); a JSON list's is not estimated. The
+videos folder is listed once and every planned video looked up in it (preprocess/input_checks.py). Memory stays
+that of one shard, plus the clip sample and the names the videos folder holds.
+
+`PlanReport.refusals` are the one-line reasons the job would not start (a required text without a source, too
+many videos missing): ``--plan-only`` prints them and exits 2.
 
 The cost estimate multiplies the plan's clips and seconds of video by the per-clip figures of `CostModel`,
 measured on this project's benchmarks (docs/scale.md says how to measure them again on your machines).
@@ -12,12 +19,23 @@ from __future__ import annotations
 
 import collections
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 
 from pipeline import storage
-from preprocess.config import PreprocessConfig
+from preprocess.config import TEXT_FIELDS, PreprocessConfig
 from preprocess.fetching import js_runtime
 from preprocess.fetching.fetch import is_storage_uri
+from preprocess.input_checks import (
+    MODEL_FLAGS,
+    STAGE_NAMES,
+    VideoCheck,
+    inline_texts,
+    text_file,
+    text_model,
+    unsourced,
+    unsourced_message,
+)
 from preprocess.inputs import json_line, open_lmdb, text_format
 from preprocess.plan import metadata_files, plan_shards, read_slice
 
@@ -51,25 +69,35 @@ class PlanReport:
     seconds: float = 0.0
     problems: collections.Counter = field(default_factory=collections.Counter)
     texts: dict[str, str] = field(default_factory=dict)
+    """Text field -> where its texts come from and the coverage to expect."""
     fetches: collections.Counter = field(default_factory=collections.Counter)
     """With ``--fetch``: source videos to download per route (one per shard that needs it), and ``no url``."""
+    found_videos: str = ""
+    """The video check's line (preprocess/input_checks.py), when it ran."""
+    refusals: list[str] = field(default_factory=list)
+    """Why the job would stop before any work (one line each): a required text without a source, videos missing."""
+
+    @property
+    def ok(self) -> int:
+        """Clips the metadata does not rule out."""
+        return self.clips - sum(n for key, n in self.problems.items() if key.startswith("clip:"))
 
     def lines(self, cfg: PreprocessConfig, cost: CostModel = CostModel()) -> list[str]:
         frames = cfg.decode.num_frames if cfg.decode.fps is None else cfg.decode.max_frames
-        ok = self.clips - sum(n for key, n in self.problems.items() if key.startswith("clip:"))
         core_hours = self.seconds * cost.cpu_seconds_per_video_second / 3600
-        out_bytes = ok * frames * cost.bytes_per_frame
+        out_bytes = self.ok * frames * cost.bytes_per_frame
         requests = self.shards * cost.requests_per_shard + self.videos * cost.requests_per_video
         problems = ", ".join(f"{k}: {n}" for k, n in sorted(self.problems.items())) or "none"
         return [
             f"metadata: {self.files} file(s), {self.bytes / 1e9:.3f} GB",
             f"videos: {self.videos} records; clips: {self.clips} ({self.seconds / 3600:.1f} hours of video); "
             f"shards: {self.shards} of up to {cfg.sharding.clips_per_shard} clips",
+            *([self.found_videos] if self.found_videos else []),
             f"problems: {problems}",
-            *(f"{stage}: {what}" for stage, what in self.texts.items()),
+            *(f"{name}: {what}" for name, what in self.texts.items()),
             f"estimate: {core_hours:,.1f} core-hours of decoding ({cost.cpu_seconds_per_video_second} s per second of "
-            f"video), {out_bytes / 1e12:.3f} TB of shards ({ok} clips x {frames} frames x {cost.bytes_per_frame} B), "
-            f"{requests:,} S3 requests (docs/scale.md); downloads not included",
+            f"video), {out_bytes / 1e12:.3f} TB of shards ({self.ok} clips x {frames} frames x {cost.bytes_per_frame} "
+            f"B), {requests:,} S3 requests (docs/scale.md); downloads not included",
             *self._fetch_lines(cost),
         ]
 
@@ -87,12 +115,16 @@ class PlanReport:
 
 
 def plan_report(cfg: PreprocessConfig) -> PlanReport:
-    """Read every input as the job would, decode nothing; ValueError if an input cannot be read at all."""
+    """Read every input as the job would, decode nothing; ValueError if an input cannot be read at all. The
+    report's ``refusals`` say why the job would not start."""
     report = PlanReport()
     files = metadata_files(cfg.inputs.metadata)
     report.files = len(files)
     report.bytes = sum(storage.size(f) for f in files)
-    for piece in plan_shards(files, cfg.sharding.clips_per_shard, cfg.inputs.layout):
+    videos = VideoCheck.listing(cfg.inputs)
+    sample, inline = ClipSample(), collections.Counter()
+    on_line = videos.add_line if videos is not None else None
+    for piece in plan_shards(files, cfg.sharding.clips_per_shard, cfg.inputs.layout, on_line):
         contents = read_slice(files, piece, cfg.inputs.layout)
         report.shards += 1
         report.clips += len(contents.clips)
@@ -100,14 +132,40 @@ def plan_report(cfg: PreprocessConfig) -> PlanReport:
         report.problems.update(f"line:{f.error}" for f in contents.failures)
         report.problems.update(f"clip:{c.problem.error}" for c in contents.clips if c.problem)
         report.seconds += sum(c.span[1] - c.span[0] for c in contents.clips if c.span and not c.problem)
+        ok = [c for c in contents.clips if not c.problem]
+        inline.update(inline_texts(ok))
+        for clip in ok:
+            sample.add(clip.clip_id)
         if cfg.inputs.fetch:
-            report.fetches.update(
-                _route(c.url) for c in {c.video_id: c for c in contents.clips if not c.problem}.values()
-            )
-    for stage, uri in (("subtitles", cfg.inputs.subtitles), ("captions", cfg.inputs.captions)):
-        if uri:
-            report.texts[stage] = _check_texts(uri, stage, report.problems)
+            report.fetches.update(_route(c.url) for c in {c.video_id: c for c in ok}.values())
+    if videos is not None:
+        report.found_videos = videos.line()
+        report.refusals += [videos.refusal()] if videos.refusal() else []
+    _text_section(cfg, report, sample, inline)
     return report
+
+
+def _text_section(cfg: PreprocessConfig, report: PlanReport, sample: ClipSample, inline: collections.Counter) -> None:
+    """Per text: where it comes from, and the coverage to expect; a refusal when a required one has no source."""
+    for name in TEXT_FIELDS:
+        parts, uri, model = [], text_file(cfg, name), text_model(cfg, name)
+        if uri:
+            stage = f"{name}s"
+            parts.append(f"file {_check_texts(uri, stage, report.problems, sample)}")
+        elif inline[name]:
+            parts.append(f"inline in the metadata, {_share(inline[name], report.ok)} of the clips to decode")
+        if model:
+            flag = MODEL_FLAGS[name]
+            parts.append(f"{STAGE_NAMES[name]} stage ({flag} {model}) for every clip without a given {name}")
+        needed = "required" if name in cfg.inputs.require_texts else "not required (--require-texts)"
+        report.texts[f"{name} texts"] = f"{'; '.join(parts) or 'none'} [{needed}]"
+    missing = unsourced(cfg, inline)
+    if missing:
+        report.refusals.append(unsourced_message(cfg, missing))
+
+
+def _share(count: int, total: int) -> str:
+    return f"{count} ({100 * count / total:.1f}%)" if total else f"{count}"
 
 
 def _route(url: str | None) -> str:
@@ -119,31 +177,67 @@ def _route(url: str | None) -> str:
     return "youtube" if host == "youtu.be" or host.endswith("youtube.com") else "http(s)"
 
 
-TEXT_FIELDS = {"subtitles": "text", "captions": "caption"}
+TEXT_KEYS = {"subtitles": "text", "captions": "caption"}
+
+
+class ClipSample:
+    """The planned clip ids, or an even sample of them by hash once there are more than ``cap``: what a text
+    file's coverage is estimated on, in bounded memory."""
+
+    def __init__(self, cap: int = 200_000):
+        self.cap, self.level, self.ids = cap, 0, set()
+
+    def keeps(self, clip_id: str) -> bool:
+        return zlib.crc32(clip_id.encode("utf-8", "replace")) & ((1 << self.level) - 1) == 0
+
+    def add(self, clip_id: str) -> None:
+        if not self.keeps(clip_id):
+            return
+        self.ids.add(clip_id)
+        if len(self.ids) > self.cap:
+            self.level += 1
+            self.ids = {i for i in self.ids if self.keeps(i)}
+
+    def coverage(self, hits: int) -> str:
+        """``hits`` of the sampled ids have a text: the share, said as exact or as a sample's estimate."""
+        if not self.ids:
+            return "no clip to decode"
+        share = f"{100 * hits / len(self.ids):.1f}% of the clips to decode have one"
+        return share if self.level == 0 else f"~{share} (estimated on {len(self.ids)} of them)"
 
 
 def _text_record(record: object, field: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get("clip_id"), str) and isinstance(record.get(field), str)
 
 
-def _check_texts(uri: str, stage: str, problems: collections.Counter) -> str:
+def _check_texts(uri: str, stage: str, problems: collections.Counter, sample: ClipSample) -> str:
     try:
         kind = text_format(uri)
     except storage.StorageNotFound as exc:
         raise ValueError(f"{stage} {uri}: not found ({exc})") from exc
     if kind == "lmdb":
-        with open_lmdb(uri, stage) as env:
-            return f"LMDB {uri}, {env.stat()['entries']} entries (looked up by each shard task)"
+        with open_lmdb(uri, stage) as env, env.begin() as txn:
+            hits = sum(bool(txn.get(i.encode("utf-8", "replace"))) for i in sample.ids)
+            entries = env.stat()["entries"]
+            return f"LMDB {uri}, {entries} entries (looked up by each shard task): {sample.coverage(hits)}"
     if kind == "list":
-        return f"JSON list {uri}, {storage.size(uri) / 1e9:.3f} GB (converted and joined before the shard tasks)"
-    records = 0
+        return (
+            f"JSON list {uri}, {storage.size(uri) / 1e9:.3f} GB (converted and joined before the shard tasks; "
+            "coverage not estimated)"
+        )
+    records, hits = 0, set()
     with storage.open_read(uri) as stream:
         for number, raw in enumerate(stream, start=1):
             if not raw.strip():
                 continue
             record, notes = json_line(uri, number, raw.strip(), stage)
             problems.update(f"{stage}:{n.error}" for n in notes)
-            if record is not None and not _text_record(record, TEXT_FIELDS[stage]):
+            if record is not None and not _text_record(record, TEXT_KEYS[stage]):
                 problems[f"{stage}:bad_record"] += 1
+            elif record is not None and record[TEXT_KEYS[stage]] and record["clip_id"] in sample.ids:
+                hits.add(record["clip_id"])
             records += record is not None
-    return f"jsonl {uri}, {records} records (joined before the shard tasks; duplicates are found by the join)"
+    return (
+        f"jsonl {uri}, {records} records (joined before the shard tasks; duplicates are found by the join): "
+        f"{sample.coverage(len(hits))}"
+    )

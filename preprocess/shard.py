@@ -6,7 +6,8 @@
     ray submit launch/ray-local.yaml preprocess/shard.py -- ...
 
 Exit codes: 0 all shards committed and the manifest written; 1 some shards could not be
-committed (rerun the same command to finish them); 2 bad arguments or inputs, or storage that is
+committed (rerun the same command to finish them); 2 bad arguments or inputs (a required text without a
+source, too many source videos missing: ``--require-texts``, ``--max-missing-videos``), or storage that is
 unreachable or refuses the credentials (one line on stderr naming the URI).
 See docs/preprocessing.md.
 """
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if cfg.plan_only:
-            return _print_plan(cfg)
+            return _print_plan(cfg, parser.prog)
         result = run_job(cfg)
     except ValueError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -129,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.manifest else 1
 
 
-def _print_plan(cfg) -> int:
+def _print_plan(cfg, prog: str) -> int:
+    """The plan on stdout; exit 2 with one line on stderr per reason the job would not start."""
     from preprocess.plan_report import plan_report
 
-    print("\n".join(plan_report(cfg).lines(cfg)))
-    return 0
+    report = plan_report(cfg)
+    print("\n".join(report.lines(cfg)), flush=True)
+    for reason in report.refusals:
+        print(f"{prog}: error: {reason}", file=sys.stderr)
+    return 2 if report.refusals else 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ GOLDEN = {
     "shard-000003-000.tar": "54ee751fc90fd00954466caeeaf95478287cabe2e1aa2bdc06771ac82f93cb84",
     "shard-000004-000.idx.json": "5f03cf320414c03c3d7ff42164065b184f33ca567f8931d01849e9479ff54462",
     "shard-000004-000.tar": "7395afaafb800759bf8b94de32f5fcb87b33c4e8da77b00956ec4cf4c28c32eb",
-    "manifest.json": "68c366485cd57c83a8645fe20ba249e3d3bdccbf09384faaec7ddbef23f01515",
+    "manifest.json": "2e34053ccea7a441a65b3c1a973cf46b15639afe10e5075bff97d938641c934b",
     "sizes.json": "e5b2d2b9bf42a8b45a35d7791da274293d10634f792b7111abed1fccef96482c",
     "failures.parquet": "a0e91c7664395f6e792ebad612792fceaac9983851e911c1d3633b9843db37e9",
 }

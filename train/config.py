@@ -110,6 +110,9 @@ class DataConfig:
     """Which text is the retrieval query: caption or subtitle."""
     train_text: str = "subtitle"
     """Text member the infonce loss pairs with the video: subtitle or caption."""
+    min_text_coverage: float = 0.5
+    """Training stops at the start when a train source's manifest says fewer of its clips than this have a
+    text the loss reads (train/text_coverage.py); 0: no check."""
     text_lines: str = "all"
     """all: a text member is used whole; sample: training picks one non-empty line per visit (seeded by
     the sample's position), evaluation takes the first line (downstream shards: one text per line)."""
@@ -167,6 +170,11 @@ class DataConfig:
         )
         _check(
             self.text_lines in TEXT_LINES, "data.text_lines", f"must be one of {TEXT_LINES}, got {self.text_lines!r}"
+        )
+        _check(
+            0 <= self.min_text_coverage <= 1,
+            "data.min_text_coverage",
+            f"must be a fraction in [0, 1], got {self.min_text_coverage}",
         )
         _check(self.decoder in DECODERS, "data.decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
         for name in (

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from pipeline.manifest import TEXT_FIELDS
 from pipeline.schema import ClipSample
 from pipeline.shards import ShardError
 from train.config import DataConfig
@@ -21,7 +22,8 @@ def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
     """Held-out clips in source order (first eval_max_samples), split over ranks.
 
     Every rank gets the same number of batches of the same size (the last rank's share is padded by
-    repeating a clip, marked with index -1) so ZeRO-3 forwards stay in lock-step.
+    repeating a clip, marked with index -1) so ZeRO-3 forwards stay in lock-step. ``has_text`` says per clip
+    which of its texts (``TEXT_FIELDS`` order) are not empty.
     """
     samples = _eval_samples(cfg, log_warnings=rank == 0)
     per_rank = math.ceil(len(samples) / world_size)
@@ -37,6 +39,7 @@ def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
             "frames": filled.views()[0],
             "text": tokenizer(texts),
             "index": torch.tensor(chunk, dtype=torch.long),
+            "has_text": torch.tensor([[bool(it[n].strip()) for n in TEXT_FIELDS] for it in items], dtype=torch.uint8),
         }
 
 

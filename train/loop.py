@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.manifest import TEXT_FIELDS
 from train import engine as ds
 from train.checkpoint import load_init_checkpoint
 from train.config import TrainConfig
@@ -28,6 +29,7 @@ from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
 from train.optim import build_optimizer, build_scheduler
 from train.run_layout import RunLayout
 from train.run_outputs import MetricLogger, StepProfiler, wandb_settings
+from train.text_coverage import term_texts
 
 logger = logging.getLogger(__name__)
 
@@ -175,24 +177,52 @@ def train_step(engine, loader: StreamingLoader, grad_accum: int, device: torch.d
 
 @torch.no_grad()
 def validate(engine, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict:
-    """Zero-shot text->video retrieval on the held-out clips (all ranks take part)."""
+    """Zero-shot text->video retrieval on the held-out clips (all ranks take part). A clip whose query text
+    (``data.eval_text``) is empty is no query, only a candidate; the clips without each text are counted and,
+    with the loss terms that read that text, said once per validation (`missing_texts`)."""
     engine.eval()
-    videos, texts, indices = [], [], []
+    videos, texts, indices, present = [], [], [], []
     for batch in eval_batches(cfg.data, rank, world_size):
         video, text = engine(batch["frames"].to(device), text=batch["text"].to(device))
         videos.append(video.float())
         texts.append(text.float())
         indices.append(batch["index"].to(device))
+        present.append(batch["has_text"].to(device))
     engine.train()
     video = ds.all_gather_rows(torch.cat(videos)).cpu()
     text = ds.all_gather_rows(torch.cat(texts)).cpu()
     index = ds.all_gather_rows(torch.cat(indices)).cpu()
+    has = ds.all_gather_rows(torch.cat(present)).cpu().bool()
     keep = index >= 0
     order = torch.argsort(index[keep])
-    video, text = video[keep][order], text[keep][order]
-    results = retrieval_metrics((text @ video.T).numpy(), list(range(len(text))), dsl=True)
-    results["clips"] = int(len(text))
+    video, text, has = video[keep][order], text[keep][order], has[keep][order]
+    queries = torch.nonzero(has[:, TEXT_FIELDS.index(cfg.data.eval_text)]).flatten()
+    results = {}
+    if len(queries):
+        results = retrieval_metrics((text[queries] @ video.T).numpy(), queries.tolist(), dsl=True)
+    results["clips"] = int(len(video))
+    results.update({f"clips_without_{name}": int((~has[:, i]).sum()) for i, name in enumerate(TEXT_FIELDS)})
+    if rank == 0:
+        for line in missing_texts(results, cfg):
+            logger.warning("validation: %s", line)
     return results
+
+
+def missing_texts(results: dict, cfg: TrainConfig) -> list[str]:
+    """Per text that some held-out clips lack: how many, which loss terms read it, and what retrieval did."""
+    lines = []
+    for name, terms in term_texts(cfg.model.loss, cfg.data.train_text).items():
+        missing = results[f"clips_without_{name}"]
+        if not missing:
+            continue
+        line = (
+            f"{missing} of {results['clips']} held-out clips have no {name}: loss {cfg.model.loss}'s terms "
+            f"{', '.join(terms)} get the empty text for such clips"
+        )
+        if name == cfg.data.eval_text:
+            line += " and retrieval skips them as queries" if missing < results["clips"] else "; retrieval skipped"
+        lines.append(line)
+    return lines
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -82,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import check_resumable, dump_config, load_config
     from train.run_layout import RunLayout
     from train.run_outputs import wandb_settings
+    from train.text_coverage import check_train_texts
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_resumable(cfg)
         wandb_settings(cfg)  # log.wandb=true without the wandb package: one line here, before any rank starts
+        check_train_texts(cfg)  # a loss term whose text most clips lack: one line, before any rank starts
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ separate entries first):
   folder when that lists it, else its count from the folder's ``sizes.json`` (open_clip's layout), else
   the count is unknown (the loader then needs ``data.train_num_samples``).
 
-Shards read without a manifest entry have no size or hash check. That is said once per process and
+Shards read without a manifest entry have no size or hash check, and those whose manifest predates text coverage
+(docs/shard-format.md) have no coverage for train/text_coverage.py to check. Each is said once per process and
 setting (``data.train``, ``data.eval``), on the rank that logs it, in one line naming the entries: not
 once per shard or per pass (the set of what was said is the module's only state, as torchtitan's
 ``warn_once``).
@@ -30,7 +31,7 @@ from webdataset.shardlists import expand_urls
 
 from pipeline import storage
 from pipeline.layout import DatasetLayout
-from pipeline.manifest import Manifest, ShardEntry, parse_manifest, read_manifest, shard_uris
+from pipeline.manifest import TEXT_FIELDS, Manifest, ShardEntry, parse_manifest, read_manifest, shard_uris
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,20 @@ class Source:
     def uncounted(self) -> int:
         return sum(ref.samples is None for ref in self.shards)
 
+    @property
+    def text_coverage(self) -> dict[str, float] | None:
+        """Share of the samples with a non-empty subtitle and caption, from the manifest entries; None when a
+        shard's is not recorded (no manifest entry, or a manifest written before coverage was recorded)."""
+        if not self.shards or any(ref.entry is None or not ref.entry.texts for ref in self.shards):
+            return None
+        samples = sum(ref.entry.samples for ref in self.shards)
+        return {name: sum(ref.entry.texts.get(name, 0) for ref in self.shards) / samples for name in TEXT_FIELDS}
+
+    @property
+    def no_coverage(self) -> int:
+        """Shards whose manifest entry records no text coverage (written before it was recorded)."""
+        return sum(ref.entry is not None and not ref.entry.texts for ref in self.shards)
+
 
 def is_shard_list(location: str) -> bool:
     """True for a brace pattern, a glob in the file name or a ``.tar`` URL; False for a manifest or folder."""
@@ -95,6 +110,8 @@ def open_sources(locations: list[str], setting: str, *, log_warnings: bool = Tru
         unchecked = {s.location: s.unchecked for s in sources}
         _say_once(setting, "have no manifest entry: their size and hash are not checked", unchecked)
         _say_once(setting, "do not exist and are left out", {s.location: len(s.missing) for s in sources})
+        uncovered = {s.location: s.no_coverage for s in sources}
+        _say_once(setting, "have manifest entries without text coverage: its check is skipped", uncovered)
     return sources
 
 

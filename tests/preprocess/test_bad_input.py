@@ -102,6 +102,7 @@ def _config(paths: dict[str, Path], out: Path, *extra: str):
         "48",
         "--max-text-chars",
         "100",
+        *("--require-texts", "none", "--max-missing-videos", "1"),  # bad inputs on purpose: missing ones too
         "--no-progress",
         *extra,
     ]

@@ -155,6 +155,7 @@ def test_plan_only_counts_every_kind_of_problem(tmp_path):
         str(subs),
         "--clips-per-shard",
         "10",
+        *("--require-texts", "subtitle", "--max-missing-videos", "1"),  # no captions, no videos: on purpose
         "--plan-only",
     )
     assert result.returncode == 0, result.stderr
@@ -189,7 +190,8 @@ def test_plan_only_with_fetch_counts_the_downloads_by_route(tmp_path):
         {"video_id": "none", "clip": [{"clip_id": "n.0", "span": [0, 10]}]},
     ]
     meta.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    result = _shard_cli("--metadata", str(tmp_path / "hdvila_part*.jsonl"), "--fetch", "--output", "o", "--plan-only")
+    args = ("--metadata", str(tmp_path / "hdvila_part*.jsonl"), "--fetch", "--output", "o", "--plan-only")
+    result = _shard_cli(*args, "--require-texts", "none")  # release-shaped lines: no texts (test_input_checks.py)
     assert result.returncode == 0, result.stderr
     assert "fetch: 4 source videos to download (http(s): 1, no url: 1, s3: 1, youtube: 2)" in result.stdout
     no_videos = _shard_cli("--metadata", str(meta), "--output", "o", "--plan-only")
