@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-APT_PACKAGES=(ffmpeg openssh-server openssh-client rsync numactl)
+APT_PACKAGES=(ffmpeg openssh-server openssh-client rsync numactl espeak-ng)
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
