@@ -4,12 +4,14 @@ loopback S3 server. ZeRO-1 runs in test_resume.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
 
+from pipeline.shards import iter_dataset
 from tests.support.s3server import free_port
 from tests.train.fixtures_train import (
     REPO,
@@ -19,6 +21,7 @@ from tests.train.fixtures_train import (
     spawn_ranks,
     start_launcher,
     tiny_overrides,
+    write_dataset,
 )
 from train.config import deepspeed_json, load_config
 from train.frames import normalize_frames
@@ -173,11 +176,21 @@ def _metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 
+def _drop_captions(root: str, clip_ids: tuple[str, ...]) -> None:
+    """Rewrite a data set with the captions of ``clip_ids`` empty (its manifest too)."""
+    samples = list(iter_dataset(root))
+    for name in os.listdir(root):
+        if name.endswith((".tar", ".json")):
+            os.remove(os.path.join(root, name))
+    write_dataset(root, [dataclasses.replace(s, caption="") if s.meta.clip_id in clip_ids else s for s in samples])
+
+
 @pytest.mark.deepspeed
 def test_zero3_two_ranks_skips_missing_shard(tmp_path):
     train = moving_dataset(str(tmp_path / "train"), 24, seed=1, max_samples=4)
     os.remove(os.path.join(train, "part03-000.tar"))
     held = moving_dataset(str(tmp_path / "eval"), 7, seed=2, prefix="held")  # odd: one rank's share is padded
+    _drop_captions(held, ("held1.0.mp4", "held4.0.mp4"))
     run_dir = str(tmp_path / "run")
     ranks = spawn_ranks(
         tiny_overrides(
@@ -203,6 +216,9 @@ def test_zero3_two_ranks_skips_missing_shard(tmp_path):
     assert {"loss/s2v", "loss/v2s_joint", "loss/f2c", "lr", "samples_per_s", "data_wait_fraction"} <= set(train_rows[0])
     assert max(r["data/shard_errors"] for r in train_rows) >= 1
     assert eval_rows and eval_rows[-1]["clips"] == 7 and "dsl/t2v_r1" in eval_rows[-1]
+    assert (eval_rows[-1]["clips_without_caption"], eval_rows[-1]["clips_without_subtitle"]) == (2, 0)
+    said = "validation: 2 of 7 held-out clips have no caption: loss d's terms c2v, v2s_joint, v2c_joint, f2c, c2f"
+    assert ranks.output().count(said) == len(eval_rows), ranks.output()  # rank 0, once per validation
     with open(os.path.join(run_dir, "ds_config.json")) as f:
         assert json.load(f)["zero_optimization"]["stage"] == 3
     saved = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(("step", "latest")))
