@@ -39,8 +39,10 @@ FAST = (
     *("--fetch-timeout", "4", "--fetch-read-timeout", "1.5", "--fetch-retries", "3"),
     *("--fetch-backoff", "0.05", "--fetch-max-backoff", "0.3", "--fetch-host-rate", "50"),
     *("--max-video-bytes", "1000000"),
+    *("--require-texts", "none"),
 )
-"""Short timeouts and backoffs: the faulty URLs fail in seconds. The corpus's videos are ~10-60 kB."""
+"""Short timeouts and backoffs: the faulty URLs fail in seconds. The corpus's videos are ~10-60 kB. No text
+(see ``bare``)."""
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(2000)
 EXPECTED = {
     "gone404": "http_404",
@@ -122,7 +124,7 @@ def _scratch_left(out) -> list[str]:
 @pytest.fixture(scope="module")
 def local_run(bare, ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local")
-    assert run_job(config(bare, out)).manifest
+    assert run_job(config(bare, out, "--require-texts", "none")).manifest
     return out
 
 
