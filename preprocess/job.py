@@ -132,6 +132,8 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     _check_texts(cfg, settings)
     plan, videos = _checked_plan(cfg, settings)
     _check_config(out, cfg.manifest_config())
+    if videos:
+        log.info("%s", videos)
     _clean_up(out)
     committed = set(out.list_stats())
     if cfg.retry_failed:
@@ -200,7 +202,6 @@ def _checked_plan(cfg: PreprocessConfig, settings: ShardSettings) -> tuple[Itera
     slices = list(plan)
     if videos is None:
         return iter(slices), ""
-    log.info("%s", videos.line())
     if videos.refusal():
         raise ValueError(videos.refusal())
     return iter(slices), videos.line()
