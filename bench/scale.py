@@ -263,6 +263,9 @@ def driver_command(
     if texts:
         cmd += ["--subtitles", str(files.subtitles), "--captions", str(files.captions)]
     cmd += ["--videos", str(videos), "--output", str(output), "--ray-address", "local", "--no-progress"]
+    if (repo / "preprocess/input_checks.py").exists():  # the checks of issue 23; an older repo has neither flag
+        cmd += ["--max-missing-videos", "1"]  # the videos folder is empty on purpose (see the module docstring)
+        cmd += [] if texts else ["--require-texts", "none"]
     return cmd + (["--plan-only"] if plan_only else [])
 
 
