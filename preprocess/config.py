@@ -221,9 +221,9 @@ class PreprocessConfig:
         out = self.manifest_config()
         out["sharding"]["output"] = self.sharding.output
         out["ray"] = dataclasses.asdict(self.ray)
-        if self.inputs.fetch:  # the cookies file and proxy may carry credentials: named as set, never shown
+        if self.inputs.fetch:  # cookies, proxy and extractor args may carry credentials: named as set, never shown
             out["fetch"] = {
-                k: ("<set>" if k in ("cookies", "proxy") and v else v)
+                k: ("<set>" if k in FetchConfig.SECRET_FIELDS and v else v)
                 for k, v in dataclasses.asdict(self.fetch).items()
             }
         out["retry_failed"] = self.retry_failed

@@ -52,7 +52,8 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Secrets:
-    """Strings that must never reach a log record or a message: the proxy URL (and its password), cookie paths."""
+    """Strings that must never reach a log record or a message: the proxy URL (and its password), cookie paths,
+    the extractor arguments' values (PO tokens, visitor data)."""
 
     words: tuple[str, ...]
 
@@ -62,6 +63,8 @@ class Secrets:
         if cfg.proxy:
             userinfo = urlsplit(cfg.proxy).netloc.rpartition("@")[0]
             words += [w for w in (userinfo, *userinfo.split(":", 1)) if len(w) >= 3]
+        for args in cfg.extractor_args_dict.values():
+            words += [value for values in args.values() for value in values if len(value) >= 3]
         return cls(tuple(sorted(set(words), key=len, reverse=True)))
 
     def scrub(self, text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import optparse
 from dataclasses import dataclass, field
 
 DEFAULT_FORMAT = "bv[vcodec^=avc1][height<=720]/bv[height<=720]/b[height<=720]/wv/w"
@@ -34,6 +35,22 @@ TRANSIENT = frozenset({"rate_limited", "timeout", "truncated", "network", "http_
 """Codes worth another try later: retried within one fetch, and again by ``--retry-failed``."""
 PERMANENT = frozenset(CODES) - TRANSIENT
 """Codes that another try would not change (the video is gone, refused, or not a video)."""
+
+
+def ytdlp_extractor_args(text: str) -> dict:
+    """yt-dlp's ``extractor_args`` parameter from its command-line syntax, parsed by yt-dlp itself (one
+    ``--extractor-args`` per space-separated spec); ValueError naming the bad spec (not its values)."""
+    import yt_dlp
+
+    specs = text.split()
+    if not specs:
+        raise ValueError("extractor_args must hold at least one IE_KEY:ARGS spec, or be unset")
+    argv = [arg for spec in specs for arg in ("--extractor-args", spec)]
+    try:
+        return yt_dlp.parse_options(argv).ydl_opts["extractor_args"]
+    except (optparse.OptParseError, SystemExit):
+        keys = [spec.partition(":")[0] for spec in specs]
+        raise ValueError(f"extractor_args must be IE_KEY:ARGS specs in yt-dlp's syntax; got specs for {keys}") from None
 
 
 class HttpDownloader(str, enum.Enum):
@@ -84,6 +101,13 @@ class FetchConfig:
     """Cookies file (Netscape format) given to yt-dlp, e.g. to pass YouTube's bot check; never logged."""
     proxy: str | None = field(default=None, repr=False)
     """Proxy URL for yt-dlp and http(s) downloads (``http://user:pw@host:port``, ``socks5://...``); never logged."""
+    extractor_args: str | None = field(default=None, repr=False)
+    """yt-dlp extractor arguments, its ``--extractor-args`` syntax, several separated by spaces
+    (``youtube:player_client=web youtubepot-bgutilhttp:base_url=http://10.0.0.5:4416``); may carry tokens: never
+    logged."""
+
+    SECRET_FIELDS = ("cookies", "proxy", "extractor_args")
+    """Settings that may carry credentials: named as set in the run log, never shown."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "http_downloader", HttpDownloader(self.http_downloader))
@@ -105,6 +129,13 @@ class FetchConfig:
             raise ValueError("cookies must be a path to a cookies file, or None")
         if self.proxy is not None and (not isinstance(self.proxy, str) or "://" not in self.proxy):
             raise ValueError("proxy must be a URL such as http://host:port, or None")
+        if self.extractor_args is not None:
+            ytdlp_extractor_args(self.extractor_args)
+
+    @property
+    def extractor_args_dict(self) -> dict:
+        """``extractor_args`` as yt-dlp's ``extractor_args`` parameter (``{}`` when unset)."""
+        return ytdlp_extractor_args(self.extractor_args) if self.extractor_args else {}
 
     @property
     def selector(self) -> str:

@@ -111,7 +111,8 @@ def attempt(job: Download) -> tuple[str, float | None]:
 
 def params(job: Download, logger: YtdlpLogger) -> dict:
     """The YoutubeDL parameters of one attempt: the format, the scratch folder, no retries of its own (ours apply),
-    the caps, the deno runtime by path (preprocess/fetching/js_runtime.py), the proxy and a private cookies copy."""
+    the caps, the deno runtime by path (preprocess/fetching/js_runtime.py), the extractor arguments, the proxy and
+    a private cookies copy."""
     cfg = job.cfg
     out = {
         "format": cfg.selector,
@@ -137,6 +138,8 @@ def params(job: Download, logger: YtdlpLogger) -> dict:
     }
     if cfg.proxy:
         out["proxy"] = cfg.proxy
+    if cfg.extractor_args:
+        out["extractor_args"] = cfg.extractor_args_dict
     if cfg.cookies:
         out["cookiefile"] = _private_cookies(cfg.cookies, job.scratch)
     return out

@@ -114,6 +114,38 @@ def test_without_runtime_and_scripts_other_sites_still_download_and_it_is_said_o
     assert "js_runtimes" not in _fetcher_params(tmp_path / "p"), "no runtime to give: yt-dlp's own default"
 
 
+def test_extractor_args_reach_the_extractors_and_never_a_message(tmp_path, fresh_lookup):
+    """--fetch-extractor-args (e.g. a PO-token provider's server) as yt-dlp's own extractors read them; the values
+    are scrubbed from messages like the proxy password; a bad spec is one line naming its key, not its value."""
+    import yt_dlp
+
+    args = "youtube:player_client=web,tv youtubepot-bgutilhttp:base_url=http://127.0.0.1:4999"
+    with yt_dlp.YoutubeDL(_fetcher_params(tmp_path, extractor_args=args)) as ydl:
+        youtube = ydl.get_info_extractor("Youtube")
+        assert youtube._configuration_arg("player_client") == ["web", "tv"]
+        assert youtube._configuration_arg("base_url", ie_key="youtubepot-bgutilhttp") == ["http://127.0.0.1:4999"]
+    assert "player_client" not in _fetcher_params(tmp_path)
+    secrets = Secrets.of(FetchConfig(extractor_args="youtube:po_token=web.gvs+SECRETTOKEN"))
+    assert secrets.scrub("ERROR: bad token web.gvs+SECRETTOKEN") == "ERROR: bad token <redacted>"
+    assert "SECRET" not in repr(FetchConfig(extractor_args="youtube:po_token=web.gvs+SECRETTOKEN"))
+    with pytest.raises(ValueError, match=r"IE_KEY:ARGS .*\['youtube=web'\]$"):
+        FetchConfig(extractor_args="youtube=web")
+
+
+def test_the_run_log_names_secret_fetch_settings_as_set(tmp_path):
+    from preprocess.shard import build_config, build_parser
+
+    argv = ["--metadata", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "out"), "--fetch"]
+    argv += [
+        "--fetch-extractor-args",
+        "youtube:po_token=web.gvs+SECRETTOKEN",
+        "--fetch-proxy",
+        "http://u:pw@127.0.0.1:1",
+    ]
+    fetch = build_config(build_parser().parse_args(argv)).run_config()["fetch"]
+    assert (fetch["extractor_args"], fetch["proxy"], fetch["cookies"]) == ("<set>", "<set>", None)
+
+
 def _tiny_mp4(tmp_path: Path) -> bytes:
     path = tmp_path / "tiny.mp4"
     subprocess.run(
