@@ -66,7 +66,13 @@ class TrainingTask(nn.Module):
             features.update(zip(texts, self._text(torch.cat(list(texts.values()))).split(len(video))))
         if "frame" in wanted:
             features["frame"] = self.model.encode_image(normalize_frames(image, dtype)).float()
-        return self.loss(features, self.model.logit_scale.float())
+        present = {name: has_text(tokens) for name, tokens in texts.items()}
+        return self.loss(features, self.model.logit_scale.float(), present)
+
+
+def has_text(tokens_BL: torch.Tensor) -> torch.Tensor:
+    """Per row, whether the text was not empty: more than <sot> <eot> before the zero padding."""
+    return (tokens_BL != 0).sum(dim=1) > 2
 
 
 def register_direct_params(task: nn.Module) -> list[nn.Parameter]:
@@ -217,7 +223,8 @@ def missing_texts(results: dict, cfg: TrainConfig) -> list[str]:
             continue
         line = (
             f"{missing} of {results['clips']} held-out clips have no {name}: loss {cfg.model.loss}'s terms "
-            f"{', '.join(terms)} get the empty text for such clips"
+            f"{', '.join(terms)} leave such clips out in training"
+            + (" (all of them: the terms are skipped)" if missing == results["clips"] else "")
         )
         if name == cfg.data.eval_text:
             line += " and retrieval skips them as queries" if missing < results["clips"] else "; retrieval skipped"
@@ -326,9 +333,17 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
     return last_eval
 
 
+def _metric_name(term: str) -> str:
+    """``loss``, ``loss/<term>``, and the missing-text counts as ``data/without_<text>``, ``data/skipped_<term>``."""
+    if term == "loss":
+        return term
+    kind, _, name = term.partition("/")
+    return f"data/{kind}_{name}" if name else f"loss/{term}"
+
+
 def step_row(engine, cfg, terms, loader, elapsed, data_seconds, samples, flops, peak, world_size) -> dict:
     shard_errors, sample_errors = loader.errors()
-    row = {("loss" if name == "loss" else f"loss/{name}"): float(value) for name, value in terms.items()}
+    row = {_metric_name(name): float(value) for name, value in terms.items()}
     samples_per_s = samples / max(elapsed, 1e-9)
     row.update(
         {

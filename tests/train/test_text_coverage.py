@@ -93,13 +93,13 @@ def test_the_validation_pass_names_the_loss_terms_of_the_missing_texts():
     cfg = load_config(None, ["run_dir=r", "data.train=[x]"])
     results = {"clips": 7, "clips_without_subtitle": 0, "clips_without_caption": 2}
     assert missing_texts(results, cfg) == [
-        "2 of 7 held-out clips have no caption: loss d's terms c2v, v2s_joint, v2c_joint, f2c, c2f get the empty "
-        "text for such clips and retrieval skips them as queries"
+        "2 of 7 held-out clips have no caption: loss d's terms c2v, v2s_joint, v2c_joint, f2c, c2f leave such "
+        "clips out in training and retrieval skips them as queries"
     ]
     results = {"clips": 7, "clips_without_subtitle": 7, "clips_without_caption": 7}
     assert missing_texts(results, cfg) == [
-        "7 of 7 held-out clips have no subtitle: loss d's terms s2v, v2s_joint, v2c_joint get the empty text for "
-        "such clips",
-        "7 of 7 held-out clips have no caption: loss d's terms c2v, v2s_joint, v2c_joint, f2c, c2f get the empty "
-        "text for such clips; retrieval skipped",
+        "7 of 7 held-out clips have no subtitle: loss d's terms s2v, v2s_joint, v2c_joint leave such clips out in "
+        "training (all of them: the terms are skipped)",
+        "7 of 7 held-out clips have no caption: loss d's terms c2v, v2s_joint, v2c_joint, f2c, c2f leave such "
+        "clips out in training (all of them: the terms are skipped); retrieval skipped",
     ]
