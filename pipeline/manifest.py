@@ -3,9 +3,10 @@
 ``manifest.json`` sits next to the shards. It records the schema version, the config that
 produced the data set, and per shard its relative URL, sample count, byte size, SHA-256,
 XXH3-64 (the fast hash that streaming readers verify), the XXH3-64 of its sample index
-(pipeline/sample_index.py), total clip seconds and the samples with a non-empty subtitle and caption (the
-text coverage training checks; absent in older manifests: unknown), plus totals and a ``sizes`` map (shard file
-name -> samples) in the layout of open_clip's ``sizes.json`` (also written as its own file, before
+(pipeline/sample_index.py), total clip seconds, the samples with a non-empty subtitle and caption (the
+text coverage training checks; absent in older manifests: unknown) and the histograms of its clips' quality
+scores (pipeline/scores.py), plus totals, the data set's score histograms (the shards' merged) and a ``sizes``
+map (shard file name -> samples) in the layout of open_clip's ``sizes.json`` (also written as its own file, before
 the manifest). Nothing else in a data set folder is
 authoritative: a shard that is not in the manifest does not exist for readers.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pipeline import storage
 from pipeline.layout import DatasetLayout
 from pipeline.schema import SCHEMA_VERSION
+from pipeline.scores import ScoreSummary
 
 TEXT_FIELDS = ("subtitle", "caption")
 """The texts whose coverage the manifest records."""
@@ -53,6 +55,9 @@ class ShardEntry:
     texts: dict[str, int] = field(default_factory=dict)
     """Samples whose text is not empty or blank, per text (``subtitle``, ``caption``); empty in older manifests, whose
     text coverage is then unknown."""
+    scores: dict = field(default_factory=dict)
+    """Histograms of the shard's quality scores (pipeline/scores.py, fixed bins); empty in older manifests and
+    when no sample has a score."""
 
     def validate(self) -> None:
         if not self.url or self.url.startswith("/") or storage.has_scheme(self.url) or ".." in self.url.split("/"):
@@ -68,6 +73,7 @@ class ShardEntry:
         bad = {k: n for k, n in self.texts.items() if k not in TEXT_FIELDS or not 0 <= n <= self.samples}
         if bad:
             raise ValueError(f"shard {self.url!r}: texts {bad} are not counts of {TEXT_FIELDS} within its samples")
+        ScoreSummary.from_dict(self.scores, self.samples, f"shard {self.url!r}")
 
     @property
     def name(self) -> str:
@@ -109,6 +115,14 @@ class Manifest:
         return {name: n / self.num_samples for name, n in texts.items()}
 
     @property
+    def scores(self) -> ScoreSummary:
+        """The data set's score histograms: its shards' merged."""
+        summary = ScoreSummary()
+        for s in self.shards:
+            summary.merge(ScoreSummary.from_dict(s.scores, s.samples, s.url))
+        return summary
+
+    @property
     def sizes(self) -> dict[str, int]:
         """open_clip-compatible ``sizes.json`` content."""
         return {s.name: s.samples for s in self.shards}
@@ -128,13 +142,17 @@ class Manifest:
         totals["seconds"] = self.seconds
         if self.texts is not None:
             totals["texts"] = self.texts
-        return {
+        out = {
             "schema_version": self.schema_version,
             "config": self.config,
             "totals": totals,
             "sizes": self.sizes,
             "shards": [_entry_dict(s) for s in self.shards],
         }
+        scores = self.scores.to_dict()
+        if scores:  # without scores: the manifest as before they existed
+            out["scores"] = scores
+        return out
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
@@ -144,6 +162,8 @@ def _entry_dict(entry: ShardEntry) -> dict:
     data = dataclasses.asdict(entry)
     if not entry.texts:  # unknown: an older entry is written as it was read
         data.pop("texts")
+    if not data["scores"]:
+        del data["scores"]
     return data
 
 
@@ -194,6 +214,8 @@ def parse_manifest(raw: bytes, uri: str) -> Manifest:
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{uri}: {exc}") from exc
     _check_totals(data, manifest, uri)
+    if data.get("scores", {}) != manifest.to_dict().get("scores", {}):
+        raise ManifestError(f"{uri}: the scores summary is not the sum of the shards' score histograms")
     return manifest
 
 

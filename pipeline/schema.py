@@ -5,7 +5,7 @@ One sample per clip. Its members inside a WebDataset tar are::
     <key>.f000.jpg, <key>.f001.jpg, ...   frames in time order (JPEG)
     <key>.subtitle.txt                     ASR subtitle (UTF-8, may be empty)
     <key>.caption.txt                      generated caption (UTF-8, may be empty)
-    <key>.json                             ClipMeta as JSON
+    <key>.json                             ClipMeta as JSON (with the clip's quality scores, pipeline/scores.py)
 
 ``<key>`` is the clip id encoded by :func:`encode_key`: webdataset splits a member
 name at the first dot of its base name, and HD-VILA clip ids look like
@@ -21,6 +21,8 @@ import functools
 import json
 import re
 from dataclasses import dataclass, field
+
+from pipeline.scores import check_scores
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +106,9 @@ class ClipMeta:
     """Where the video was read from."""
     subtitle_source: TextSource = TextSource(kind="missing")
     caption_source: TextSource = TextSource(kind="missing")
+    scores: dict = field(default_factory=dict)
+    """Quality scores, name -> number (pipeline/scores.py); a score not computed is absent. Older shards have
+    none: the key is left out of the JSON when empty."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -114,6 +119,10 @@ class ClipMeta:
             raise SchemaError(f"clip {self.clip_id!r}: middle_frame {self.middle_frame} outside 0..{n - 1}")
         if not self.span[0] < self.span[1]:
             raise SchemaError(f"clip {self.clip_id!r}: span {self.span} is not increasing")
+        try:
+            check_scores(self.scores, f"clip {self.clip_id!r}")
+        except ValueError as exc:
+            raise SchemaError(str(exc)) from None
 
     @property
     def num_frames(self) -> int:
@@ -124,7 +133,10 @@ class ClipMeta:
         return self.span[1] - self.span[0]
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        data = dataclasses.asdict(self)
+        if not data["scores"]:
+            del data["scores"]  # no scores: the JSON of a sample written before they existed
+        return json.dumps(data, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ClipMeta:

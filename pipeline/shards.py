@@ -39,6 +39,7 @@ from pipeline.layout import DatasetLayout, index_name, tar_name
 from pipeline.manifest import TEXT_FIELDS, Manifest, ShardEntry, read_manifest, shard_uris
 from pipeline.sample_index import RangeHasher, SampleIndex
 from pipeline.schema import ClipSample
+from pipeline.scores import ScoreSummary
 from pipeline.shard_check import ShardError, open_shard
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class ShardBuilder:
         self.samples = 0
         self.seconds = 0.0
         self.texts = dict.fromkeys(TEXT_FIELDS, 0)
+        self.scores = ScoreSummary()
         self._keys: list[str] = []
         self._offsets: list[int] = []
         self._closed = False
@@ -107,6 +109,7 @@ class ShardBuilder:
         self.seconds += sample.meta.duration
         for name in TEXT_FIELDS:
             self.texts[name] += bool(getattr(sample, name).strip())
+        self.scores.add(sample.meta.scores)
 
     def _mark_range_end(self) -> None:
         self._offsets.append(self._tar.offset)  # tarfile counts what it wrote, ahead of its 10 KiB write buffer
@@ -131,6 +134,7 @@ class ShardBuilder:
             seconds=round(self.seconds, 3),
             index_xxh3_64=xxhash.xxh3_64_hexdigest(raw_index),
             texts=dict(self.texts),
+            scores=self.scores.to_dict(),
         )
 
     def _finish(self) -> None:

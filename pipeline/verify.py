@@ -4,7 +4,8 @@
 
 Every shard is read once: its size and hash against the manifest, and each sample against the shard's sample
 index (pipeline/shard_check.py). A bad shard is one line on stderr naming it and the reason; the exit code is 1
-if any shard is bad. Use it after copying a data set (say to S3) or before a long training run.
+if any shard is bad. Use it after copying a data set (say to S3) or before a long training run. It also prints
+the distribution of the clips' quality scores the manifest records (pipeline/scores.py), before its verdict.
 
 ``--add-index`` writes the sample index (pipeline/sample_index.py) of each shard whose manifest entry has none (data
 sets written before it existed, which readers otherwise check whole before streaming), then the manifest with
@@ -31,6 +32,7 @@ from pipeline.layout import index_name
 from pipeline.logs import setup_logging
 from pipeline.manifest import ManifestError, ShardEntry, read_manifest, shard_uris, write_manifest
 from pipeline.sample_index import RangeHasher, SampleIndex
+from pipeline.scores import table
 from pipeline.shards import ShardError, iter_shard, key_and_field, open_shard
 
 
@@ -134,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     added = sum(r.indexed for r in results)
     samples = sum(r.entry.samples for r in results if not r.error)
     note = f"; {added} sample indexes added" + (" (manifest not rewritten: bad shards)" if bad else "") if added else ""
+    print("\n".join(score_table(args.location)))
     print(f"{len(results)} shards, {samples} samples in good shards: {len(bad)} bad{note}")
     return 1 if bad else 0
+
+
+def score_table(location: str) -> list[str]:
+    """The distribution of the data set's quality scores, from its manifest (pipeline/scores.py)."""
+    return ["quality scores (manifest):", *(f"  {line}" for line in table(read_manifest(location).scores))]
 
 
 if __name__ == "__main__":
