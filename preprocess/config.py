@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pipeline.manifest import TEXT_FIELDS
 from preprocess.decode import DecodeConfig
 from preprocess.fetching.config import FetchConfig
+from preprocess.scoring.config import ScoreConfig
 from preprocess.text.asr import AsrConfig
 from preprocess.text.captions import CaptionConfig
 
@@ -186,6 +187,8 @@ class PreprocessConfig:
     """Caption stage: generate the captions of clips that have none given."""
     asr: AsrConfig | None = None
     """ASR stage: transcribe the audio of clips that have no subtitle given."""
+    scores: ScoreConfig = ScoreConfig()
+    """Per-clip quality scores: motion, static, black, cuts; frame-text similarity with a score model."""
     retry_failed: bool = False
     """Redo committed shards that recorded failed clips (not those whose only failures are permanent fetch
     failures: a removed, private or 404 video does not come back)."""
@@ -205,6 +208,7 @@ class PreprocessConfig:
         sharding = dataclasses.asdict(self.sharding)
         sharding.pop("output")
         decode = dataclasses.asdict(self.decode)
+        decode.pop("thumbnails")  # follows scores.quality
         if decode["frame_size"] is None:  # aspect kept: manifests as before the option existed
             decode.pop("frame_size")
         else:
@@ -214,6 +218,8 @@ class PreprocessConfig:
         for name in ("captioner", "asr"):  # only when enabled: a job without them keeps its old manifest
             if getattr(self, name) is not None:
                 out[name] = dataclasses.asdict(getattr(self, name))
+        if self.scores.quality or self.scores.model:  # scores off: the manifest of a job before they existed
+            out["scores"] = {"quality": self.scores.quality, "model": self.scores.model}
         return out
 
     def run_config(self) -> dict:

@@ -21,6 +21,10 @@ A clip that asks for audio (``ClipRequest.audio``, for the ASR stage) also gets 
 decoded in the same pass (the audio packets are demuxed together with the video packets) and
 resampled to 16 kHz mono float32; a file without an audio stream gives ``audio=None``. Without
 such a request the audio stream is never read.
+
+With ``DecodeConfig.thumbnails`` each stored frame is also kept as a 64x64 RGB array (box-filtered from the
+resized frame, before JPEG), from which preprocess/scoring/ computes the clip's quality scores without decoding
+anything again.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ MAX_GOP_BYTES = 256 << 20
 """Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 TRAINING_SIZE = (224, 224)
 """Stored frame size by default: CLIP-ViP's 224x224 input (arXiv 2209.06430; its code squashes each frame to it)."""
+THUMB_SIZE = 64
+"""Side of the thumbnails kept for the quality scores (``DecodeConfig.thumbnails``)."""
 END_SLACK = 1e-3
 """Seconds a span's end may pass the video's end (its last frame plus one frame interval): timestamp rounding."""
 IMAGE_CODECS = frozenset(
@@ -79,6 +85,8 @@ class DecodeConfig:
     """Decoder threads, 1..16."""
     seek_gap: float = 6.0
     """Seek (instead of reading on) when the next needed frame is more than this many seconds ahead."""
+    thumbnails: bool = False
+    """Also keep a small RGB copy of each stored frame (``DecodedClip.thumbnails``), for the quality scores."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_frames <= 1024:
@@ -139,6 +147,9 @@ class DecodedClip:
     """The span used: the request, with the end resolved (pre-cut) or clamped to the video's end."""
     audio: np.ndarray | None = None
     """With ``ClipRequest.audio``: the span's audio, 16 kHz mono float32; None when the file has no audio stream."""
+    thumbnails: tuple[np.ndarray, ...] | None = None
+    """With ``DecodeConfig.thumbnails``: each stored frame as uint8 RGB [THUMB_SIZE, THUMB_SIZE, 3], in time order
+    (box-filtered from the stored frame, aspect not kept)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,7 @@ class _Clip:
     span: tuple[float, float]
     targets: tuple[float, ...]
     frames: list[bytes | None] = field(default_factory=list)
+    thumbs: list[np.ndarray | None] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     size: tuple[int, int] | None = None
     missing: int = 0
@@ -169,6 +181,7 @@ class _Clip:
 
     def __post_init__(self) -> None:
         self.frames = [None] * len(self.targets)
+        self.thumbs = [None] * len(self.targets)
         self.times = [0.0] * len(self.targets)
         self.missing = len(self.targets)
 
@@ -477,7 +490,7 @@ class _Pass:
         self.done: dict[int, DecodedClip | Failure] = {}
         self.last_frame = None
         self.last_time = -math.inf
-        self.jpeg_cache: tuple[int, tuple[int, int], bytes] | None = None
+        self.jpeg_cache: tuple[int, tuple[int, int], tuple[bytes, np.ndarray | None]] | None = None
         self.decode_errors = 0
         self.stopped: tuple[str, str] | None = None
         """(error class, message) when the pass ended before the end of the file."""
@@ -679,11 +692,11 @@ class _Pass:
             upright = (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
             clip.size = output_size(*upright, self.cfg.short_side, self.cfg.frame_size)
         try:
-            jpeg = self._jpeg(frame, clip.size)
+            jpeg, thumb = self._jpeg(frame, clip.size)
         except (av.FFmpegError, OSError, ValueError) as exc:
             self._fail(clip, "encode", "encode_error", f"cannot resize or JPEG-encode a frame: {_short(exc)}")
             return
-        clip.frames[tg.slot], clip.times[tg.slot] = jpeg, time
+        clip.frames[tg.slot], clip.thumbs[tg.slot], clip.times[tg.slot] = jpeg, thumb, time
         clip.missing -= 1
         self._complete(clip)
 
@@ -705,10 +718,12 @@ class _Pass:
             source_fps=self.info.fps,
             span=clip.span,
             audio=audio,
+            thumbnails=tuple(clip.thumbs) if self.cfg.thumbnails else None,
         )
         return True
 
-    def _jpeg(self, frame, size: tuple[int, int]) -> bytes:
+    def _jpeg(self, frame, size: tuple[int, int]) -> tuple[bytes, np.ndarray | None]:
+        """The stored frame's JPEG, and its thumbnail when asked for (both cached for a frame picked twice)."""
         key = frame.pts if frame.pts is not None else -1
         if self.jpeg_cache is not None and self.jpeg_cache[:2] == (key, size):
             return self.jpeg_cache[2]
@@ -719,9 +734,11 @@ class _Pass:
             image = image.transpose(_TURNS[turns])
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=self.cfg.jpeg_quality)
-        data = buf.getvalue()
-        self.jpeg_cache = (key, size, data)
-        return data
+        thumb = None
+        if self.cfg.thumbnails:  # from the resized image: ~0.1 ms a frame (docs/preprocessing.md, "Quality scores")
+            thumb = np.asarray(image.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
+        self.jpeg_cache = (key, size, (buf.getvalue(), thumb))
+        return self.jpeg_cache[2]
 
     def _fail(self, clip: _Clip, stage: str, error: str, why: str) -> None:
         self.done[clip.index] = Failure(

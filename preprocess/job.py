@@ -22,7 +22,7 @@ The only module that imports ray. One Ray task per shard runs :func:`process_sha
   (local temp files; S3 multipart uploads in progress, aborted): it is that folder's one writer.
 - Start checks (preprocess/input_checks.py): a required text with no source, or more source videos missing
   from their folder than ``max_missing_videos``, stops the job before anything is written (one line).
-- Model stages (captions, ASR): the models are checked before any work, then loaded once per
+- Model stages (captions, ASR, frame-text scores): the models are checked before any work, then loaded once per
   actor of a small pool per stage (GPU actors when the cluster has GPUs); a shard task sends its
   batches to one actor of each pool. A model failure on a batch is a ``ModelError`` (retried
   per sample in the task); an actor that dies fails the task, which is rerun like any other.
@@ -54,6 +54,7 @@ from preprocess.fetching.config import PERMANENT
 from preprocess.fetching.host_gate import HostGate
 from preprocess.input_checks import VideoCheck, inline_texts, text_file, text_model, unsourced, unsourced_message
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
+from preprocess.scoring.similarity import FrameTextScorer, check_score_model, guarded_scores
 from preprocess.shard_task import ShardSettings, ShardStats, ShardTask, process_shard
 from preprocess.text.asr import Transcriber, check_transcriber
 from preprocess.text.captions import Captioner, check_captioner
@@ -172,6 +173,8 @@ def _check_models(cfg: PreprocessConfig) -> None:
         check_captioner(cfg.captioner)
     if cfg.asr is not None:
         check_transcriber(cfg.asr)
+    if cfg.scores.model is not None:
+        check_score_model(cfg.scores.model)
 
 
 def _check_texts(cfg: PreprocessConfig, settings: ShardSettings) -> None:
@@ -281,6 +284,7 @@ def _settings(cfg: PreprocessConfig) -> ShardSettings:
         max_video_deaths=cfg.ray.max_retries + 1,
         captioner=cfg.captioner,
         asr=cfg.asr,
+        scores=cfg.scores,
     )
 
 
@@ -314,17 +318,20 @@ class _Board:
 
 @ray.remote
 class _ModelActor:
-    """One loaded model of a stage (caption or ASR); ``run`` maps a batch of inputs to texts."""
+    """One loaded model of a stage (caption, ASR or score); ``run`` maps a batch of inputs to texts (scores)."""
 
     def __init__(self, kind: str, cfg, threads: int):
         device = torch_device(bool(ray.get_gpu_ids()), threads)
+        self.guard = guarded_scores if kind == "score" else guarded
         if kind == "caption":
             self.fn = Captioner(cfg, device).from_jpegs
+        elif kind == "score":
+            self.fn = FrameTextScorer(cfg.model, device)
         else:
             self.fn = Transcriber(cfg, device)
 
-    def run(self, batch: list) -> list[str]:
-        return guarded(self.fn, batch)
+    def run(self, batch: list) -> list:
+        return self.guard(self.fn, batch)
 
 
 def _model_fn(actors: list, index: int):
@@ -361,7 +368,14 @@ class _GateClient:
 
 
 def _run_shard(
-    task: ShardTask, settings: ShardSettings, board, token: str, captioners: list, transcribers: list, gate
+    task: ShardTask,
+    settings: ShardSettings,
+    board,
+    token: str,
+    captioners: list,
+    transcribers: list,
+    scorers: list,
+    gate,
 ) -> ShardStats:
     node = ray.get_runtime_context().get_node_id()
     return process_shard(
@@ -371,13 +385,15 @@ def _run_shard(
         caption=_model_fn(captioners, task.index),
         transcribe=_model_fn(transcribers, task.index),
         gate=_GateClient(gate) if gate is not None else None,
+        score=_model_fn(scorers, task.index),
     )
 
 
 def _model_pools(cfg: PreprocessConfig) -> dict[str, list]:
     """Actor pools of the configured stages: one actor per GPU (a share of it per stage), else ``model_actors``
     CPU actors."""
-    stages = {name: c for name, c in (("caption", cfg.captioner), ("asr", cfg.asr)) if c is not None}
+    stages = (("caption", cfg.captioner), ("asr", cfg.asr), ("score", cfg.scores if cfg.scores.model else None))
+    stages = {name: c for name, c in stages if c is not None}
     if not stages:
         return {}
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -449,7 +465,7 @@ class _Dispatcher:
             log.info("first shard task submitted after %.2f s", time.monotonic() - self.started)
         self._generation += 1
         token = f"{task.index}.{self._generation}"
-        models = (self.pools.get("caption", []), self.pools.get("asr", []))
+        models = (self.pools.get("caption", []), self.pools.get("asr", []), self.pools.get("score", []))
         ref = self.remote.remote(task, self.settings_ref, self.board, token, *models, self.gate)
         self.pending[ref] = _Attempt(task=task, token=token, errors=errors, rechecked=rechecked)
 

@@ -23,6 +23,8 @@ import zlib
 from dataclasses import dataclass, field
 
 from pipeline import storage
+from pipeline.manifest import ManifestError, read_manifest
+from pipeline.scores import table
 from preprocess.config import TEXT_FIELDS, PreprocessConfig
 from preprocess.fetching import js_runtime
 from preprocess.fetching.fetch import is_storage_uri
@@ -38,6 +40,7 @@ from preprocess.input_checks import (
 )
 from preprocess.inputs import json_line, open_lmdb, text_format
 from preprocess.plan import metadata_files, plan_shards, read_slice
+from preprocess.scoring.similarity import check_score_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,3 +244,31 @@ def _check_texts(uri: str, stage: str, problems: collections.Counter, sample: Cl
         f"jsonl {uri}, {records} records (joined before the shard tasks; duplicates are found by the join): "
         f"{sample.coverage(len(hits))}"
     )
+
+
+def score_lines(cfg: PreprocessConfig) -> list[str]:
+    """Which quality scores the job computes, and the distribution already in the output's manifest, if any."""
+    scores = cfg.scores
+    quality = "motion, static, black, cuts (thumbnails of the stored frames, in the decode pass)"
+    lines = [f"scores: {quality if scores.quality else 'quality scores off'}"]
+    if scores.model:
+        how = "middle frame vs each non-empty text, after the text stages"
+        lines.append(f"scores: sim_subtitle, sim_caption with {scores.model} ({score_refusal(cfg) or how})")
+    else:
+        lines.append("scores: no frame-text similarity (no --score-model)")
+    try:
+        summary = read_manifest(cfg.sharding.output).scores
+    except ManifestError:
+        return lines
+    return lines + [f"scores in {cfg.sharding.output} (its manifest):", *(f"  {line}" for line in table(summary))]
+
+
+def score_refusal(cfg: PreprocessConfig) -> str | None:
+    """Why the job would not start for its score model (the check it makes first), or None."""
+    if cfg.scores.model is None:
+        return None
+    try:
+        check_score_model(cfg.scores.model)
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -39,6 +39,7 @@ SECTIONS = (  # (config field, flag prefix, flag names that differ from prefix +
     ("ray", "", {"address": "ray-address", "video_timeout_s": "video-timeout", "stall_timeout_s": "stall-timeout"}),
     ("captioner", "caption-", {"num_beams": "caption-beams", "max_new_tokens": "caption-max-tokens"}),
     ("asr", "asr-", {"num_beams": "asr-beams", "max_new_tokens": "asr-max-tokens"}),
+    ("scores", "score-", {}),
     (
         "fetch",
         "fetch-",
@@ -50,8 +51,8 @@ SECTIONS = (  # (config field, flag prefix, flag names that differ from prefix +
         },
     ),
 )
-NOT_FLAGS = {"fetch": ("audio",)}
-"""Fields the job sets itself (the fetch of audio follows the ASR stage)."""
+NOT_FLAGS = {"fetch": ("audio",), "decode": ("thumbnails",)}
+"""Fields the job sets itself (the fetch of audio follows the ASR stage, the thumbnails the quality scores)."""
 OPTIONAL_SECTIONS = {"captioner": "caption-model", "asr": "asr-model"}
 
 
@@ -132,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_plan(cfg, prog: str) -> int:
     """The plan on stdout; exit 2 with one line on stderr per reason the job would not start."""
-    from preprocess.plan_report import plan_report
+    from preprocess.plan_report import plan_report, score_lines, score_refusal
 
     report = plan_report(cfg)
-    print("\n".join(report.lines(cfg)), flush=True)
-    for reason in report.refusals:
+    print("\n".join(report.lines(cfg) + score_lines(cfg)), flush=True)
+    refusals = report.refusals + ([score_refusal(cfg)] if score_refusal(cfg) else [])
+    for reason in refusals:
         print(f"{prog}: error: {reason}", file=sys.stderr)
-    return 2 if report.refusals else 0
+    return 2 if refusals else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ With a caption or ASR stage, samples pass through :class:`preprocess.text.stages
 (batched model calls, input order kept) on their way to the writer; the models themselves are
 callables handed in by the caller (Ray actors in :mod:`preprocess.job`). Clips without a given
 subtitle ask the decoder for their audio, read in the same pass as their frames.
+
+Quality scores (preprocess/scoring/): motion, static, black and cuts come from small copies of the frames the
+decoder keeps in the same pass; the frame-text similarity, when a score model is given, is one more batched
+stage after the text stages (its model a callable handed in, like theirs), so generated texts are scored too.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from preprocess.fetching.config import FetchConfig
 from preprocess.fetching.sources import LocalVideo, ShardSources, SourceSettings, local_video, prefetched
 from preprocess.inputs import ClipItem, TextEntry, clip_file
 from preprocess.plan import ShardSlice, SliceContents, read_slice
+from preprocess.scoring.config import ScoreConfig
+from preprocess.scoring.quality import quality_scores
+from preprocess.scoring.stage import SimilarityStage
 from preprocess.text.asr import AsrConfig
 from preprocess.text.captions import CaptionConfig
 from preprocess.text.stages import ModelFn, StageModel, TextStages
@@ -68,6 +75,8 @@ class ShardSettings:
     """Generate captions of the clips that have none given (the model is passed to process_shard)."""
     asr: AsrConfig | None = None
     """Transcribe the audio of the clips that have no subtitle given."""
+    scores: ScoreConfig = ScoreConfig()
+    """The quality scores to compute (the similarity model, if any, is passed to process_shard)."""
     keep_sources: str | None = None
     """Archive of fetched source videos (looked up after ``videos``)."""
     fetch: FetchConfig | None = None
@@ -101,6 +110,8 @@ class ShardStats:
     input_failures: dict[str, int] = field(default_factory=dict)
     """Problems of metadata lines and entries that gave no clip, by error."""
     texts: dict[str, int] = field(default_factory=dict)
+    score_errors: int = 0
+    """Clips the similarity model failed on (kept without those scores; each has a failure row)."""
     clip_seconds: float = 0.0
     bytes: int = 0
     decode_seconds: float = 0.0
@@ -160,6 +171,11 @@ class _Shard:
         if isinstance(what, Failure):
             self.failures.append((self.task.index, item.position, what))
 
+    def score_failed(self, item: ClipItem, failure: Failure) -> None:
+        """The similarity model failed on a clip: kept without those scores, with a failure row."""
+        self.stats.score_errors += 1
+        self.failures.append((self.task.index, item.position, failure))
+
 
 def _count_text(counts: dict[str, int], name: str, text: str, source: TextSource) -> None:
     keys = {"missing": [f"{name}_missing"], "generated": [f"{name}_generated"]}.get(
@@ -172,10 +188,14 @@ def _count_text(counts: dict[str, int], name: str, text: str, source: TextSource
 
 
 def _stage_models(
-    settings: ShardSettings, caption: ModelFn | None, transcribe: ModelFn | None
+    settings: ShardSettings, caption: ModelFn | None, transcribe: ModelFn | None, score: ModelFn | None = None
 ) -> dict[str, StageModel]:
     out = {}
-    for name, cfg, fn in (("caption", settings.captioner, caption), ("asr", settings.asr, transcribe)):
+    for name, cfg, fn in (
+        ("caption", settings.captioner, caption),
+        ("asr", settings.asr, transcribe),
+        ("score", settings.scores if settings.scores.model else None, score),
+    ):
         if cfg is None:
             continue
         if fn is None:
@@ -191,15 +211,17 @@ def process_shard(
     caption: ModelFn | None = None,
     transcribe: ModelFn | None = None,
     gate=None,
+    score: ModelFn | None = None,
 ) -> ShardStats:
     """Decode, write and commit one shard; returns its stats (also written as its commit marker).
 
     ``caption`` (middle-frame JPEGs -> captions) and ``transcribe`` (16 kHz audio -> subtitles)
     are the models of the stages configured in ``settings``; they raise
-    :class:`preprocess.text.stages.ModelError` when the model fails on its inputs. ``gate`` spaces the
+    :class:`preprocess.text.stages.ModelError` when the model fails on its inputs; so does ``score`` ((middle frame
+    JPEG, subtitle, caption) -> their similarities, preprocess/scoring/similarity.py). ``gate`` spaces the
     downloads of each host job-wide (preprocess/fetching/host_gate.py; needed with ``settings.fetch``).
     """
-    models = _stage_models(settings, caption, transcribe)
+    models = _stage_models(settings, caption, transcribe, score)
     settings.faults.at_start(task.index)
     started = time.monotonic()
     out = DatasetLayout(settings.output)
@@ -217,11 +239,16 @@ def process_shard(
             ShardWriter(settings.output, shard_stem(task.index), limits, tmp_dir=scratch) as writer,
         ):
             shard = _Shard(task, writer, contents, settings.faults)
-            stages = TextStages(shard.add, shard.note, caption=models.get("caption"), asr=models.get("asr"))
+            scoring = SimilarityStage(shard.add, shard.score_failed, models["score"]) if "score" in models else None
+            stages = TextStages(
+                scoring.add if scoring else shard.add, shard.note, caption=models.get("caption"), asr=models.get("asr")
+            )
             for run, video in _with_videos(video_runs(clips), task, settings, scratch, on_video, gate):
                 for item, outcome, audio in _process_run(run, task, settings, video, scratch, shard.stats):
                     stages.add(item, outcome, audio)
             stages.finish()
+            if scoring:
+                scoring.finish()
         shard.stats.entries = list(writer.entries)
         shard.stats.bytes = sum(e.bytes for e in writer.entries)
         shard.stats.wall_seconds = round(time.monotonic() - started, 3)
@@ -334,7 +361,8 @@ def _decode_file(video: LocalVideo, items: list[ClipItem], settings: ShardSettin
             )
             for i in items
         ]
-        results = decode_clips(path, requests, settings.decode)
+        decode = dataclasses.replace(settings.decode, thumbnails=settings.scores.quality)
+        results = decode_clips(path, requests, decode)
         while done < len(items):
             t0 = time.monotonic()
             result = next(results, None)
@@ -386,6 +414,7 @@ def _sample(item: ClipItem, clip: DecodedClip, uri: str, whole: bool) -> ClipSam
         source_uri=uri,
         subtitle_source=subtitle_source,
         caption_source=caption_source,
+        scores=quality_scores(clip.thumbnails, clip.frame_times) if clip.thumbnails is not None else {},
     )
     return ClipSample(meta=meta, frames=tuple(clip.frames), subtitle=subtitle, caption=caption)
 
