@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import config
 from train.run_layout import RunLayout
+from train.sample_filter import SampleFilter
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ class DataConfig:
     """Batches prefetched per worker."""
     shuffle_frames: bool = False
     """Permute frame order (a no-temporal-order baseline; off for real training)."""
+    filter: str = ""
+    """Train only on samples whose quality scores pass this expression, checked before their frames are decoded,
+    e.g. "motion > 0.01 and cuts == 0" (train/sample_filter.py: names, numbers, comparisons, and/or/not; a sample
+    without a named score is left out). Empty: every sample. Held-out data is never filtered."""
 
     def __post_init__(self) -> None:
         self.train, self.eval = _split_sources(self.train), _split_sources(self.eval)
@@ -195,6 +200,9 @@ class DataConfig:
             f"must be >= 1 or null, got {self.train_num_samples}",
         )
         _check(self.context_length >= 3, "data.context_length", "must hold at least SOT, one token and EOT")
+        _check(isinstance(self.filter, str), "data.filter", f"must be an expression string, got {self.filter!r}")
+        if self.filter.strip():
+            SampleFilter(self.filter)  # a ValueError naming data.filter and the reason
 
 
 def _is_number(text: str) -> bool:

@@ -10,6 +10,10 @@ a stream reads, in which order, is train/shard_stream.py's part:
   worker ``w`` serves logical stream ``(w + g) mod W`` so the global batch order is unchanged.
 * **Bad samples.** A sample whose metadata or JPEGs do not decode is skipped, counted and logged;
   its batch row goes to the stream's next sample (bad shards: train/shard_stream.py).
+* **Filter.** With ``data.filter`` (train/sample_filter.py) a sample whose scores do not pass is left out after
+  its metadata is read, before any JPEG is decoded, and counted in the position (``filtered``). A left-out
+  sample still advances ``offset`` (a raw sample), so a resume skips exactly what the run had read, filtered or
+  not, and the count goes on from the checkpoint's.
 
 Batches hold uint8 frames in pooled buffers (train/frames.py), normalised on the training device.
 The data state (``StreamingLoader.state_dict``: batches served, each worker stream's position and
@@ -31,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.schema import ClipSample, SchemaError
 from train.config import DataConfig
 from train.frames import BatchFrames, FramePool
+from train.sample_filter import SampleFilter, check_scored
 from train.sample_transform import SampleTransform, decode_item
 from train.shard_sources import Source, open_sources
 from train.shard_stream import ErrorCounter, ShardPlan, seeded, window_samples
@@ -46,6 +51,8 @@ class StreamPosition(TypedDict):
     offset: int
     shard_errors: int
     sample_errors: int
+    filtered: int
+    """Samples ``data.filter`` left out so far (absent in data states saved before the filter: 0)."""
 
 
 def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict:
@@ -78,15 +85,16 @@ def stream_batches(
     transform: SampleTransform,
     seed: int,
     pool: FramePool,
+    keep: SampleFilter | None = None,
 ) -> Iterator[dict]:
     """Infinite batches of one stream, starting at ``start``; each carries the position after it.
 
     Rows are prepared sample by sample (metadata, frame and text draws) and decoded together once
     every row has a sample: the per-sample Python work and the JPEG decoding each stay warm in the
-    caches (bench/loader.py). A sample that fails to decode is counted and its row goes to the next
-    sample of the stream.
+    caches (bench/loader.py). A sample that fails to decode, or that ``keep`` leaves out, is counted and its row
+    goes to the next sample of the stream.
     """
-    errors = ErrorCounter(start["shard_errors"], start["sample_errors"])
+    errors = ErrorCounter(start["shard_errors"], start["sample_errors"], start.get("filtered", 0))
     window, skip = start["window"], start["offset"]
     rows: list[dict | None] = [None] * cfg.batch_size
     filled: BatchFrames | None = None  # taken at a batch's first sample: by then the last one may be back
@@ -94,42 +102,71 @@ def stream_batches(
     while True:
         rng = seeded(seed, stream, window, 1)
         shards = plan.window(stream, window, cfg.shards_per_window)
-        offset = 0
+        offset = kept = 0
         for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors):
             offset += 1
             if offset <= skip:
+                kept += 1  # read before the resume: counts as progress
                 continue
             row = rows.index(None)
             filled = filled or pool.take()
-            rows[row] = _prepare(
-                raw, transform, seeded(seed, stream, window, offset, 2), errors, filled.row_arrays(row)
-            )
+            draws = seeded(seed, stream, window, offset, 2)
+            rows[row] = _prepare(raw, transform, keep, draws, errors, filled.row_arrays(row))
+            kept += rows[row] is not None
             if None in rows or not _decode_rows(rows, errors):
                 continue
             batch = collate(rows, cfg.context_length, filled)
             filled = None
-            batch["position"] = StreamPosition(
-                window=window, offset=offset, shard_errors=errors.shard_errors, sample_errors=errors.sample_errors
-            )
+            batch["position"] = _position(window, offset, errors)
             rows = [None] * cfg.batch_size
             yield batch
-        empty_windows = empty_windows + 1 if offset == 0 else 0
+        empty_windows = empty_windows + 1 if kept == 0 else 0
         if empty_windows >= MAX_EMPTY_WINDOWS:
-            raise RuntimeError(
-                f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample "
-                f"({errors.shard_errors} shard errors); is the data set reachable?"
-            )
+            raise RuntimeError(_no_samples(stream, offset, errors, keep))
         window, skip = window + 1, 0
+
+
+def _position(window: int, offset: int, errors: ErrorCounter) -> StreamPosition:
+    return StreamPosition(
+        window=window,
+        offset=offset,
+        shard_errors=errors.shard_errors,
+        sample_errors=errors.sample_errors,
+        filtered=errors.filtered,
+    )
+
+
+def _no_samples(stream: int, offset: int, errors: ErrorCounter, keep: SampleFilter | None) -> str:
+    if offset and keep is not None:
+        return (
+            f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample that passes data.filter "
+            f"{keep.expression!r} ({errors.filtered} left out by it so far, {errors.sample_errors} sample errors)"
+        )
+    return (
+        f"stream {stream}: {MAX_EMPTY_WINDOWS} windows in a row had no readable sample "
+        f"({errors.shard_errors} shard errors, {errors.sample_errors} sample errors); is the data set reachable?"
+    )
 
 
 _SAMPLE_ERRORS = (SchemaError, OSError, ValueError, RuntimeError)
 
 
 def _prepare(
-    raw: dict, transform: SampleTransform, rng: random.Random, errors: ErrorCounter, out: tuple[np.ndarray, np.ndarray]
+    raw: dict,
+    transform: SampleTransform,
+    keep: SampleFilter | None,
+    rng: random.Random,
+    errors: ErrorCounter,
+    out: tuple[np.ndarray, np.ndarray],
 ) -> dict | None:
+    """The sample's item with its draws made, frames not decoded; None when it is bad (counted) or ``keep`` leaves
+    it out (counted, before anything is decoded)."""
     try:
-        item = transform.prepare(ClipSample.from_wds(raw), rng, out)
+        sample = ClipSample.from_wds(raw)
+        if keep is not None and not keep.keep(sample.meta.scores):
+            errors.filtered += 1
+            return None
+        item = transform.prepare(sample, rng, out)
     except _SAMPLE_ERRORS as exc:
         errors.sample(f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", exc)
         return None
@@ -150,7 +187,7 @@ def _decode_rows(rows: list[dict], errors: ErrorCounter) -> bool:
 
 
 def initial_position() -> StreamPosition:
-    return StreamPosition(window=0, offset=0, shard_errors=0, sample_errors=0)
+    return StreamPosition(window=0, offset=0, shard_errors=0, sample_errors=0, filtered=0)
 
 
 class StreamingDataset(IterableDataset):
@@ -160,6 +197,10 @@ class StreamingDataset(IterableDataset):
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.num_workers = max(cfg.num_workers, 1)
         self.sources = open_sources(cfg.train, "data.train", log_warnings=rank == 0)
+        self.keep = SampleFilter(cfg.filter) if cfg.filter.strip() else None
+        if self.keep is not None:
+            for source in self.sources:
+                check_scored(self.keep, source.location, (ref.entry for ref in source.shards if ref.entry))
         self.samples_per_epoch = epoch_samples(self.sources, cfg.train_num_samples)
         self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
         self.transform = SampleTransform(
@@ -178,7 +219,7 @@ class StreamingDataset(IterableDataset):
         stream = self.rank * self.num_workers + logical
         start = self.state["streams"][logical]
         pool = FramePool(self.buffers_in_use[worker], self.cfg.batch_size, self.cfg.num_frames, self.cfg.image_size)
-        for batch in stream_batches(self.plan, stream, start, self.cfg, self.transform, self.seed, pool):
+        for batch in stream_batches(self.plan, stream, start, self.cfg, self.transform, self.seed, pool, self.keep):
             batch["stream"], batch["worker"] = logical, worker
             yield batch
 
@@ -270,6 +311,10 @@ class StreamingLoader:
     def errors(self) -> tuple[int, int]:
         streams = self.state["streams"]
         return sum(p["shard_errors"] for p in streams), sum(p["sample_errors"] for p in streams)
+
+    def filtered(self) -> int:
+        """Samples ``data.filter`` left out so far, on this rank."""
+        return sum(p.get("filtered", 0) for p in self.state["streams"])
 
     def state_dict(self) -> dict:
         return {"batches": self.state["batches"], "streams": [dict(p) for p in self.state["streams"]]}

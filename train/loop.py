@@ -354,6 +354,7 @@ def step_row(engine, cfg, terms, loader, elapsed, data_seconds, samples, flops, 
             "data_wait_fraction": min(1.0, ds.all_reduce(data_seconds, "max") / max(elapsed, 1e-9)),
             "data/shard_errors": int(ds.all_reduce(shard_errors, "sum")),
             "data/sample_errors": int(ds.all_reduce(sample_errors, "sum")),
+            "data/filtered": int(ds.all_reduce(loader.filtered(), "sum")),
         }
     )
     if peak > 0:

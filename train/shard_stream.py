@@ -71,10 +71,11 @@ class ShardPlan:
 
 
 class ErrorCounter:
-    """Counts skipped shards and samples; logs each one (never silent)."""
+    """Counts skipped shards and samples; logs each one (never silent). Also counts the samples ``data.filter``
+    left out (not errors: the metrics report them, train/loader.py)."""
 
-    def __init__(self, shard_errors: int = 0, sample_errors: int = 0):
-        self.shard_errors, self.sample_errors = shard_errors, sample_errors
+    def __init__(self, shard_errors: int = 0, sample_errors: int = 0, filtered: int = 0):
+        self.shard_errors, self.sample_errors, self.filtered = shard_errors, sample_errors, filtered
 
     def shard(self, exc: Exception) -> None:
         self.shard_errors += 1
