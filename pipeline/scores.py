@@ -18,10 +18,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 SCORES: dict[str, str] = {
-    "motion": "mean absolute difference of consecutive stored frames, grey, 64x64, 0..1",
+    "motion": "mean absolute difference of consecutive stored frames, grey thumbnails, 0..1",
     "static": "fraction of consecutive stored frames that barely differ (mean absolute difference < 0.005)",
     "black": "fraction of stored frames that are black (grey mean < 0.06) or blank (each RGB channel's std < 0.02)",
-    "cuts": "hard cuts between consecutive stored frames (HSV histogram distance > 0.41)",
+    "cuts": "hard cuts between consecutive stored frames (HSV histogram distance > 0.42)",
     "sim_subtitle": "cosine similarity of the middle frame and the subtitle (open_clip --score-model)",
     "sim_caption": "cosine similarity of the middle frame and the caption (open_clip --score-model)",
 }

@@ -22,9 +22,9 @@ decoded in the same pass (the audio packets are demuxed together with the video 
 resampled to 16 kHz mono float32; a file without an audio stream gives ``audio=None``. Without
 such a request the audio stream is never read.
 
-With ``DecodeConfig.thumbnails`` each stored frame is also kept as a 64x64 RGB array (box-filtered from the
-resized frame, before JPEG), from which preprocess/scoring/ computes the clip's quality scores without decoding
-anything again.
+With ``DecodeConfig.thumbnails`` each stored frame is also kept as a small RGB image (the resized frame
+box-reduced to a short side of about 56 pixels, before JPEG), from which preprocess/scoring/ computes the
+clip's quality scores without decoding anything again.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ MAX_GOP_BYTES = 256 << 20
 """Compressed bytes one GOP may hold; a longer keyframe interval fails the remaining clips (bounded memory)."""
 TRAINING_SIZE = (224, 224)
 """Stored frame size by default: CLIP-ViP's 224x224 input (arXiv 2209.06430; its code squashes each frame to it)."""
-THUMB_SIZE = 64
-"""Side of the thumbnails kept for the quality scores (``DecodeConfig.thumbnails``)."""
+THUMB_SIDE = 56
+"""About the short side of the thumbnails kept for the quality scores (``DecodeConfig.thumbnails``): the stored
+frame box-reduced by the whole factor that comes nearest (224 -> 56)."""
 END_SLACK = 1e-3
 """Seconds a span's end may pass the video's end (its last frame plus one frame interval): timestamp rounding."""
 IMAGE_CODECS = frozenset(
@@ -86,7 +87,7 @@ class DecodeConfig:
     seek_gap: float = 6.0
     """Seek (instead of reading on) when the next needed frame is more than this many seconds ahead."""
     thumbnails: bool = False
-    """Also keep a small RGB copy of each stored frame (``DecodedClip.thumbnails``), for the quality scores."""
+    """Also keep a small copy of each stored frame (``DecodedClip.thumbnails``), for the quality scores."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_frames <= 1024:
@@ -147,9 +148,9 @@ class DecodedClip:
     """The span used: the request, with the end resolved (pre-cut) or clamped to the video's end."""
     audio: np.ndarray | None = None
     """With ``ClipRequest.audio``: the span's audio, 16 kHz mono float32; None when the file has no audio stream."""
-    thumbnails: tuple[np.ndarray, ...] | None = None
-    """With ``DecodeConfig.thumbnails``: each stored frame as uint8 RGB [THUMB_SIZE, THUMB_SIZE, 3], in time order
-    (box-filtered from the stored frame, aspect not kept)."""
+    thumbnails: tuple[Image.Image, ...] | None = None
+    """With ``DecodeConfig.thumbnails``: each stored frame as a small RGB image (short side about ``THUMB_SIDE``,
+    box-reduced from the stored frame), in time order."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class _Clip:
     span: tuple[float, float]
     targets: tuple[float, ...]
     frames: list[bytes | None] = field(default_factory=list)
-    thumbs: list[np.ndarray | None] = field(default_factory=list)
+    thumbs: list[Image.Image | None] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     size: tuple[int, int] | None = None
     missing: int = 0
@@ -490,7 +491,7 @@ class _Pass:
         self.done: dict[int, DecodedClip | Failure] = {}
         self.last_frame = None
         self.last_time = -math.inf
-        self.jpeg_cache: tuple[int, tuple[int, int], tuple[bytes, np.ndarray | None]] | None = None
+        self.jpeg_cache: tuple[int, tuple[int, int], tuple[bytes, Image.Image | None]] | None = None
         self.decode_errors = 0
         self.stopped: tuple[str, str] | None = None
         """(error class, message) when the pass ended before the end of the file."""
@@ -722,7 +723,7 @@ class _Pass:
         )
         return True
 
-    def _jpeg(self, frame, size: tuple[int, int]) -> tuple[bytes, np.ndarray | None]:
+    def _jpeg(self, frame, size: tuple[int, int]) -> tuple[bytes, Image.Image | None]:
         """The stored frame's JPEG, and its thumbnail when asked for (both cached for a frame picked twice)."""
         key = frame.pts if frame.pts is not None else -1
         if self.jpeg_cache is not None and self.jpeg_cache[:2] == (key, size):
@@ -735,8 +736,8 @@ class _Pass:
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=self.cfg.jpeg_quality)
         thumb = None
-        if self.cfg.thumbnails:  # from the resized image: ~0.1 ms a frame (docs/preprocessing.md, "Quality scores")
-            thumb = np.asarray(image.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
+        if self.cfg.thumbnails:  # from the resized image, a whole-factor box reduction: ~0.05 ms a frame
+            thumb = image.reduce(max(1, round(min(image.size) / THUMB_SIDE)))
         self.jpeg_cache = (key, size, (buf.getvalue(), thumb))
         return self.jpeg_cache[2]
 

@@ -12,7 +12,8 @@ class ScoreConfig:
     """Per-clip quality scores, stored in each sample's JSON and summarised in the manifest."""
 
     quality: bool = True
-    """Compute motion, static, black and cuts from a 64x64 copy of each stored frame, in the decode pass."""
+    """Compute motion, static, black and cuts from a thumbnail of each stored frame (56x56 of 224x224), in the
+    decode pass."""
     model: str | None = None
     """open_clip model for the frame-text similarity of each clip's middle frame with its subtitle and caption: a
     local folder (open_clip_config.json and weights) or a weights file with its model config beside it as

