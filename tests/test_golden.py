@@ -25,6 +25,23 @@ pytestmark = pytest.mark.ray
 ROOT = Path("/tmp/vidproxy-golden")
 
 GOLDEN = {
+    "shard-000000-000.idx.json": "43a686beaaec1d1cc97f789b7fdb8f3577f26ed7a1ead873d2fa82437164c686",
+    "shard-000000-000.tar": "cbac276ce55fbc8531f0de636d7558fa9cb08429eb61ec58569ae7c8009cc1d6",
+    "shard-000001-000.idx.json": "1c0a2433e6d7c4d977f8ccfab7cb806b5cf0a2da63cc6d02472e0b37adda18c2",
+    "shard-000001-000.tar": "8046286a1e5ff4122598575cb630f3723a210a2c2e6ed0ea4e87e0d42d82d1fb",
+    "shard-000002-000.idx.json": "75552014d5552b45de3d34859a6e832b2f105afc1de8bec31bbcc3263fe9b299",
+    "shard-000002-000.tar": "1d6d5090f39a60abb48e9daccdacd4b43271dc6375414a12f0b8daf415bb8f0e",
+    "shard-000003-000.idx.json": "43cd334fb37befe4ac1184393f8f7bdf88f0f928d8ec04d6c840c7938ea98642",
+    "shard-000003-000.tar": "622042099a8e3f3035868db655a8299b08b8d2c6af5f17a9b5547c0b3e912cf3",
+    "shard-000004-000.idx.json": "5a6b811585bd4451854e4a2a0f6b2834aecfcaca7842120875b2060ccdc28833",
+    "shard-000004-000.tar": "a6a1ae595898495f39cb3261f9b2facfb3cb7d3b08c1a3480c8eb2c9a0103283",
+    "manifest.json": "5fbd02c54142b50bd522c81da4d04b407ab16c681cea6f38332a76457d00307a",
+    "sizes.json": "e5b2d2b9bf42a8b45a35d7791da274293d10634f792b7111abed1fccef96482c",
+    "failures.parquet": "a0e91c7664395f6e792ebad612792fceaac9983851e911c1d3633b9843db37e9",
+}
+"""The default run: every sample's JSON carries its quality scores, the manifest their histograms (issue 23)."""
+
+WITHOUT_SCORES = {
     "shard-000000-000.idx.json": "43658c767576bdcb8630dee97a441fffc1faeea24071c36283ccb9decaae4c11",
     "shard-000000-000.tar": "02db0bdead2c3e6fd4f85019e8d041157c7f5a63420015384110748c09292a37",
     "shard-000001-000.idx.json": "4503407f98839ce4352e4a548043239793f772c5c9ad333b55951123979ce4ad",
@@ -39,6 +56,7 @@ GOLDEN = {
     "sizes.json": "e5b2d2b9bf42a8b45a35d7791da274293d10634f792b7111abed1fccef96482c",
     "failures.parquet": "a0e91c7664395f6e792ebad612792fceaac9983851e911c1d3633b9843db37e9",
 }
+"""``--no-score-quality``: byte for byte the output from before the scores existed (the digests recorded then)."""
 
 
 @contextlib.contextmanager
@@ -72,7 +90,8 @@ def _digests(out: Path) -> dict[str, str]:
     return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in names}
 
 
-def test_golden_shards(ray_local):  # noqa: F811
+@pytest.mark.parametrize("extra, golden", [((), GOLDEN), (("--no-score-quality",), WITHOUT_SCORES)])
+def test_golden_shards(ray_local, extra, golden):  # noqa: F811
     from preprocess.shard import main
 
     with _exclusive(ROOT):
@@ -99,6 +118,7 @@ def test_golden_shards(ray_local):  # noqa: F811
             "--jpeg-quality",
             "85",
             "--no-progress",
+            *extra,
         ]
         assert main(argv) == 0
         failures = pq.read_table(out / "failures.parquet").to_pydict()
@@ -106,4 +126,4 @@ def test_golden_shards(ray_local):  # noqa: F811
         digests = _digests(out)
         if os.environ.get("VIDPROXY_PRINT_GOLDEN"):
             print(json.dumps(digests, indent=4))
-        assert digests == GOLDEN
+        assert digests == golden

@@ -1,6 +1,6 @@
-"""Tiny randomly initialised text models, built and saved locally (no download): a VisionEncoderDecoder
-captioner (ViT encoder + GPT-2 decoder, a word-level tokenizer) and a Whisper speech recogniser
-(byte-level BPE tokenizer from hand-written vocab/merges files)."""
+"""Tiny randomly initialised models, built and saved locally (no download): a VisionEncoderDecoder captioner
+(ViT encoder + GPT-2 decoder, a word-level tokenizer), a Whisper speech recogniser (byte-level BPE tokenizer from
+hand-written vocab/merges files) and an open_clip CLIP for the frame-text scores."""
 
 from __future__ import annotations
 
@@ -166,3 +166,33 @@ def build_whisper(folder: Path, seed: int = 0) -> Path:
         folder
     )
     return folder
+
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "head_width": 16, "layers": 1},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+"""A ~1.7M-parameter open_clip CLIP (most of it the token embedding of open_clip's own BPE vocabulary)."""
+
+
+def build_open_clip(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny random open_clip CLIP saved both ways a score model may be given: ``file``, a safetensors file with its
+    config beside it (``tiny-clip.json``, as train.export writes), and ``folder``, open_clip's own layout
+    (``open_clip_config.json`` and ``open_clip_model.safetensors``, read through ``local-dir:``)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    save_file(state, str(folder / "tiny-clip.safetensors"))
+    local = folder / "local"
+    local.mkdir(exist_ok=True)
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    save_file(state, str(local / "open_clip_model.safetensors"))
+    return {"file": folder / "tiny-clip.safetensors", "folder": local}
