@@ -68,10 +68,9 @@ def pair_differences(grey: np.ndarray) -> np.ndarray:
 
 def black_fraction(grey: np.ndarray, value: np.ndarray) -> float:
     """Fraction of frames [n, h, w] (uint8 grey and HSV value) that are black (dark) or blank (flat)."""
-    n = len(grey)
-    grey, value = grey.reshape(n, -1).astype(np.float32) / 255.0, value.reshape(n, -1).astype(np.float32) / 255.0
-    dark = grey.mean(axis=1) < BLACK_MEAN
-    flat = (grey.std(axis=1) < FLAT_STD) & (value.std(axis=1) < FLAT_STD)
+    both = np.stack([grey, value], axis=1).reshape(len(grey), 2, -1).astype(np.float32) / 255.0
+    dark = both[:, 0].mean(axis=1) < BLACK_MEAN
+    flat = (both.std(axis=2) < FLAT_STD).all(axis=1)
     return float(np.mean(dark | flat))
 
 
@@ -79,8 +78,10 @@ def hsv_histograms(hsv: np.ndarray) -> np.ndarray:
     """Each frame's normalised joint hue x saturation x value histogram (``HSV_BINS``): [n, bins], from uint8
     HSV frames [n, h, w, 3] (one bincount for all)."""
     n, bins = len(hsv), int(np.prod(HSV_BINS))
-    index = _BIN_OF[0][hsv[..., 0]] + _BIN_OF[1][hsv[..., 1]] + _BIN_OF[2][hsv[..., 2]]
-    index = index.reshape(n, -1) + np.arange(n)[:, None] * bins
+    index = _BIN_OF[0][np.ascontiguousarray(hsv[..., 0])]  # per channel, contiguous: a third faster
+    index += _BIN_OF[1][np.ascontiguousarray(hsv[..., 1])]
+    index += _BIN_OF[2][np.ascontiguousarray(hsv[..., 2])]
+    index = index.reshape(n, -1) + np.arange(n, dtype=np.int32)[:, None] * bins
     return np.bincount(index.ravel(), minlength=n * bins).reshape(n, bins) / index.shape[1]
 
 
