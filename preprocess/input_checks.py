@@ -83,6 +83,21 @@ def unsourced_message(cfg: PreprocessConfig, fields: list[str]) -> str:
     )
 
 
+def unmatched_message(cfg: PreprocessConfig, name: str, uri: str, records: int | None) -> str | None:
+    """One line when ``name`` is required, comes from the file ``uri`` alone (no model stage fills it in) and that
+    file gave no clip of the plan a text (``records``: its usable records, None when not counted); None else."""
+    if name not in cfg.inputs.require_texts or text_model(cfg, name):
+        return None
+    what = f"none of its {records} records" if records is not None else "none of its entries"
+    keep = [f for f in cfg.inputs.require_texts if f != name]
+    return (
+        f"{FILE_FLAGS[name][2:]} {uri}: {what} gives a planned clip a {name} (are its clip ids those of the "
+        f"metadata, and its text field the one docs/preprocessing.md names?), and training's default loss d reads "
+        f"it (terms {', '.join(DEFAULT_LOSS_TERMS[name])}): fix the file, add {MODEL_FLAGS[name]} DIR, or "
+        f"--require-texts {','.join(keep) or 'none'} to shard without it on purpose"
+    )
+
+
 # --------------------------------------------------------------------------- videos
 
 

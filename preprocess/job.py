@@ -52,7 +52,15 @@ from preprocess.failures import Failure, merge_tables
 from preprocess.faults import Faults
 from preprocess.fetching.config import PERMANENT
 from preprocess.fetching.host_gate import HostGate
-from preprocess.input_checks import VideoCheck, inline_texts, text_file, text_model, unsourced, unsourced_message
+from preprocess.input_checks import (
+    VideoCheck,
+    inline_texts,
+    text_file,
+    text_model,
+    unmatched_message,
+    unsourced,
+    unsourced_message,
+)
 from preprocess.plan import ShardSlice, metadata_files, plan_shards, read_slice
 from preprocess.scoring.similarity import FrameTextScorer, check_score_model, guarded_scores
 from preprocess.shard_task import ShardSettings, ShardStats, ShardTask, process_shard
@@ -634,7 +642,7 @@ def _dispatch(
             tasks = itertools.chain([first], todo)
             if settings.texts.joined():
                 tasks = [first, *todo]
-                _join_texts(tasks, settings)
+                _check_joined(cfg, settings, _join_texts(tasks, settings))
             dispatcher = _Dispatcher(settings, cfg, committed, bar, result, started)
             failed = dispatcher.run(tasks)
             if dispatcher.stalled:
@@ -642,7 +650,17 @@ def _dispatch(
             return failed
 
 
-def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:
+def _check_joined(cfg: PreprocessConfig, settings: ShardSettings, result) -> None:
+    """ValueError (one line) when a required text's file gave no clip of the plan a text and no stage fills it in:
+    the shards would all lack it (the join's counts; a resumed join's come from its marker)."""
+    for stage, uri in settings.texts.joined().items():
+        name = stage.removesuffix("s")
+        problem = unmatched_message(cfg, name, uri, None) if not result.texts.get(stage) else None
+        if problem:
+            raise ValueError(problem)
+
+
+def _join_texts(tasks: list[ShardTask], settings: ShardSettings):
     """Each shard's texts into a file of its own (preprocess/text/join.py), read by the shard task: a join on Ray
     Data over the clip ids of the shards to run, which each worker reads from its slices of the metadata."""
     files, layout = list(settings.metadata), settings.layout
@@ -658,7 +676,7 @@ def _join_texts(tasks: list[ShardTask], settings: ShardSettings) -> None:
         clips = [row for t in tasks for row in clip_rows({"slice": t.slice.to_json()})]
     else:
         clips = ray.data.from_items([{"slice": t.slice.to_json()} for t in tasks]).flat_map(clip_rows)
-    join_texts(clips, settings.texts.joined(), settings.texts.max_chars, DatasetLayout(settings.output), None)
+    return join_texts(clips, settings.texts.joined(), settings.texts.max_chars, DatasetLayout(settings.output), None)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from preprocess.input_checks import (
     inline_texts,
     text_file,
     text_model,
+    unmatched_message,
     unsourced,
     unsourced_message,
 )
@@ -153,8 +154,10 @@ def _text_section(cfg: PreprocessConfig, report: PlanReport, sample: ClipSample,
     for name in TEXT_FIELDS:
         parts, uri, model = [], text_file(cfg, name), text_model(cfg, name)
         if uri:
-            stage = f"{name}s"
-            parts.append(f"file {_check_texts(uri, stage, report.problems, sample)}")
+            described, records, hits = _check_texts(uri, f"{name}s", report.problems, sample)
+            parts.append(f"file {described}")
+            unmatched = unmatched_message(cfg, name, uri, records) if hits == 0 and sample.ids else None
+            report.refusals += [unmatched] if unmatched else []
         elif inline[name]:
             parts.append(f"inline in the metadata, {_share(inline[name], report.ok)} of the clips to decode")
         if model:
@@ -213,7 +216,11 @@ def _text_record(record: object, field: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get("clip_id"), str) and isinstance(record.get(field), str)
 
 
-def _check_texts(uri: str, stage: str, problems: collections.Counter, sample: ClipSample) -> str:
+def _check_texts(
+    uri: str, stage: str, problems: collections.Counter, sample: ClipSample
+) -> tuple[str, int | None, int | None]:
+    """(what the file is and the coverage to expect, its records (None: not counted), the sampled clips it gives a
+    text (None: not estimated))."""
     try:
         kind = text_format(uri)
     except storage.StorageNotFound as exc:
@@ -222,12 +229,10 @@ def _check_texts(uri: str, stage: str, problems: collections.Counter, sample: Cl
         with open_lmdb(uri, stage) as env, env.begin() as txn:
             hits = sum(bool(txn.get(i.encode("utf-8", "replace"))) for i in sample.ids)
             entries = env.stat()["entries"]
-            return f"LMDB {uri}, {entries} entries (looked up by each shard task): {sample.coverage(hits)}"
+            return f"LMDB {uri}, {entries} entries (looked up by each shard task): {sample.coverage(hits)}", None, hits
     if kind == "list":
-        return (
-            f"JSON list {uri}, {storage.size(uri) / 1e9:.3f} GB (converted and joined before the shard tasks; "
-            "coverage not estimated)"
-        )
+        described = f"JSON list {uri}, {storage.size(uri) / 1e9:.3f} GB (converted and joined before the shard tasks"
+        return f"{described}; coverage not estimated)", None, None
     records, hits = 0, set()
     with storage.open_read(uri) as stream:
         for number, raw in enumerate(stream, start=1):
@@ -240,10 +245,11 @@ def _check_texts(uri: str, stage: str, problems: collections.Counter, sample: Cl
             elif record is not None and record[TEXT_KEYS[stage]] and record["clip_id"] in sample.ids:
                 hits.add(record["clip_id"])
             records += record is not None
-    return (
+    described = (
         f"jsonl {uri}, {records} records (joined before the shard tasks; duplicates are found by the join): "
         f"{sample.coverage(len(hits))}"
     )
+    return described, records, len(hits)
 
 
 def score_lines(cfg: PreprocessConfig) -> list[str]:

@@ -253,3 +253,42 @@ def test_inline_texts_pass_the_job_and_the_manifest_records_the_coverage(ray_loc
     assert [e.texts for e in manifest.shards] == [{"subtitle": 1, "caption": 3}, {"subtitle": 1, "caption": 0}]
     raw = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert raw["totals"]["texts"] == {"subtitle": 2, "caption": 3}
+
+
+def _unmatched(path: Path, records: str) -> str:
+    return (
+        f"captions {path}: {records} gives a planned clip a caption (are its clip ids those of the metadata, and its "
+        "text field the one docs/preprocessing.md names?), and training's default loss d reads it (terms c2v, "
+        "v2s_joint, v2c_joint, f2c, c2f): fix the file, add --caption-model DIR, or --require-texts subtitle to "
+        "shard without it on purpose"
+    )
+
+
+def test_a_caption_file_that_matches_no_planned_clip_stops_the_plan(tmp_path):
+    """Release lines with a subtitle file that fits and a caption file whose ids are another data set's: a source
+    in name only. Not required, or filled in by a caption stage, it passes."""
+    meta = _release_lines(tmp_path / "hdvila_part0.jsonl")
+    write_jsonl(tmp_path / "subs.jsonl", [{"clip_id": "yt0.0", "text": "hello"}])
+    write_jsonl(tmp_path / "caps.jsonl", [{"clip_id": f"msrvtt{k}", "caption": "a dog"} for k in range(3)])
+    base = ["--metadata", str(meta), "--fetch", "--output", str(tmp_path / "out"), "--plan-only"]
+    base += ["--subtitles", str(tmp_path / "subs.jsonl"), "--captions", str(tmp_path / "caps.jsonl")]
+    plan = _cli(*base)
+    assert plan.returncode == 2
+    assert plan.stderr.strip().splitlines() == [PROG + _unmatched(tmp_path / "caps.jsonl", "none of its 3 records")]
+    assert "0.0% of the clips to decode have one [required]" in plan.stdout
+    assert _cli(*base, "--require-texts", "subtitle").returncode == 0
+    assert _cli(*base, "--caption-model", "cap").returncode == 0
+
+
+@pytest.mark.ray
+def test_the_job_stops_after_the_join_when_a_required_file_gave_no_clip_a_text(ray_local, tmp_path):
+    """The same in the job: the join finds no caption for any clip, and the job stops before any shard task."""
+    from preprocess.job import run_job
+    from tests.preprocess.fixtures_job import config, make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", videos=2, clips=2)
+    write_jsonl(corpus["captions"], [{"clip_id": "another-data-set.mp4", "caption": "a dog"}])
+    with pytest.raises(ValueError) as refused:
+        run_job(config(corpus, tmp_path / "out"))
+    assert str(refused.value) == _unmatched(corpus["captions"], "none of its entries")
+    assert not list((tmp_path / "out").glob("shard-*.tar"))
