@@ -95,6 +95,8 @@ class JobResult:
     """Why the job stopped before submitting every shard (the totals above count the shards planned so far)."""
     videos: str = ""
     """The video check at the start: found and missing (or to fetch) in one listing of the videos folder."""
+    score_errors: int = 0
+    """Clips the frame-text score model failed on (kept without ``sim_*``; rows ``score_error`` in the failures)."""
 
     def summary(self) -> str:
         rate = self.run_clips / self.wall_seconds if self.wall_seconds else 0.0
@@ -109,6 +111,8 @@ class JobResult:
         ]
         if self.texts:
             lines.append(f"texts: {_reasons(self.texts)}")
+        if self.score_errors:
+            lines.append(f"frame-text scores: {self.score_errors} clips failed (kept without sim_*; failures table)")
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}")
         for index, message in sorted(self.shards_failed.items()):
@@ -721,6 +725,7 @@ def _code_packages() -> list:
 def _tally(result: JobResult, stats: dict[int, ShardStats]) -> None:
     for shard in stats.values():
         result.ok += shard.ok
+        result.score_errors += shard.score_errors
         for into, counts in (
             (result.failed, shard.failed),
             (result.texts, shard.texts),

@@ -314,3 +314,14 @@ def test_the_job_stores_scores_and_summarises_them(score_corpus, tiny_clip, ray_
     assert "scores: motion, static, black, cuts (thumbnails of the stored frames, in the decode pass)" in plan
     assert f"scores: sim_subtitle, sim_caption with {tiny_clip['file']} (middle frame vs each" in plan
     assert f"scores in {tmp_path / 'out'} (its manifest):" in plan and cuts in plan
+
+
+def test_score_model_failures_reach_the_job_summary():
+    from preprocess.job import JobResult, _tally
+    from preprocess.shard_task import ShardStats
+
+    result = JobResult()
+    _tally(result, {0: ShardStats(shard=0, ok=3, score_errors=2), 1: ShardStats(shard=1, ok=1, score_errors=1)})
+    assert result.score_errors == 3
+    assert "frame-text scores: 3 clips failed (kept without sim_*; failures table)" in result.summary().splitlines()
+    assert "frame-text" not in JobResult().summary()
