@@ -235,9 +235,12 @@ def _check_config(out: DatasetLayout, config: dict) -> None:
         old = json.loads(existing)
         diff = sorted(f"{s}.{k}" for s in config for k in config[s] if old.get(s, {}).get(k) != config[s][k])
         diff += sorted(set(config) ^ set(old))
+        hint = ""
+        if "scores" in config and "scores" not in old:  # made before the quality scores existed
+            hint = ", or --no-score-quality to finish it as it was begun (without scores)"
         raise ValueError(
             f"{out.root} holds shards made with another config (differs in {', '.join(diff) or 'layout'}); "
-            "use a new --output"
+            f"use a new --output{hint}"
         )
 
 

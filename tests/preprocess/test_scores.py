@@ -325,3 +325,19 @@ def test_score_model_failures_reach_the_job_summary():
     assert result.score_errors == 3
     assert "frame-text scores: 3 clips failed (kept without sim_*; failures table)" in result.summary().splitlines()
     assert "frame-text" not in JobResult().summary()
+
+
+def test_an_output_begun_before_the_scores_is_refused_with_the_way_to_finish_it(tmp_path):
+    from pipeline.layout import DatasetLayout
+    from preprocess.job import _check_config
+
+    out = DatasetLayout(str(tmp_path))
+    old = {"inputs": {"layout": "source"}, "decode": {"num_frames": 12}}
+    _check_config(out, old)
+    with pytest.raises(ValueError) as refused:
+        _check_config(out, {**old, "scores": {"quality": True}})
+    assert str(refused.value) == (
+        f"{tmp_path} holds shards made with another config (differs in scores.quality, scores); use a new --output, or "
+        "--no-score-quality to finish it as it was begun (without scores)"
+    )
+    _check_config(out, old)  # as it was begun
