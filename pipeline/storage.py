@@ -492,8 +492,24 @@ def _abort_uploads(prefix: str) -> int:
     except StorageError as exc:
         log.warning("cannot list the multipart uploads in progress (%s); none aborted", exc)
         return 0
+    aborted = 0
     for upload in uploads:
-        with _s3_errors(f"s3://{loc.bucket}/{upload['Key']}"):
-            client.abort_multipart_upload(Bucket=loc.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-        log.info("aborted an unfinished multipart upload of s3://%s/%s", loc.bucket, upload["Key"])
-    return len(uploads)
+        aborted += _abort_upload(client, loc.bucket, upload["Key"], upload["UploadId"])
+    return aborted
+
+
+def _abort_upload(client, bucket: str, key: str, upload_id: str) -> bool:
+    """Abort one upload; False when it ended between the listing and now (a dying writer completed or aborted it:
+    S3's NoSuchUpload), which is what the abort was for."""
+    from botocore.exceptions import ClientError
+
+    try:
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except StorageError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") == "NoSuchUpload":
+            return False
+        raise
+    log.info("aborted an unfinished multipart upload of s3://%s/%s", bucket, key)
+    return True

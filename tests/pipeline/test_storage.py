@@ -102,6 +102,20 @@ def test_multipart_upload_round_trip(s3_bucket, monkeypatch):
     assert "-" not in small, "a small object was uploaded in parts"
 
 
+def test_cleanup_aborts_dead_uploads_and_takes_one_that_ended_meanwhile_in_its_stride(s3_bucket):
+    """Two uploads in progress under the prefix; a dying writer ends one of them between the listing and its abort
+    (S3 answers NoSuchUpload): cleanup_temp counts the other, raises nothing, and nothing is left in progress."""
+    s3, bucket = boto3.client("s3"), storage.parse(s3_bucket).bucket
+    ids = {key: s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"] for key in ("out/a.tar", "out/b.tar")}
+
+    def writer_ends_a(**_) -> None:
+        s3.abort_multipart_upload(Bucket=bucket, Key="out/a.tar", UploadId=ids["out/a.tar"])
+
+    with storage.s3_hook("after-call.s3.ListMultipartUploads", writer_ends_a):
+        assert storage.cleanup_temp(f"{s3_bucket}/out") == 1
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
 def test_wrong_credentials_are_reported(s3_bucket, monkeypatch):
     storage.write_bytes(f"{s3_bucket}/x", b"1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")

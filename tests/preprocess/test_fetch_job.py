@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,7 @@ from tests.preprocess.fixtures_job import (  # noqa: F401
     write_jsonl,
 )
 from tests.preprocess.http_faults import Fault, FaultServer
+from tests.support.sessions import kill_session
 
 pytestmark = pytest.mark.ray
 
@@ -219,18 +219,10 @@ def _kill_during_downloads(inputs: dict, slow: FaultServer, tmp_path: Path, ray_
             while len(slow.requests()) < 2 and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert len(slow.requests()) >= 2, (tmp_path / "killed.log").read_text()[-3000:]
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            kill_session(proc)  # workers too: one left alive could finish its shard and remove its scratch
         finally:
-            _kill_group(proc)
+            kill_session(proc)
     assert _scratch_left(tmp_path / "out"), "the kill left no scratch folder: no download was under way"
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.parametrize("limit", [1, 2])

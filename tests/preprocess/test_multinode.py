@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pipeline import storage
 from pipeline.layout import DatasetLayout
 from pipeline.shards import iter_dataset
 from tests.preprocess.fixtures_job import PYTHON, REPO, cli_args, dataset_bytes, make_corpus, script_env, write_jsonl
+from tests.support.sessions import kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -282,12 +282,8 @@ def _kill(procs: list[psutil.Process]) -> None:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """The driver and anything it started in its session (a one-node run's local cluster)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+    """The driver and anything it started in its session (a one-node run's local cluster, workers included)."""
+    kill_session(proc)
 
 
 def _tail(log: Path) -> str:
