@@ -217,8 +217,9 @@ def _checked_plan(cfg: PreprocessConfig, settings: ShardSettings) -> tuple[Itera
     slices = list(plan)
     if videos is None:
         return iter(slices), ""
-    if videos.refusal():
-        raise ValueError(videos.refusal())
+    refusal = videos.refusal()
+    if refusal:
+        raise ValueError(refusal)
     return iter(slices), videos.line()
 
 

@@ -144,7 +144,7 @@ def plan_report(cfg: PreprocessConfig) -> PlanReport:
             report.fetches.update(_route(c.url) for c in {c.video_id: c for c in ok}.values())
     if videos is not None:
         report.found_videos = videos.line()
-        report.refusals += [videos.refusal()] if videos.refusal() else []
+        report.refusals += [r for r in [videos.refusal()] if r]
     _text_section(cfg, report, sample, inline)
     return report
 

@@ -137,7 +137,7 @@ def _print_plan(cfg, prog: str) -> int:
 
     report = plan_report(cfg)
     print("\n".join(report.lines(cfg) + score_lines(cfg)), flush=True)
-    refusals = report.refusals + ([score_refusal(cfg)] if score_refusal(cfg) else [])
+    refusals = report.refusals + [r for r in [score_refusal(cfg)] if r]
     for reason in refusals:
         print(f"{prog}: error: {reason}", file=sys.stderr)
     return 2 if refusals else 0

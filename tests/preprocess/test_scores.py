@@ -341,3 +341,16 @@ def test_an_output_begun_before_the_scores_is_refused_with_the_way_to_finish_it(
         "--no-score-quality to finish it as it was begun (without scores)"
     )
     _check_config(out, old)  # as it was begun
+
+
+def test_plan_only_stops_on_a_score_model_that_is_not_there(tmp_path, capsys):
+    """--score-model naming nothing: the plan says so on its scores line and exits 2 with that one line."""
+    from preprocess.shard import main
+
+    write_jsonl(tmp_path / "m.jsonl", [{"video_id": "v", "clip": [{"clip_id": "c", "span": [0, 1]}]}])
+    args = ["--metadata", str(tmp_path / "m.jsonl"), "--fetch", "--output", str(tmp_path / "o"), "--plan-only"]
+    assert main([*args, "--require-texts", "none", "--score-model", str(tmp_path / "nothing")]) == 2
+    said = capsys.readouterr()
+    assert said.err.strip().splitlines() == [
+        f"preprocess/shard.py: error: score model {tmp_path}/nothing: no such file or folder"
+    ]
