@@ -97,6 +97,10 @@ class JobResult:
     """The video check at the start: found and missing (or to fetch) in one listing of the videos folder."""
     score_errors: int = 0
     """Clips the frame-text score model failed on (kept without ``sim_*``; rows ``score_error`` in the failures)."""
+    with_text: dict[str, int] = field(default_factory=dict)
+    """Samples written with a non-empty text, per text (the manifest's coverage counts)."""
+    required_texts: tuple[str, ...] = ()
+    """``--require-texts``: a required text most samples lack gets a warning line in the summary."""
 
     def summary(self) -> str:
         rate = self.run_clips / self.wall_seconds if self.wall_seconds else 0.0
@@ -111,6 +115,7 @@ class JobResult:
         ]
         if self.texts:
             lines.append(f"texts: {_reasons(self.texts)}")
+        lines += self._coverage_warnings()
         if self.score_errors:
             lines.append(f"frame-text scores: {self.score_errors} clips failed (kept without sim_*; failures table)")
         if self.stopped:
@@ -123,6 +128,16 @@ class JobResult:
             else "manifest: not written (rerun the same command to finish)"
         )
         return "\n".join(lines)
+
+    def _coverage_warnings(self) -> list[str]:
+        """A required text that under half of the samples have (an LMDB or ASR that matched few clips): training's
+        default data.min_text_coverage would refuse these shards."""
+        return [
+            f"warning: {name}: {self.with_text.get(name, 0)} of {self.ok} samples have one (required by "
+            f"--require-texts; training refuses a loss term whose text is under data.min_text_coverage, 0.5 by default)"
+            for name in self.required_texts
+            if self.ok and self.with_text.get(name, 0) < self.ok / 2
+        ]
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -151,7 +166,7 @@ def run_job(cfg: PreprocessConfig) -> JobResult:
     committed = set(out.list_stats())
     if cfg.retry_failed:
         _uncommit_failed(out, committed)
-    result = JobResult(shards_skipped=len(committed), videos=videos)
+    result = JobResult(shards_skipped=len(committed), videos=videos, required_texts=cfg.inputs.require_texts)
     slices = _counted(plan, result)
     result.shards_failed = _dispatch(slices, settings, cfg, committed, result, started)
     _clean_up(out)  # a worker killed and retried in this run may have left a temp file or an upload
@@ -730,6 +745,9 @@ def _tally(result: JobResult, stats: dict[int, ShardStats]) -> None:
     for shard in stats.values():
         result.ok += shard.ok
         result.score_errors += shard.score_errors
+        for entry in shard.entries:
+            for name, n in entry.texts.items():
+                result.with_text[name] = result.with_text.get(name, 0) + n
         for into, counts in (
             (result.failed, shard.failed),
             (result.texts, shard.texts),

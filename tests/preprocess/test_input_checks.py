@@ -292,3 +292,21 @@ def test_the_job_stops_after_the_join_when_a_required_file_gave_no_clip_a_text(r
         run_job(config(corpus, tmp_path / "out"))
     assert str(refused.value) == _unmatched(corpus["captions"], "none of its entries")
     assert not list((tmp_path / "out").glob("shard-*.tar"))
+
+
+def test_a_required_text_most_samples_lack_is_a_warning_in_the_job_summary():
+    """An LMDB or an ASR stage can match few clips without any check before the job: its summary says so."""
+    from pipeline.manifest import ShardEntry
+    from preprocess.job import JobResult, _tally
+    from preprocess.shard_task import ShardStats
+
+    entry = ShardEntry(url="shard-000000-000.tar", samples=4, bytes=1, sha256="0" * 64, seconds=4.0)
+    entry.texts.update(subtitle=4, caption=1)
+    result = JobResult(required_texts=("subtitle", "caption"))
+    _tally(result, {0: ShardStats(shard=0, ok=4, entries=[entry])})
+    warnings = [line for line in result.summary().splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: caption: 1 of 4 samples have one (required by --require-texts; training refuses a loss term whose "
+        "text is under data.min_text_coverage, 0.5 by default)"
+    ]
+    assert "warning" not in JobResult(required_texts=("subtitle",), ok=4, with_text={"subtitle": 2}).summary()
