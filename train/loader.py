@@ -38,7 +38,8 @@ from train.frames import BatchFrames, FramePool
 from train.sample_filter import SampleFilter, check_scored
 from train.sample_transform import SampleTransform, decode_item
 from train.shard_sources import Source, open_sources
-from train.shard_stream import ErrorCounter, ShardPlan, seeded, window_samples
+from train.shard_stream import Carry, ErrorCounter, ShardPlan, seeded, window_samples
+from train.stream_remap import remap
 from train.tokenizer import get_tokenizer
 
 MAX_EMPTY_WINDOWS = 64
@@ -53,6 +54,9 @@ class StreamPosition(TypedDict):
     sample_errors: int
     filtered: int
     """Samples ``data.filter`` left out so far (absent in data states saved before the filter: 0)."""
+    ended: list
+    """Pieces of the current window that ended on a shard error: ``[position, samples read]`` (train/stream_remap.py
+    replays the window with them; absent in older data states: none)."""
 
 
 def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict:
@@ -103,7 +107,8 @@ def stream_batches(
         rng = seeded(seed, stream, window, 1)
         shards = plan.window(stream, window, cfg.shards_per_window)
         offset = kept = 0
-        for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors):
+        ended: list = []
+        for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors, ended=ended):
             offset += 1
             if offset <= skip:
                 kept += 1  # read before the resume: counts as progress
@@ -117,7 +122,7 @@ def stream_batches(
                 continue
             batch = collate(rows, cfg.context_length, filled)
             filled = None
-            batch["position"] = _position(window, offset, errors)
+            batch["position"] = _position(window, offset, errors, ended)
             rows = [None] * cfg.batch_size
             yield batch
         empty_windows = empty_windows + 1 if kept == 0 else 0
@@ -126,13 +131,14 @@ def stream_batches(
         window, skip = window + 1, 0
 
 
-def _position(window: int, offset: int, errors: ErrorCounter) -> StreamPosition:
+def _position(window: int, offset: int, errors: ErrorCounter, ended: list) -> StreamPosition:
     return StreamPosition(
         window=window,
         offset=offset,
         shard_errors=errors.shard_errors,
         sample_errors=errors.sample_errors,
         filtered=errors.filtered,
+        ended=[list(item) for item in ended],
     )
 
 
@@ -186,14 +192,28 @@ def _decode_rows(rows: list[dict], errors: ErrorCounter) -> bool:
     return None not in rows
 
 
-def initial_position() -> StreamPosition:
-    return StreamPosition(window=0, offset=0, shard_errors=0, sample_errors=0, filtered=0)
+def initial_position(shard_errors: int = 0, sample_errors: int = 0, filtered: int = 0) -> StreamPosition:
+    return StreamPosition(
+        window=0, offset=0, shard_errors=shard_errors, sample_errors=sample_errors, filtered=filtered, ended=[]
+    )
 
 
 class StreamingDataset(IterableDataset):
     """One rank's view: its DataLoader workers each run one stream (train/shard_stream.py)."""
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int,
+        rank: int,
+        world_size: int,
+        state: dict | None = None,
+        carry: dict | None = None,
+        saved: list[dict] | None = None,
+    ):
+        """``state``: this rank's data state of a checkpoint of the same world size and workers, ``carry`` the
+        checkpoint's (`Carry.state_dict`); ``saved``: every rank's data state of a checkpoint saved by another
+        number of streams, whose positions are remapped onto this run's streams (train/stream_remap.py)."""
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.num_workers = max(cfg.num_workers, 1)
         self.sources = open_sources(cfg.train, "data.train", log_warnings=rank == 0)
@@ -202,7 +222,14 @@ class StreamingDataset(IterableDataset):
             for source in self.sources:
                 check_scored(self.keep, source.location, (ref.entry for ref in source.shards if ref.entry))
         self.samples_per_epoch = epoch_samples(self.sources, cfg.train_num_samples)
-        self.plan = ShardPlan(self.sources, cfg.weights, seed, world_size * self.num_workers)
+        streams = world_size * self.num_workers
+        if saved is not None:
+            carry, state = self._remapped(saved, Carry.from_state(carry)), None
+            if rank == 0:
+                state = fresh_state(self.num_workers, totals(saved))
+        else:
+            carry = Carry.from_state(carry)
+        self.plan = ShardPlan(self.sources, cfg.weights, seed, streams, carry)
         self.transform = SampleTransform(
             cfg.num_frames, cfg.image_size, cfg.decoder, cfg.shuffle_frames, cfg.text_lines
         )
@@ -211,6 +238,16 @@ class StreamingDataset(IterableDataset):
         # per worker, one flag per pooled batch buffer (see FramePool): enough for the batches in
         # flight (prefetch), the one being used, and one whose release is seen at the next fetch
         self.buffers_in_use = torch.zeros(self.num_workers, cfg.prefetch_factor + 4, dtype=torch.uint8).share_memory_()
+
+    def _remapped(self, saved: list[dict], carry: Carry) -> Carry:
+        old = ShardPlan(self.sources, self.cfg.weights, self.seed, sum(len(r["streams"]) for r in saved), carry)
+        positions = [position for rank_state in saved for position in rank_state["streams"]]
+        try:
+            return remap(old, positions, self.cfg.shards_per_window, self.cfg.shuffle_buffer, self.seed)
+        except ValueError as exc:
+            raise ValueError(
+                f"data.train: cannot resume at another number of streams (world size x data.num_workers): {exc}"
+            ) from exc
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -237,8 +274,21 @@ def epoch_samples(sources: list[Source], override: int | None) -> int:
     return sum(s.num_samples for s in sources)
 
 
-def fresh_state(num_workers: int) -> dict:
-    return {"batches": 0, "streams": [initial_position() for _ in range(num_workers)]}
+def fresh_state(num_workers: int, counts: tuple[int, int, int] = (0, 0, 0)) -> dict:
+    """A start at the beginning of the plan; ``counts`` (shard errors, sample errors, filtered so far) go to the
+    first stream, so that the totals go on across a resume at another number of streams."""
+    streams = [initial_position(*counts)] + [initial_position() for _ in range(num_workers - 1)]
+    return {"batches": 0, "streams": streams}
+
+
+def totals(saved: list[dict]) -> tuple[int, int, int]:
+    """Shard errors, sample errors and filtered samples summed over every stream of every saved rank."""
+    streams = [p for rank_state in saved for p in rank_state["streams"]]
+    return (
+        sum(p["shard_errors"] for p in streams),
+        sum(p["sample_errors"] for p in streams),
+        sum(p.get("filtered", 0) for p in streams),
+    )
 
 
 def check_state(state: dict, num_workers: int) -> None:
@@ -257,8 +307,17 @@ def _as_is(batch: dict) -> dict:
 class StreamingLoader:
     """Iterates batches of one rank and tracks its data state (what goes into client_state)."""
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, state: dict | None = None):
-        self.dataset = StreamingDataset(cfg, seed, rank, world_size, state)
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int,
+        rank: int,
+        world_size: int,
+        state: dict | None = None,
+        carry: dict | None = None,
+        saved: list[dict] | None = None,
+    ):
+        self.dataset = StreamingDataset(cfg, seed, rank, world_size, state, carry, saved)
         get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
         self.state = {
             "batches": self.dataset.state["batches"],
@@ -318,3 +377,12 @@ class StreamingLoader:
 
     def state_dict(self) -> dict:
         return {"batches": self.state["batches"], "streams": [dict(p) for p in self.state["streams"]]}
+
+    def carry_state(self) -> dict:
+        """The plan's carry (the same on every rank): saved once per checkpoint, next to the ranks' states."""
+        return self.dataset.plan.carry.state_dict()
+
+    @staticmethod
+    def same_streams(saved: list[dict], cfg: DataConfig, world_size: int) -> bool:
+        """Whether a checkpoint's data states were saved by this run's number of ranks and workers."""
+        return len(saved) == world_size and all(len(r["streams"]) == max(cfg.num_workers, 1) for r in saved)

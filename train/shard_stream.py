@@ -25,7 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,15 +40,75 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- shard plan
 
 
-class ShardPlan:
-    """The infinite, seeded shard sequence of every stream."""
+@dataclass(frozen=True)
+class Piece:
+    """One item of a stream's shard sequence: the shard at a global position of the plan, whole or only some
+    of its samples (a carry item after a resume at another stream count, train/stream_remap.py)."""
 
-    def __init__(self, sources: list[Source], weights: list[float] | None, seed: int, num_streams: int):
+    position: int
+    ref: ShardRef
+    keep: tuple[int, ...] | None = None
+    """Indices (ascending) of the shard's samples to read; None: all of them."""
+
+    @property
+    def samples(self) -> int | None:
+        return len(self.keep) if self.keep is not None else self.ref.samples
+
+    def indices(self) -> tuple[int, ...]:
+        """The sample indices this piece reads (needs a known count when whole)."""
+        if self.keep is not None:
+            return self.keep
+        if self.ref.samples is None:
+            raise ValueError(f"{self.ref.uri}: no sample count (no manifest entry or sizes.json)")
+        return tuple(range(self.ref.samples))
+
+    def part(self, start: int, stop: int) -> Piece:
+        """The piece's samples ``start:stop`` (in its own order) as a piece."""
+        if start == 0 and stop == self.samples and self.keep is None:
+            return self
+        return Piece(self.position, self.ref, self.indices()[start:stop])
+
+
+@dataclass(frozen=True)
+class Carry:
+    """Samples that streams read before the standard sequence: what a resume at another number of streams
+    left of the interrupted epoch (train/stream_remap.py). ``base``: the global position where the standard
+    sequence starts (an epoch boundary); ``items``: (position, sample indices or None for the whole shard),
+    positions ascending, all below ``base``."""
+
+    base: int = 0
+    items: tuple[tuple[int, tuple[int, ...] | None], ...] = ()
+
+    def state_dict(self) -> dict:
+        return {"base": self.base, "items": [[pos, None if keep is None else list(keep)] for pos, keep in self.items]}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> Carry:
+        if not state:
+            return cls()
+        items = tuple((int(pos), None if keep is None else tuple(keep)) for pos, keep in state["items"])
+        return cls(base=int(state["base"]), items=items)
+
+
+class ShardPlan:
+    """The infinite, seeded shard sequence of every stream: its share of the carry, then every S-th global
+    position from ``carry.base`` on."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        weights: list[float] | None,
+        seed: int,
+        num_streams: int,
+        carry: Carry | None = None,
+    ):
         self.shards = [ref for source in sources for ref in source.shards]
         self._source_of = [i for i, source in enumerate(sources) for _ in source.shards]
         self._offsets = np.cumsum([0] + [len(s.shards) for s in sources])
         self.weights = None if weights is None else np.asarray(weights, dtype=float) / sum(weights)
         self.seed, self.num_streams = seed, num_streams
+        self.carry = carry or Carry()
+        self._carried = split_carry([self.piece(pos, keep) for pos, keep in self.carry.items], num_streams)
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 (one plan per loader, kept for its whole life)
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -58,13 +119,46 @@ class ShardPlan:
         sizes = np.diff(self._offsets)
         return self._offsets[picks] + rng.integers(0, sizes[picks])
 
-    def shard_at(self, stream: int, position: int) -> ShardRef:
-        index = stream + position * self.num_streams
-        epoch, slot = divmod(index, len(self.shards))
-        return self.shards[int(self.epoch_order(epoch)[slot])]
+    @property
+    def epoch_positions(self) -> int:
+        """Global positions per epoch (one per shard; a weighted epoch draws as many)."""
+        return len(self.shards)
 
-    def window(self, stream: int, window: int, size: int) -> list[ShardRef]:
-        return [self.shard_at(stream, window * size + j) for j in range(size)]
+    def piece(self, position: int, keep: tuple[int, ...] | None = None) -> Piece:
+        epoch, slot = divmod(position, len(self.shards))
+        return Piece(position, self.shards[int(self.epoch_order(epoch)[slot])], keep)
+
+    def window(self, stream: int, window: int, size: int) -> list[Piece]:
+        """The pieces of a stream's window: its share of the carry in windows of its own (the last one may be
+        short, so that no window mixes the carry with the next epoch), then the standard sequence."""
+        carried = self._carried[stream] if stream < len(self._carried) else []
+        carry_windows = -(-len(carried) // size)
+        if window < carry_windows:
+            return carried[window * size : (window + 1) * size]
+        first = (window - carry_windows) * size
+        return [self.piece(self.carry.base + stream + (first + j) * self.num_streams) for j in range(size)]
+
+
+def split_carry(pieces: list[Piece], num_streams: int) -> list[list[Piece]]:
+    """The pieces cut into ``num_streams`` consecutive runs of equal sample counts (+-1), in order."""
+    counts = [piece.samples for piece in pieces]
+    if None in counts:
+        raise ValueError(f"{pieces[counts.index(None)].ref.uri}: a carried shard needs its sample count")
+    total = sum(counts)
+    bounds = [stream * total // num_streams for stream in range(num_streams + 1)]
+    runs: list[list[Piece]] = [[] for _ in range(num_streams)]
+    start = 0  # global sample index of the piece's first sample
+    stream = 0
+    for piece, count in zip(pieces, counts):
+        done = 0
+        while done < count:
+            while bounds[stream + 1] <= start + done:
+                stream += 1
+            take = min(count, bounds[stream + 1] - start) - done
+            runs[stream].append(piece.part(done, done + take))
+            done += take
+        start += count
+    return runs
 
 
 # ----------------------------------------------------------------------------- raw window stream
@@ -101,20 +195,53 @@ def seeded(*parts: int) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
 
+def read_piece(piece: Piece) -> Iterator[dict]:
+    """Raw samples of a piece: the whole shard, or only its kept samples (it stops after the last one)."""
+    samples = iter_wds_shard(piece.ref.uri, piece.ref.entry)
+    if piece.keep is None:
+        yield from samples
+        return
+    wanted = iter(piece.keep)
+    next_index = next(wanted, None)
+    for index, sample in enumerate(samples):
+        if next_index is None:
+            break
+        if index == next_index:
+            yield sample
+            next_index = next(wanted, None)
+    samples.close()
+
+
 def window_samples(
-    shards: list[ShardRef], rng: random.Random, buffer_size: int, errors: ErrorCounter
-) -> Iterator[dict]:
-    """Raw webdataset samples of a window: random interleave of its shards, then a shuffle buffer."""
-    readers = [iter_wds_shard(ref.uri, ref.entry) for ref in shards]
-    remaining = [ref.samples or 1 for ref in shards]  # unknown counts interleave evenly
-    buffer: list[dict] = []
+    pieces: list[Piece],
+    rng: random.Random,
+    buffer_size: int,
+    errors: ErrorCounter,
+    read: Callable[[Piece], Iterator] = read_piece,
+    ended: list | None = None,
+) -> Iterator:
+    """Raw webdataset samples of a window: random interleave of its pieces, then a shuffle buffer.
+
+    ``read`` opens a piece (train/stream_remap.py passes one that yields sample indices, to replay a window
+    without reading it); a piece that ends on a shard error is appended to ``ended`` as
+    ``[position, samples read from it]``.
+    """
+    readers = [read(piece) for piece in pieces]
+    remaining = [piece.samples or 1 for piece in pieces]  # unknown counts interleave evenly
+    taken = [0] * len(pieces)
+    positions = [piece.position for piece in pieces]
+    buffer: list = []
     while readers:
         j = rng.choices(range(len(readers)), weights=remaining)[0]
+        before = errors.shard_errors
         sample = _safe_next(readers[j], errors)
         if sample is None:
-            del readers[j], remaining[j]
+            if ended is not None and errors.shard_errors > before:
+                ended.append([positions[j], taken[j]])
+            del readers[j], remaining[j], taken[j], positions[j]
             continue
         remaining[j] = max(remaining[j] - 1, 1)
+        taken[j] += 1
         buffer.append(sample)
         if len(buffer) >= buffer_size:
             yield _pop_random(buffer, rng)
