@@ -387,6 +387,8 @@ class LogConfig:
     """Write loss/recall PNGs into the run folder."""
     batch_digests: bool = False
     """Record a digest of every rank's batch per step: keys, frame indices, texts (used by the resume tests)."""
+    batch_keys: bool = False
+    """Record every rank's clip keys per step in metrics.jsonl (sample accounting across a resume)."""
     peak_tflops: float = 0.0
     """Accelerator peak TFLOP/s for MFU (0: auto for known GPUs, no MFU on CPU)."""
     profile_steps: int = 0
@@ -496,9 +498,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 # Settings a resumed run may change: where output goes, how often it is written, evaluation, the
-# stopping point. Everything else decides the model, the optimiser layout or the data order.
+# stopping point, and how the data is split over ranks (the world size may change too: the data positions are
+# remapped, train/stream_remap.py, and the lr schedule goes on by samples). Everything else decides the model,
+# the optimiser layout or the data order.
 RESUME_FREE = (
     "run_dir",
+    "data.num_workers",
+    "data.batch_size",
+    "zero.grad_accum_steps",
     "max_steps",
     "stop_at_step",
     "log.",

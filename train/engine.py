@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from train.config import TrainConfig, deepspeed_json
-from train.run_layout import CheckpointFolder, RunLayout
+from train.run_layout import MODEL_STATES, CheckpointFolder, RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
         logger.info(
             "optimizer offload to %s: DeepSpeedCPUAdam", config["zero_optimization"]["offload_optimizer"]["device"]
         )
+    _describe_for_universal(module)
     if config["zero_optimization"]["stage"] == 3:
         for param in external_params:
             deepspeed.zero.register_external_parameter(module, param)
@@ -133,6 +135,25 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
     )
     return engine
+
+
+def _describe_for_universal(module: torch.nn.Module) -> None:
+    """What DeepSpeed's universal conversion (`to_universal`) must know of the model, saved with every checkpoint:
+    its 0-dim parameters (CLIP's logit_scale) are whole on every rank: the conversion's concatenation of slices
+    cannot take a 0-dim tensor."""
+    from deepspeed.checkpoint.constants import (
+        TP_REPLICATED_PARAMETER_PATTERNS,
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    scalars = [f"^{re.escape(name)}$" for name, param in module.named_parameters() if param.dim() == 0]
+    info = {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        TP_REPLICATED_PARAMETER_PATTERNS: scalars,
+    }
+    object.__setattr__(module, UNIVERSAL_CHECKPOINT_INFO, info)
 
 
 def _on_cpu_adam(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR):
@@ -232,6 +253,7 @@ def save_checkpoint(
         for old in folder.tags()[:-keep_last]:
             shutil.rmtree(folder.tag_dir(old), ignore_errors=True)
             logger.info("removed old checkpoint %s", old)
+        shutil.rmtree(folder.universal_root, ignore_errors=True)  # a resume's conversion: no longer the newest
     barrier()
     logger.info("saved checkpoint %s", folder.tag_dir(tag))
     return tag
@@ -250,20 +272,195 @@ def consolidated_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
 
 
+def saved_world_size(folder: CheckpointFolder) -> int | None:
+    """How many data-parallel ranks saved the newest checkpoint (its ZeRO optimizer files), or None without one."""
+    tag = folder.latest_tag()
+    if tag is None or not os.path.isdir(folder.tag_dir(tag)):
+        return None
+    return len(folder.optimizer_state_files(tag)) or None
+
+
+def to_universal(folder: CheckpointFolder) -> str:
+    """Collective: rank 0 converts the newest checkpoint to DeepSpeed's universal format (once; kept under
+    ``checkpoints/universal/<tag>``), every rank waits; returns the folder its tag lives in.
+
+    A universal checkpoint holds each parameter's fp32 weights and optimizer moments whole, so any number of
+    ranks under any ZeRO stage can load it (DeepSpeed's ds_to_universal, run in-process with one worker).
+    """
+    tag = folder.latest_tag()
+    root = folder.universal_root
+    done = os.path.join(root, tag, ".complete")
+    if dist.get_rank() == 0 and not os.path.exists(done):
+        _convert_universal(folder.tag_dir(tag), os.path.join(root, tag))
+        open(done, "w").close()
+    barrier()
+    return root
+
+
+def _convert_universal(source: str, target: str) -> None:
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(target, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=source,
+        output_folder=target,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    logger.info("converting %s to a universal checkpoint in %s", source, target)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines
+        ds_to_universal.main(args)
+
+
+def load_universal(engine, universal_root: str, tag: str) -> dict:
+    """Load a universal checkpoint (`to_universal`) into an engine of any world size and ZeRO stage; return the
+    checkpoint's client state.
+
+    Each trained parameter's fp32 master weights and Adam moments go in through DeepSpeed's documented
+    ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` (each rank keeps its own partition), the
+    model copy is set to the same fp32 values, and the Adam step, lr scheduler and DeepSpeed's counters come
+    from the checkpoint's model-states file. DeepSpeed's own universal loader (``checkpoint.load_universal``)
+    fails on a 0-dim parameter such as CLIP's logit_scale (``chunk`` of a 0-dim tensor) and, under ZeRO-1/2, on a
+    rank that holds none of a parameter group smaller than the world size (docs/design.md). Frozen parameters
+    (``model.lock_text``) are not in the optimizer: they keep the values they were built with, as in the run.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # ZeRO-1/2
+
+    folder = os.path.join(universal_root, tag)
+    _init_adam_state(engine.optimizer)
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2: link the Adam moments to the parameters' fragments (DeepSpeed does it at a step)
+        link()
+    step = None
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
+        values = {key: _universal_tensor(folder, name, key).reshape(shape) for key in ("fp32", "exp_avg", "exp_avg_sq")}
+        if hasattr(param, "ds_id"):  # ZeRO-3
+            for key, optim_key in (("fp32", None), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                _set_zero3_partition(param, values[key], optim_key)
+        else:
+            safe_set_full_fp32_param(param, values["fp32"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, values[key], key)
+        _set_model_copy(param, values["fp32"])
+        step = step if step is not None else _universal_step(folder, name)
+    _set_adam_step(engine.optimizer, step)
+    states = _model_states_file(folder)
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    if engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    engine.global_steps = saved.get("global_steps", engine.global_steps)
+    engine.global_samples = saved.get("global_samples", engine.global_samples)
+    barrier()
+    return saved
+
+
+@torch.no_grad()
+def _set_zero3_partition(param: torch.nn.Parameter, value: torch.Tensor, optim_key: str | None) -> None:
+    """This rank's slice of a ZeRO-3 parameter's fp32 master weights (``optim_key`` None) or Adam moment.
+
+    DeepSpeed's ``safe_set_full_*`` narrows the unpadded value at ``rank x partition``, which runs past its end on
+    the last rank when the parameter does not split evenly; here the value is padded as ZeRO-3 pads it."""
+    optimizer = param._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=optim_key)
+    flat = value.flatten()
+    size = param.ds_tensor.numel()
+    flat = torch.nn.functional.pad(flat, (0, size * dist.get_world_size() - flat.numel()))
+    part.data.copy_(flat.narrow(0, size * dist.get_rank(), size)[: part.numel()].to(part.dtype))
+
+
+def _universal_tensor(folder: str, name: str, key: str) -> torch.Tensor:
+    path = os.path.join(folder, "zero", name, f"{key}.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"universal checkpoint {folder}: no {key} for parameter {name} ({path})")
+    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    return (loaded["param"] if isinstance(loaded, dict) else loaded).float()  # ZeRO-1/2: a dict; ZeRO-3: the tensor
+
+
+def _universal_step(folder: str, name: str):
+    path = os.path.join(folder, "zero", name, "step.pt")
+    return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+
+
+def _model_states_file(folder: str) -> str:
+    for name in (MODEL_STATES, "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"universal checkpoint {folder}: no model states file ({MODEL_STATES} or ZeRO-3's)")
+
+
+@torch.no_grad()
+def _set_model_copy(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """The parameter the forward reads: whole under ZeRO-1/2, this rank's slice of the flat tensor under ZeRO-3."""
+    if hasattr(param, "ds_id"):
+        part = param.ds_tensor
+        start = part.numel() * dist.get_rank()
+        piece = value.flatten()[start : start + part.numel()]
+        part.data.zero_()
+        part.data[: piece.numel()].copy_(piece.to(part.dtype))
+    else:
+        param.data.copy_(value.to(param.dtype))
+
+
+def _init_adam_state(optimizer) -> None:
+    """Adam's state for every fp32 partition this rank holds, as its first step creates it (zero moments): a fresh
+    engine has none until then, and the loaded moments need a place."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    partitions = [t for group in inner.param_groups for t in group["params"]]
+    partitions += list(getattr(optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's sub-group partitions
+    for tensor in partitions:
+        if True:
+            state = inner.state[tensor]
+            state.setdefault("step", torch.tensor(0.0))
+            for key in ("exp_avg", "exp_avg_sq"):
+                state.setdefault(key, torch.zeros_like(tensor, memory_format=torch.preserve_format))
+
+
+def _set_adam_step(optimizer, step) -> None:
+    """The Adam step count of every fp32 partition this rank holds (torch's AdamW keeps one per tensor)."""
+    if step is None:
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        for tensor in group["params"]:
+            if tensor in inner.state and "step" in inner.state[tensor]:
+                old = inner.state[tensor]["step"]
+                inner.state[tensor]["step"] = torch.as_tensor(step, dtype=old.dtype) if torch.is_tensor(old) else step
+
+
 def check_world_size(path: str, saved: int) -> None:
-    """A checkpoint saved by another number of ranks cannot resume exactly: say so."""
+    """A checkpoint saved by another number of ranks must come through the universal format: say so."""
     if saved != dist.get_world_size():
         raise ValueError(
-            f"{path}: saved by {saved} ranks, this run has {dist.get_world_size()}; exact resume "
-            "needs the same world size (or start a new run_dir with model.init_checkpoint=<this run>)"
+            f"{path}: saved by {saved} ranks, this run has {dist.get_world_size()}; it loads only through its "
+            "universal form (train/loop.py converts it when the world size changed)"
         )
 
 
-def load_checkpoint(engine, folder: CheckpointFolder) -> dict | None:
-    """Load the newest checkpoint (model, optimizer, scheduler); return its client_state or None."""
+def load_checkpoint(engine, folder: CheckpointFolder, universal_root: str | None = None) -> dict | None:
+    """Load the newest checkpoint (model, optimizer, scheduler); return its client_state or None.
+
+    ``universal_root``: the folder `to_universal` wrote, when this run's world size differs from the saver's
+    (the engine was then initialised with `universal_settings`)."""
     tag = folder.latest_tag()
     if tag is None:
         return None
+    if universal_root is not None:
+        client_state = load_universal(engine, universal_root, tag)
+        logger.info(
+            "resumed from %s (universal: saved by %d ranks, now %d)",
+            os.path.join(universal_root, tag),
+            len(client_state["ranks"]),
+            dist.get_world_size(),
+        )
+        return client_state
     # before DeepSpeed's loader, which fails deep inside on another world size
     saved = len(folder.optimizer_state_files(tag))
     if saved:

@@ -7,6 +7,7 @@ Distributed details stay in `train.engine`; this file sees the DeepSpeed engine 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from train.loader import StreamingLoader
 from train.loss import OCLLoss
 from train.metrics import retrieval_metrics
 from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
-from train.optim import build_optimizer, build_scheduler
+from train.optim import build_optimizer, build_scheduler, retime_scheduler
 from train.run_layout import RunLayout
 from train.run_outputs import MetricLogger, StepProfiler, wandb_settings
 from train.text_coverage import term_texts
@@ -141,6 +142,8 @@ def peak_flops(cfg: TrainConfig) -> float:
 class TrainState:
     step: int = 0
     samples: int = 0
+    schedule: dict | None = None
+    """The run's first global batch and its total steps at that batch (the lr schedule's clock, `retime`)."""
 
 
 def rng_state() -> dict:
@@ -160,25 +163,28 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def train_step(engine, loader: StreamingLoader, grad_accum: int, device: torch.device) -> tuple[dict, float, list]:
-    """One optimiser step (grad_accum micro-batches); returns (loss terms, data seconds, digests).
+def train_step(
+    engine, loader: StreamingLoader, grad_accum: int, device: torch.device
+) -> tuple[dict, float, list, list]:
+    """One optimiser step (grad_accum micro-batches); returns (loss terms, data seconds, digests, clip keys).
 
     The loss terms stay device tensors: reading them would wait for the GPU every step, so the
     host could not queue the next step's kernels while this one runs. They are read when logged.
     """
-    data_seconds, terms, digests = 0.0, {}, []
+    data_seconds, terms, digests, keys = 0.0, {}, [], []
     for _ in range(grad_accum):
         start = time.perf_counter()
         batch = loader.next()
         data_seconds += time.perf_counter() - start
         digests.append(batch["digest"])
+        keys.extend(batch["keys"])
         inputs = to_device(batch, device)
         losses = engine(inputs["frames"], image=inputs["image"], subtitle=inputs["subtitle"], caption=inputs["caption"])
         engine.backward(losses["loss"])
         engine.step()
         for name, value in losses.items():
             terms[name] = terms.get(name, 0.0) + value.detach() / grad_accum
-    return terms, data_seconds, digests
+    return terms, data_seconds, digests, keys
 
 
 @torch.no_grad()
@@ -235,25 +241,98 @@ def missing_texts(results: dict, cfg: TrainConfig) -> list[str]:
 # ----------------------------------------------------------------------------- the loop
 
 
-def resume(engine, cfg: TrainConfig, rank: int) -> tuple[TrainState, dict | None]:
-    client = ds.load_checkpoint(engine, RunLayout(cfg.run_dir).checkpoints) if cfg.checkpoint.resume == "auto" else None
+def resume(engine, cfg: TrainConfig, rank: int, world_size: int, universal: str | None) -> tuple[TrainState, dict]:
+    """Load the newest checkpoint if any: the train state and the loader's start (`StreamingLoader` arguments).
+
+    Saved by the same number of ranks and workers, every rank takes its own RNG and data state back (exact
+    resume); by another, the data positions of every saved rank are remapped onto this run's streams
+    (train/stream_remap.py) and the RNGs are seeded from (seed, step, rank)."""
+    if cfg.checkpoint.resume != "auto":
+        return TrainState(), {}
+    client = ds.load_checkpoint(engine, RunLayout(cfg.run_dir).checkpoints, universal)
     if client is None:
-        return TrainState(), None
-    mine = client["ranks"][rank]
-    set_rng_state(mine["rng"])
-    return TrainState(step=client["step"], samples=client["samples"]), mine["data"]
+        return TrainState(), {}
+    state = TrainState(step=client["step"], samples=client["samples"], schedule=client.get("schedule"))
+    saved = client["ranks"]
+    carry = client.get("data_plan")
+    if len(saved) == world_size:
+        set_rng_state(saved[rank]["rng"])
+    else:
+        seed_everything(cfg.seed * 1_000_003 + state.step * 101 + rank)
+    data = [r["data"] for r in saved]
+    if StreamingLoader.same_streams(data, cfg.data, world_size):
+        return state, {"state": data[rank], "carry": carry}
+    if rank == 0:
+        logger.info(
+            "data: the checkpoint was saved by %d ranks x %d workers, this run has %d x %d: remapping its positions",
+            len(data),
+            len(data[0]["streams"]),
+            world_size,
+            max(cfg.data.num_workers, 1),
+        )
+    return state, {"saved": data, "carry": carry}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def retime(engine, cfg: TrainConfig, state: TrainState, total_steps: int, world_size: int) -> int:
+    """The run's total steps at this world size; after a resume at another global batch the lr schedule is
+    retimed to go on by samples (`retime_scheduler`). A run's first global batch and total steps are kept."""
+    batch = cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size
+    if state.schedule is None:
+        state.schedule = {"global_batch": batch, "total_steps": total_steps}
+        return total_steps
+    first, first_total = state.schedule["global_batch"], state.schedule["total_steps"]
+    if first == batch:
+        return first_total
+    left = max(0, first_total * first - state.samples)
+    total = state.step + math.ceil(left / batch)
+    step0, samples0 = state.step, state.samples
+
+    def clock(step: int) -> float:
+        return (samples0 + (step - step0) * batch) / first
+
+    retime_scheduler(engine.lr_scheduler, clock, first_total, cfg.optim)
+    logger.info(
+        "lr schedule: global batch %d (the run began with %d): %d steps in all, %d to go, by samples seen",
+        batch,
+        first,
+        total,
+        total - state.step,
+    )
+    return total
 
 
 def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -> None:
     rank_state = {"data": loader.state_dict(), "rng": rng_state()}
+    shared = {
+        "step": state.step,
+        "samples": state.samples,
+        "schedule": state.schedule,
+        "data_plan": loader.carry_state(),
+    }
     ds.save_checkpoint(
-        engine,
-        RunLayout(cfg.run_dir).checkpoints,
-        state.step,
-        rank_state,
-        {"step": state.step, "samples": state.samples},
-        cfg.checkpoint.keep_last,
+        engine, RunLayout(cfg.run_dir).checkpoints, state.step, rank_state, shared, cfg.checkpoint.keep_last
     )
+
+
+def universal_source(cfg: TrainConfig, world_size: int) -> str | None:
+    """Where the newest checkpoint's universal form is, when it was saved by another number of ranks (collective:
+    rank 0 converts it, train/engine.py `to_universal`); None otherwise."""
+    if cfg.checkpoint.resume != "auto":
+        return None
+    folder = RunLayout(cfg.run_dir).checkpoints
+    saved = ds.saved_world_size(folder)
+    if saved is None or saved == world_size:
+        return None
+    logger.info(
+        "the newest checkpoint was saved by %d ranks, this run has %d: loading its universal form", saved, world_size
+    )
+    return ds.to_universal(folder)
 
 
 def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
@@ -269,9 +348,11 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     ds_config = ds.ds_config(cfg, world_size)
     if rank == 0:
         ds.write_ds_config(ds_config, run)
+    universal = universal_source(cfg, world_size)
     engine = ds.initialize(task, optimizer, scheduler, ds_config, register_direct_params(task))
-    state, data_state = resume(engine, cfg, rank)
-    loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, data_state)
+    state, data_start = resume(engine, cfg, rank, world_size, universal)
+    total_steps = retime(engine, cfg, state, total_steps, world_size)
+    loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, **data_start)
     metrics = MetricLogger(
         run,
         rank,
@@ -308,7 +389,7 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
     window_start, window_data, window_samples = time.perf_counter(), 0.0, 0
     profiler = StepProfiler(RunLayout(cfg.run_dir), rank, cfg.log.profile_steps, cfg.log.profile_skip)
     while state.step < stop:
-        terms, data_seconds, digests = train_step(engine, loader, cfg.zero.grad_accum_steps, device)
+        terms, data_seconds, digests, keys = train_step(engine, loader, cfg.zero.grad_accum_steps, device)
         profiler.step()
         ds.clamp_param_(task.model.logit_scale, 0.0, LOGIT_SCALE_MAX)
         state.step += 1
@@ -316,11 +397,13 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
         state.samples += step_samples
         window_data += data_seconds
         window_samples += step_samples
-        if state.step % cfg.log.every_steps == 0 or state.step == stop or cfg.log.batch_digests:
+        if state.step % cfg.log.every_steps == 0 or state.step == stop or cfg.log.batch_digests or cfg.log.batch_keys:
             elapsed = time.perf_counter() - window_start
             row = step_row(engine, cfg, terms, loader, elapsed, window_data, window_samples, flops, peak, world_size)
             if cfg.log.batch_digests:
                 row["digests"] = ds.all_gather_objects(digests)
+            if cfg.log.batch_keys:
+                row["keys"] = ds.all_gather_objects(keys)
             metrics.log("train", state.step, row)
             metrics.advance(state.step, {"loss": row["loss"], "samples/s": row["samples_per_s"]})
             window_start, window_data, window_samples = time.perf_counter(), 0.0, 0

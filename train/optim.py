@@ -99,3 +99,18 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
     """LambdaLR applying `lr_factor` to every group (group lr_mul is folded into its base lr)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def retime_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, clock, total_steps: int, cfg: OptimConfig) -> None:
+    """Make ``scheduler`` read `lr_factor` at ``clock(step)`` (a step counted in the run's first global batch) of
+    ``total_steps`` (in those steps) from now on, and set every group's lr for the current step.
+
+    A resume at another world size changes the global batch; the schedule then goes on by samples seen, not by
+    steps taken: no jump back into warmup or ahead in the cosine."""
+    scheduler.lr_lambdas = [lambda step: lr_factor(clock(step), total_steps, cfg)] * len(
+        scheduler.optimizer.param_groups
+    )
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

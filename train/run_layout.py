@@ -61,6 +61,11 @@ class CheckpointFolder:
     def tag_dir(self, tag: str) -> str:
         return os.path.join(self.path, tag)
 
+    @property
+    def universal_root(self) -> str:
+        """Where checkpoints converted to DeepSpeed's universal format go (a resume at another world size)."""
+        return os.path.join(self.path, "universal")
+
     def model_states(self, tag: str) -> str:
         return model_states_in(self.tag_dir(tag))
 
