@@ -12,12 +12,14 @@
 # Options of the second form, which starts the deepspeed launcher itself (each also read from the
 # environment variable in brackets):
 #   --gpus N          ranks per node [NPROC_PER_NODE]; default: all GPUs, or 2 CPU ranks without a GPU
-#   --nodes N         number of nodes [NNODES], default 1
+#                     (with --hostfile and no --node-rank: the hosts' slots)
+#   --nodes N         number of nodes [NNODES]; default 1, or every host of --hostfile
 #   --hostfile F      DeepSpeed hostfile ("host slots=N" lines) [HOSTFILE]; without --node-rank one call
-#                     starts all nodes over ssh (pdsh, DeepSpeed's runner)
+#                     starts all nodes over ssh (DeepSpeed's runner: pdsh; docs/training.md)
 #   --node-rank R     this node's rank: run the script on every node yourself, no ssh [NODE_RANK];
 #                     starts DeepSpeed's per-node launcher (what `deepspeed --no_ssh` runs) directly
-#   --master-addr A   rendezvous address [MASTER_ADDR], default 127.0.0.1
+#   --master-addr A   rendezvous address [MASTER_ADDR]; default 127.0.0.1, or over ssh the first
+#                     host's first address (`hostname -I` there, as DeepSpeed's runner finds it)
 #   --master-port P   rendezvous port [MASTER_PORT], default 29500
 #   --dry-run         print the deepspeed command and run train.main --dry-run on one process
 #   -h, --help        this text
@@ -48,8 +50,8 @@ if [ "$RANK_MODE" = 1 ]; then
   exec "$PY" -u -m launch.pretrain_rank "$@"
 fi
 
-NPROC="${NPROC_PER_NODE:-}"; NNODES="${NNODES:-1}"; HOSTFILE="${HOSTFILE:-}"; NODE_RANK="${NODE_RANK:-}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"; DRY=0
+NPROC="${NPROC_PER_NODE:-}"; NNODES="${NNODES:-}"; HOSTFILE="${HOSTFILE:-}"; NODE_RANK="${NODE_RANK:-}"
+MASTER_ADDR="${MASTER_ADDR:-}"; MASTER_PORT="${MASTER_PORT:-29500}"; DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpus) NPROC="$2"; shift 2;;
@@ -64,6 +66,7 @@ while [ $# -gt 0 ]; do
     *) echo "pretrain.sh: unknown option $1 (train.main arguments go after --; see --help)" >&2; exit 2;;
   esac
 done
+GIVEN_NPROC="$NPROC"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$GPUS" = "0" ]; then
   export DS_ACCELERATOR=cpu
@@ -77,11 +80,17 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensio
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 
 if [ -n "$HOSTFILE" ] && [ -z "$NODE_RANK" ]; then
-  # One call starts every node over ssh (pdsh): DeepSpeed's runner does that.
-  ARGS=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NPROC" --master_addr "$MASTER_ADDR"
-        --master_port "$MASTER_PORT")
+  # One call starts every node over ssh (pdsh): DeepSpeed's runner does that. What it is not given it
+  # decides as `deepspeed --hostfile` does: every host, each host's slots, the first host's address.
+  # The remote ranks get PYTHON* variables and those of .deepspeed_env (docs/training.md), not the
+  # exports above; launch/pretrain_rank.py sets the same defaults there.
+  ARGS=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+  [ -z "$NNODES" ] || ARGS+=(--num_nodes "$NNODES")
+  [ -z "$GIVEN_NPROC" ] || ARGS+=(--num_gpus "$GIVEN_NPROC")
+  [ -z "$MASTER_ADDR" ] || ARGS+=(--master_addr "$MASTER_ADDR")
   LAUNCH=("$PY" -m deepspeed.launcher.runner "${ARGS[@]}")
 else
+  NNODES="${NNODES:-1}"; MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
   # This node only (one node, or --node-rank without ssh): DeepSpeed's per-node launcher, which is
   # what `deepspeed --no_ssh --node_rank R` runs; calling it directly saves one deepspeed import.
   [ "$NNODES" = "1" ] || [ -n "$NODE_RANK" ] || { echo "pretrain.sh: --nodes $NNODES needs --hostfile or --node-rank" >&2; exit 2; }
