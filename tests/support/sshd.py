@@ -144,6 +144,8 @@ def ssh_server(root: str) -> Iterator[SshServer]:
     assert system_ssh, "no ssh client on PATH (apt package openssh-client, launch/setup_env.sh)"
     _write(os.path.join(bin_dir, "ssh"), f'#!/bin/sh\nexec {system_ssh} -F {config} "$@"\n', 0o755)
     log = _write(os.path.join(root, "sshd.log"), "")
+    if os.geteuid() == 0:  # sshd as root needs its privilege separation folder (systemd makes it at boot)
+        os.makedirs("/run/sshd", exist_ok=True)
     cmd = [SSHD, "-D", "-f", _server_config(root, port), "-E", log]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
