@@ -111,6 +111,10 @@ def test_every_stage_loads_for_evaluation_and_fine_tuning(runs, stage, tmp_path)
     assert export_main([runs[stage], "--format", "safetensors", "--out", out]) == 0
     assert_same(load_file(out), expected)
 
+    towers = str(tmp_path / "open_clip" / "vidproxy-tiny.safetensors")  # open_clip's CLIP: the clip.* tensors
+    assert export_main([runs[stage], "--format", "open_clip", "--out", towers]) == 0
+    assert_same(load_file(towers), {k.removeprefix("clip."): v for k, v in expected.items() if k.startswith("clip.")})
+
 
 @pytest.mark.deepspeed
 def test_zero3_run_through_the_evaluate_and_search_commands(runs, tmp_path, capsys):

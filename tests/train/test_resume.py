@@ -1,4 +1,4 @@
-"""Kill a 2-rank ZeRO-1 run (SIGKILL, 2 DataLoader workers per rank) after a checkpoint and resume it:
+"""Kill a 2-rank run (ZeRO-1 and ZeRO-3; SIGKILL, 2 DataLoader workers per rank) after a checkpoint and resume it:
 the same batches and the same losses (fp32, CPU) as a run that was never stopped. The shards are
 uneven (5, 9, 3, 8, 5 clips), so this is also the uneven-shards run under DeepSpeed."""
 
@@ -32,10 +32,11 @@ def kill_after_step(run_dir: str, step: int, ranks) -> None:
     ranks.kill()
 
 
-def test_kill_and_resume_gives_identical_batches_and_losses(tmp_path):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_kill_and_resume_gives_identical_batches_and_losses(tmp_path, stage):
     train = moving_dataset(str(tmp_path / "train"), 30, seed=7, shard_sizes=[5, 9, 3, 8, 5])
     common = (
-        "zero.stage=1",
+        f"zero.stage={stage}",
         f"max_steps={STEPS}",
         "data.batch_size=3",
         "data.num_workers=2",

@@ -14,7 +14,9 @@ from collections import Counter
 
 import pytest
 
-from tests.train.fixtures_train import moving_dataset, spawn_ranks, tiny_overrides
+from tests.train.fixtures_train import TINY_CONFIG, moving_dataset, spawn_ranks, tiny_overrides
+from train.config import load_config
+from train.optim import lr_factor
 from train.run_outputs import read_metrics
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
@@ -88,3 +90,10 @@ def test_resume_at_another_world_size_reads_the_epoch_once(tmp_path, even, stage
     )
     assert abs(after_mean - before_mean) < LOSS_TOLERANCE * before_mean, (before_mean, after_mean)
     assert after_mean < 0.9 * normal[0], "the resumed run trains as from its initial weights"
+    # the lr schedule goes on by samples seen: step s after the change sits at (24 + (s - 6) x new batch) / 4 steps
+    cfg = load_config(TINY_CONFIG, ["run_dir=unused"]).optim
+    first_total, clock = EPOCH // (BATCH * before), FIRST_STEPS * BATCH * before
+    for step in range(FIRST_STEPS + 1, FIRST_STEPS + 3):
+        at = (clock + (step - FIRST_STEPS) * BATCH * after) / (BATCH * before)
+        want = lr_factor(at, first_total, cfg) / lr_factor(FIRST_STEPS, first_total, cfg)
+        assert rows[step]["lr"] / rows[FIRST_STEPS]["lr"] == pytest.approx(want, rel=1e-9), step
