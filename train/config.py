@@ -21,6 +21,7 @@ import yaml
 from pipeline import config
 from train.run_layout import RunLayout
 from train.sample_filter import SampleFilter
+from train.shard_errors import parse_limit
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ class DataConfig:
     """Batches prefetched per worker."""
     shuffle_frames: bool = False
     """Permute frame order (a no-temporal-order baseline; off for real training)."""
+    max_shard_errors: str = "5%"
+    """Shard errors (missing, refused, unreachable, damaged; all ranks) allowed per epoch begun: a count ("10") or a
+    percentage of an epoch's shards ("5%"); past it every rank stops at the next logged step (train/shard_errors.py)."""
     filter: str = ""
     """Train only on samples whose quality scores pass this expression, checked before their frames are decoded,
     e.g. "motion > 0.01 and cuts == 0" (train/sample_filter.py: names, numbers, comparisons, and/or/not; a sample
@@ -200,6 +204,8 @@ class DataConfig:
             f"must be >= 1 or null, got {self.train_num_samples}",
         )
         _check(self.context_length >= 3, "data.context_length", "must hold at least SOT, one token and EOT")
+        self.max_shard_errors = str(self.max_shard_errors).strip()  # YAML reads 10 as a number
+        parse_limit(self.max_shard_errors)  # a ValueError naming data.max_shard_errors
         _check(isinstance(self.filter, str), "data.filter", f"must be an expression string, got {self.filter!r}")
         if self.filter.strip():
             SampleFilter(self.filter)  # a ValueError naming data.filter and the reason

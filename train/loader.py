@@ -37,6 +37,7 @@ from train.config import DataConfig
 from train.frames import BatchFrames, FramePool
 from train.sample_filter import SampleFilter, check_scored
 from train.sample_transform import SampleTransform, decode_item
+from train.shard_errors import RECENT
 from train.shard_sources import Source, open_sources
 from train.shard_stream import Carry, ErrorCounter, ShardPlan, seeded, window_samples
 from train.stream_remap import remap
@@ -123,6 +124,7 @@ def stream_batches(
             batch = collate(rows, cfg.context_length, filled)
             filled = None
             batch["position"] = _position(window, offset, errors, ended)
+            batch["shard_errors_seen"] = errors.take_recent()  # for the limit's message (train/shard_errors.py)
             rows = [None] * cfg.batch_size
             yield batch
         empty_windows = empty_windows + 1 if kept == 0 else 0
@@ -333,6 +335,8 @@ class StreamingLoader:
             pin_memory=torch.cuda.is_available(),
         )
         self._iter: Iterator[dict] | None = None
+        self.recent_shard_errors: list[str] = []
+        """The last shard errors of this rank's streams (not in the data state: only their counts are)."""
         self._lent: list[tuple[StorageWeakRef, int, int]] = []
 
     @property
@@ -347,6 +351,7 @@ class StreamingLoader:
         self._return_buffers()
         batch = next(self._iter)
         self.state["streams"][batch.pop("stream")] = batch.pop("position")
+        self.recent_shard_errors = [*self.recent_shard_errors, *batch.pop("shard_errors_seen")][-RECENT:]
         self.state["batches"] += 1
         worker, slot = batch.pop("worker"), batch.pop("pool_slot")
         if slot >= 0:
@@ -370,6 +375,14 @@ class StreamingLoader:
     def errors(self) -> tuple[int, int]:
         streams = self.state["streams"]
         return sum(p["shard_errors"] for p in streams), sum(p["sample_errors"] for p in streams)
+
+    @property
+    def shards_per_epoch(self) -> int:
+        return len(self.dataset.plan.shards)
+
+    def shards_begun(self) -> int:
+        """Shards of the plan this rank's streams have begun: each counts its windows so far whole."""
+        return sum(p["window"] + 1 for p in self.state["streams"]) * self.dataset.cfg.shards_per_window
 
     def filtered(self) -> int:
         """Samples ``data.filter`` left out so far, on this rank."""

@@ -30,6 +30,7 @@ from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
 from train.optim import build_optimizer, build_scheduler, retime_scheduler
 from train.run_layout import RunLayout
 from train.run_outputs import MetricLogger, StepProfiler, wandb_settings
+from train.shard_errors import check_limit
 from train.text_coverage import term_texts
 
 logger = logging.getLogger(__name__)
@@ -406,6 +407,7 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
                 row["keys"] = ds.all_gather_objects(keys)
             metrics.log("train", state.step, row)
             metrics.advance(state.step, {"loss": row["loss"], "samples/s": row["samples_per_s"]})
+            check_shard_errors(cfg, loader, row["data/shard_errors"])
             window_start, window_data, window_samples = time.perf_counter(), 0.0, 0
         if cfg.data.eval and (state.step % cfg.log.eval_every_steps == 0 or state.step == total_steps):
             last_eval = validate(engine, cfg, rank, world_size, device)
@@ -414,6 +416,18 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
             save(engine, cfg, state, loader)
     profiler.close()
     return last_eval
+
+
+def check_shard_errors(cfg: TrainConfig, loader: StreamingLoader, errors: int) -> None:
+    """At each logged step, on every rank with the same ``errors`` (all ranks' sum): past data.max_shard_errors
+    every rank raises TooManyShardErrors together (train/shard_errors.py), none waits on another."""
+    check_limit(
+        errors,
+        cfg.data.max_shard_errors,
+        loader.shards_per_epoch,
+        lambda: int(ds.all_reduce(loader.shards_begun(), "sum")),
+        lambda: ds.all_gather_objects(loader.recent_shard_errors),
+    )
 
 
 def _metric_name(term: str) -> str:

@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             dry_run(cfg, rank, world_size)
         return 0
-    results = train(cfg, rank, world_size)
+    from train.shard_errors import TooManyShardErrors
+
+    try:
+        results = train(cfg, rank, world_size)
+    except TooManyShardErrors as exc:  # every rank stops at the same step with this line
+        logger.error("training stopped: %s", exc)
+        return 3
     if rank == 0 and results:
         logger.info("final eval: %s", json.dumps({k: round(v, 2) for k, v in results.items()}))
     return 0

@@ -14,8 +14,9 @@
 * **Randomness.** Window order and per-sample draws use `random.Random` seeded with a string
   (hashed with SHA-512 by the standard library, the same on every platform): 7 us a seed, where
   numpy's SeedSequence takes 50 us and a weighted ``Generator.choice`` 16 us, per sample.
-* **Bad shards.** A missing or corrupt shard (`ShardError`) ends that shard only; it is counted and
-  logged, and the stream goes on. `ErrorCounter` counts bad samples too (train/loader.py skips them).
+* **Bad shards.** A shard that is missing, refused, unreachable or damaged (train/shard_errors.py) ends that
+  shard only; it is counted and logged in one line naming it and the cause, and the stream goes on.
+  `ErrorCounter` counts bad samples too (train/loader.py skips them).
 
 Where a stream stands and how it resumes: train/loader.py.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.shards import ShardError
+from train.shard_errors import RECENT, SHARD_ERRORS
 from train.shard_sources import ShardRef, Source
 from train.wds_shards import iter_wds_shard
 
@@ -165,27 +166,37 @@ def split_carry(pieces: list[Piece], num_streams: int) -> list[list[Piece]]:
 
 
 class ErrorCounter:
-    """Counts skipped shards and samples; logs each one (never silent). Also counts the samples ``data.filter``
-    left out (not errors: the metrics report them, train/loader.py)."""
+    """Counts skipped shards and samples; logs each one (never silent) and keeps the last shard errors for
+    the limit's message (train/shard_errors.py). Also counts the samples ``data.filter`` left out (not errors: the
+    metrics report them, train/loader.py)."""
 
     def __init__(self, shard_errors: int = 0, sample_errors: int = 0, filtered: int = 0):
         self.shard_errors, self.sample_errors, self.filtered = shard_errors, sample_errors, filtered
+        self.recent: list[str] = []
 
     def shard(self, exc: Exception) -> None:
         self.shard_errors += 1
+        self.recent = [*self.recent[1 - RECENT :], str(exc)]
         logger.warning("skipping the rest of a shard: %s", exc)
 
     def sample(self, key: str, exc: Exception) -> None:
         self.sample_errors += 1
         logger.warning("skipping sample %s: %s", key, exc)
 
+    def take_recent(self) -> list[str]:
+        """The shard errors since the last call (at most the last RECENT)."""
+        recent, self.recent = self.recent, []
+        return recent
+
 
 def _safe_next(iterator: Iterator[dict], errors: ErrorCounter) -> dict | None:
+    """The shard's next sample; None at its end or at a shard error (train/shard_errors.py: counted, logged, and
+    the shard left). Other exceptions are bugs and go on up."""
     try:
         return next(iterator)
     except StopIteration:
         return None
-    except ShardError as exc:
+    except SHARD_ERRORS as exc:
         errors.shard(exc)
         return None
 
