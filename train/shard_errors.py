@@ -10,7 +10,8 @@
   ``<shard URI>: <cause>``; the stream logs it once, counts it in its position and goes on with its other shards
   (train/shard_stream.py). Anything else (a TypeError, a KeyError, an AttributeError) is a bug and stops the run.
 * **The limit.** ``data.max_shard_errors`` is a count (``"10"``) or a percentage of the shards in one epoch
-  (``"5%"``, the default) allowed per epoch begun: a shard that stays bad is met once per epoch. The loop
+  (``"5%"``, the default; rounded up to whole shards) allowed per epoch begun: a shard that stays bad is met
+  once per epoch. The loop
   compares the errors of all ranks with it at every logged step (train/loop.py); past it every rank raises
   :class:`TooManyShardErrors` at the same step, its message naming the count, the limit and the last errors.
 """
@@ -58,9 +59,9 @@ def parse_limit(text: str) -> tuple[int | None, float | None]:
 
 
 def per_epoch(limit: str, shards_per_epoch: int) -> int:
-    """Shard errors allowed per epoch begun."""
+    """Shard errors allowed per epoch begun; a percentage rounds up to whole shards (5% of 6 shards: 1)."""
     count, percent = parse_limit(limit)
-    return count if count is not None else math.floor(percent * shards_per_epoch / 100)
+    return count if count is not None else math.ceil(round(percent * shards_per_epoch / 100, 9))
 
 
 def epochs_begun(shards_per_epoch: int, shards_begun: int) -> int:

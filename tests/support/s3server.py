@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,30 @@ class S3Server:
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
         )
+
+    @contextlib.contextmanager
+    def refused(self, uri: str) -> Iterator[None]:
+        """Within the block the tests' credentials may not read the object ``uri``: an IAM policy denies its
+        GetObject, so S3 answers 403 AccessDenied (moto checks the user's policies on every request)."""
+        import boto3
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        deny = {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/{key}"}
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+        name = f"deny-{abs(hash(uri))}"
+        iam.put_user_policy(
+            UserName="tests", PolicyName=name, PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [deny]})
+        )
+        try:
+            yield
+        finally:
+            iam.delete_user_policy(UserName="tests", PolicyName=name)
 
     def stop(self) -> None:
         self.process.terminate()
