@@ -11,6 +11,7 @@ import tarfile
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.manifest import Manifest, shard_uris, write_manifest
 from pipeline.schema import encode_key
 from pipeline.shards import ShardError, ShardLimits, ShardWriter, iter_shard
@@ -101,10 +102,16 @@ def _damage(path, case: str) -> None:
         "garbled size",
     ],
 )
-def test_same_shard_errors(tmp_path, case):
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_same_shard_errors(request, tmp_path, case, where):
     manifest = write_dataset(str(tmp_path), max_samples=len(CLIP_IDS))
     uri, entry = str(tmp_path / "part-000.tar"), manifest.shards[0]
     _damage(tmp_path / "part-000.tar", case)
+    if where == "s3":  # the damaged folder as it is, on the loopback S3 server
+        root = f"{request.getfixturevalue('s3_bucket')}/damaged"
+        for name in os.listdir(tmp_path):
+            storage.put_file(str(tmp_path / name), f"{root}/{name}")
+        uri = f"{root}/part-000.tar"
     want, want_error = read(iter_shard, uri, entry)
     got, got_error = read(iter_wds_shard, uri, entry)
     assert want_error and got_error and got_error.startswith(f"{uri}: ")
