@@ -5,7 +5,8 @@ a stream reads, in which order, is train/shard_stream.py's part:
 
 * **Position.** A stream's position is ``(window, offset)``: the window index and the number of raw
   samples already emitted from it. Resuming regenerates that window and skips ``offset`` raw samples
-  without decoding any JPEG. Frame jitter is seeded per sample from ``(seed, s, window, offset)``.
+  without decoding any JPEG (a bad shard met on the way is in the position's count already: not counted
+  again). Frame jitter is seeded per sample from ``(seed, s, window, offset)``.
 * **Workers.** The DataLoader takes batches from workers round-robin. After a resume at batch ``g``
   worker ``w`` serves logical stream ``(w + g) mod W`` so the global batch order is unchanged.
 * **Bad samples.** A sample whose metadata or JPEGs do not decode is skipped, counted and logged;
@@ -109,10 +110,13 @@ def stream_batches(
         shards = plan.window(stream, window, cfg.shards_per_window)
         offset = kept = 0
         ended: list = []
+        errors.replaying = skip > 0
         for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors, ended=ended):
             offset += 1
             if offset <= skip:
                 kept += 1  # read before the resume: counts as progress
+                if offset == skip:
+                    errors.replayed(start["shard_errors"])
                 continue
             row = rows.index(None)
             filled = filled or pool.take()

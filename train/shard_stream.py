@@ -173,15 +173,24 @@ class ErrorCounter:
     def __init__(self, shard_errors: int = 0, sample_errors: int = 0, filtered: int = 0):
         self.shard_errors, self.sample_errors, self.filtered = shard_errors, sample_errors, filtered
         self.recent: list[str] = []
+        self.replaying = False
+        """While a resumed stream re-reads its window up to its position (train/loader.py): the shard errors met
+        then were logged before, and are in the position's count (`replayed`)."""
 
     def shard(self, exc: Exception) -> None:
         self.shard_errors += 1
+        if self.replaying:
+            return
         self.recent = [*self.recent[1 - RECENT :], str(exc)]
         logger.warning("skipping the rest of a shard: %s", exc)
 
     def sample(self, key: str, exc: Exception) -> None:
         self.sample_errors += 1
         logger.warning("skipping sample %s: %s", key, exc)
+
+    def replayed(self, shard_errors: int) -> None:
+        """A resumed stream is back at its position: its count is the position's again."""
+        self.replaying, self.shard_errors = False, shard_errors
 
     def take_recent(self) -> list[str]:
         """The shard errors since the last call (at most the last RECENT)."""

@@ -109,11 +109,14 @@ def test_deleted_and_refused_s3_shards_are_skipped_counted_and_resume_exactly(s3
     assert Counter(lines) == {missing_line(deleted): 2, refused_line(refused): 2}
     assert loader.recent_shard_errors == [line.removeprefix(SKIP) for line in lines]
 
-    first = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
-    take(first, 5)
-    resumed = StreamingLoader(cfg, seed=0, rank=0, world_size=1, state=first.state_dict())
-    assert [b["digest"] for b in take(resumed, 7)] == [b["digest"] for b in batches[5:]]
-    assert resumed.errors() == loader.errors() == (4, 0)
+    caplog.clear()
+    for stop in (1, 2, 4, 6, 9):  # resumed inside windows that hold a bad shard and inside ones that do not
+        first = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
+        take(first, stop)
+        resumed = StreamingLoader(cfg, seed=0, rank=0, world_size=1, state=first.state_dict())
+        assert [b["digest"] for b in take(resumed, 12 - stop)] == [b["digest"] for b in batches[stop:]]
+        assert resumed.errors() == (4, 0), f"resumed after batch {stop}: a bad shard counted twice or not at all"
+    assert len(skipped(caplog)) == 5 * 4, "a bad shard met again on the way to the resumed position is logged again"
 
 
 def test_a_directory_in_a_shards_place_is_a_shard_error_and_a_bug_is_not(tmp_path, caplog):
@@ -153,28 +156,40 @@ def mid_epoch_shards(root: str) -> list[str]:
     return [plan.window(stream, 1, 2)[0].uri for stream in (0, 1)]
 
 
+def replay(root: str, rank: int, steps: int) -> list[tuple[str, int]]:
+    """(batch digest, shard errors so far) of each step of ``rank`` in a 2-rank run, read here: the same streams
+    (data.num_workers 0 or 1: one stream a rank) and the tiny config's data settings."""
+    loader = StreamingLoader(data_cfg([root], batch_size=4, shuffle_buffer=32), seed=0, rank=rank, world_size=2)
+    out = [(loader.next()["digest"], loader.errors()[0]) for _ in range(steps)]
+    loader.close()
+    return out
+
+
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_two_ranks_train_through_a_deleted_and_a_refused_s3_shard(s3_server, s3_bucket, tmp_path):
+def test_two_ranks_train_through_a_deleted_and_a_refused_s3_shard_and_resume_exactly(s3_server, s3_bucket, tmp_path):
+    """Stopped after the first epoch (step 3 of 6: 24 readable clips, 8 a step) and resumed: each step's batches
+    are those the loader gives each rank uninterrupted, and the error count goes on from the checkpoint's."""
     root = moving_dataset(f"{s3_bucket}/train", 32, seed=6, max_samples=4)
     deleted, refused = mid_epoch_shards(root)
     storage.delete(deleted)
     run_dir = str(tmp_path / "run")
+    common = ("max_steps=6", "log.every_steps=1", "log.batch_digests=true", "data.max_shard_errors=50%")
     with s3_server.refused(refused):
-        ranks = ranks_run(run_dir, root, "max_steps=6", "log.every_steps=2", "data.max_shard_errors=50%")
-        assert ranks.wait() == 0, ranks.output()
-        # what each rank's loader met in those 6 steps, read again here (the same streams: data.num_workers 0 or 1)
-        want = [
-            StreamingLoader(data_cfg([root], batch_size=4, shuffle_buffer=32), seed=0, rank=rank, world_size=2)
-            for rank in (0, 1)
-        ]
-        for loader in want:
-            take(loader, 6)
-    rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    assert rows[-1]["data/shard_errors"] == sum(loader.errors()[0] for loader in want) >= 2
-    lines = set(re.findall(rf"{SKIP}.*", ranks.output()))
-    assert lines == {missing_line(deleted), refused_line(refused)}, ranks.output()
+        first = ranks_run(run_dir, root, *common, "stop_at_step=3")
+        assert first.wait() == 0, first.output()
+        second = ranks_run(run_dir, root, *common)
+        assert second.wait() == 0, second.output()
+        want = [replay(root, rank, 6) for rank in (0, 1)]
+    assert "resumed from" in second.output()
+    rows = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
+    assert sorted(rows) == list(range(1, 7))
+    for step, row in rows.items():
+        assert row["digests"] == [[want[rank][step - 1][0]] for rank in (0, 1)], f"step {step}: other batches"
+        assert row["data/shard_errors"] == want[0][step - 1][1] + want[1][step - 1][1], step
+    assert rows[3]["data/shard_errors"] >= 2 and rows[6]["data/shard_errors"] >= 4  # each bad shard once an epoch
+    lines = set(re.findall(rf"{SKIP}.*", first.output() + second.output()))
+    assert lines == {missing_line(deleted), refused_line(refused)}, first.output() + second.output()
 
 
 @pytest.mark.deepspeed
