@@ -12,6 +12,8 @@ from collections import Counter
 import pytest
 
 from pipeline import storage
+from pipeline.layout import index_name
+from tests.support.s3server import free_port
 from tests.train.fixtures_train import moving_dataset, spawn_ranks, tiny_overrides
 from train.config import DataConfig
 from train.loader import StreamingLoader
@@ -117,6 +119,26 @@ def test_deleted_and_refused_s3_shards_are_skipped_counted_and_resume_exactly(s3
         assert [b["digest"] for b in take(resumed, 12 - stop)] == [b["digest"] for b in batches[stop:]]
         assert resumed.errors() == (4, 0), f"resumed after batch {stop}: a bad shard counted twice or not at all"
     assert len(skipped(caplog)) == 5 * 4, "a bad shard met again on the way to the resumed position is logged again"
+
+
+@pytest.mark.slow  # botocore backs off between its 5 attempts: ~25 s, mostly asleep
+def test_an_unreachable_endpoint_is_a_shard_error(s3_bucket, monkeypatch, caplog):
+    """Nothing listens where the S3 endpoint should be: after botocore's retries the shard is given up in one line
+    naming it and the cause (here its sample index, read first)."""
+    root = moving_dataset(f"{s3_bucket}/ds", 3, seed=2, max_samples=3)
+    ref = StreamingLoader(data_cfg([root]), seed=0, rank=0, world_size=1).dataset.plan.shards[0]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    storage.reset_clients()
+    errors = ErrorCounter()
+    try:
+        assert list(window_samples([ref], seeded(0), 1, errors)) == []
+    finally:
+        monkeypatch.undo()
+        storage.reset_clients()
+    assert errors.shard_errors == 1
+    [line] = skipped(caplog)
+    cause = f"{index_name(ref.uri)}: cannot reach the S3 endpoint: Could not connect to the endpoint URL"
+    assert line.startswith(f"{SKIP}{ref.uri}: {cause}"), line
 
 
 def test_a_directory_in_a_shards_place_is_a_shard_error_and_a_bug_is_not(tmp_path, caplog):
