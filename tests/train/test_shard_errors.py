@@ -20,7 +20,7 @@ from train.loader import StreamingLoader
 from train.run_outputs import read_metrics
 from train.shard_errors import TooManyShardErrors, check_limit, parse_limit, per_epoch
 from train.shard_sources import ShardRef
-from train.shard_stream import ErrorCounter, ShardPlan, seeded, window_samples
+from train.shard_stream import ErrorCounter, Piece, ShardPlan, seeded, window_samples
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -131,7 +131,7 @@ def test_an_unreachable_endpoint_is_a_shard_error(s3_bucket, monkeypatch, caplog
     storage.reset_clients()
     errors = ErrorCounter()
     try:
-        assert list(window_samples([ref], seeded(0), 1, errors)) == []
+        assert list(window_samples([Piece(0, ref)], seeded(0), 1, errors)) == []
     finally:
         monkeypatch.undo()
         storage.reset_clients()
@@ -150,7 +150,7 @@ def test_a_directory_in_a_shards_place_is_a_shard_error_and_a_bug_is_not(tmp_pat
     uri = os.path.join(root, "part01-000.tar")
     assert skipped(caplog) == [f"{SKIP}{uri}: is a directory, not a file"] and loader.errors() == (1, 0)
     errors = ErrorCounter()
-    bug = [ShardRef(os.path.join(root, "part00-000.tar"), 3, entry="not a manifest entry")]
+    bug = [Piece(0, ShardRef(os.path.join(root, "part00-000.tar"), 3, entry="not a manifest entry"))]
     with pytest.raises(AttributeError, match="index_xxh3_64"):
         list(window_samples(bug, seeded(0), 4, errors))
     assert errors.shard_errors == 0
@@ -175,7 +175,7 @@ def mid_epoch_shards(root: str) -> list[str]:
     """One shard of each stream's second window in epoch 0 (2 ranks x 1 worker, 2 shards a window)."""
     loader = StreamingLoader(data_cfg([root]), seed=0, rank=0, world_size=2)
     plan: ShardPlan = loader.dataset.plan
-    return [plan.window(stream, 1, 2)[0].uri for stream in (0, 1)]
+    return [plan.window(stream, 1, 2)[0].ref.uri for stream in (0, 1)]
 
 
 def replay(root: str, rank: int, steps: int) -> list[tuple[str, int]]:
@@ -221,7 +221,7 @@ def test_max_shard_errors_stops_both_ranks_in_one_line(tmp_path):
     whole before the first batch, so each rank's first batch comes after its error: 2 errors at step 1."""
     root = moving_dataset(str(tmp_path / "train"), 32, seed=6, max_samples=4)
     loader = StreamingLoader(data_cfg([root]), seed=0, rank=0, world_size=2)
-    first = [loader.dataset.plan.window(stream, 0, 2)[0].uri for stream in (0, 1)]
+    first = [loader.dataset.plan.window(stream, 0, 2)[0].ref.uri for stream in (0, 1)]
     for uri in first:
         os.remove(uri)
     run_dir = str(tmp_path / "run")
