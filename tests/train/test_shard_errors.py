@@ -22,8 +22,6 @@ from train.shard_errors import TooManyShardErrors, check_limit, parse_limit, per
 from train.shard_sources import ShardRef
 from train.shard_stream import ErrorCounter, Piece, ShardPlan, seeded, window_samples
 
-pytestmark = pytest.mark.timeout(300)
-
 SKIP = "skipping the rest of a shard: "
 
 
