@@ -146,6 +146,8 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         try:
             return int(value)
         except ValueError:
+            if str in options:  # a word the field allows besides numbers (e.g. "auto"): its own check decides
+                return value
             raise ValueError(f"{name}: expected an integer, got {value!r}") from None
     return value
 
@@ -233,9 +235,11 @@ def load_values(path: str | None = None, overrides: list[str] | None = None) -> 
     return merge(values, parse_overrides(overrides or []))
 
 
-def dump_yaml(values: dict, path: str) -> None:
+def dump_yaml(values: dict, path: str, notes: tuple[str, ...] | list[str] = ()) -> None:
+    """``values`` as YAML at ``path``; each of ``notes`` leads it as a ``# note:`` comment line."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
+        f.writelines(f"# note: {note}\n" for note in notes)
         yaml.safe_dump(values, f, sort_keys=False)
 
 

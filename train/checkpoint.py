@@ -3,8 +3,11 @@
 A checkpoint is any of: a training run folder (newest DeepSpeed checkpoint and its ``config.yaml``),
 its ``checkpoints/`` folder or one tag folder of it (train/run_layout.py), or a weights file
 (.pt/.pth/.bin or .safetensors) holding our VideoCLIP state dict or a released CLIP-ViP one
-(``clipmodel.`` keys, converted by train/weights.py). Loading is strict: a checkpoint that does not
-fit the configured model is refused with the list of every missing, unexpected and mismatched tensor.
+(``clipmodel.`` keys, converted by train/weights.py). Loading is strict: a checkpoint whose recorded
+model (train/model_record.py: in it, else its run's config.yaml, else a released CLIP-ViP checkpoint's
+QuickGELU towers) differs from the configured one is refused in one line naming both, and one that does
+not fit it is refused with the list of every missing, unexpected and mismatched tensor. Model fields
+left at ``auto`` adopt the checkpoint's values.
 
 `load_init_checkpoint` loads a fine-tuning start into a model that training builds
 (``model.init_checkpoint``); `load_model` builds the model of a training config and loads a
@@ -13,6 +16,7 @@ checkpoint into it for inference (train/evaluate.py, train/search.py).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -23,6 +27,15 @@ from torch import Tensor
 
 from train.config import TrainConfig, load_config
 from train.model import VideoCLIP, VideoCLIPConfig, build_model
+from train.model_record import (
+    RECORD_KEY,
+    CheckpointRecord,
+    adopt,
+    auto_fields,
+    check_record,
+    clipvip_record,
+    model_record,
+)
 from train.run_layout import (
     MODEL_STATES,
     CheckpointFolder,
@@ -31,7 +44,7 @@ from train.run_layout import (
     zero3_model_states,
     zero3_optim_states,
 )
-from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_state_dict
+from train.weights import HF_PREFIX, CheckpointKeyError, clipvip_to_ours, read_file_record, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +190,65 @@ def match_state(state: dict[str, Tensor], model: VideoCLIP) -> dict[str, Tensor]
     return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
 
 
+def stored_record(weights: str) -> dict | None:
+    """The model record saved with the weights: DeepSpeed's client_state, or the file's own (train/weights.py)."""
+    if os.path.isdir(weights):  # ZeRO-3: every rank's small model states file holds the client_state
+        path = sorted(glob.glob(os.path.join(weights, zero3_model_states("*"))))[0]
+    elif os.path.basename(weights) == MODEL_STATES:
+        path = weights
+    else:
+        return read_file_record(weights)
+    # our own runs' files (DeepSpeed pickles objects); mmap: the tensors are not read
+    loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return loaded.get(RECORD_KEY) if isinstance(loaded, dict) else None
+
+
+def checkpoint_record(
+    name: str, weights: str, run_config: str | None, state: dict[str, Tensor] | None = None
+) -> CheckpointRecord:
+    """The model a checkpoint was trained with: recorded in it, else its run's config.yaml, else, for a
+    released CLIP-ViP checkpoint (``state`` in the HF layout), OpenAI CLIP's towers; else unknown."""
+    stored = stored_record(weights)
+    if stored is not None:
+        return CheckpointRecord(name=name, values=stored, source="recorded in it")
+    if run_config is not None:
+        return CheckpointRecord(name=name, values=model_record(train_config(run_config).model), source=run_config)
+    if state is None and os.path.isfile(weights) and os.path.basename(weights) != MODEL_STATES:
+        state = read_state_dict(weights)
+    if state is not None and any(key.startswith(HF_PREFIX) for key in state):
+        return CheckpointRecord(name=name, values=clipvip_record(state), source="a released CLIP-ViP checkpoint")
+    return CheckpointRecord(name=name, values=None)
+
+
+def adopt_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the model fields left at ``auto`` taken from model.init_checkpoint's record, checked
+    against that record (ValueError in one line naming both values; the tensors are matched later)."""
+    autos = auto_fields(cfg.model)
+    path = cfg.model.init_checkpoint
+    if not path:
+        if autos:
+            raise ValueError(f"model.{autos[0]}=auto adopts model.init_checkpoint's value, but none is set")
+        return cfg
+    try:
+        found = checkpoint_record(path, *resolve_checkpoint(path))
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.init_checkpoint: {exc}") from exc
+    adopted = dataclasses.replace(cfg, model=adopt(cfg.model, found)) if autos else cfg
+    check_record(found, adopted.model)
+    return adopted
+
+
 def load_init_checkpoint(model: VideoCLIP, path: str) -> None:
     """Load a fine-tuning start (ours or a released CLIP-ViP checkpoint) strictly into ``model``.
 
-    Raises ValueError naming model.init_checkpoint and listing every mismatched tensor.
+    Raises ValueError naming the model field whose recorded value differs (train/model_record.py), or
+    naming model.init_checkpoint and listing every mismatched tensor.
     """
     try:
-        weights, _ = resolve_checkpoint(path)
-        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
+        weights, run_config = resolve_checkpoint(path)
+        state = read_weights(weights)
+        check_record(checkpoint_record(path, weights, run_config, state), model.cfg)
+        model.load_state_dict(match_state(state, model), strict=True)
     except FileNotFoundError as exc:
         raise ValueError(f"model.init_checkpoint: {exc}") from exc
     except CheckpointKeyError as exc:
@@ -217,13 +281,17 @@ def load_model(
     if config is None:
         raise ValueError(f"checkpoint {checkpoint}: no config.yaml next to it; pass --config (the training YAML)")
     cfg = train_config(config)
-    model = build_model(VideoCLIPConfig(**{**cfg.model.video_clip_kwargs(), "pretrained": None}))
+    state = read_weights(weights)
+    found = checkpoint_record(checkpoint, weights, run_config, state)
+    model_cfg = VideoCLIPConfig(**{**adopt(cfg.model, found).video_clip_kwargs(), "pretrained": None})
+    check_record(found, model_cfg)
+    model = build_model(model_cfg)
     try:
-        model.load_state_dict(match_state(read_weights(weights), model), strict=True)
+        model.load_state_dict(match_state(state, model), strict=True)
     except CheckpointKeyError as exc:
         raise ArchitectureMismatch(
             f"{weights} is not a checkpoint of the model in {config} "
-            f"({cfg.model.clip_model}, {cfg.model.num_proxies} proxies): {exc}"
+            f"({model_cfg.clip_model}, {model_cfg.num_proxies} proxies): {exc}"
         ) from exc
     target = pick_device(device)
     model.to(target).eval()

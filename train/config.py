@@ -43,17 +43,22 @@ class ModelConfig:
     """The network (fields of train.model.VideoCLIPConfig) and the loss variant."""
 
     clip_model: str = "ViT-B-32"
-    """open_clip model name, e.g. ViT-B-32, ViT-B-16 (OpenAI weights want the -quickgelu names)."""
-    num_proxies: int = 4
-    """M video proxy tokens (proxy 0 is CLIP's class embedding)."""
-    temporal_slots: int = 12
-    """Slots of the temporal embedding, resampled to the frame count."""
+    """open_clip model name, e.g. ViT-B-32, ViT-B-16 (OpenAI weights want the -quickgelu names: QuickGELU);
+    auto: model.init_checkpoint's, with its clip_overrides (so its activation)."""
+    num_proxies: int | str = 4
+    """M video proxy tokens (proxy 0 is CLIP's class embedding); auto: model.init_checkpoint's."""
+    temporal_slots: int | str = 12
+    """Slots of the temporal embedding, resampled to the frame count; auto: model.init_checkpoint's."""
     attention: str = "fused"
     """fused (two mask-free SDPA calls) or dense (one SDPA with an N x N mask, original-style cost)."""
     grad_checkpointing: bool = False
     """Recompute transformer blocks in backward."""
     pretrained: str | None = None
-    """Local path of CLIP weights to start from (None: random init)."""
+    """CLIP weights to start from: a file (open_clip state dict or OpenAI TorchScript), hf-hub:ORG/REPO or an
+    open_clip tag of clip_model (openai, laion2b_s34b_b79k, ...) from the local caches (None: random init)."""
+    expect_pretrained: bool = False
+    """The towers are meant to start pretrained: starting from random weights (no pretrained, no
+    init_checkpoint) warns at start and says so in the run's config.yaml."""
     clip_overrides: dict = field(default_factory=dict)
     """Merged into open_clip's model config (embed_dim, quick_gelu, vision_cfg, text_cfg)."""
     logit_scale_init: float = 4.60
@@ -66,16 +71,24 @@ class ModelConfig:
     """With lock_text: leave this many layer groups at the top of the text tower trainable."""
     init_checkpoint: str | None = None
     """Fine-tuning start: a run folder, checkpoints/tag folder or weights file of ours, or a released
-    CLIP-ViP checkpoint (loaded strictly after `pretrained`; a resumed run's own checkpoint wins)."""
+    CLIP-ViP checkpoint (loaded strictly after `pretrained`; a resumed run's own checkpoint wins); the
+    model it records must match clip_model, num_proxies and temporal_slots (or those be auto)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_proxies >= 1, "model.num_proxies", f"must be >= 1, got {self.num_proxies}")
+        for name in ("num_proxies", "temporal_slots"):
+            value = getattr(self, name)
+            _check(
+                value == "auto" or (isinstance(value, int) and value >= 1),
+                f"model.{name}",
+                f"must be an integer >= 1 or auto, got {value!r}",
+            )
         _check(self.loss in LOSSES, "model.loss", f"must be one of {LOSSES}, got {self.loss!r}")
         _check(
             self.init_checkpoint is None or bool(self.init_checkpoint),
             "model.init_checkpoint",
             "must be a path or null",
         )
+        _check(self.pretrained is None or bool(self.pretrained), "model.pretrained", "must be a path, a tag or null")
         _check(
             self.lock_text_unlocked_layers >= 0,
             "model.lock_text_unlocked_layers",
@@ -87,11 +100,22 @@ class ModelConfig:
             "is only used with model.lock_text=true",
         )
 
+    def random_start_note(self) -> str | None:
+        """The warning for a run whose towers are meant to be pretrained but start from random weights."""
+        if not self.expect_pretrained or self.pretrained or self.init_checkpoint:
+            return None
+        return (
+            f"model.pretrained is not set: the {self.clip_model} towers start from random weights, though this "
+            "config expects pretrained ones (model.expect_pretrained); set model.pretrained to a weights file, an "
+            "open_clip tag (openai) or hf-hub:ORG/REPO (docs/model.md, 'Pretrained weights'), or "
+            "model.expect_pretrained=false to start from random weights on purpose"
+        )
+
     def video_clip_kwargs(self) -> dict:
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("loss", "init_checkpoint", "lock_text", "lock_text_unlocked_layers")
+            if f.name not in ("loss", "init_checkpoint", "lock_text", "lock_text_unlocked_layers", "expect_pretrained")
         }
 
 
@@ -520,6 +544,7 @@ RESUME_FREE = (
     "data.eval",
     "data.eval_text",
     "data.eval_max_samples",
+    "model.expect_pretrained",
 )
 
 
@@ -556,5 +581,6 @@ def check_resumable(cfg: TrainConfig) -> None:
         )
 
 
-def dump_config(cfg: TrainConfig, path: str) -> None:
-    config.dump_yaml(config.to_dict(cfg), path)
+def dump_config(cfg: TrainConfig, path: str, notes: tuple[str, ...] | list[str] = ()) -> None:
+    """The resolved config as YAML; ``notes`` (warnings about the run) lead it as ``# note:`` comment lines."""
+    config.dump_yaml(config.to_dict(cfg), path, notes)

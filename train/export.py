@@ -6,7 +6,10 @@
 
 CHECKPOINT is anything train.evaluate takes: a run folder (any ZeRO stage), its checkpoints folder,
 one tag folder, or a weights file with ``--config`` (train/checkpoint.py). The model is loaded
-strictly into the configured architecture first, so what is written always fits it.
+strictly into the configured architecture first (a ``--config`` whose model differs from the one the
+checkpoint records is refused; ``auto`` fields adopt it), so what is written always fits it. Every
+format carries the model record (train/model_record.py: open_clip name, activation, proxies, slots) in
+its safetensors metadata, or for other suffixes in ``OUT.model.json`` beside it.
 
 Formats (docs/training.md, "Checkpoints and export"):
 
@@ -38,7 +41,8 @@ from pipeline.config import HelpFormatter, prog
 from pipeline.logs import setup_logging
 from train.checkpoint import load_model
 from train.model import VideoCLIP, clip_model_config
-from train.weights import ours_to_open_clip, save_clipvip_checkpoint, save_state_dict
+from train.model_record import model_record
+from train.weights import RECORD_SIDECAR, ours_to_open_clip, save_clipvip_checkpoint, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +51,14 @@ def export_safetensors(model: VideoCLIP, out: str) -> list[str]:
     """The whole model's state dict as one .safetensors file."""
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: the safetensors format writes a .safetensors file")
-    save_state_dict(model.state_dict(), out)
+    save_state_dict(model.state_dict(), out, model_record(model.cfg))
     return [out]
 
 
 def export_clipvip(model: VideoCLIP, out: str) -> list[str]:
     """The CLIP-ViP layout (train/weights.py), .safetensors or torch.save by the suffix."""
-    save_clipvip_checkpoint(model, out)
-    return [out]
+    save_clipvip_checkpoint(model, out, model_record(model.cfg))
+    return [out] if Path(out).suffix == ".safetensors" else [out, f"{out}{RECORD_SIDECAR}"]
 
 
 def export_open_clip(model: VideoCLIP, out: str) -> list[str]:
@@ -68,10 +72,10 @@ def export_open_clip(model: VideoCLIP, out: str) -> list[str]:
             f"--out {out}: {name!r} is one of open_clip's own model names with another config; "
             "registering this model's config under it would replace open_clip's (choose another file name)"
         )
-    save_state_dict(ours_to_open_clip(model.state_dict()), out)
+    save_state_dict(ours_to_open_clip(model.state_dict()), out, model_record(model.cfg))
     with open(config_path, "w") as f:
         json.dump(model_cfg, f, indent=1, sort_keys=True)
-    return [out, config_path]
+    return [out, config_path] + ([] if Path(out).suffix == ".safetensors" else [f"{out}{RECORD_SIDECAR}"])
 
 
 EXPORTERS: dict[str, Callable[[VideoCLIP, str], list[str]]] = {

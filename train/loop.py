@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.manifest import TEXT_FIELDS
 from train import engine as ds
-from train.checkpoint import load_init_checkpoint
+from train.checkpoint import adopt_init_checkpoint, load_init_checkpoint
 from train.config import TrainConfig
 from train.eval_data import eval_batches
 from train.frames import normalize_frames
@@ -27,7 +27,9 @@ from train.loader import StreamingLoader
 from train.loss import OCLLoss
 from train.metrics import retrieval_metrics
 from train.model import LOGIT_SCALE_MAX, VideoCLIP, VideoCLIPConfig, build_model
+from train.model_record import RECORD_KEY, model_record
 from train.optim import build_optimizer, build_scheduler, retime_scheduler
+from train.pretrained import resolve_pretrained
 from train.run_layout import RunLayout
 from train.run_outputs import MetricLogger, StepProfiler, wandb_settings
 from train.shard_errors import check_limit
@@ -87,8 +89,10 @@ def register_direct_params(task: nn.Module) -> list[nn.Parameter]:
 
 
 def build_task(cfg: TrainConfig, rank: int, world_size: int) -> TrainingTask:
+    cfg = adopt_init_checkpoint(cfg)  # model fields left at auto: the init checkpoint's
     torch.manual_seed(cfg.seed)
-    model = build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs()))
+    pretrained = resolve_pretrained(cfg.model)  # a tag or hf-hub: name -> its file in the local cache
+    model = build_model(VideoCLIPConfig(**{**cfg.model.video_clip_kwargs(), "pretrained": pretrained}))
     if cfg.model.init_checkpoint:
         load_init_checkpoint(model, cfg.model.init_checkpoint)
     if cfg.model.lock_text:
@@ -315,6 +319,7 @@ def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -
         "samples": state.samples,
         "schedule": state.schedule,
         "data_plan": loader.carry_state(),
+        RECORD_KEY: model_record(engine.module.model.cfg),  # what the checkpoint is, wherever it is copied
     }
     ds.save_checkpoint(
         engine, RunLayout(cfg.run_dir).checkpoints, state.step, rank_state, shared, cfg.checkpoint.keep_last

@@ -79,13 +79,16 @@ def dry_run(cfg, rank: int, world_size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.logs import setup_logging
+    from train.checkpoint import adopt_init_checkpoint
     from train.config import check_resumable, dump_config, load_config
+    from train.pretrained import resolve_pretrained
     from train.run_layout import RunLayout
     from train.run_outputs import wandb_settings
     from train.text_coverage import check_train_texts
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = adopt_init_checkpoint(load_config(args.config, args.overrides))  # before config.yaml: no autos there
+        resolve_pretrained(cfg.model)  # a tag or file that is not there, or of the other activation: one line here
         check_resumable(cfg)
         wandb_settings(cfg)  # log.wandb=true without the wandb package: one line here, before any rank starts
         check_train_texts(cfg)  # a loss term whose text most clips lack: one line, before any rank starts
@@ -99,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = engine.init_distributed()
     setup_logging("INFO", rank=rank)
     if rank == 0:
-        dump_config(cfg, RunLayout(cfg.run_dir).config)
+        notes = [note for note in (cfg.model.random_start_note(),) if note]
+        for note in notes:
+            logger.warning(note)
+        dump_config(cfg, RunLayout(cfg.run_dir).config, notes)
     if args.dry_run:
         if rank == 0:
             dry_run(cfg, rank, world_size)

@@ -18,13 +18,16 @@ in one `CheckpointKeyError`. Files are read with torch.load(weights_only=True) o
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -33,6 +36,10 @@ logger = logging.getLogger(__name__)
 HF_PREFIX = "clipmodel."
 OPEN_CLIP_PREFIX = "clip."
 """Our VideoCLIP keeps open_clip's CLIP as ``self.clip`` (train/model.py)."""
+RECORD_METADATA = "vidproxy.model"
+"""Safetensors metadata key of the model record (train/model_record.py), a JSON string."""
+RECORD_SIDECAR = ".model.json"
+"""Other weights files carry the record beside them: ``<file>.model.json``."""
 IGNORED_HF_KEYS = frozenset(
     {
         "clipmodel.text_model.embeddings.position_ids",
@@ -238,10 +245,10 @@ def load_clipvip_checkpoint(model: nn.Module, path: str | Path) -> None:
     logger.info("loaded CLIP-ViP checkpoint %s (%d tensors)", path, len(converted))
 
 
-def save_clipvip_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Write a VideoCLIP in the CLIP-ViP layout (.safetensors, else torch.save)."""
+def save_clipvip_checkpoint(model: nn.Module, path: str | Path, record: dict | None = None) -> None:
+    """Write a VideoCLIP in the CLIP-ViP layout (.safetensors, else torch.save), with its model record."""
     hf_state = ours_to_clipvip(model.state_dict())
-    save_state_dict(hf_state, path)
+    save_state_dict(hf_state, path, record)
     logger.info("saved CLIP-ViP checkpoint %s (%d tensors)", path, len(hf_state))
 
 
@@ -258,10 +265,33 @@ def ours_to_open_clip(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-def save_state_dict(state: Mapping[str, Tensor], path: str | Path) -> None:
-    """Tensors as .safetensors, else torch.save of a plain dict (both read with weights_only loading)."""
+def save_state_dict(state: Mapping[str, Tensor], path: str | Path, record: dict | None = None) -> None:
+    """Tensors as .safetensors, else torch.save of a plain dict (both read with weights_only loading).
+
+    ``record`` (the model record, train/model_record.py) goes into the safetensors metadata, or for
+    other files into ``<path>.model.json`` beside them (`read_file_record` reads either back).
+    """
     tensors = {key: value.detach().contiguous() for key, value in state.items()}
     if Path(path).suffix == ".safetensors":
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, path)
+        metadata = {"format": "pt"}
+        if record is not None:
+            metadata[RECORD_METADATA] = json.dumps(record, sort_keys=True)
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    torch.save(tensors, path)
+    if record is not None:
+        with open(f"{path}{RECORD_SIDECAR}", "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+
+
+def read_file_record(path: str | Path) -> dict | None:
+    """The model record a weights file carries (safetensors metadata or its sidecar), else None."""
+    if Path(path).suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(RECORD_METADATA)
+        return json.loads(text) if text else None
+    sidecar = f"{path}{RECORD_SIDECAR}"
+    if not os.path.exists(sidecar):
+        return None
+    with open(sidecar) as f:
+        return json.load(f)
