@@ -227,7 +227,10 @@ def adopt_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
     path = cfg.model.init_checkpoint
     if not path:
         if autos:
-            raise ValueError(f"model.{autos[0]}=auto adopts model.init_checkpoint's value, but none is set")
+            raise ValueError(
+                f"model.{autos[0]}=auto adopts model.init_checkpoint's value, but none is set: set "
+                f"model.init_checkpoint, or model.{', model.'.join(autos)} to start without one"
+            )
         return cfg
     try:
         found = checkpoint_record(path, *resolve_checkpoint(path))

@@ -103,7 +103,7 @@ def from_tag(value: str, clip_model: str, tag_cfg: dict[str, Any]) -> Pretrained
     """A pretrained tag of ``clip_model``: its hub repo in the HF cache, else its URL's file in open_clip's."""
     looked = []
     tag_activation = "quick_gelu" if tag_cfg.get("quick_gelu", False) else "gelu"
-    origin = f"open_clip's {clip_model} weights {value!r}"
+    origin = f"open_clip's {clip_model} tag {value!r}"
     if tag_cfg.get("hf_hub"):
         repo_id, filenames = tag_files(tag_cfg["hf_hub"])
         path = cached_hub_file(repo_id, filenames)
@@ -116,7 +116,7 @@ def from_tag(value: str, clip_model: str, tag_cfg: dict[str, Any]) -> Pretrained
             return PretrainedSource(path=path, activation=tag_activation, origin=origin)
         looked.append(path)
     raise ValueError(
-        f"model.pretrained={value}: {origin} are not in the local caches (looked for {'; '.join(looked)}); "
+        f"model.pretrained={value}: {origin} is not in the local caches (looked for {'; '.join(looked)}); "
         "download them on a machine with network (docs/model.md, 'Pretrained weights') or pass a file"
     )
 

@@ -1,5 +1,6 @@
 """Weights out and in: `python -m train.export` formats, read back by us, open_clip and transformers;
-OpenAI's TorchScript CLIP archives as ``model.pretrained``.
+``model.pretrained`` from OpenAI's TorchScript CLIP archives, hub repos and open_clip tags in local caches
+that the tests lay out as huggingface_hub and open_clip do (nothing is downloaded).
 
 The model is the tiny training config (launch/configs/train/tiny.yaml: open_clip's ViT-B-32 with
 ``clip_overrides`` making 2-layer width-64 towers) with every tensor perturbed, so layer norms and
@@ -14,11 +15,14 @@ import json
 import os
 import subprocess
 import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
@@ -26,7 +30,9 @@ from tests.train.fixtures_train import PYTHON, REPO, TINY_CONFIG, env
 from train.checkpoint import load_model
 from train.config import dump_config, load_config
 from train.export import main as export_main
-from train.model import VideoCLIPConfig, build_model
+from train.loop import build_task
+from train.model import VideoCLIPConfig, build_model, clip_model_config
+from train.pretrained import resolve_pretrained
 from train.tokenizer import get_tokenizer
 from train.weights import read_state_dict
 
@@ -238,3 +244,140 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         build_model(VideoCLIPConfig(**kwargs))
     assert not os.path.exists(marker)
+
+
+# ----------------------------------------------------------------------------- model.pretrained from the local caches
+
+
+def hub_repo(cache: Path, repo_id: str, files: dict[str, Callable[[str], None]]) -> Path:
+    """A hub repo as huggingface_hub caches it: models--ORG--NAME/{refs/main, snapshots/<commit>/<files>}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, write in files.items():
+        write(str(snapshot / name))
+    return snapshot
+
+
+def tiny_clip_state(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """An open_clip CLIP state dict of the tiny towers (what a hub repo or a tag's file holds)."""
+    torch.manual_seed(seed)
+    state = build_model(VideoCLIPConfig(**{**cfg.model.video_clip_kwargs(), "pretrained": None})).clip.state_dict()
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+def assert_clip_loaded(task, source: dict[str, torch.Tensor]) -> None:
+    loaded = task.model.clip.state_dict()
+    for key, value in source.items():
+        if key != "logit_scale":  # reset to logit_scale_init for post-pretraining
+            assert torch.equal(loaded[key], value), key
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch) -> dict[str, Path]:
+    """Empty huggingface_hub and open_clip caches in tmp_path, found through the environment."""
+    hub, home = tmp_path / "hub", tmp_path / "home"
+    hub.mkdir()
+    home.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HOME", str(home))
+    return {"hub": hub, "clip": home / ".cache" / "clip"}
+
+
+@pytest.mark.parametrize("weights", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_pretrained_hf_hub_repo_loads_from_the_cache(caches, weights):
+    cfg = load_config(TINY_CONFIG, ["run_dir=unused", "model.pretrained=hf-hub:someone/tiny-clip"])
+    source = tiny_clip_state(cfg, seed=11)
+    config = {"model_cfg": clip_model_config(VideoCLIPConfig(**tiny_config().model.video_clip_kwargs()))}
+    save = (lambda p: save_file(source, p)) if weights.endswith(".safetensors") else (lambda p: torch.save(source, p))
+    snapshot = hub_repo(
+        caches["hub"],
+        "someone/tiny-clip",
+        {weights: save, "open_clip_config.json": lambda p: Path(p).write_text(json.dumps(config))},
+    )
+    assert resolve_pretrained(cfg.model) == str(snapshot / weights)
+    assert_clip_loaded(build_task(cfg, 0, 1), source)
+
+    gelu = load_config(TINY_CONFIG, ["run_dir=x", "model.pretrained=hf-hub:someone/tiny-clip", GELU_OVERRIDE])
+    with pytest.raises(ValueError) as info:  # the repo's open_clip_config.json says QuickGELU
+        resolve_pretrained(gelu.model)
+    assert str(info.value) == (
+        "model.pretrained=hf-hub:someone/tiny-clip: hub repo someone/tiny-clip was trained with activation "
+        "quick_gelu, model.clip_model ViT-B-32 has gelu: pick the matching open_clip name (-quickgelu for "
+        "QuickGELU) or set clip_overrides.quick_gelu"
+    )
+
+
+GELU_OVERRIDE = "model.clip_overrides.quick_gelu=false"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_pretrained_tags_load_from_the_hub_cache_or_open_clips_own(caches):
+    """laion2b_s34b_b79k (GELU) lives in a hub repo; openai (QuickGELU) here in open_clip's URL cache as
+    OpenAI's TorchScript archive. The tiny towers stand in for ViT-B-32's: the tag names the files only."""
+    laion = load_config(TINY_CONFIG, ["run_dir=x", "model.pretrained=laion2b_s34b_b79k", GELU_OVERRIDE])
+    source = tiny_clip_state(laion, seed=12)
+    hub_repo(
+        caches["hub"],
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        {"open_clip_pytorch_model.bin": lambda p: torch.save(source, p)},
+    )
+    assert_clip_loaded(build_task(laion, 0, 1), source)
+
+    openai = load_config(TINY_CONFIG, ["run_dir=x", "model.pretrained=openai"])
+    source = tiny_clip_state(openai, seed=13)
+    caches["clip"].mkdir(parents=True)
+    torchscript_clip(source, str(caches["clip"] / "ViT-B-32.pt"))
+    assert resolve_pretrained(openai.model) == str(caches["clip"] / "ViT-B-32.pt")
+    assert_clip_loaded(build_task(openai, 0, 1), {k: v.half().float() for k, v in source.items()})
+
+    with pytest.raises(ValueError) as info:  # OpenAI's weights under GELU: refused
+        resolve_pretrained(load_config(TINY_CONFIG, ["run_dir=x", "model.pretrained=openai", GELU_OVERRIDE]).model)
+    assert str(info.value).startswith(
+        "model.pretrained=openai: open_clip's ViT-B-32 tag 'openai' was trained with activation quick_gelu, "
+        "model.clip_model ViT-B-32 has gelu"
+    )
+
+
+def test_a_pretrained_value_that_is_nowhere_is_one_line(caches, tmp_path, capsys):
+    from train.main import main
+
+    def refused(value: str) -> str:
+        capsys.readouterr()
+        args = ["--config", TINY_CONFIG, f"run_dir={tmp_path / 'run'}", "data.train=[x]", f"model.pretrained={value}"]
+        assert main(args) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        return line
+
+    assert refused("laion2b_s34b_b79k") == (
+        "config error: model.pretrained=laion2b_s34b_b79k: open_clip's ViT-B-32 tag 'laion2b_s34b_b79k' is not in "
+        f"the local caches (looked for laion/CLIP-ViT-B-32-laion2B-s34B-b79K (open_clip_model.safetensors or "
+        f"open_clip_pytorch_model.bin) in {caches['hub']}); download them on a machine with network "
+        "(docs/model.md, 'Pretrained weights') or pass a file"
+    )
+    assert refused("openai").endswith(
+        f"in {caches['hub']}; {caches['clip'] / 'ViT-B-32.pt'}); download them on a machine with network "
+        "(docs/model.md, 'Pretrained weights') or pass a file"
+    )
+    assert refused("hf-hub:someone/absent") == (
+        "config error: model.pretrained=hf-hub:someone/absent: someone/absent is not in the local huggingface_hub "
+        f"cache (looked for open_clip_model.safetensors or open_clip_pytorch_model.bin in {caches['hub']}); "
+        "download it on a machine with network (docs/model.md, 'Pretrained weights') or set HF_HUB_CACHE"
+    )
+    missing = str(tmp_path / "clip.pt")
+    assert refused(missing) == (
+        f"config error: model.pretrained={missing}: no such file or folder, and not an open_clip tag of ViT-B-32 "
+        f"(its tags: {', '.join(open_clip.list_pretrained_tags_by_model('ViT-B-32'))}) nor hf-hub:ORG/REPO"
+    )
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_openai_archive_under_gelu_is_refused(tmp_path):
+    archive = str(tmp_path / "ViT-tiny.pt")
+    torchscript_clip(tiny_clip_state(tiny_config(), seed=5), archive)
+    with pytest.raises(ValueError, match="OpenAI's TorchScript archive .* was trained with activation quick_gelu"):
+        resolve_pretrained(load_config(TINY_CONFIG, ["run_dir=x", f"model.pretrained={archive}", GELU_OVERRIDE]).model)

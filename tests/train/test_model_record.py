@@ -10,6 +10,7 @@ forward equals the checkpoint's model exactly.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -289,3 +290,69 @@ def test_a_weights_file_with_a_record_refuses_other_proxies(tmp_path):
         "set model.num_proxies=auto to adopt the checkpoint's"
     )
     load_init_checkpoint(build_model(VideoCLIPConfig(**cfg.model.video_clip_kwargs())), path)
+
+
+# ----------------------------------------------------------------------------- the recipes
+
+
+def test_fine_tune_recipes_adopt_the_checkpoints_model(tmp_path):
+    """Every fine-tune recipe leaves clip_model, num_proxies and temporal_slots at auto."""
+    weights = str(tmp_path / "b32.pt")  # no tensors: adopting reads only the record beside it
+    b32 = VideoCLIPConfig(clip_model="ViT-B-32-quickgelu", num_proxies=8, temporal_slots=16)
+    save_state_dict({}, weights, model_record(b32))
+    recipes = sorted(glob.glob(os.path.join(REPO, "launch/configs/finetune/*.yaml")))
+    assert len(recipes) == 4
+    for recipe in recipes:
+        cfg = load_config(recipe, [f"model.init_checkpoint={weights}"])
+        assert (cfg.model.clip_model, cfg.model.num_proxies, cfg.model.temporal_slots) == ("auto",) * 3, recipe
+        model = adopt_init_checkpoint(cfg).model
+        assert (model.clip_model, model.clip_overrides, model.num_proxies, model.temporal_slots) == (
+            "ViT-B-32-quickgelu",
+            {},
+            8,
+            16,
+        )
+        with pytest.raises(ValueError) as info:
+            adopt_init_checkpoint(load_config(recipe, []))
+        assert str(info.value) == (
+            "model.clip_model=auto adopts model.init_checkpoint's value, but none is set: set "
+            "model.init_checkpoint, or model.clip_model, model.num_proxies, model.temporal_slots to start without one"
+        )
+
+
+def test_post_pretraining_recipes_warn_when_their_towers_start_random():
+    for name in ("vit-b32", "vit-b16"):
+        cfg = load_config(os.path.join(REPO, f"launch/configs/train/{name}.yaml"), [])
+        assert cfg.model.expect_pretrained and cfg.model.pretrained is None
+        assert cfg.model.random_start_note().startswith(
+            f"model.pretrained is not set: the {cfg.model.clip_model} towers start from random weights"
+        )
+        assert (
+            load_config(
+                os.path.join(REPO, f"launch/configs/train/{name}.yaml"), ["model.pretrained=openai"]
+            ).model.random_start_note()
+            is None
+        )
+    assert load_config(TINY_CONFIG, ["run_dir=x"]).model.random_start_note() is None  # random on purpose
+    with pytest.raises(ValueError, match=r"model.num_proxies: must be an integer >= 1 or auto, got 'many'"):
+        load_config(TINY_CONFIG, ["run_dir=x", "model.num_proxies=many"])
+
+
+def test_a_random_start_is_warned_once_and_noted_in_config_yaml(post, tmp_path):
+    run = tmp_path / "random"
+    done = subprocess.run(
+        [PYTHON, "-m", "train.main", "--config", TINY_CONFIG, "--dry-run", f"run_dir={run}"]
+        + [f"data.train=[{post['train']}]", "model.expect_pretrained=true", "data.num_workers=0"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    note = load_config(TINY_CONFIG, ["run_dir=x", "model.expect_pretrained=true"]).model.random_start_note()
+    warned = [line for line in done.stderr.splitlines() if "random weights" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and warned[0].endswith(f"train.main: {note}"), warned
+    text = (run / "config.yaml").read_text()
+    assert text.splitlines()[0] == f"# note: {note}"
+    assert load_config(str(run / "config.yaml"), []).model.expect_pretrained is True  # still a config
