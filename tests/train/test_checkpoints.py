@@ -28,11 +28,12 @@ from tests.train.fixtures_train import (
     start_ranks,
     tiny_overrides,
 )
-from train.checkpoint import load_model, resolve_checkpoint
+from train.checkpoint import load_model, resolve_checkpoint, stored_record
 from train.config import load_config
 from train.evaluate import main as evaluate_main
 from train.export import main as export_main
 from train.loop import build_task
+from train.model_record import model_record
 from train.search import main as search_main
 
 STAGES = (1, 2, 3)
@@ -102,6 +103,9 @@ def test_every_stage_loads_for_evaluation_and_fine_tuning(runs, stage, tmp_path)
     tag_dir = os.path.join(runs[stage], "checkpoints", TAG)
     assert weights == (tag_dir if stage == 3 else os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
     assert config == os.path.join(runs[stage], "config.yaml")
+    recorded = stored_record(weights)  # ZeRO-3: from the ranks' model states files, which hold no weights
+    assert recorded == model_record(load_config(TINY_CONFIG, ["run_dir=x"]).model)
+    assert (recorded["clip_model"], recorded["activation"]) == ("ViT-B-32", "quick_gelu")
     assert_same(load_model(runs[stage], device="cpu").model.state_dict(), expected)  # evaluate and search
 
     cfg = load_config(TINY_CONFIG, [f"run_dir={tmp_path / 'ft'}", f"model.init_checkpoint={runs[stage]}"])
