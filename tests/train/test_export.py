@@ -32,9 +32,10 @@ from train.config import dump_config, load_config
 from train.export import main as export_main
 from train.loop import build_task
 from train.model import VideoCLIPConfig, build_model, clip_model_config
+from train.model_record import model_record
 from train.pretrained import resolve_pretrained
 from train.tokenizer import get_tokenizer
-from train.weights import read_state_dict
+from train.weights import read_file_record, read_state_dict
 
 ADDED = ("vision_model.embeddings.added_cls", "vision_model.embeddings.temporal_embedding")
 """What CLIP-ViP adds to HF's CLIPModel: the proxy tokens and the temporal embedding (train/weights.py)."""
@@ -176,7 +177,8 @@ def test_python_m_train_export_runs(run, tmp_path):
     cmd = [PYTHON, "-m", "train.export", run, "--format", "clipvip", "--out", out]
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"wrote {out} (clipvip)" in done.stdout and os.path.exists(out)
+    assert f"wrote {out}, {out}.model.json (clipvip)" in done.stdout and os.path.exists(out)
+    assert read_file_record(out) == model_record(tiny_config().model)  # the record beside a torch.save file
 
 
 # ----------------------------------------------------------------------------- OpenAI's TorchScript archives
