@@ -14,6 +14,8 @@ open_clip's CLIP, without the proxy tokens and the temporal embedding (train/exp
 
 Import is strict: missing, unexpected and shape-mismatched keys are collected and raised together
 in one `CheckpointKeyError`. Files are read with torch.load(weights_only=True) or safetensors.
+Written files may carry the model record (train/model_record.py): in the safetensors metadata, or as
+``<file>.model.json`` beside a torch.save file (`save_state_dict`, `read_file_record`).
 """
 
 from __future__ import annotations
