@@ -212,7 +212,10 @@ def checkpoint_record(
     if stored is not None:
         return CheckpointRecord(name=name, values=stored, source="recorded in it")
     if run_config is not None:
-        return CheckpointRecord(name=name, values=model_record(train_config(run_config).model), source=run_config)
+        try:
+            return CheckpointRecord(name=name, values=model_record(train_config(run_config).model), source=run_config)
+        except ValueError as exc:  # a config.yaml this version cannot read: the tensors still decide
+            logger.warning("%s: %s", run_config, exc)
     if state is None and os.path.isfile(weights) and os.path.basename(weights) != MODEL_STATES:
         state = read_state_dict(weights)
     if state is not None and any(key.startswith(HF_PREFIX) for key in state):
