@@ -59,7 +59,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extension
 if [ ! -d "$TORCH_EXTENSIONS_DIR" ] || [ -z "$(find "$TORCH_EXTENSIONS_DIR" -name '*.so' 2>/dev/null | head -1)" ]; then
   echo "building DeepSpeed's CPU comm op into $TORCH_EXTENSIONS_DIR (once)"
   build_log="$(mktemp)"
-  if ! DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+  if ! PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
       >"$build_log" 2>&1; then
     echo "warning: could not prebuild DeepSpeed's comm op; it will build on first use. Its last lines:"
     tail -n 15 "$build_log" | sed 's/^/  | /'
@@ -71,7 +71,7 @@ fi
 if [ -z "$(find "$TORCH_EXTENSIONS_DIR" -name 'cpu_adam*.so' 2>/dev/null | head -1)" ]; then
   echo "building DeepSpeed's CPU Adam op into $TORCH_EXTENSIONS_DIR (once)"
   build_log="$(mktemp)"
-  if ! DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
+  if ! PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
       "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()" \
       >"$build_log" 2>&1; then
     echo "warning: could not prebuild DeepSpeed's CPU Adam op; it will build on first use. Its last lines:"

@@ -44,8 +44,22 @@ def current_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def use_own_ninja() -> None:
+    """Build DeepSpeed's ops with the ninja installed next to this interpreter (the venv's, a DeepSpeed dependency).
+
+    torch runs whichever ``ninja`` comes first on PATH. Two versions (pip's 1.13 in the venv, Debian's 1.11) hash
+    a build command differently, so processes started with and without the venv's bin on PATH rebuilt the shared
+    CPU comm op for each other, once a minute while tests ran, holding the build lock long enough to stall ranks.
+    """
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(here, "ninja")) and path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + path
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher set up (env RANK/WORLD_SIZE/MASTER_*); returns (rank, world)."""
+    use_own_ninja()
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False, verbose=False
     )
@@ -122,6 +136,7 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
     the same groups and schedule move to DeepSpeedCPUAdam (DeepSpeed refuses torch's AdamW there
     unless the config says ``zero_force_ds_cpu_optimizer: false``).
     """
+    use_own_ninja()
     if offloads_optimizer(config) and config.get("zero_force_ds_cpu_optimizer", True):
         optimizer, scheduler = _on_cpu_adam(optimizer, scheduler)
         logger.info(
