@@ -430,12 +430,12 @@ def _init_adam_state(optimizer) -> None:
     inner = getattr(optimizer, "optimizer", optimizer)
     partitions = [t for group in inner.param_groups for t in group["params"]]
     partitions += list(getattr(optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3's sub-group partitions
+    step = torch.tensor(0.0) if isinstance(inner, torch.optim.AdamW) else 0  # DeepSpeedCPUAdam counts in ints
     for tensor in partitions:
-        if True:
-            state = inner.state[tensor]
-            state.setdefault("step", torch.tensor(0.0))
-            for key in ("exp_avg", "exp_avg_sq"):
-                state.setdefault(key, torch.zeros_like(tensor, memory_format=torch.preserve_format))
+        state = inner.state[tensor]
+        state.setdefault("step", step)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state.setdefault(key, torch.zeros_like(tensor, memory_format=torch.preserve_format))
 
 
 def _set_adam_step(optimizer, step) -> None:
@@ -447,7 +447,9 @@ def _set_adam_step(optimizer, step) -> None:
         for tensor in group["params"]:
             if tensor in inner.state and "step" in inner.state[tensor]:
                 old = inner.state[tensor]["step"]
-                inner.state[tensor]["step"] = torch.as_tensor(step, dtype=old.dtype) if torch.is_tensor(old) else step
+                inner.state[tensor]["step"] = (
+                    torch.as_tensor(step, dtype=old.dtype) if torch.is_tensor(old) else int(step)
+                )
 
 
 def check_world_size(path: str, saved: int) -> None:
