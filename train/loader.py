@@ -385,8 +385,15 @@ class StreamingLoader:
         return len(self.dataset.plan.shards)
 
     def shards_begun(self) -> int:
-        """Shards of the plan this rank's streams have begun: each counts its windows so far whole."""
-        return sum(p["window"] + 1 for p in self.state["streams"]) * self.dataset.cfg.shards_per_window
+        """Global positions of the shard plan begun, as far as this rank's streams see: one past the newest position
+        in their current windows (all ranks' maximum: every position before it is begun, or carried after a resume
+        at another number of streams)."""
+        size, base = self.dataset.cfg.shards_per_window, self.dataset.rank * self.dataset.num_workers
+        return 1 + max(
+            piece.position
+            for logical, position in enumerate(self.state["streams"])
+            for piece in self.dataset.plan.window(base + logical, position["window"], size)
+        )
 
     def filtered(self) -> int:
         """Samples ``data.filter`` left out so far, on this rank."""

@@ -284,14 +284,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def retime(engine, cfg: TrainConfig, state: TrainState, total_steps: int, world_size: int) -> int:
-    """The run's total steps at this world size; after a resume at another global batch the lr schedule is
-    retimed to go on by samples (`retime_scheduler`). A run's first global batch and total steps are kept."""
+def retime(engine, cfg: TrainConfig, state: TrainState, samples_per_epoch: int, world_size: int) -> int:
+    """The run's total steps at this world size. A run's length is kept in samples: ``max_steps`` (or the
+    epochs) counted in the global batch the run began with. After a resume at another global batch the lr
+    schedule is retimed to go on by samples seen (`retime_scheduler`)."""
     batch = cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size
-    if state.schedule is None:
-        state.schedule = {"global_batch": batch, "total_steps": total_steps}
-        return total_steps
-    first, first_total = state.schedule["global_batch"], state.schedule["total_steps"]
+    first = state.schedule["global_batch"] if state.schedule else batch
+    if cfg.max_steps is not None:
+        first_total = cfg.max_steps
+    else:  # cfg.total_steps at the first global batch
+        first_total = max(1, math.ceil(cfg.epochs * samples_per_epoch / first))
+    state.schedule = {"global_batch": first, "total_steps": first_total}
     if first == batch:
         return first_total
     left = max(0, first_total * first - state.samples)
@@ -346,7 +349,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     device, run = ds.current_device(), RunLayout(cfg.run_dir)
     wandb = wandb_settings(cfg)  # first: a missing wandb package stops every rank before any work
     probe = StreamingLoader(cfg.data, cfg.seed, rank, world_size)
-    total_steps = cfg.total_steps(probe.samples_per_epoch, world_size)
+    samples_per_epoch = probe.samples_per_epoch
+    total_steps = cfg.total_steps(samples_per_epoch, world_size)
     del probe
     task = build_task(cfg, rank, world_size)
     optimizer = build_optimizer(task, cfg.optim)
@@ -357,7 +361,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     universal = universal_source(cfg, world_size)
     engine = ds.initialize(task, optimizer, scheduler, ds_config, register_direct_params(task))
     state, data_start = resume(engine, cfg, rank, world_size, universal)
-    total_steps = retime(engine, cfg, state, total_steps, world_size)
+    total_steps = retime(engine, cfg, state, samples_per_epoch, world_size)
     loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, **data_start)
     metrics = MetricLogger(
         run,
@@ -430,7 +434,7 @@ def check_shard_errors(cfg: TrainConfig, loader: StreamingLoader, errors: int) -
         errors,
         cfg.data.max_shard_errors,
         loader.shards_per_epoch,
-        lambda: int(ds.all_reduce(loader.shards_begun(), "sum")),
+        lambda: int(ds.all_reduce(loader.shards_begun(), "max")),
         lambda: ds.all_gather_objects(loader.recent_shard_errors),
     )
 

@@ -90,8 +90,8 @@ def check_limit(
     recent: Callable[[], list[list[str]]],
 ) -> None:
     """Raise TooManyShardErrors when ``errors`` (of all ranks) pass the limit. Called on every rank with the same
-    ``errors``: ``shards_begun`` (all ranks' sum) and ``recent`` (each rank's last errors) are collectives that
-    every rank then makes alike, and only past one epoch's allowance."""
+    ``errors``: ``shards_begun`` (one past the newest global position begun, over all ranks) and ``recent`` (each
+    rank's last errors) are collectives that every rank then makes alike, and only past one epoch's allowance."""
     if errors <= per_epoch(limit, shards_per_epoch):
         return
     epochs = epochs_begun(shards_per_epoch, shards_begun())
