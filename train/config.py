@@ -478,11 +478,14 @@ class TrainConfig:
         if self.stop_at_step is not None and self.max_steps is not None and self.stop_at_step > self.max_steps:
             raise ValueError(f"stop_at_step={self.stop_at_step} is beyond max_steps={self.max_steps}")
 
-    def total_steps(self, samples_per_epoch: int, world_size: int) -> int:
-        """Optimiser steps of the run: max_steps, or epochs over the train samples."""
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimiser step over all ranks."""
+        return self.data.batch_size * world_size * self.zero.grad_accum_steps
+
+    def total_steps(self, samples_per_epoch: int, global_batch: int) -> int:
+        """Optimiser steps of the run at ``global_batch`` samples a step: max_steps, or epochs over the samples."""
         if self.max_steps is not None:
             return self.max_steps
-        global_batch = self.data.batch_size * world_size * self.zero.grad_accum_steps
         return max(1, math.ceil(self.epochs * samples_per_epoch / global_batch))
 
 
@@ -495,7 +498,7 @@ def deepspeed_json(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.zero.grad_accum_steps,
-        "train_batch_size": cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size,
+        "train_batch_size": cfg.global_batch(world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {
             "stage": cfg.zero.stage,

@@ -136,7 +136,6 @@ def initialize(module: torch.nn.Module, optimizer, scheduler, config: dict, exte
     the same groups and schedule move to DeepSpeedCPUAdam (DeepSpeed refuses torch's AdamW there
     unless the config says ``zero_force_ds_cpu_optimizer: false``).
     """
-    use_own_ninja()
     if offloads_optimizer(config) and config.get("zero_force_ds_cpu_optimizer", True):
         optimizer, scheduler = _on_cpu_adam(optimizer, scheduler)
         logger.info(
@@ -328,8 +327,15 @@ def _convert_universal(source: str, target: str) -> None:
         inject_missing_state=True,
     )
     logger.info("converting %s to a universal checkpoint in %s", source, target)
-    with contextlib.redirect_stdout(sys.stderr):  # its progress lines
-        ds_to_universal.main(args)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines
+            ds_to_universal.main(args)
+    except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
+        raise RuntimeError(
+            f"{source}: cannot be converted to DeepSpeed's universal form to resume at another world size "
+            f"({type(exc).__name__}: {exc}); a checkpoint saved before 0-dim parameters were recorded as "
+            "replicated cannot: resume it at the world size that saved it"
+        ) from exc
 
 
 def load_universal(engine, universal_root: str, tag: str) -> dict:

@@ -148,7 +148,7 @@ class TrainState:
     step: int = 0
     samples: int = 0
     schedule: dict | None = None
-    """The run's first global batch and its total steps at that batch (the lr schedule's clock, `retime`)."""
+    """``{"global_batch": ...}``: the global batch the run began with (the lr schedule's clock, `retime`)."""
 
 
 def rng_state() -> dict:
@@ -288,13 +288,10 @@ def retime(engine, cfg: TrainConfig, state: TrainState, samples_per_epoch: int, 
     """The run's total steps at this world size. A run's length is kept in samples: ``max_steps`` (or the
     epochs) counted in the global batch the run began with. After a resume at another global batch the lr
     schedule is retimed to go on by samples seen (`retime_scheduler`)."""
-    batch = cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size
-    first = state.schedule["global_batch"] if state.schedule else batch
-    if cfg.max_steps is not None:
-        first_total = cfg.max_steps
-    else:  # cfg.total_steps at the first global batch
-        first_total = max(1, math.ceil(cfg.epochs * samples_per_epoch / first))
-    state.schedule = {"global_batch": first, "total_steps": first_total}
+    batch = cfg.global_batch(world_size)
+    first = first_batch(state, batch)
+    state.schedule = {"global_batch": first}
+    first_total = cfg.total_steps(samples_per_epoch, first)
     if first == batch:
         return first_total
     left = max(0, first_total * first - state.samples)
@@ -313,6 +310,14 @@ def retime(engine, cfg: TrainConfig, state: TrainState, samples_per_epoch: int, 
         total - state.step,
     )
     return total
+
+
+def first_batch(state: TrainState, batch: int) -> int:
+    """The global batch the run began with: recorded in its checkpoints; a checkpoint saved before the record
+    took every step at one batch, ``samples / step``; a fresh run, ``batch``."""
+    if state.schedule:
+        return state.schedule["global_batch"]
+    return state.samples // state.step if state.step else batch
 
 
 def save(engine, cfg: TrainConfig, state: TrainState, loader: StreamingLoader) -> None:
@@ -350,7 +355,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     wandb = wandb_settings(cfg)  # first: a missing wandb package stops every rank before any work
     probe = StreamingLoader(cfg.data, cfg.seed, rank, world_size)
     samples_per_epoch = probe.samples_per_epoch
-    total_steps = cfg.total_steps(samples_per_epoch, world_size)
+    total_steps = cfg.total_steps(samples_per_epoch, cfg.global_batch(world_size))
     del probe
     task = build_task(cfg, rank, world_size)
     optimizer = build_optimizer(task, cfg.optim)
@@ -403,7 +408,7 @@ def run_loop(engine, cfg, state, loader, metrics, total_steps, rank, world_size,
         profiler.step()
         ds.clamp_param_(task.model.logit_scale, 0.0, LOGIT_SCALE_MAX)
         state.step += 1
-        step_samples = cfg.data.batch_size * cfg.zero.grad_accum_steps * world_size
+        step_samples = cfg.global_batch(world_size)
         state.samples += step_samples
         window_data += data_seconds
         window_samples += step_samples

@@ -287,3 +287,26 @@ def test_two_nodes_zero2_from_s3(tmp_path, s3_bucket):
     assert os.path.exists(
         os.path.join(run_dir, "checkpoints", "step000000003", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     )
+
+
+def test_retime_goes_on_by_samples_also_from_a_checkpoint_without_the_record():
+    """2 ranks x 2 clips stopped at step 6 (24 samples), resumed at 3 ranks: 48 left = 8 steps; the lr schedule's
+    clock counts 4-sample steps. A checkpoint saved before the schedule record gives its batch as samples / step."""
+    from types import SimpleNamespace
+
+    from train.loop import TrainState, retime
+    from train.optim import build_scheduler, lr_factor
+
+    cfg = load_config(TINY, ["run_dir=x", "data.train=[a]", "max_steps=null", "epochs=1", "data.batch_size=2"])
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=cfg.optim.lr)
+    scheduler = build_scheduler(optimizer, 12, cfg.optim)
+    for _ in range(6):  # the scheduler as the checkpoint restores it: 6 steps taken
+        optimizer.step()
+        scheduler.step()
+    state = TrainState(step=6, samples=24)
+    assert retime(SimpleNamespace(lr_scheduler=scheduler), cfg, state, 72, world_size=3) == 14
+    assert state.schedule == {"global_batch": 4}
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(6, 18, cfg.optim), rel=1e-12)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(7.5, 18, cfg.optim), rel=1e-12)
