@@ -67,7 +67,7 @@ def remap(plan: ShardPlan, positions: list[dict], size: int, buffer: int, seed: 
     left: dict[int, tuple[Piece, set[int]]] = {}
 
     def add(piece: Piece, indices) -> None:
-        whole, kept = left.setdefault(piece.position, (piece, set()))
+        _, kept = left.setdefault(piece.position, (piece, set()))
         kept.update(indices)
 
     newest = -1
