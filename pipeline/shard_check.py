@@ -58,11 +58,14 @@ class _CheckedBytes(io.RawIOBase):
         self._field, self._hash = ("xxh3_64", xxhash.xxh3_64()) if fast else ("sha256", hashlib.sha256())
         self.index = index
         self.ranges = RangeHasher(index.offsets) if index is not None else None
+        self._failed: ShardError | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self._failed is not None:
+            raise self._failed
         n = self._raw.readinto(buffer)
         if n:
             chunk = memoryview(buffer)[:n]
@@ -71,7 +74,15 @@ class _CheckedBytes(io.RawIOBase):
                 self.ranges.update(chunk)
             self._count += n
         elif self._entry is not None:
-            self._check()
+            try:
+                self._check()
+            except ShardError as exc:
+                if self.index is None:
+                    raise
+                # Raised at the next read: the bytes the reader asked for along with the end go on to it first,
+                # so each sample they hold is admitted or refused by its own digest (ShardStream.admit), and the
+                # last one waits for this check.
+                self._failed = exc
         return n
 
     def _check(self) -> None:

@@ -193,6 +193,7 @@ class ShardWriter:
 
 
 _BLOCK = 512
+_CHUNK = 1 << 20
 _ZERO_BLOCK = bytes(_BLOCK)
 
 
@@ -224,24 +225,33 @@ def tar_members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
 
 
 def _members(stream, uri: str) -> Iterator[tuple[str, bytes]]:
+    """The tar read in chunks of ``_CHUNK`` bytes and cut into members in memory: two buffered reads per member
+    (header, data) cost more than parsing the member (bench/loader.py --webdataset, reader alone)."""
     read, extended = stream.read, {}
-    padding = 0  # after each member's data: read together with the next header (one read fewer)
+    buf, pos = b"", 0  # buf[pos:] is read but not parsed
     while True:
-        header = read(padding + _BLOCK)
-        if len(header) != padding + _BLOCK:
-            raise ShardError(f"{uri}: unreadable or truncated tar: it ends inside a header")
-        if padding:
-            header = header[padding:]
+        if len(buf) - pos < _BLOCK:
+            buf, pos = buf[pos:] + read(_CHUNK), 0
+            if len(buf) < _BLOCK:
+                raise ShardError(f"{uri}: unreadable or truncated tar: it ends inside a header")
+        header, pos = buf[pos : pos + _BLOCK], pos + _BLOCK
         if header == _ZERO_BLOCK:
             return
         if not _checksum_ok(header):
             raise ShardError(f"{uri}: unreadable or truncated tar: bad header checksum")
         kind = header[156:157]
         size = int(extended["size"]) if "size" in extended and kind not in b"xgL" else _number(header[124:136])
-        data = read(size)
-        if len(data) != size:
-            raise ShardError(f"{uri}: unreadable or truncated tar: {len(data)} of {size} bytes at the end")
-        padding = -size % _BLOCK
+        end = pos + size
+        if end <= len(buf):
+            data = buf[pos:end]
+        else:  # the member runs past the chunk
+            data, buf, end = buf[pos:] + read(end - len(buf)), b"", 0
+            if len(data) != size:
+                raise ShardError(f"{uri}: unreadable or truncated tar: {len(data)} of {size} bytes at the end")
+        pos = end + -size % _BLOCK  # past the padding to the next 512-byte block
+        if pos > len(buf):  # the padding runs past the chunk
+            read(pos - len(buf))
+            buf, pos = b"", 0
         if not extended and kind in _FILE_KINDS:  # the usual member: a file with a plain ustar name
             yield _ustar_name(header), data
         elif kind == b"x":
@@ -301,18 +311,21 @@ def key_and_field(name: str) -> tuple[str, str] | None:
 def group_samples(members: Iterable[tuple[str, bytes]], uri: str) -> Iterator[dict]:
     """Consecutive members with the same key form a sample, as webdataset groups them: the key is the
     path up to the first dot of the file name, the rest (lower-cased) the field; names without one
-    are skipped. A field repeated within a sample is a ShardError."""
+    are skipped. A field repeated within a sample is a ShardError. (`key_and_field`, inlined.)"""
     sample: dict | None = None
+    key = None
     for name, data in members:
-        split = key_and_field(name)
-        if split is None:
+        base = name.rfind("/") + 1
+        dot = name.find(".", base)
+        if dot <= base:
             continue
-        key, field = split
-        if sample is None or key != sample["__key__"]:
+        field = name[dot + 1 :].lower()
+        if name[:dot] != key:
             if sample is not None:
                 yield sample
+            key = name[:dot]
             sample = {"__key__": key, "__url__": uri}
-        if field in sample:
+        elif field in sample:
             raise ShardError(f"{uri}: unreadable tar: {name} repeats field {field!r} of sample {key!r}")
         sample[field] = data
     if sample is not None:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODERS = ("simplejpeg", "torchvision", "pillow")
+TAR_READERS = ("ours", "webdataset")
+DECODE_DEVICES = ("cpu", "cuda")
 EVAL_TEXTS = ("caption", "subtitle")
 TEXT_LINES = ("all", "sample")
 LOSSES = ("vs", "a", "b", "c", "d", "infonce")
@@ -161,6 +163,12 @@ class DataConfig:
     decoder: str = "simplejpeg"
     """JPEG decoder: simplejpeg (libjpeg-turbo straight into the batch tensor, fastest), torchvision or
     pillow; frames not stored at image_size get a bicubic antialiased resize."""
+    decode_device: str = "cpu"
+    """cpu: the loader (its DataLoader workers) decodes the JPEGs; cuda: the workers ship them as bytes and the
+    training process decodes each batch on its GPU with nvJPEG (train/device_decode.py; data.decoder is not used)."""
+    tar_reader: str = "ours"
+    """Tar parser for shards: ours (pipeline/shards.py, the fastest) or webdataset (its tarfile-based one, for tars
+    written by another tool that ours refuses); the same samples in the same order (train/tar_readers.py)."""
     prefetch_factor: int = 2
     """Batches prefetched per worker."""
     shuffle_frames: bool = False
@@ -210,6 +218,14 @@ class DataConfig:
             f"must be a fraction in [0, 1], got {self.min_text_coverage}",
         )
         _check(self.decoder in DECODERS, "data.decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
+        _check(
+            self.decode_device in DECODE_DEVICES,
+            "data.decode_device",
+            f"must be one of {DECODE_DEVICES}, got {self.decode_device!r}",
+        )
+        _check(
+            self.tar_reader in TAR_READERS, "data.tar_reader", f"must be one of {TAR_READERS}, got {self.tar_reader!r}"
+        )
         for name in (
             "batch_size",
             "num_frames",
@@ -538,6 +554,8 @@ RESUME_FREE = (
     "run_dir",
     "data.num_workers",
     "data.batch_size",
+    "data.tar_reader",
+    "data.decode_device",
     "zero.grad_accum_steps",
     "max_steps",
     "stop_at_step",

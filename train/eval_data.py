@@ -14,8 +14,8 @@ from train.config import DataConfig
 from train.sample_transform import SampleTransform, decode_batch
 from train.shard_sources import open_sources
 from train.shard_stream import ErrorCounter
+from train.tar_readers import READERS
 from train.tokenizer import get_tokenizer
-from train.wds_shards import iter_wds_shard
 
 
 def eval_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
@@ -49,7 +49,7 @@ def _eval_samples(cfg: DataConfig, log_warnings: bool) -> list[ClipSample]:
     for source in open_sources(cfg.eval, "data.eval", log_warnings=log_warnings):
         for ref in source.shards:
             try:
-                for raw in iter_wds_shard(ref.uri, ref.entry):
+                for raw in READERS[cfg.tar_reader](ref.uri, ref.entry):
                     out.append(ClipSample.from_wds(raw))
                     if len(out) >= cfg.eval_max_samples:
                         return out

@@ -33,7 +33,7 @@ import numpy as np
 
 from train.shard_errors import RECENT, SHARD_ERRORS
 from train.shard_sources import ShardRef, Source
-from train.wds_shards import iter_wds_shard
+from train.tar_readers import iter_our_shard
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +215,10 @@ def seeded(*parts: int) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
 
-def read_piece(piece: Piece) -> Iterator[dict]:
-    """Raw samples of a piece: the whole shard, or only its kept samples (it stops after the last one)."""
-    samples = iter_wds_shard(piece.ref.uri, piece.ref.entry)
+def read_piece(piece: Piece, reader: Callable[..., Iterator[dict]] = iter_our_shard) -> Iterator[dict]:
+    """Raw samples of a piece through ``reader`` (train/tar_readers.py): the whole shard, or only its kept samples
+    (it stops after the last one)."""
+    samples = reader(piece.ref.uri, piece.ref.entry)
     if piece.keep is None:
         yield from samples
         return

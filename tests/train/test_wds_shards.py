@@ -1,11 +1,10 @@
-"""train/wds_shards.py against pipeline/shards.py's reader on shards written by ShardWriter: the same
-samples, the same ShardError cases, the same loader batches."""
+"""train/wds_shards.py against pipeline/shards.py's reader (train/tar_readers.py) on shards written by ShardWriter:
+the same samples, the same ShardError cases, the same loader batches."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tarfile
 
 import pytest
@@ -140,30 +139,39 @@ def test_unreadable_without_a_manifest_entry(tmp_path):
         list(iter_wds_shard(str(tmp_path / "empty.tar")))
 
 
-def test_the_loader_gives_the_same_batches_through_either_reader(tmp_path, monkeypatch):
+def test_the_loader_gives_the_same_batches_through_either_reader(tmp_path):
+    """data.tar_reader=ours (the default) and webdataset: the same batches, the same errors counted."""
     root = moving_dataset(str(tmp_path / "ds"), 12, seed=4, max_samples=3)
     os.remove(os.path.join(root, "part01-000.tar"))  # a missing shard is counted the same way too
-    cfg = DataConfig(
-        train=[root], batch_size=3, num_frames=4, image_size=32, num_workers=0, shards_per_window=2, shuffle_buffer=4
-    )
+    garbled = sorted(name for name in os.listdir(root) if name.endswith(".tar"))[0]
+    _damage(tmp_path / "ds" / garbled, "garbled name")  # each reader words this one its own way (above)
 
-    def batches() -> tuple[list[tuple], tuple[int, int]]:
+    def batches(reader: str) -> tuple[list[tuple], tuple[int, int], list[str]]:
+        cfg = DataConfig(
+            train=[root],
+            batch_size=3,
+            num_frames=4,
+            image_size=32,
+            num_workers=0,
+            shards_per_window=2,
+            shuffle_buffer=4,
+            tar_reader=reader,
+        )
         loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
         out = [(b["keys"], b["digest"], b["frames"].clone(), b["subtitle"]) for b in (loader.next() for _ in range(6))]
         loader.close()
-        return out, loader.errors()
+        return out, loader.errors(), loader.recent_shard_errors
 
-    want, want_errors = batches()
-    users = [
-        m
-        for name, m in sys.modules.items()
-        if name.startswith("train.") and getattr(m, "iter_wds_shard", None) is iter_wds_shard
-    ]
-    assert users, "no train module reads shards through train.wds_shards.iter_wds_shard"
-    for module in users:
-        monkeypatch.setattr(module, "iter_wds_shard", iter_shard)
-    got, got_errors = batches()
+    want, want_errors, want_lines = batches("webdataset")
+    got, got_errors, got_lines = batches("ours")
     assert got_errors == want_errors and want_errors[0] > 0
+    assert any("bad header checksum" in line for line in got_lines), got_lines  # read by ours
+    assert not any("bad header checksum" in line for line in want_lines), want_lines  # read by webdataset
     for (keys, digest, frames, text), (want_keys, want_digest, want_frames, want_text) in zip(got, want, strict=True):
         assert (keys, digest) == (want_keys, want_digest)
         assert torch.equal(frames, want_frames) and torch.equal(text, want_text)
+
+
+def test_an_unknown_reader_is_one_clear_line():
+    with pytest.raises(ValueError, match="data.tar_reader: must be one of"):
+        DataConfig(train=["x"], tar_reader="tarfile")
