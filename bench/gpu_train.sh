@@ -49,3 +49,5 @@ for model in ${MODELS:-vit-b32 vit-b16}; do
     summary "$run" "$model $attention"
   done
 done
+# The loader alone: JPEGs decoded by the CPU workers against shipped as bytes and decoded on the GPU.
+timeout "${RUN_TIMEOUT:-300}" $PY bench/device_decode.py "$DIR/data" --workers "$WORKERS" || echo "FAILED bench/device_decode.py"

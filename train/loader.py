@@ -23,28 +23,32 @@ error counts) goes into the checkpoint's client_state.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import random
 from collections.abc import Iterator
 from typing import TypedDict
 
-import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.schema import ClipSample, SchemaError
 from train.config import DataConfig
+from train.device_decode import check_shipped, ship, unship
 from train.frames import BatchFrames, FramePool
 from train.sample_filter import SampleFilter, check_scored
 from train.sample_transform import SampleTransform, decode_item
 from train.shard_errors import RECENT
 from train.shard_sources import Source, open_sources
-from train.shard_stream import Carry, ErrorCounter, ShardPlan, seeded, window_samples
+from train.shard_stream import Carry, ErrorCounter, ShardPlan, read_piece, seeded, window_samples
 from train.stream_remap import remap
+from train.tar_readers import READERS
 from train.tokenizer import get_tokenizer
 
 MAX_EMPTY_WINDOWS = 64
+logger = logging.getLogger(__name__)
 
 
 class StreamPosition(TypedDict):
@@ -61,18 +65,21 @@ class StreamPosition(TypedDict):
     replays the window with them; absent in older data states: none)."""
 
 
-def collate(items: list[dict], context_length: int, filled: BatchFrames) -> dict:
-    """Items -> batch; their frames already sit in ``filled`` (row i = item i). The batch's digest covers
-    each item's key, frame indices and texts (with ``data.text_lines=sample``, the lines drawn)."""
+def collate(items: list[dict], context_length: int, filled: BatchFrames | None) -> dict:
+    """Items -> batch; their frames already sit in ``filled`` (row i = item i), or with no ``filled`` their JPEGs
+    go as bytes (train/device_decode.py). The batch's digest covers each item's key, frame indices and texts
+    (with ``data.text_lines=sample``, the lines drawn)."""
     tokenizer = get_tokenizer(context_length)
     digest = hashlib.sha1()
     for item in items:
         digest.update(repr((item["key"], item["indices"], item["subtitle"], item["caption"])).encode())
-    frames, images = filled.views()
+    if filled is None:
+        frames = ship(items)
+    else:
+        frames, images = filled.views()
+        frames = {"frames": frames, "image": images, "pool_slot": filled.slot}
     return {
-        "frames": frames,
-        "image": images,
-        "pool_slot": filled.slot,
+        **frames,
         "subtitle": tokenizer([it["subtitle"] for it in items]),
         "caption": tokenizer([it["caption"] for it in items]),
         "keys": [it["key"] for it in items],
@@ -90,10 +97,11 @@ def stream_batches(
     cfg: DataConfig,
     transform: SampleTransform,
     seed: int,
-    pool: FramePool,
+    pool: FramePool | None,
     keep: SampleFilter | None = None,
 ) -> Iterator[dict]:
-    """Infinite batches of one stream, starting at ``start``; each carries the position after it.
+    """Infinite batches of one stream, starting at ``start``; each carries the position after it. With no ``pool``
+    the batches carry their JPEGs as bytes, each checked by its header (train/device_decode.py).
 
     Rows are prepared sample by sample (metadata, frame and text draws) and decoded together once
     every row has a sample: the per-sample Python work and the JPEG decoding each stay warm in the
@@ -105,13 +113,14 @@ def stream_batches(
     rows: list[dict | None] = [None] * cfg.batch_size
     filled: BatchFrames | None = None  # taken at a batch's first sample: by then the last one may be back
     empty_windows = 0
+    read = functools.partial(read_piece, reader=READERS[cfg.tar_reader])
     while True:
         rng = seeded(seed, stream, window, 1)
         shards = plan.window(stream, window, cfg.shards_per_window)
         offset = kept = 0
         ended: list = []
         errors.replaying = skip > 0
-        for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors, ended=ended):
+        for raw in window_samples(shards, rng, cfg.shuffle_buffer, errors, read, ended):
             offset += 1
             if offset <= skip:
                 kept += 1  # read before the resume: counts as progress
@@ -119,11 +128,10 @@ def stream_batches(
                     errors.replayed(start["shard_errors"])
                 continue
             row = rows.index(None)
-            filled = filled or pool.take()
-            draws = seeded(seed, stream, window, offset, 2)
-            rows[row] = _prepare(raw, transform, keep, draws, errors, filled.row_arrays(row))
+            filled = filled or (pool.take() if pool is not None else None)
+            rows[row] = _prepare(raw, transform, keep, seeded(seed, stream, window, offset, 2), errors)
             kept += rows[row] is not None
-            if None in rows or not _decode_rows(rows, errors):
+            if None in rows or not _decode_rows(rows, errors, filled):
                 continue
             batch = collate(rows, cfg.context_length, filled)
             filled = None
@@ -169,7 +177,6 @@ def _prepare(
     keep: SampleFilter | None,
     rng: random.Random,
     errors: ErrorCounter,
-    out: tuple[np.ndarray, np.ndarray],
 ) -> dict | None:
     """The sample's item with its draws made, frames not decoded; None when it is bad (counted) or ``keep`` leaves
     it out (counted, before anything is decoded)."""
@@ -178,7 +185,7 @@ def _prepare(
         if keep is not None and not keep.keep(sample.meta.scores):
             errors.filtered += 1
             return None
-        item = transform.prepare(sample, rng, out)
+        item = transform.prepare(sample, rng)
     except _SAMPLE_ERRORS as exc:
         errors.sample(f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", exc)
         return None
@@ -186,12 +193,17 @@ def _prepare(
     return item
 
 
-def _decode_rows(rows: list[dict], errors: ErrorCounter) -> bool:
-    """Decode the rows not yet decoded; a row that fails is counted and emptied. True if none failed."""
+def _decode_rows(rows: list[dict], errors: ErrorCounter, filled: BatchFrames | None) -> bool:
+    """Decode the rows not yet decoded into ``filled`` (with none: check their JPEG headers, train/device_decode.py);
+    a row that fails is counted and emptied. True if none failed."""
     for row, item in enumerate(rows):
-        if "pending" in item:
+        if "pending" in item and "checked" not in item:
             try:
-                decode_item(item)
+                if filled is None:
+                    check_shipped(item)
+                    item["checked"] = True
+                else:
+                    decode_item(item, filled.row_arrays(row))
             except _SAMPLE_ERRORS as exc:
                 errors.sample(f"{item['url']}:{item['key']}", exc)
                 rows[row] = None
@@ -261,7 +273,9 @@ class StreamingDataset(IterableDataset):
         logical = (worker + self.state["batches"]) % self.num_workers
         stream = self.rank * self.num_workers + logical
         start = self.state["streams"][logical]
-        pool = FramePool(self.buffers_in_use[worker], self.cfg.batch_size, self.cfg.num_frames, self.cfg.image_size)
+        pool = None  # data.decode_device=cuda: the batches carry their JPEGs (train/device_decode.py)
+        if self.cfg.decode_device == "cpu":
+            pool = FramePool(self.buffers_in_use[worker], self.cfg.batch_size, self.cfg.num_frames, self.cfg.image_size)
         for batch in stream_batches(self.plan, stream, start, self.cfg, self.transform, self.seed, pool, self.keep):
             batch["stream"], batch["worker"] = logical, worker
             yield batch
@@ -322,8 +336,21 @@ class StreamingLoader:
         state: dict | None = None,
         carry: dict | None = None,
         saved: list[dict] | None = None,
+        decode_on: torch.device | None = None,
     ):
+        """``decode_on``: with ``data.decode_device=cuda``, the device that decodes the batches' JPEGs (the current
+        CUDA device unless given; the tests give the CPU)."""
         self.dataset = StreamingDataset(cfg, seed, rank, world_size, state, carry, saved)
+        self.decode_on = None
+        if cfg.decode_device != "cpu":
+            if decode_on is None and not torch.cuda.is_available():
+                raise ValueError(
+                    "data.decode_device=cuda: no CUDA device here (torch.cuda.is_available() is False); "
+                    "use data.decode_device=cpu"
+                )
+            self.decode_on = decode_on or torch.device("cuda", torch.cuda.current_device())
+        self.decode_errors = 0
+        """Frames that failed to decode on ``decode_on`` (logged; not in the data state)."""
         get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
         self.state = {
             "batches": self.dataset.state["batches"],
@@ -357,10 +384,22 @@ class StreamingLoader:
         self.state["streams"][batch.pop("stream")] = batch.pop("position")
         self.recent_shard_errors = [*self.recent_shard_errors, *batch.pop("shard_errors_seen")][-RECENT:]
         self.state["batches"] += 1
-        worker, slot = batch.pop("worker"), batch.pop("pool_slot")
+        if self.decode_on is not None:
+            self._unship(batch)
+        worker, slot = batch.pop("worker"), batch.pop("pool_slot", -1)
         if slot >= 0:
             self._lent.append((StorageWeakRef(batch["frames"].untyped_storage()), worker, slot))
         return batch
+
+    def _unship(self, batch: dict) -> None:
+        cfg = self.dataset.cfg
+        shipped = unship(batch, cfg.num_frames, cfg.image_size, self.decode_on)
+        batch["frames"], batch["image"] = shipped.frames, shipped.image
+        for row, reason in shipped.failed:
+            self.decode_errors += 1
+            logger.warning(
+                "a frame of sample %s did not decode on %s (left black): %s", batch["keys"][row], self.decode_on, reason
+            )
 
     def _return_buffers(self) -> None:
         """Clear the in-use flag of each lent buffer whose storage here has no reference left."""
@@ -378,7 +417,7 @@ class StreamingLoader:
 
     def errors(self) -> tuple[int, int]:
         streams = self.state["streams"]
-        return sum(p["shard_errors"] for p in streams), sum(p["sample_errors"] for p in streams)
+        return sum(p["shard_errors"] for p in streams), sum(p["sample_errors"] for p in streams) + self.decode_errors
 
     @property
     def shards_per_epoch(self) -> int:

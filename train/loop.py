@@ -367,7 +367,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> dict:
     engine = ds.initialize(task, optimizer, scheduler, ds_config, register_direct_params(task))
     state, data_start = resume(engine, cfg, rank, world_size, universal)
     total_steps = retime(engine, cfg, state, samples_per_epoch, world_size)
-    loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, **data_start)
+    decode_on = device if cfg.data.decode_device != "cpu" else None
+    loader = StreamingLoader(cfg.data, cfg.seed, rank, world_size, **data_start, decode_on=decode_on)
     metrics = MetricLogger(
         run,
         rank,

@@ -60,15 +60,19 @@ class SampleTransform:
     def __call__(
         self, sample: ClipSample, rng: random.Random | None, out: tuple[np.ndarray, np.ndarray] | None = None
     ) -> dict:
-        """The item, its frames decoded."""
-        item = self.prepare(sample, rng, out)
-        decode_item(item)
+        """The item, its frames decoded into ``out`` (or into fresh "frames" and "image" tensors)."""
+        item = self.prepare(sample, rng)
+        if out is None:
+            size = self.image_size
+            frames_TSS3, image_SS3 = empty_frames(self.num_frames, size, size, 3), empty_frames(size, size, 3)
+            item.update(frames=frames_TSS3.permute(0, 3, 1, 2), image=image_SS3.permute(2, 0, 1))
+            out = frames_TSS3.numpy(), image_SS3.numpy()
+        decode_item(item, out)
         return item
 
-    def prepare(
-        self, sample: ClipSample, rng: random.Random | None, out: tuple[np.ndarray, np.ndarray] | None = None
-    ) -> dict:
-        """The item with every draw made and its frames not yet decoded: `decode_item` does that."""
+    def prepare(self, sample: ClipSample, rng: random.Random | None) -> dict:
+        """The item with every draw made and its frames not yet decoded: its decode plan (`decode_item` decodes it
+        into a batch row; train/device_decode.py ships it to the training process instead)."""
         indices = frame_indices(len(sample.frames), self.num_frames, rng)
         if self.shuffle_frames:
             (rng or seeded(len(sample.frames))).shuffle(indices)
@@ -76,39 +80,38 @@ class SampleTransform:
         if self.text_lines == "sample":
             subtitle, caption = pick_line(subtitle, rng), pick_line(caption, rng)
         item = {"subtitle": subtitle, "caption": caption, "key": sample.key, "indices": indices}
-        if out is None:
-            size = self.image_size
-            frames_TSS3, image_SS3 = empty_frames(len(indices), size, size, 3), empty_frames(size, size, 3)
-            item.update(frames=frames_TSS3.permute(0, 3, 1, 2), image=image_SS3.permute(2, 0, 1))
-            out = frames_TSS3.numpy(), image_SS3.numpy()
-        item["pending"] = self._decode_plan(sample, indices, *out)
+        item["pending"] = (DECODE_FNS[self.decoder], *decode_plan(sample, indices), sample.meta.frame_size)
         return item
 
-    def _decode_plan(self, sample: ClipSample, indices: list[int], frames: np.ndarray, image: np.ndarray):
-        """Decoder jobs into ``frames`` [T, S, S, 3] and ``image`` [S, S, 3], and the copies for
-        repeated frames and a middle frame that is also picked."""
-        first: dict[int, int] = {}  # stored frame -> the slot it is decoded into
-        jobs, copies = [], []
-        for slot, index in enumerate(indices):
-            if index not in first:
-                first[index] = slot
-                jobs.append((sample.frames[index], frames[slot]))
-            else:
-                copies.append((frames[slot], frames[first[index]]))
-        middle = sample.meta.middle_frame
-        if middle in first:
-            copies.append((image, frames[first[middle]]))
+
+def decode_plan(sample: ClipSample, indices: list[int]) -> tuple[list[tuple[bytes, int]], list[tuple[int, int]]]:
+    """Which JPEG goes into which slot of a row, each stored frame decoded once: (JPEG, slot) jobs, and (to, from)
+    slot copies for a frame picked twice or a middle frame also picked. Slots 0..T-1 are the frames, T the image."""
+    first: dict[int, int] = {}  # stored frame -> the slot it is decoded into
+    jobs, copies = [], []
+    for slot, index in enumerate(indices):
+        if index not in first:
+            first[index] = slot
+            jobs.append((sample.frames[index], slot))
         else:
-            jobs.append((sample.frames[middle], image))
-        return DECODE_FNS[self.decoder], jobs, sample.meta.frame_size, copies
+            copies.append((slot, first[index]))
+    middle, image_slot = sample.meta.middle_frame, len(indices)
+    if middle in first:
+        copies.append((image_slot, first[middle]))
+    else:
+        jobs.append((sample.frames[middle], image_slot))
+    return jobs, copies
 
 
-def decode_item(item: dict) -> None:
-    """Decode a prepared item's frames into place (once: the plan is removed)."""
-    decode, jobs, stored, copies = item.pop("pending")
-    decode(jobs, stored)
-    for dest, source in copies:
-        dest[...] = source
+def decode_item(item: dict, out: tuple[np.ndarray, np.ndarray]) -> None:
+    """Decode a prepared item's frames into a row, ``out`` = (frames [T, S, S, 3], image [S, S, 3]) arrays (once:
+    the plan is removed)."""
+    decode, jobs, copies, stored = item.pop("pending")
+    frames, image = out
+    slots = [*frames, image]
+    decode([(data, slots[slot]) for data, slot in jobs], stored)
+    for to, source in copies:
+        slots[to][...] = slots[source]
 
 
 def decode_batch(samples: list[ClipSample], transform: SampleTransform) -> tuple[BatchFrames, list[dict]]:
