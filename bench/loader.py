@@ -478,7 +478,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as root:
             samples = write_data(root, clips, args.clips)
             if args.webdataset:
-                print(f"{setup}, {args.clips} clips a round: our shard reader / webdataset's (ours if >= 1.2)")
+                print(f"{setup}, {args.clips} clips a round: our shard reader / webdataset's (data.tar_reader)")
                 report_readers(
                     reader_rounds(root, args, shard_readers()), "webdataset", {"ours": "train/tar_readers.py"}
                 )
