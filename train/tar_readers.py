@@ -1,9 +1,9 @@
 """Which tar parser reads training and held-out shards (``data.tar_reader``).
 
 * ``ours`` (the default): :func:`pipeline.shards.iter_shard`, a streaming parser of the POSIX tar subset shards
-  use (ustar headers, PAX and GNU long names, regular files) with webdataset's grouping rule. Reading alone it is
-  5-7x faster than webdataset's, and it took the full loader from 0.64 to 0.8x of raw JPEG decoding
-  (bench/loader.py --webdataset; docs/design.md, "The tar reader").
+  use (ustar headers, PAX and GNU long names, regular files) with webdataset's grouping rule. It is 6x faster than
+  webdataset's at reading alone and 1.25x in the full loader (bench/loader.py --webdataset; docs/design.md,
+  "The tar reader").
 * ``webdataset``: webdataset's ``tar_file_expander`` and ``group_by_keys`` over the same checked byte stream
   (train/wds_shards.py), for a tar written by another tool that ours refuses.
 

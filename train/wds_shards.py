@@ -1,9 +1,7 @@
-"""The training read path: shards parsed by webdataset's own code (train/shard_stream.py, train/eval_data.py).
-
-Our own tar reader (:func:`pipeline.shards.iter_shard`) made the full loader only 1.17-1.18x faster
-(bench/loader.py --webdataset; docs/design.md), under the 1.2x that would justify hand-written code, so
-training reads through webdataset. :func:`iter_wds_shard` keeps iter_shard's contract, so the two are
-interchangeable (tests/train/test_wds_shards.py checks it):
+"""The webdataset tar reader (``data.tar_reader=webdataset``; train/tar_readers.py): shards parsed by webdataset's
+own code. Training reads through our reader by default (pipeline/shards.py: 1.25x faster in the full loader,
+docs/design.md); this one stays for a tar written by another tool that ours refuses. :func:`iter_wds_shard` keeps
+iter_shard's contract, so the two are interchangeable (tests/train/test_wds_shards.py checks it):
 * the same sample dicts: ``__key__``, ``__url__`` (the shard's URI), then each member's lower-cased
   field -> bytes, in tar order;
 * the same checks: the bytes come from :func:`pipeline.shards.open_shard`, and each sample is admitted by the
