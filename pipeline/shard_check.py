@@ -124,6 +124,11 @@ class ShardStream(io.BufferedReader):
         super().__init__(raw, buffer_size=storage.READ_CHUNK)
         self._checked = raw if isinstance(raw, _CheckedBytes) and raw.index is not None else None
 
+    @property
+    def checks_samples(self) -> bool:
+        """Whether each sample is checked against its digest in the shard's index (`admit`)."""
+        return self._checked is not None
+
     def admit(self, i: int, key: str) -> None:
         checked = self._checked
         if checked is None:
