@@ -162,16 +162,8 @@ def test_the_loader_gives_the_same_batches_through_either_reader(tmp_path):
     _damage(tmp_path / "ds" / garbled, "garbled size")  # each reader words this one its own way (above)
 
     def batches(reader: str) -> tuple[list[tuple], tuple[int, int], list[str]]:
-        cfg = DataConfig(
-            train=[root],
-            batch_size=3,
-            num_frames=4,
-            image_size=32,
-            num_workers=0,
-            shards_per_window=2,
-            shuffle_buffer=4,
-            tar_reader=reader,
-        )
+        sizes = dict(batch_size=3, num_frames=4, image_size=32, num_workers=0, shards_per_window=2, shuffle_buffer=4)
+        cfg = DataConfig(train=[root], tar_reader=reader, **sizes)
         loader = StreamingLoader(cfg, seed=0, rank=0, world_size=1)
         out = [(b["keys"], b["digest"], b["frames"].clone(), b["subtitle"]) for b in (loader.next() for _ in range(6))]
         loader.close()
