@@ -74,6 +74,8 @@ class Request:
     headers: dict[str, str]
     start: float
     """time.monotonic() when the request line was read."""
+    wall: float = field(default_factory=time.time)
+    """time.time() at the same moment (to compare with an HTTP date)."""
     proxied: bool = False
     """The request came in absolute form (through this server as a proxy)."""
     status: int = 0

@@ -105,3 +105,14 @@ def wait_progressing(
                 f"{what}: still running after {limits.ceiling:.0f} s, though progressing\n{describe()}"
             )
         time.sleep(poll)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0, poll: float = 0.005) -> None:
+    """Return once ``condition()`` is true (checked every ``poll`` seconds); AssertionError naming ``what`` after
+    ``timeout`` seconds. The deadline only bounds a wait for something expected to happen, so it is generous: a
+    loaded machine makes the test slower, not red."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout:g} s")
+        time.sleep(poll)
