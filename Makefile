@@ -1,6 +1,8 @@
 # Two commands for a fresh machine:
 #   make demo   set up, then run the whole pipeline on generated data (local Ray, local disk)
 #   make test   set up, then run the test suite
+# and for the inner loop:
+#   make test-fast   the suite without the multi-process, multi-node, kill and long tests (README: Tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
@@ -9,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup lint test demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 setup:
 	VENV=$(VENV) bash launch/setup_env.sh
 
@@ -19,6 +21,11 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the fast tier: the markers are described in setup.cfg; a fixture can mark its users (tests/support/tiers.py)
+FAST_TESTS := not slow and not ray and not deepspeed and not ranks and not gpu
+test-fast: lint
+	$(PY) -m pytest -q -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m launch.demo --out demo_out $(DEMO_ARGS)

@@ -1,4 +1,4 @@
-"""Shared fixtures: environment hygiene and a real S3 server on loopback."""
+"""Shared fixtures: environment hygiene, the test tiers, and a real S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 import uuid
 
 import pytest
+
+from tests.support.tiers import fixture_markers, ray_running
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -18,6 +20,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _BIN = os.path.dirname(sys.executable)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
+_RAY_BEFORE = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test using a fixture decorated with tests/support/tiers.py's ``marks_users`` gets its markers."""
+    for item in items:
+        for marker in sorted(fixture_markers(item)):
+            item.add_marker(marker)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    item.stash[_RAY_BEFORE] = ray_running()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    result = yield
+    if not item.stash.get(_RAY_BEFORE, True) and ray_running() and item.get_closest_marker("ray") is None:
+        pytest.fail(
+            f"{item.nodeid} started a Ray cluster but is not marked ray: mark it, or decorate the fixture that "
+            "starts the cluster with tests.support.tiers.marks_users('ray')",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "vidproxy-shard": "preprocess.shard",
@@ -48,6 +50,7 @@ def test_each_command_is_its_module_cli():
     assert installed == scripts, "the installed commands differ from setup.cfg: run `make setup` (pip install -e .)"
 
 
+@pytest.mark.slow  # eight commands start at once, each importing torch: ~25 s on 2 cores
 def test_installed_commands_show_defaults(tmp_path):
     """Each command's --help from the venv's bin folder, started outside the repository."""
     bin_dir = os.path.dirname(sys.executable)

@@ -12,6 +12,7 @@ from pipeline.shards import iter_dataset
 from preprocess.downstream import DATASETS
 from preprocess.downstream.__main__ import main as convert_main
 from preprocess.downstream.common import AnnotationError
+from tests.support.tiers import marks_users
 
 # file stem -> testsrc pattern; MSR-VTT, DiDeMo (Flickr ids), LSMDC (dotted clip ids), ActivityNet (no v_ prefix)
 VIDEOS = {
@@ -66,6 +67,7 @@ def videos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+@marks_users("ray")
 def ray_local():
     """One real 2-CPU local Ray cluster for the module; the converter's jobs reuse it."""
     import ray

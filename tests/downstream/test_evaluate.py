@@ -98,6 +98,7 @@ def test_set(tmp_path) -> str:
     return write_samples(tmp_path / "test", samples)
 
 
+@pytest.mark.slow  # the command in a fresh process, importing torch and DeepSpeed: ~10 s on 2 cores
 def test_cli_end_to_end_with_several_texts_per_video(tmp_path, test_set):
     config = write_tiny_config(tmp_path / "tiny.yaml")
     weights = save_random_model(config, tmp_path / "model.pt")

@@ -27,6 +27,7 @@ from tests.downstream.test_converters import (
     ray_local,  # noqa: F401 (fixture)
     write,
 )
+from tests.support.tiers import marks_users
 from tests.train.fixtures_train import COMBOS, PYTHON, REPO, TINY_CONFIG, env, moving_clip, spawn_ranks, tiny_overrides
 from train.checkpoint import load_init_checkpoint, load_model
 from train.config import load_config
@@ -155,6 +156,7 @@ def finetune_overrides(run_dir: Path, data: Path, init: str, *extra: str) -> lis
 
 
 @pytest.fixture(scope="module")
+@marks_users("ray", "deepspeed")
 def finetuned(ray_local, msrvtt_videos, tmp_path_factory) -> dict:  # noqa: F811
     """Converted MSR-VTT-style data, the init checkpoint and an uninterrupted 16-step fine-tuning run on it."""
     root = tmp_path_factory.mktemp("finetune")

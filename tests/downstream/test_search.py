@@ -16,7 +16,8 @@ import torch
 from launch.search import decode_video
 from launch.search import main as search_main
 from preprocess.synthetic import CorpusConfig, clip_specs, make_corpus
-from tests.downstream.test_evaluate import write_samples, write_tiny_config
+from tests.downstream.test_evaluate import save_random_model, write_samples, write_tiny_config
+from tests.support.tiers import marks_users
 from train.checkpoint import train_config
 from train.frames import normalize_frames
 from train.loss import OCLLoss
@@ -63,25 +64,25 @@ def train_tiny(config: str, frames: np.ndarray, captions: list[str], max_steps: 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def corpus(tmp_path_factory):
+    """The synthetic videos (distinct colour and shape each) and the tiny model's config."""
     root = tmp_path_factory.mktemp("search")
     seed = distinct_seed()
     paths = make_corpus(root / "corpus", seed=seed, **CORPUS)
     specs = clip_specs(CorpusConfig(seed=seed, **CORPUS))
     files = [str(paths.videos / f"{s.video_id}.mp4") for s in specs]
     config = write_tiny_config(root / "tiny.yaml")
-    frames = np.stack([decode_video(f, 4, 32) for f in files])
-    model = train_tiny(config, frames, [s.caption for s in specs])
-    weights = root / "model.pt"
+    return {"root": root, "config": config, "videos": paths.videos, "specs": specs, "files": files}
+
+
+@pytest.fixture(scope="module")
+@marks_users("slow")  # trains until the model retrieves: ~10 s idle, ~30 s on a loaded machine
+def trained(corpus):
+    frames = np.stack([decode_video(f, 4, 32) for f in corpus["files"]])
+    model = train_tiny(corpus["config"], frames, [s.caption for s in corpus["specs"]])
+    weights = corpus["root"] / "model.pt"
     torch.save(model.state_dict(), weights)
-    return {
-        "root": root,
-        "config": config,
-        "weights": str(weights),
-        "videos": paths.videos,
-        "specs": specs,
-        "files": files,
-    }
+    return {**corpus, "weights": str(weights)}
 
 
 def run(capsys, *argv: str) -> str:
@@ -138,16 +139,17 @@ def test_video_query_against_a_shard_data_set_returns_its_texts(trained, capsys)
     assert right >= 6
 
 
-def test_bad_index_and_other_checkpoint_are_refused(trained, tmp_path, capsys):
+def test_bad_index_and_other_checkpoint_are_refused(corpus, tmp_path, capsys):
+    weights = save_random_model(corpus["config"], tmp_path / "model.pt")  # refused before any retrieval
     not_parquet = tmp_path / "x.parquet"
     not_parquet.write_text("not a table")
     code = search_main(
         [
             "query",
             "--checkpoint",
-            trained["weights"],
+            weights,
             "--config",
-            trained["config"],
+            corpus["config"],
             "--index",
             str(not_parquet),
             "--text",
@@ -160,11 +162,11 @@ def test_bad_index_and_other_checkpoint_are_refused(trained, tmp_path, capsys):
         [
             "embed",
             "--checkpoint",
-            trained["weights"],
+            weights,
             "--config",
             other,
             "--videos",
-            str(trained["videos"]),
+            str(corpus["videos"]),
             "--out",
             str(tmp_path / "o.parquet"),
         ]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tiers import marks_users
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -116,6 +118,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+@marks_users("ray")
 def ray_local(s3_server):
     """A real 2-CPU local Ray cluster for this module (started after the S3 env is set, so workers see it)."""
     import ray

@@ -194,6 +194,7 @@ def _list_calls():
     return calls, storage.s3_hook("before-call.s3.ListObjectsV2", lambda **_: calls.append(1))
 
 
+@pytest.mark.slow  # 1,200 objects put one by one to the S3 server: ~13 s
 def test_an_s3_videos_prefix_is_listed_once_not_per_video(s3_server, s3_bucket, tmp_path):
     """1,200 videos planned, 1,199 on S3 (and a file under another prefix): the plan and the job's start check each
     list the prefix in 2 requests (1,000 names per page), not 1,200."""

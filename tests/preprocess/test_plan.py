@@ -210,6 +210,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow  # writes and plans 210k clips in two fresh processes: ~10 s
 def test_planning_memory_does_not_grow_with_the_corpus(tmp_path):
     """Plan and read every shard of 10k and of 200k clips: the peak RSS grows by less than 50 MB."""
     peaks = {}

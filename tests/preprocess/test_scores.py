@@ -23,6 +23,7 @@ from preprocess.scoring.stage import SimilarityStage
 from preprocess.text.stages import StageModel
 from tests.preprocess.fixtures_job import _ts, write_jsonl
 from tests.preprocess.tiny_models import build_captioner, build_open_clip
+from tests.support.tiers import marks_users
 
 SIZE = "size=320x240:rate=25"
 ENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-g", "50", "-bf", "2", "-pix_fmt", "yuv420p"]
@@ -265,6 +266,7 @@ def score_corpus(clips, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+@marks_users("ray")
 def ray_cluster():
     import ray
 

@@ -12,6 +12,7 @@ from pipeline.shards import iter_dataset
 from preprocess.decode import AUDIO_RATE, ClipRequest, DecodeConfig, DecodedClip, decode_clips
 from tests.preprocess.fixtures_job import _ts, dataset_bytes, write_jsonl
 from tests.preprocess.tiny_models import build_captioner, build_whisper
+from tests.support.tiers import marks_users
 
 # (video id, ffmpeg args after the inputs, extension, has audio)
 VIDEOS = (
@@ -53,6 +54,7 @@ def av_corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+@marks_users("ray")
 def ray_cluster():
     """A real local Ray cluster with room for one caption actor, one ASR actor and shard tasks."""
     import ray

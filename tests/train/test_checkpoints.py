@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support.s3server import free_port
+from tests.support.tiers import marks_users
 from tests.train.fixtures_train import (
     PYTHON,
     TINY_CONFIG,
@@ -41,6 +42,7 @@ TAG = "step000000003"
 
 
 @pytest.fixture(scope="module")
+@marks_users("deepspeed")
 def runs(tmp_path_factory) -> dict:
     """{stage: run folder} of three 2-rank runs started at once, plus the held-out set and ZeRO-3's reference."""
     root = tmp_path_factory.mktemp("zero")

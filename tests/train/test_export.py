@@ -123,6 +123,7 @@ def test_clipvip_round_trips_and_loads_into_transformers(run, ours, tmp_path, su
     assert hf.logit_scale.item() == ours.logit_scale.item()
 
 
+@pytest.mark.slow  # open_clip loads the export in a fresh process: ~8 s on 2 cores
 def test_open_clip_creates_the_model_by_name(run, ours, tmp_path):
     """``open_clip.create_model(name, pretrained=PATH)`` in a fresh process, after registering the JSON."""
     out = str(tmp_path / "export" / "vidproxy-tiny.safetensors")
@@ -172,6 +173,7 @@ def test_export_errors_are_one_line(run, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the command in a fresh process: ~8 s on 2 cores
 def test_python_m_train_export_runs(run, tmp_path):
     out = str(tmp_path / "clipvip.pt")
     cmd = [PYTHON, "-m", "train.export", run, "--format", "clipvip", "--out", out]

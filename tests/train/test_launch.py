@@ -33,6 +33,7 @@ def run(cmd: list[str], rank_env: dict | None = None, timeout: float = 120) -> s
     )
 
 
+@pytest.mark.slow  # five runs of the script, two of them import train.main in a fresh Python: ~5-9 s
 def test_one_file_is_a_bash_script_and_a_python_program():
     assert run(["bash", "-n", SCRIPT]).returncode == 0
     with open(SCRIPT) as f:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.support.tiers import marks_users
 from train.loss import PAIR_TERMS, VARIANT_TERMS, OCLLoss, required_features
 
 MODALITIES = ("video", "subtitle", "caption", "frame", "text")
@@ -256,6 +257,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
+@marks_users("ranks")
 def gloo_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gloo")
     mp.spawn(gloo_worker, args=(WORLD_SIZE, free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from tests.support.tiers import marks_users
 from tests.train.fixtures_train import PYTHON, REPO, TINY_CONFIG, env, moving_dataset
 from train.checkpoint import adopt_init_checkpoint, load_init_checkpoint, load_model, stored_record
 from train.config import load_config
@@ -56,6 +57,7 @@ def refusal(name: str, source: str = "recorded in it") -> str:
 
 
 @pytest.fixture(scope="module")
+@marks_users("deepspeed")
 def post(tmp_path_factory) -> dict:
     """A 2-step one-rank tiny QuickGELU run, its GELU and auto fine-tune configs, and a held-out set."""
     root = tmp_path_factory.mktemp("post")

@@ -13,6 +13,7 @@ from tests.support.progress import Limits
 from tests.train.fixtures_train import PYTHON, Ranks, env, start_ranks
 
 QUICK = Limits(stall=2.0, startup=5.0, after_failure=1.0, ceiling=30.0)
+WAITS_OUT_LIMITS = pytest.mark.slow  # processes run past a limit of seconds on purpose: 3-5 s each
 
 
 def start_ranks_each(tmp_path, scripts: list[str], watched: tuple[str, ...]) -> Ranks:
@@ -28,6 +29,7 @@ def start_ranks_each(tmp_path, scripts: list[str], watched: tuple[str, ...]) -> 
 TICKS = "import time\nfor i in range({n}):\n    print('step', i)\n    time.sleep({every})\n"
 
 
+@WAITS_OUT_LIMITS
 def test_processes_that_keep_writing_may_run_longer_than_the_stall_limit(tmp_path):
     ranks = start_ranks_each(tmp_path, [TICKS.format(n=20, every=0.25)] * 2, ())
     started = time.monotonic()
@@ -35,6 +37,7 @@ def test_processes_that_keep_writing_may_run_longer_than_the_stall_limit(tmp_pat
     assert time.monotonic() - started > 2 * QUICK.stall
 
 
+@WAITS_OUT_LIMITS
 def test_a_file_written_under_the_run_folder_is_progress(tmp_path):
     run = tmp_path / "run"
     writes = f"import os, time\nos.makedirs({str(run)!r})\nprint('start')\n"
@@ -55,6 +58,7 @@ def test_silent_processes_fail_after_the_stall_limit_with_their_output(tmp_path)
     assert ranks.returncode == -9  # killed
 
 
+@WAITS_OUT_LIMITS
 def test_a_silent_start_gets_the_startup_allowance(tmp_path):
     ranks = start_ranks_each(tmp_path, ["import time\ntime.sleep(3)\nprint('ready')"], ())
     assert ranks.wait(QUICK) == 0  # 3 s silent: over the stall limit, under the startup one
@@ -70,6 +74,7 @@ def test_the_peers_of_a_failed_rank_are_stopped_after_the_grace(tmp_path):
     assert time.monotonic() - started < 10  # the 1 s grace, not the 30 s stall
 
 
+@WAITS_OUT_LIMITS
 def test_endless_progress_stops_at_the_ceiling(tmp_path):
     ranks = start_ranks_each(tmp_path, [TICKS.format(n=1000, every=0.1)], ())
     with pytest.raises(AssertionError, match="still running after 3 s, though progressing"):
