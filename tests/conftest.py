@@ -1,9 +1,13 @@
-"""Shared fixtures: environment hygiene, the test tiers, and a real S3 server on loopback."""
+"""Shared fixtures: environment hygiene, one temporary folder per session, the test tiers, and a real S3 server on
+loopback."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+import time
 import uuid
 
 import pytest
@@ -47,6 +51,28 @@ def pytest_runtest_call(item: pytest.Item):
             pytrace=False,
         )
     return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory) -> str:
+    """TMPDIR of the session and of every process it starts (they inherit it): Ray's session folders, W&B's
+    media and artifact folders, multiprocessing's pymp-* and whatever else goes to the temp folder end up in one
+    short folder, removed at the end. pytest's own tmp_path folders stay where pytest keeps them."""
+    tmp_path_factory.getbasetemp()  # fixed before TMPDIR moves
+    root = tempfile.mkdtemp(prefix="vpt-")  # short: Ray's socket paths live under it and must fit 107 bytes
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = root
+    yield root
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+    for _ in range(5):  # a process that outlived its test may still be writing there
+        shutil.rmtree(root, ignore_errors=True)
+        if not os.path.exists(root):
+            break
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

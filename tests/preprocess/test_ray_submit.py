@@ -9,6 +9,9 @@ reason, where sshd/rsync are missing or the tests do not run as root.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import hashlib
 import os
 import shutil
 import signal
@@ -176,7 +179,7 @@ def sshd_localhost(tmp_path):
     (base / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base}/host_key\nPidFile {base}/sshd.pid\n"
         f"AuthorizedKeysFile {base}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        f"UsePAM no\nStrictModes no\nSetEnv HOME={home}\nMaxStartups 50\n"
+        f"UsePAM no\nStrictModes no\nSetEnv HOME={home} TMPDIR={tempfile.gettempdir()}\nMaxStartups 50\n"
     )
     os.makedirs("/run/sshd", exist_ok=True)
     sshd = subprocess.Popen(
@@ -206,9 +209,18 @@ def _test_cluster_yaml(ssh: dict, temp_dir: str) -> tuple[Path, str]:
     return path, name
 
 
+def _ssh_control_folder(cluster_name: str) -> Path:
+    """Where Ray's ssh command runner keeps a cluster's ControlMaster sockets: a path fixed in
+    ray/autoscaler/_private/command_runner.py (/tmp/ray_ssh_<user hash>/<cluster name hash>), not under TMPDIR."""
+    user, cluster = (hashlib.sha256(text.encode()).hexdigest()[:10] for text in (getpass.getuser(), cluster_name))
+    return Path(f"/tmp/ray_ssh_{user}/{cluster}")
+
+
 def test_ray_submit_with_the_local_provider_yaml(corpus, sshd_localhost, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="vpsub", dir="/tmp")
     cluster, name = _test_cluster_yaml(sshd_localhost, temp_dir)
+    control = _ssh_control_folder(name)  # the cluster name is this test's own: so is this folder
+    shared = control.parent.exists()
     env = script_env()
     try:
         up = subprocess.run(
@@ -225,5 +237,9 @@ def test_ray_submit_with_the_local_provider_yaml(corpus, sshd_localhost, tmp_pat
     finally:
         _kill_started_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        for leftover in Path("/tmp/ray").glob(f"cluster-{name}*"):
+        for leftover in Path(tempfile.gettempdir(), "ray").glob(f"cluster-{name}*"):  # the local provider's lock
             leftover.unlink(missing_ok=True)
+        shutil.rmtree(control, ignore_errors=True)
+        if not shared:
+            with contextlib.suppress(OSError):  # not empty: another cluster's sockets are there now
+                control.parent.rmdir()

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -82,6 +83,7 @@ def _server_config(root: str, port: int) -> str:
         "PrintMotd no",
         "MaxStartups 50",
         "MaxSessions 50",
+        f"SetEnv TMPDIR={tempfile.gettempdir()}",  # the test session's (tests/conftest.py): removed at its end
     ]
     return _write(os.path.join(root, "sshd_config"), "\n".join(lines) + "\n")
 
