@@ -17,7 +17,6 @@ from launch.search import decode_video
 from launch.search import main as search_main
 from preprocess.synthetic import CorpusConfig, clip_specs, make_corpus
 from tests.downstream.test_evaluate import save_random_model, write_samples, write_tiny_config
-from tests.support.tiers import marks_users
 from train.checkpoint import train_config
 from train.frames import normalize_frames
 from train.loss import OCLLoss
@@ -76,7 +75,6 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-@marks_users("slow")  # trains until the model retrieves: ~10 s idle, ~30 s on a loaded machine
 def trained(corpus):
     frames = np.stack([decode_video(f, 4, 32) for f in corpus["files"]])
     model = train_tiny(corpus["config"], frames, [s.caption for s in corpus["specs"]])
