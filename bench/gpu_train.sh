@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU training benchmark: ViT-B/32 and ViT-B/16, 12 frames at 224, bf16, ZeRO-1, synthetic shards,
-# fused vs dense (original-style masked) proxy attention. Prints samples/s per GPU and MFU per run.
+# fused vs dense (original-style masked) proxy attention. Prints samples/s per GPU and MFU per run, then the
+# loader alone with JPEGs decoded by the CPU workers against on the GPU (bench/device_decode.py, data.decode_device).
 #
 #   bash bench/gpu_train.sh [steps=30] [gpus=all]
 #
