@@ -27,11 +27,11 @@ def ship(items: list[dict]) -> dict:
     """The batch fields that carry the items' JPEGs instead of decoded frames (their plans are removed)."""
     jpegs, where, copies = [], [], []
     for row, item in enumerate(items):
-        _, jobs, item_copies, _ = item.pop("pending")
-        for data, slot in jobs:
+        plan = item.pop("pending")
+        for data, slot in plan.jobs:
             jpegs.append(data)
             where.append((row, slot))
-        copies += [(row, to, source) for to, source in item_copies]
+        copies += [(row, to, source) for to, source in plan.copies]
     return {
         "jpegs": jpegs,
         "jpeg_slots": torch.tensor(where, dtype=torch.long).view(-1, 2),
@@ -41,9 +41,9 @@ def ship(items: list[dict]) -> dict:
 
 def check_shipped(item: dict) -> None:
     """In the worker: each JPEG of a prepared item is a JPEG of the size its metadata says (ValueError if not)."""
-    _, jobs, _, stored = item["pending"]
-    for data, _ in jobs:
-        check_header(data, stored)
+    plan = item["pending"]
+    for data, _ in plan.jobs:
+        check_header(data, plan.stored)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def unship(batch: dict, num_frames: int, size: int, device: torch.device) -> Uns
     jpegs, slots, copies = batch.pop("jpegs"), batch.pop("jpeg_slots"), batch.pop("jpeg_copies")
     rows = len(batch["keys"])
     out = torch.zeros(rows * (num_frames + 1), 3, size, size, dtype=torch.uint8, device=device)
-    images, failed = _decode(jpegs, slots, device)
+    images, failed = _decode(jpegs, device)
     flat_slots = slots[:, 0] * (num_frames + 1) + slots[:, 1]
     done = [i for i, image in enumerate(images) if image is not None]
     for shape in {images[i].shape for i in done}:
@@ -77,7 +77,7 @@ def unship(batch: dict, num_frames: int, size: int, device: torch.device) -> Uns
     return Unshipped(out[:, :num_frames], out[:, num_frames], [(int(slots[i, 0]), reason) for i, reason in failed])
 
 
-def _decode(jpegs: list[bytes], slots: torch.Tensor, device: torch.device) -> tuple[list, list[tuple[int, str]]]:
+def _decode(jpegs: list[bytes], device: torch.device) -> tuple[list, list[tuple[int, str]]]:
     """Every JPEG decoded to uint8 [3, H, W] on ``device`` in one call; if that fails, one by one (None, and the
     (index, reason), for each that fails)."""
     from torchvision.io import ImageReadMode, decode_jpeg

@@ -197,16 +197,13 @@ def _decode_rows(rows: list[dict], errors: ErrorCounter, filled: BatchFrames | N
     """Decode the rows not yet decoded into ``filled`` (with none: check their JPEG headers, train/device_decode.py);
     a row that fails is counted and emptied. True if none failed."""
     for row, item in enumerate(rows):
-        if "pending" in item and "checked" not in item:
-            try:
-                if filled is None:
-                    check_shipped(item)
-                    item["checked"] = True
-                else:
-                    decode_item(item, filled.row_arrays(row))
-            except _SAMPLE_ERRORS as exc:
-                errors.sample(f"{item['url']}:{item['key']}", exc)
-                rows[row] = None
+        if "pending" not in item:  # decoded by an earlier call
+            continue
+        try:
+            check_shipped(item) if filled is None else decode_item(item, filled.row_arrays(row))
+        except _SAMPLE_ERRORS as exc:
+            errors.sample(f"{item['url']}:{item['key']}", exc)
+            rows[row] = None
     return None not in rows
 
 

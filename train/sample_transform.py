@@ -8,7 +8,9 @@ stream position, so it is a pure function of the seed); evaluation passes no rng
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,8 +82,22 @@ class SampleTransform:
         if self.text_lines == "sample":
             subtitle, caption = pick_line(subtitle, rng), pick_line(caption, rng)
         item = {"subtitle": subtitle, "caption": caption, "key": sample.key, "indices": indices}
-        item["pending"] = (DECODE_FNS[self.decoder], *decode_plan(sample, indices), sample.meta.frame_size)
+        jobs, copies = decode_plan(sample, indices)
+        item["pending"] = DecodePlan(DECODE_FNS[self.decoder], jobs, copies, sample.meta.frame_size)
         return item
+
+
+class DecodePlan(NamedTuple):
+    """A prepared item's frames, not yet decoded (`decode_plan`)."""
+
+    decode: Callable
+    """The data.decoder function (train/frames.py)."""
+    jobs: list[tuple[bytes, int]]
+    """(JPEG, slot): each stored frame once."""
+    copies: list[tuple[int, int]]
+    """(to slot, from slot): a frame picked twice, a middle frame also picked."""
+    stored: tuple[int, int] | None
+    """The stored frame size (width, height) from the metadata."""
 
 
 def decode_plan(sample: ClipSample, indices: list[int]) -> tuple[list[tuple[bytes, int]], list[tuple[int, int]]]:
@@ -106,11 +122,11 @@ def decode_plan(sample: ClipSample, indices: list[int]) -> tuple[list[tuple[byte
 def decode_item(item: dict, out: tuple[np.ndarray, np.ndarray]) -> None:
     """Decode a prepared item's frames into a row, ``out`` = (frames [T, S, S, 3], image [S, S, 3]) arrays (once:
     the plan is removed)."""
-    decode, jobs, copies, stored = item.pop("pending")
+    plan: DecodePlan = item.pop("pending")
     frames, image = out
     slots = [*frames, image]
-    decode([(data, slots[slot]) for data, slot in jobs], stored)
-    for to, source in copies:
+    plan.decode([(data, slots[slot]) for data, slot in plan.jobs], plan.stored)
+    for to, source in plan.copies:
         slots[to][...] = slots[source]
 
 
