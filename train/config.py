@@ -165,7 +165,7 @@ class DataConfig:
     pillow; frames not stored at image_size get a bicubic antialiased resize."""
     decode_device: str = "cpu"
     """cpu: the loader (its DataLoader workers) decodes the JPEGs; cuda: the workers ship them as bytes and the
-    training process decodes each batch on its GPU with nvJPEG (train/device_decode.py; data.decoder is not used)."""
+    training process decodes each batch on its GPU with nvJPEG (train/device_decode.py; data.decoder stays simplejpeg)."""
     tar_reader: str = "ours"
     """Tar parser for shards: ours (pipeline/shards.py, the fastest) or webdataset (its tarfile-based one, for tars
     written by another tool that ours refuses); the same samples in the same order (train/tar_readers.py)."""
@@ -222,6 +222,12 @@ class DataConfig:
             self.decode_device in DECODE_DEVICES,
             "data.decode_device",
             f"must be one of {DECODE_DEVICES}, got {self.decode_device!r}",
+        )
+        _check(
+            self.decode_device == "cpu" or self.decoder == "simplejpeg",
+            "data.decoder",
+            f"{self.decoder} would not be used: with data.decode_device={self.decode_device} the GPU decodes (nvJPEG); "
+            "leave data.decoder at simplejpeg",
         )
         _check(
             self.tar_reader in TAR_READERS, "data.tar_reader", f"must be one of {TAR_READERS}, got {self.tar_reader!r}"

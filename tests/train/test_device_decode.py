@@ -88,6 +88,11 @@ def test_a_frame_that_fails_on_the_device_is_left_black_counted_and_logged(tmp_p
     assert batch["frames"][others].float().mean() > 10, "the rest of the batch decoded"
 
 
+def test_a_cpu_decoder_with_gpu_decoding_is_refused_not_ignored():
+    with pytest.raises(ValueError, match=r"^data.decoder: pillow would not be used: with data.decode_device=cuda"):
+        DataConfig(train=["x"], decoder="pillow", decode_device="cuda")
+
+
 def test_cuda_without_a_gpu_is_one_clear_line(clips_root):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
