@@ -165,7 +165,7 @@ class DataConfig:
     pillow; frames not stored at image_size get a bicubic antialiased resize."""
     decode_device: str = "cpu"
     """cpu: the loader (its DataLoader workers) decodes the JPEGs; cuda: the workers ship them as bytes and the
-    training process decodes each batch on its GPU with nvJPEG (train/device_decode.py; data.decoder stays simplejpeg)."""
+    training process decodes each batch on its GPU with nvJPEG (train/device_decode.py; data.decoder: simplejpeg)."""
     tar_reader: str = "ours"
     """Tar parser for shards: ours (pipeline/shards.py, the fastest) or webdataset (its tarfile-based one, for tars
     written by another tool that ours refuses); the same samples in the same order (train/tar_readers.py)."""
