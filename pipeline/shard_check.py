@@ -58,14 +58,15 @@ class _CheckedBytes(io.RawIOBase):
         self._field, self._hash = ("xxh3_64", xxhash.xxh3_64()) if fast else ("sha256", hashlib.sha256())
         self.index = index
         self.ranges = RangeHasher(index.offsets) if index is not None else None
-        self._failed: ShardError | None = None
+        self.failed: ShardError | None = None
+        """The whole-shard check's error, met at the end of a read and raised at the next one."""
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        if self._failed is not None:
-            raise self._failed
+        if self.failed is not None:
+            raise self.failed
         n = self._raw.readinto(buffer)
         if n:
             chunk = memoryview(buffer)[:n]
@@ -81,8 +82,8 @@ class _CheckedBytes(io.RawIOBase):
                     raise
                 # Raised at the next read: the bytes the reader asked for along with the end go on to it first,
                 # so each sample they hold is admitted or refused by its own digest (ShardStream.admit), and the
-                # last one waits for this check.
-                self._failed = exc
+                # last one waits for this check (`ShardStream.finish`).
+                self.failed = exc
         return n
 
     def _check(self) -> None:
@@ -139,7 +140,15 @@ class ShardStream(io.BufferedReader):
             pass
         checked.admit(i, key)
         if i == len(checked.index.keys) - 1:
-            self.read()
+            self.finish()
+
+    def finish(self) -> None:
+        """Read to the end of the shard, so its size and hash are checked; raises their error also when an earlier
+        read met the end and deferred it (`_CheckedBytes.readinto`)."""
+        self.read()
+        failed = getattr(self.raw, "failed", None)
+        if failed is not None:
+            raise failed
 
 
 def open_shard(uri: str, entry: ShardEntry | None = None) -> ShardStream:

@@ -305,7 +305,7 @@ def iter_shard(uri: str, entry: ShardEntry | None = None) -> Iterator[dict]:
         for i, sample in enumerate(group_samples(tar_members(stream, uri, size), uri)):
             stream.admit(i, sample["__key__"])
             yield sample
-        stream.read()  # drain the tar padding so the size and hash are checked
+        stream.finish()  # drain the tar padding so the size and hash are checked
 
 
 def key_and_field(name: str) -> tuple[str, str] | None:

@@ -80,7 +80,7 @@ def _samples(uri: str, entry: ShardEntry | None) -> Iterator[dict]:
             if isinstance(exc, OSError):  # admit's ShardError, or the storage failing under admit's read
                 raise
             raise _unreadable(uri, exc) from exc
-        stream.read()  # the rest after the tar's end: the size and hash are checked at EOF
+        stream.finish()  # the rest after the tar's end: the size and hash are checked at EOF
 
 
 def _unreadable(uri: str, exc: Exception) -> ShardError:

@@ -127,6 +127,28 @@ def test_damage_after_the_last_sample_holds_back_the_last_sample(tmp_path):
     assert errors == [f"{tmp_path}/part-001.tar: xxh3_64 mismatch with the manifest (corrupt shard)"]
 
 
+def test_damage_after_the_last_sample_holds_it_back_wherever_a_read_ends(tmp_path, monkeypatch):
+    """The reader reads in chunks; with a chunk that ends right after the first end-of-archive block, the end of
+    the shard is first met by the drain before the last sample goes on: that drain must raise, too."""
+    import pipeline.shards
+
+    write_dataset(str(tmp_path), CLIP_IDS)
+    path = tmp_path / "part-001.tar"
+    end_of_archive = _archive_end(path)
+    monkeypatch.setattr(pipeline.shards, "_CHUNK", end_of_archive + 512)
+    flip_trailer_byte(path)
+    keys, errors = read_keys(str(tmp_path))
+    assert keys == KEYS[:5] + KEYS[6:]
+    assert errors == [f"{tmp_path}/part-001.tar: xxh3_64 mismatch with the manifest (corrupt shard)"]
+
+
+def _archive_end(path) -> int:
+    """Where a tar's end-of-archive blocks start."""
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
+
+
 @pytest.mark.parametrize("fields", [("index_xxh3_64",), ("index_xxh3_64", "xxh3_64")])
 def test_without_an_index_a_shard_is_checked_whole_before_any_sample(tmp_path, fields):
     """Manifests written before the sample index (and before the fast hash): the reader checks the whole shard
