@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 # pdsh: DeepSpeed's runner starts the nodes of `deepspeed --hostfile` with it (docs/training.md)
-APT_PACKAGES=(ffmpeg openssh-server openssh-client rsync numactl espeak-ng pdsh)
+# chromium: the headless browser the report-page tests render in (tests/support/browser.py)
+APT_PACKAGES=(ffmpeg openssh-server openssh-client rsync numactl espeak-ng pdsh chromium)
 
 # First, before anything is installed: an interpreter that setup.cfg's python_requires allows.
 PY_BASE=${PYTHON:-python3}
