@@ -1,6 +1,7 @@
 """Retrieval evaluation of a checkpoint on a test data set: t2v and v2t R@1/5/10, MdR, MnR, with and without DSL.
 
     python -m train.evaluate --checkpoint runs/ft-msrvtt --data shards/msrvtt/test [--out results.json]
+        [--html report.html]
 
 One ordered pass over the data set (manifest order, no distributed padding or truncation). Every
 non-empty line of a sample's text member is a query, so a video may have several texts (the
@@ -12,6 +13,9 @@ Checkpoints (``--checkpoint``): a training run folder, its ``checkpoints/`` fold
 folder of it, or a weights file of ours or a released CLIP-ViP one, loaded strictly by
 train/checkpoint.py. The model shape comes from ``--config`` (a training YAML), else from the run's
 ``config.yaml``. A checkpoint that does not fit that shape is refused with the list of mismatched tensors.
+
+``--html``: one self-contained page (train/eval_report.py): the metric table, the run's recall plot, and a
+sample of text queries with their top-5 clips as thumbnails, the correct one marked, failures first.
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ from pipeline.logs import setup_logging
 from pipeline.schema import ClipSample
 from pipeline.shards import iter_dataset
 from train.checkpoint import LoadedModel, load_model
+from train.eval_report import (
+    REPORT_CSS,
+    clip_thumbnail,
+    metrics_section,
+    pick_queries,
+    queries_section,
+    recall_section,
+)
 from train.frames import normalize_frames
+from train.html_page import esc, write_page
 from train.metrics import retrieval_metrics
 from train.sample_transform import SampleTransform, decode_batch
 from train.tokenizer import get_tokenizer
@@ -84,6 +97,8 @@ class Embedded:
     """[T, E]"""
     text_to_video: list[int]
     """Index of each text's video."""
+    thumbnails: list[bytes] | None = None
+    """One small JPEG per video (train/eval_report.py's clip_thumbnail), when asked for."""
 
 
 def video_batches(samples: Iterator[ClipSample], transform: SampleTransform, batch_size: int):
@@ -105,15 +120,17 @@ def embed_dataset(
     batch_size: int = 16,
     progress: bool = True,
     max_videos: int | None = None,
+    thumbnails: bool = False,
 ) -> Embedded:
-    """One ordered pass: every video and its texts, embedded."""
+    """One ordered pass: every video and its texts, embedded; with ``thumbnails``, one small JPEG per video too
+    (made from the sample's frames as it passes: no frames are held)."""
     from tqdm import tqdm
 
     transform = SampleTransform(loaded.num_frames, loaded.image_size)
     samples = iter_dataset(location)
     if max_videos is not None:
         samples = (s for i, s in zip(range(max_videos), samples))
-    clip_ids, videos, texts, owners = [], [], [], []
+    clip_ids, videos, texts, owners, thumbs = [], [], [], [], []
     with tqdm(desc="videos", unit="video", disable=not progress, file=sys.stderr) as bar:
         for batch, frames in video_batches(samples, transform, batch_size):
             videos.append(encode_frames(loaded, frames))
@@ -122,6 +139,8 @@ def embed_dataset(
                 owners += [len(clip_ids)] * len(lines)
                 texts += lines
                 clip_ids.append(sample.meta.clip_id)
+                if thumbnails:
+                    thumbs.append(clip_thumbnail(sample.frames))
             bar.update(len(batch))
     if not clip_ids:
         raise ValueError(f"{location}: the data set has no samples")
@@ -131,18 +150,23 @@ def embed_dataset(
         texts=texts,
         text_embeddings=encode_texts(loaded, texts),
         text_to_video=owners,
+        thumbnails=thumbs if thumbnails else None,
     )
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
+def similarity(embedded: Embedded) -> np.ndarray:
+    """Cosine similarity [texts, videos]."""
+    return (embedded.text_embeddings @ embedded.videos.T).numpy()
+
+
 def evaluate(embedded: Embedded) -> dict:
     """retrieval_metrics (plain and dsl/) plus counts."""
     if not embedded.texts:
         raise ValueError("no query texts: every sample's text member is empty (try --text caption or subtitle)")
-    similarity_TV = (embedded.text_embeddings @ embedded.videos.T).numpy()
-    results = retrieval_metrics(similarity_TV, embedded.text_to_video, dsl=True)
+    results = retrieval_metrics(similarity(embedded), embedded.text_to_video, dsl=True)
     results.update(
         {
             "videos": len(embedded.clip_ids),
@@ -168,6 +192,29 @@ def format_results(results: dict) -> str:
     return "\n".join(rows)
 
 
+def report_body(
+    results: dict, embedded: Embedded, checkpoint: str, queries: int = 12, extra: tuple[str, ...] = ()
+) -> str:
+    """The HTML report's body: what was evaluated, the metrics, the recall plot, ``extra`` sections (trusted
+    HTML), then ``queries`` sampled queries with thumbnails (the embedding must hold them)."""
+    if embedded.thumbnails is None:
+        raise ValueError("the HTML report needs thumbnails: embed_dataset(..., thumbnails=True)")
+    about = f"Checkpoint {checkpoint}; data {results.get('data', '?')}; queries: the {results.get('text', '?')}"
+    picked = pick_queries(similarity(embedded), embedded.text_to_video, embedded.texts, queries)
+    sections = [
+        f'<p class="meta">{esc(about)}</p>',
+        metrics_section(results),
+        recall_section(checkpoint),
+        *extra,
+        queries_section(picked, embedded.clip_ids, embedded.thumbnails, len(embedded.texts)),
+    ]
+    return "\n".join(sections)
+
+
+def write_report(path: str, title: str, body: str) -> str:
+    return write_page(path, title, body, css=REPORT_CSS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog("python -m train.evaluate"), description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
@@ -186,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--max-videos", type=int, help="only the first N videos (smoke tests)")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--html", help="also write a self-contained HTML report here (metrics, recall plot, queries)")
+    p.add_argument("--html-queries", type=int, default=12, help="text queries shown in the HTML report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -195,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     try:
         loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
-        results = evaluate(
-            embed_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress, args.max_videos)
+        embedded = embed_dataset(
+            loaded, args.data, args.text, args.batch_size, not args.no_progress, args.max_videos, bool(args.html)
         )
+        results = evaluate(embedded)
     except (ValueError, OSError) as exc:
         print(f"train.evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -208,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, sort_keys=True)
+    if args.html:
+        body = report_body(results, embedded, args.checkpoint, args.html_queries)
+        print(f"wrote {write_report(args.html, 'Retrieval evaluation', body)}")
     return 0
 
 

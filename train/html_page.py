@@ -50,16 +50,16 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def page(title: str, body: str) -> str:
-    """A whole HTML document: ``body`` is trusted HTML built with the helpers above."""
+def page(title: str, body: str, css: str = "") -> str:
+    """A whole HTML document: ``body`` is trusted HTML built with the helpers above; ``css`` adds to PAGE_CSS."""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(title)}</title><style>{PAGE_CSS}</style></head>\n"
+        f"<title>{esc(title)}</title><style>{PAGE_CSS}{css}</style></head>\n"
         f"<body><h1>{esc(title)}</h1>\n{body}\n</body></html>\n"
     )
 
 
-def write_page(path: str, title: str, body: str) -> str:
+def write_page(path: str, title: str, body: str, css: str = "") -> str:
     with open(path, "w", encoding="utf-8") as f:
-        f.write(page(title, body))
+        f.write(page(title, body, css))
     return path
