@@ -5,7 +5,10 @@
 2. shard both with the Ray preprocessing job on a local Ray cluster (``preprocess/shard.py``);
 3. post-pretrain a tiny video-proxy CLIP from scratch with DeepSpeed on 2 CPU ranks
    (``launch/pretrain.sh``), evaluating zero-shot retrieval on the held-out shards;
-4. write ``report.md`` (metrics table, plots) in the output folder and print it.
+4. evaluate the final checkpoint on the held-out shards again with train.evaluate, keeping a thumbnail per clip;
+5. write ``report.md`` (metrics table, timings, plot paths) and ``report.html`` (the train.evaluate report page:
+   metrics, recall and loss plots, timings, 12 queries with their top-5 clips as thumbnails) in the output
+   folder, and print the former.
 """
 
 from __future__ import annotations
@@ -164,6 +167,7 @@ def write_report(out: Path, result: dict, timings: dict, run_dir: Path) -> str:
     run = RunLayout(str(run_dir))
     lines += [
         "",
+        f"Page with plots and retrieved clips: {out / 'report.html'}",
         f"Plots: {run.loss_plot}, {run.recall_plot}",
         f"Metrics: {run.metrics} (TensorBoard: {run.tensorboard})",
         "",
@@ -171,6 +175,38 @@ def write_report(out: Path, result: dict, timings: dict, run_dir: Path) -> str:
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
+
+
+def embed_heldout(run_dir: Path, heldout: Path):
+    """The final checkpoint's embedding of the clips the in-training evaluation used (its query text, its first
+    data.eval_max_samples clips), one thumbnail per clip; and the name of that text."""
+    from train.checkpoint import load_model, train_config
+    from train.evaluate import embed_dataset
+
+    data = train_config(RunLayout(str(run_dir)).config).data
+    loaded = load_model(str(run_dir), device="cpu")
+    embedded = embed_dataset(
+        loaded, str(heldout), data.eval_text, progress=False, max_videos=data.eval_max_samples, thumbnails=True
+    )
+    return embedded, data.eval_text
+
+
+def write_html_report(out: Path, embedded, text: str, heldout: Path, timings: dict, run_dir: Path) -> Path:
+    """report.html: train.evaluate's page of the final checkpoint plus the loss plot and the timing table."""
+    from train.eval_report import plot_section
+    from train.evaluate import evaluate, report_body, write_report
+    from train.html_page import table
+
+    results = {**evaluate(embedded), "data": str(heldout), "text": text}
+    run = RunLayout(str(run_dir))
+    timing = table(["stage", "seconds"], [[name, f"{secs:.1f}"] for name, secs in timings.items()])
+    extra = (
+        plot_section("Loss during training", run.loss_plot, f"No loss plot: {run.loss_plot} is missing."),
+        f"<h2>Timings</h2>\n{timing}",
+    )
+    path = out / "report.html"
+    write_report(str(path), "vidproxy demo report", report_body(results, embedded, str(run_dir), extra=extra))
+    return path
 
 
 def _fmt(value) -> str:
@@ -198,7 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = out / "run"
     train(args, out / "shards/train", out / "shards/heldout", run_dir, out / "train.log")
     timings["train + eval (DeepSpeed)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    embedded, text = embed_heldout(run_dir, out / "shards/heldout")
+    timings["final eval + thumbnails"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
+    write_html_report(out, embedded, text, out / "shards/heldout", timings, run_dir)
     print()
     print(write_report(out, final_eval(run_dir), timings, run_dir))
 

@@ -23,14 +23,15 @@ from train.run_layout import RunLayout
 THUMB_FRAMES = 3
 """Frames side by side in a clip's thumbnail (first, middle, last)."""
 THUMB_HEIGHT = 64
+"""Pixels; the page scales a thumbnail to its column (6 per row: the top 5 and a correct clip ranked below)."""
 THUMB_QUALITY = 80
 
 REPORT_CSS = """
 .query { border-top: 1px solid #ddd; padding: 0.6em 0; }
 .query .text { font-size: 1.05em; font-weight: 600; }
-.hits { display: flex; flex-wrap: wrap; gap: 0.5em; }
-.hits .hit { margin: 0.3em 0; padding: 0.3em; font-size: 0.85em; }
-.hits .hit img { display: block; height: 64px; }
+.hits { display: grid; grid-template-columns: repeat(6, minmax(0, 1fr)); gap: 0.5em; }
+.hits .hit { margin: 0.3em 0; padding: 0.3em; font-size: 0.85em; overflow-wrap: anywhere; }
+.hits .hit img { display: block; width: 100%; height: auto; }
 .mark { color: #2a8a2a; font-weight: 700; }
 .missed { border-style: dashed; }
 .failure .rank { color: #b03030; font-weight: 600; } .success .rank { color: #2a8a2a; font-weight: 600; }

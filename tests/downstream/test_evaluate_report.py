@@ -109,6 +109,26 @@ def test_report_of_a_bare_checkpoint_says_there_is_no_run_history(tmp_path, capt
     assert f"No recall plot: {weights} is a bare checkpoint" in rendered.text
 
 
+@pytest.mark.slow
+def test_demo_report_page_in_a_browser(tmp_path, captioned_set):
+    """launch/demo.py's report.html on a finished run folder: the evaluate page plus the loss plot and timings."""
+    from launch.demo import embed_heldout, write_html_report
+
+    require_chromium()
+    run_dir = tmp_path / "run"
+    run = training_run(run_dir)
+    embedded, text = embed_heldout(run_dir, captioned_set)
+    timings = {"generate corpus": 1.25, "train + eval (DeepSpeed)": 61.0, "total": 70.5}
+    page = write_html_report(tmp_path, embedded, text, captioned_set, timings, run_dir)
+    rendered = render(str(page), str(tmp_path / "report.png"))
+    print(f"report: {page}\nscreenshot: {tmp_path / 'report.png'}")
+    texts, ranks = expected_ranks(run, None, captioned_set)
+    check_queries(rendered, texts, ranks, plots=2)
+    assert text == "caption" and "queries: the caption" in rendered.text
+    for line in ("Loss during training", "Recall during training", "generate corpus\t1.2", "total\t70.5"):
+        assert line in rendered.text
+
+
 def test_browser_reports_a_broken_image(tmp_path):
     """The check can fail: a data: URI that is no image is reported broken, by its alt text."""
     require_chromium()
