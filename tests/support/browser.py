@@ -211,3 +211,23 @@ def _load_and_capture(pipe: DevToolsPipe, url: str, screenshot: str) -> dict:
     with open(screenshot, "wb") as f:
         f.write(base64.b64decode(shot["data"]))
     return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.support.browser PAGE.html [SHOT.png]``: render a page; exit 1 if an image is broken."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.support.browser", description=main.__doc__)
+    parser.add_argument("page")
+    parser.add_argument("screenshot", nargs="?", help="PNG to write (default: the page's name with .png)")
+    args = parser.parse_args(argv)
+    shot = args.screenshot or os.path.splitext(args.page)[0] + ".png"
+    rendered = render(args.page, shot)
+    print(f"{args.page}: {rendered.images} images, {len(rendered.broken)} broken; screenshot {shot}")
+    for alt in rendered.broken:
+        print(f"  broken: {alt}")
+    return 1 if rendered.broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
