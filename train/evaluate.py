@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -240,7 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.html_queries < 1:
+        parser.error(f"--html-queries must be >= 1, got {args.html_queries}")
+    for flag, path in (("--out", args.out), ("--html", args.html)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: its folder does not exist")
     setup_logging("INFO")
     try:
         loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)

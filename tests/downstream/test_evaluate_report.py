@@ -129,6 +129,14 @@ def test_demo_report_page_in_a_browser(tmp_path, captioned_set):
         assert line in rendered.text
 
 
+def test_html_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "report.html"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--checkpoint", "none.pt", "--data", str(tmp_path), "--html", str(missing)])
+    assert exit_info.value.code == 2
+    assert f"--html {missing}: its folder does not exist" in capsys.readouterr().err
+
+
 def test_browser_reports_a_broken_image(tmp_path):
     """The check can fail: a data: URI that is no image is reported broken, by its alt text."""
     require_chromium()
