@@ -61,6 +61,7 @@ def run(cmd: list[str], log: Path) -> None:
     print("$", " ".join(cmd), flush=True)
     with open(log, "w") as f:
         env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning")  # torch's collective deprecations
+        env.setdefault("PYTHON", sys.executable)  # launch/pretrain.sh's ranks: this interpreter, venv or not
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
