@@ -253,6 +253,19 @@ def decode_clips(path: str, clips: Sequence[ClipRequest], cfg: DecodeConfig) -> 
         container.close()
 
 
+def video_duration(path: str) -> float | Failure:
+    """Seconds of the local video at ``path`` as `decode_clips` measures it (math.inf when the container does not
+    say), read from its headers without decoding; a Failure (no ``clip_id``) when the file cannot be opened."""
+    opened = _open(path)
+    if isinstance(opened, Failure):
+        return opened
+    try:
+        probed = _probe(path, opened)
+        return probed if isinstance(probed, Failure) else probed[1].duration
+    finally:
+        opened.close()
+
+
 def _fail_all(requests: list[ClipRequest], problem: Failure) -> Iterator[Failure]:
     """A file-level problem fails every clip of the file."""
     for r in requests:

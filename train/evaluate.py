@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,9 +122,10 @@ def embed_dataset(
     progress: bool = True,
     max_videos: int | None = None,
     thumbnails: bool = False,
+    visit: Callable[[ClipSample], None] | None = None,
 ) -> Embedded:
     """One ordered pass: every video and its texts, embedded; with ``thumbnails``, one small JPEG per video too
-    (made from the sample's frames as it passes: no frames are held)."""
+    (made from the sample's frames as it passes: no frames are held); ``visit`` sees each sample, in order."""
     from tqdm import tqdm
 
     transform = SampleTransform(loaded.num_frames, loaded.image_size)
@@ -136,6 +137,8 @@ def embed_dataset(
         for batch, frames in video_batches(samples, transform, batch_size):
             videos.append(encode_frames(loaded, frames))
             for sample in batch:
+                if visit is not None:
+                    visit(sample)
                 lines = sample_texts(sample, text_field)
                 owners += [len(clip_ids)] * len(lines)
                 texts += lines

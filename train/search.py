@@ -4,111 +4,44 @@
     python -m train.search query --checkpoint RUN --index index.parquet --text "a dog runs" -k 5
 
 ``embed`` writes one row per video (``kind = video``) and, for a shard data set, one row per text
-(``kind = text``, every line of the text member). ``query`` embeds the query with the same
-checkpoint and prints the top-k rows of the wanted kind by cosine similarity. Runs on CPU or GPU
-(``--device``); checkpoints are read by train/checkpoint.py.
+(``kind = text``, every line of the text member); each row keeps its clip's id, span, source URL, caption
+and subtitle, and a video row a strip of small thumbnails (train/search_index.py). ``query`` embeds the query
+with the same checkpoint and prints the top-k rows of the wanted kind by cosine similarity (train/nearest.py:
+numpy, or FAISS above ``--faiss-above`` rows), as text, ``--json`` or a ``--html`` page (train/search_hits.py).
+Runs on CPU or GPU (``--device``); checkpoints are read by train/checkpoint.py.
 
 Raw video files (a folder to index, a file as the query) need preprocessing's decoder, so they are
 handled one layer up, by launch/search.py: ``python -m launch.search`` is the search command that
 takes every input, shard data sets and text queries through the functions here.
 
-Table columns: kind, id, video (the clip id a row belongs to), text, source, embedding
-(float32 list). The table's metadata records the checkpoint, embedding size and frame count,
-and a query with a checkpoint of another embedding size is refused.
+The table's columns are train/search_index.py's; a query with a checkpoint of another embedding size
+is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from pipeline.config import HelpFormatter
+from pipeline.config import HelpFormatter, add_flags, flag_values
 from pipeline.logs import setup_logging
+from pipeline.schema import ClipSample
 from train.checkpoint import LoadedModel, load_model
 from train.evaluate import embed_dataset, encode_texts
+from train.nearest import NeighbourConfig, nearest
+from train.search_hits import Hit, format_hits, hits_json, make_hits, strips, write_hits_page
+from train.search_index import COLUMNS, KINDS, Index, ThumbConfig, read_index, rows_table, thumbnail_strip, write_index
 
 logger = logging.getLogger(__name__)
 
-META_KEY = b"vidproxy.search"
-KINDS = ("video", "text")
-
-
-# ----------------------------------------------------------------------------- the table
-
-
-@dataclass(frozen=True, kw_only=True)
-class Index:
-    """An embeddings table in memory."""
-
-    kind: list[str]
-    id: list[str]
-    video: list[str]
-    text: list[str]
-    source: list[str]
-    embeddings: np.ndarray
-    """[rows, E] float32, L2-normalised."""
-    meta: dict
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_kinds", np.asarray(self.kind))  # one conversion, not one per query
-
-    def rows_of(self, kind: str) -> np.ndarray:
-        return np.flatnonzero(self._kinds == kind)
-
-
-def write_index(index: Index, path: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    dim = index.embeddings.shape[1]
-    flat = pa.array(index.embeddings.astype(np.float32).reshape(-1), type=pa.float32())
-    table = pa.table(
-        {
-            "kind": index.kind,
-            "id": index.id,
-            "video": index.video,
-            "text": index.text,
-            "source": index.source,
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-        }
-    )
-    table = table.replace_schema_metadata({META_KEY: json.dumps(index.meta).encode()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(table, path)
-
-
-def read_index(path: str) -> Index:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"index {path}: not a readable Parquet file ({exc})") from exc
-    raw_meta = (table.schema.metadata or {}).get(META_KEY)
-    missing = [c for c in ("kind", "id", "video", "text", "source", "embedding") if c not in table.column_names]
-    if raw_meta is None or missing:
-        raise ValueError(
-            f"index {path}: not a table written by the search `embed` command (missing {missing or 'metadata'})"
-        )
-    column = table.column("embedding").combine_chunks()
-    embeddings = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32)
-    return Index(
-        kind=table.column("kind").to_pylist(),
-        id=table.column("id").to_pylist(),
-        video=table.column("video").to_pylist(),
-        text=table.column("text").to_pylist(),
-        source=table.column("source").to_pylist(),
-        embeddings=embeddings,
-        meta=json.loads(raw_meta),
-    )
+__all__ = ["Hit", "Index", "KINDS", "format_hits", "read_index", "top_k", "write_index"]
 
 
 def index_meta(loaded: LoadedModel, source: str) -> dict:
@@ -124,39 +57,64 @@ def index_meta(loaded: LoadedModel, source: str) -> dict:
 # ----------------------------------------------------------------------------- embedding a data set
 
 
-def index_from_dataset(loaded: LoadedModel, location: str, text_field: str, batch_size: int, progress: bool) -> Index:
-    emb = embed_dataset(loaded, location, text_field, batch_size, progress)
-    n_videos = len(emb.clip_ids)
+@dataclass
+class ClipRows:
+    """The columns of a data set's clips, gathered as `embed_dataset` passes them (manifest order)."""
+
+    thumbs: ThumbConfig
+    clips: list[dict] = field(default_factory=list)
+    strips: list[list[bytes]] = field(default_factory=list)
+
+    def visit(self, sample: ClipSample) -> None:
+        meta = sample.meta
+        self.clips.append(
+            {
+                "id": meta.clip_id,
+                "video": meta.clip_id,
+                "source": meta.source_uri,
+                "start": float(meta.span[0]),
+                "end": float(meta.span[1]),
+                "caption": sample.caption.strip(),
+                "subtitle": sample.subtitle.strip(),
+            }
+        )
+        self.strips.append(thumbnail_strip(sample.frames, self.thumbs) if self.thumbs.frames else [])
+
+
+def dataset_rows(clips: list[dict], texts: list[str], text_ids: list[str], owners: list[int]) -> dict[str, list]:
+    """Index columns: one video row per clip, then one text row per text (its clip's span, source and texts)."""
+    rows = [{**c, "kind": "video", "text": ""} for c in clips]
+    rows += [{**clips[v], "kind": "text", "id": tid, "text": t} for t, tid, v in zip(texts, text_ids, owners)]
+    return {name: [r[name] for r in rows] for name in COLUMNS}
+
+
+def index_from_dataset(
+    loaded: LoadedModel,
+    location: str,
+    text_field: str,
+    batch_size: int,
+    progress: bool,
+    thumbs: ThumbConfig | None = None,
+) -> Index:
+    gathered = ClipRows(thumbs=thumbs or ThumbConfig())
+    emb = embed_dataset(loaded, location, text_field, batch_size, progress, visit=gathered.visit)
     seen: dict[int, int] = {}
     text_ids = []
     for v in emb.text_to_video:
         text_ids.append(f"{emb.clip_ids[v]}#{seen.get(v, 0)}")
         seen[v] = seen.get(v, 0) + 1
     return Index(
-        kind=["video"] * n_videos + ["text"] * len(emb.texts),
-        id=emb.clip_ids + text_ids,
-        video=emb.clip_ids + [emb.clip_ids[v] for v in emb.text_to_video],
-        text=[""] * n_videos + emb.texts,
-        source=[location] * (n_videos + len(emb.texts)),
+        rows=rows_table(dataset_rows(gathered.clips, emb.texts, text_ids, emb.text_to_video)),
         embeddings=torch.cat([emb.videos, emb.text_embeddings]).numpy().astype(np.float32),
         meta=index_meta(loaded, location),
+        thumbnails=gathered.strips + [[] for _ in emb.texts],
     )
 
 
 # ----------------------------------------------------------------------------- querying
 
 
-@dataclass(frozen=True, kw_only=True)
-class Hit:
-    rank: int
-    score: float
-    kind: str
-    id: str
-    video: str
-    text: str
-
-
-def top_k(index: Index, query: np.ndarray, kind: str, k: int) -> list[Hit]:
+def top_k(index: Index, query: np.ndarray, kind: str, k: int, cfg: NeighbourConfig | None = None) -> list[Hit]:
     """The k rows of ``kind`` most similar (cosine) to the L2-normalised query vector."""
     if query.shape[-1] != index.embeddings.shape[1]:
         raise ValueError(
@@ -169,21 +127,8 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int) -> list[Hit]:
         raise ValueError(f"the index has no {kind} rows{hint}")
     contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
     block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]
-    scores = block @ query.astype(np.float32)
-    k = min(k, len(scores))
-    best = np.argpartition(-scores, k - 1)[:k]
-    order = best[np.argsort(-scores[best], kind="stable")]
-    return [
-        Hit(
-            rank=r + 1,
-            score=float(scores[i]),
-            kind=kind,
-            id=index.id[rows[i]],
-            video=index.video[rows[i]],
-            text=index.text[rows[i]],
-        )
-        for r, i in enumerate(order)
-    ]
+    scores, best = nearest(block, query, k, cfg or NeighbourConfig())
+    return make_hits(index, rows[best], scores)
 
 
 def text_vector(loaded: LoadedModel, text: str) -> np.ndarray:
@@ -191,14 +136,6 @@ def text_vector(loaded: LoadedModel, text: str) -> np.ndarray:
     if not text.strip():
         raise ValueError("--text: empty query")
     return encode_texts(loaded, [text])[0].numpy()
-
-
-def format_hits(hits: list[Hit]) -> str:
-    lines = []
-    for hit in hits:
-        what = hit.id if hit.kind == "video" else f"{hit.text!r} ({hit.video})"
-        lines.append(f"{hit.rank:3d}  {hit.score:+.4f}  {what}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -212,9 +149,10 @@ def build_parser(
     description: str | None = None,
     more_sources: tuple[Option, ...] = (),
     more_queries: tuple[Option, ...] = (),
+    more_embed: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.ArgumentParser:
     """The embed and query commands; ``more_sources`` and ``more_queries`` are further inputs
-    (launch/search.py: video files), each exclusive with the ones here."""
+    (launch/search.py: video files), each exclusive with the ones here; ``more_embed`` adds embed flags."""
     p = argparse.ArgumentParser(
         prog=prog, description=description or __doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
@@ -234,6 +172,9 @@ def build_parser(
     embed.add_argument("--out", required=True, help="Parquet file to write")
     embed.add_argument("--batch-size", type=int, default=8, help="videos per forward pass")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(embed, ThumbConfig, dest="thumbs", prefix="thumb-")
+    if more_embed is not None:
+        more_embed(embed)
     query = sub.choices["query"]
     query.add_argument("--index", required=True, help="Parquet table from `embed`")
     what = query.add_mutually_exclusive_group(required=True)
@@ -244,33 +185,45 @@ def build_parser(
         "--target", choices=KINDS, default=None, help="rows to return (text query: video; video query: video)"
     )
     query.add_argument("-k", type=int, default=5, help="results")
-    query.add_argument("--json", action="store_true", help="print the hits as JSON")
+    shown = query.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the hits as JSON")
+    shown.add_argument("--html", metavar="OUT.html", help="write the hits as one self-contained HTML page")
+    add_flags(query, NeighbourConfig, dest="neighbours")
     return p
 
 
 def save_index(index: Index, path: str) -> None:
     """Write the table and say what it holds."""
     write_index(index, path)
-    counts = {kind: index.kind.count(kind) for kind in KINDS}
-    print(f"wrote {path}: {counts['video']} videos, {counts['text']} texts, {index.embeddings.shape[1]} dims")
+    size = os.path.getsize(path)
+    print(
+        f"wrote {path}: {index.count('video')} videos, {index.count('text')} texts, "
+        f"{index.embeddings.shape[1]} dims, {size / 1e6:.2f} MB"
+    )
 
 
 def run_embed(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
-    save_index(index_from_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress), args.out)
+    thumbs = ThumbConfig(**flag_values(args, "thumbs"))
+    index = index_from_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress, thumbs)
+    save_index(index, args.out)
     return 0
 
 
 def run_query(args: argparse.Namespace, query_vector: Callable[[LoadedModel], np.ndarray] | None = None) -> int:
-    """Print the top-k hits; ``query_vector`` embeds the query (default: the ``--text`` query)."""
+    """Print the top-k hits (or write them as a page); ``query_vector`` embeds the query (default: ``--text``)."""
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    neighbours = NeighbourConfig(**flag_values(args, "neighbours"))
     index = read_index(args.index)
     loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames or index.meta.get("num_frames"))
     vector = query_vector(loaded) if query_vector is not None else text_vector(loaded, args.text)
-    hits = top_k(index, vector, args.target or "video", args.k)
-    if args.json:
-        print(json.dumps([hit.__dict__ for hit in hits], indent=1))
+    hits = top_k(index, vector, args.target or "video", args.k, neighbours)
+    if args.html:
+        query = f"text {args.text!r}" if args.text is not None else f"{getattr(args, 'query_name', 'query')}"
+        print(f"wrote {write_hits_page(args.html, query, index, hits)}: {len(hits)} hits")
+    elif args.json:
+        print(hits_json(hits, {row: len(strip) for row, strip in strips(index, hits).items()}))
     else:
         print(format_hits(hits))
     return 0

@@ -1,0 +1,190 @@
+"""The search index: one Parquet file of rows (videos, windows of video files, texts), their embeddings and thumbnails.
+
+Columns: ``kind`` (video or text), ``id``, ``video`` (the clip or file a row belongs to), ``text`` (a text row's
+line), ``source`` (the file path or the clip's source URL), ``start`` and ``end`` (seconds on the source's
+timeline), ``caption`` and ``subtitle`` (the clip's texts, empty when there are none), ``thumbnails`` (a video
+row's frame strip: a few small JPEGs spread over its span; empty for text rows) and ``embedding`` (float32,
+L2-normalised). The table's metadata records the checkpoint, embedding size and frame count.
+
+Thumbnails live in the Parquet file as bytes, not as JPEG files in a folder beside it: the index stays one file
+that can be copied or moved whole, nothing can dangle, and a query reads them for its hits only (the file is
+written in row groups of `ROW_GROUP` rows; a query reads the thumbnail column of the groups its hits are in).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+META_KEY = b"vidproxy.search"
+KINDS = ("video", "text")
+TEXT_COLUMNS = ("kind", "id", "video", "text", "source", "caption", "subtitle")
+SPAN_COLUMNS = ("start", "end")
+COLUMNS = TEXT_COLUMNS + SPAN_COLUMNS
+"""The row columns read for a query (the thumbnails and embeddings are read apart)."""
+ROW_GROUP = 4096
+"""Rows per Parquet row group: the unit a query reads its hits' thumbnails in."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThumbConfig:
+    """Thumbnails kept per video row: the frame strip a hit shows."""
+
+    frames: int = 3
+    """Frames per strip, spread over the row's span; an odd count puts the clip's middle frame in the middle."""
+    height: int = 128
+    """Pixel height of each thumbnail, at most the frame's own (the width keeps the frame's aspect)."""
+    quality: int = 75
+    """JPEG quality of the thumbnails, 1..95."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.frames <= 16:
+            raise ValueError(f"thumbnail frames must be in 0..16, got {self.frames}")
+        if not 16 <= self.height <= 512:
+            raise ValueError(f"thumbnail height must be in 16..512, got {self.height}")
+        if not 1 <= self.quality <= 95:
+            raise ValueError(f"thumbnail quality must be in 1..95, got {self.quality}")
+
+
+def strip_picks(count: int, frames: int) -> list[int]:
+    """Indices of ``frames`` of ``count`` frames, the centres of equal parts: with an odd number the middle one is
+    ``count // 2`` (the schema's middle frame)."""
+    k = min(frames, count)
+    return [int((i + 0.5) * count / k) for i in range(k)]
+
+
+def thumbnail_strip(jpegs: Sequence[bytes], cfg: ThumbConfig) -> list[bytes]:
+    """Small JPEGs of a few of a clip's frames (JPEG bytes, time order), ``cfg.height`` pixels high."""
+    from PIL import Image
+
+    out = []
+    for i in strip_picks(len(jpegs), cfg.frames):
+        with Image.open(io.BytesIO(jpegs[i])) as image:
+            height = min(cfg.height, image.height)  # never enlarged
+            width = max(1, round(image.width * height / image.height))
+            small = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=cfg.quality)
+        out.append(buf.getvalue())
+    return out
+
+
+# ----------------------------------------------------------------------------- the table in memory
+
+
+@dataclass(frozen=True, kw_only=True)
+class Index:
+    """An index in memory: its rows (``COLUMNS``, a pyarrow table), embeddings and metadata.
+
+    A built index holds its thumbnails (one list per row); a read one leaves them in its file (``path``), read
+    per hit by `thumbnails_of`.
+    """
+
+    rows: pa.Table
+    embeddings: np.ndarray
+    """[rows, E] float32, L2-normalised."""
+    meta: dict
+    thumbnails: list[list[bytes]] | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = self.rows.column("kind").to_numpy(zero_copy_only=False)
+        object.__setattr__(self, "_kinds", kinds)  # one conversion, not one per query
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def rows_of(self, kind: str) -> np.ndarray:
+        return np.flatnonzero(self._kinds == kind)
+
+    def count(self, kind: str) -> int:
+        return int(np.count_nonzero(self._kinds == kind))
+
+    def row(self, i: int) -> dict:
+        """One row's columns as plain values."""
+        return {name: self.rows.column(name)[i].as_py() for name in COLUMNS}
+
+    def video_row(self, video: str) -> int | None:
+        """The first video row of a clip or file (where a text row's thumbnails are), or None."""
+        mask = pc.and_(pc.equal(self.rows.column("kind"), "video"), pc.equal(self.rows.column("video"), video))
+        found = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        return int(found[0]) if len(found) else None
+
+
+def rows_table(columns: dict[str, list]) -> pa.Table:
+    """The rows of an index from column lists (``COLUMNS``: strings, and seconds for start and end)."""
+    missing = [c for c in COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"index rows lack the columns {missing}")
+    arrays = {c: pa.array(columns[c], type=pa.string()) for c in TEXT_COLUMNS}
+    arrays |= {c: pa.array(columns[c], type=pa.float64()) for c in SPAN_COLUMNS}
+    return pa.table(arrays)
+
+
+def write_index(index: Index, path: str) -> None:
+    rows, dim = len(index), index.embeddings.shape[1]
+    flat = pa.array(np.ascontiguousarray(index.embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
+    thumbs = index.thumbnails if index.thumbnails is not None else [[] for _ in range(rows)]
+    table = index.rows.append_column("thumbnails", pa.array(thumbs, type=pa.list_(pa.binary())))
+    table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
+    table = table.replace_schema_metadata({META_KEY: json.dumps(index.meta).encode()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path, row_group_size=ROW_GROUP)
+
+
+def read_index(path: str) -> Index:
+    """The rows and embeddings of an index file (its thumbnails stay in the file)."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"index {path}: not a readable Parquet file ({exc})") from exc
+    schema = parquet.schema_arrow
+    raw_meta = (schema.metadata or {}).get(META_KEY)
+    missing = [c for c in (*COLUMNS, "thumbnails", "embedding") if c not in schema.names]
+    if raw_meta is None or missing:
+        raise ValueError(
+            f"index {path}: not a table written by this version's search `embed` command "
+            f"(missing {missing or 'metadata'}); embed again"
+        )
+    rows = parquet.read(columns=list(COLUMNS))
+    return Index(rows=rows, embeddings=read_embeddings(parquet), meta=json.loads(raw_meta), path=path)
+
+
+def read_embeddings(parquet: pq.ParquetFile) -> np.ndarray:
+    """[rows, E] float32, filled one row group at a time (no second whole-table copy)."""
+    rows = parquet.metadata.num_rows
+    dim = parquet.schema_arrow.field("embedding").type.list_size
+    out = np.empty((rows, dim), dtype=np.float32)
+    at = 0
+    for group in range(parquet.num_row_groups):
+        column = parquet.read_row_group(group, columns=["embedding"]).column("embedding")
+        for chunk in column.chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+            out[at : at + len(chunk)] = values
+            at += len(chunk)
+    return out
+
+
+def thumbnails_of(index: Index, rows: Sequence[int]) -> dict[int, list[bytes]]:
+    """{row: its thumbnail JPEGs} for some rows: from memory, or read from the file's row groups that hold them."""
+    if index.thumbnails is not None:
+        return {r: index.thumbnails[r] for r in rows}
+    if index.path is None:
+        return {r: [] for r in rows}
+    parquet = pq.ParquetFile(index.path)
+    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+    out: dict[int, list[bytes]] = {}
+    for group in sorted({int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}):
+        column = parquet.read_row_group(group, columns=["thumbnails"]).column("thumbnails")
+        for r in rows:
+            if starts[group] <= r < starts[group + 1]:
+                out[r] = column[r - int(starts[group])].as_py()
+    return out
