@@ -1,10 +1,14 @@
-"""Search benchmark on CPU: videos embedded per second and query latency, tiny and ViT-B/32 (random weights).
+"""Search benchmark on CPU: videos embedded per second, query latency, and nearest rows by numpy vs FAISS.
 
     python bench/search.py [--videos 16] [--queries 20] [--index-rows 100000] [--threads 2]
+    python bench/search.py --models "" --nn-rows 100000,1000000 --dim 512     # the nearest-rows table only
 
-Embedding is measured end to end as `launch.search embed --videos` runs it (PyAV decode of the whole
-file to T frames, resize, encode_video) on preprocess.synthetic mp4s, and separately model-only.
-Query latency = embed one text + cosine top-10 over an index of --index-rows random unit vectors.
+Embedding is measured end to end as `launch.search embed --videos` runs it (PyAV decode of each
+3 s file, one window, to T frames, resize, thumbnails, encode_video) on preprocess.synthetic mp4s, and
+separately model-only. Query latency = embed one text + cosine top-10 over an index of --index-rows
+random unit vectors. The nearest-rows table times the top-10 search alone (train/nearest.py) over
+--nn-rows random unit float32 vectors of --dim dims, numpy's brute force and FAISS's exact search on
+the same array, and checks that both return the same rows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from preprocess.synthetic import make_corpus  # noqa: E402
 from train.checkpoint import LoadedModel  # noqa: E402
 from train.evaluate import encode_frames, encode_texts  # noqa: E402
 from train.model import VideoCLIPConfig, build_model, tiny_clip_overrides  # noqa: E402
+from train.nearest import nearest_faiss, nearest_numpy  # noqa: E402
 from train.search import Index, top_k  # noqa: E402
+from train.search_index import COLUMNS, rows_table  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(clip_model="ViT-B-32", clip_overrides=tiny_clip_overrides(vocab_size=49408), frames=4, size=32),
@@ -50,8 +56,8 @@ def bench_model(name: str, files: list[str], queries: int, index_rows: int) -> d
     loaded = loaded_model(name)
     embed_files(loaded, files[:2], progress=False)  # warm-up
     start = time.perf_counter()
-    done, embeddings, failed = embed_files(loaded, files, batch_size=8, progress=False)
-    end_to_end = len(done) / (time.perf_counter() - start)
+    done = embed_files(loaded, files, batch_size=8, progress=False)
+    end_to_end = len(done.rows) / (time.perf_counter() - start)
     frames = np.random.default_rng(0).integers(
         0, 255, (8, loaded.num_frames, 3, loaded.image_size, loaded.image_size), dtype=np.uint8
     )
@@ -60,18 +66,10 @@ def bench_model(name: str, files: list[str], queries: int, index_rows: int) -> d
     for _ in range(2):
         encode_frames(loaded, frames)
     model_only = 16 / (time.perf_counter() - start)
-    dim = embeddings.shape[1]
-    rows = np.random.default_rng(1).standard_normal((index_rows, dim)).astype(np.float32)
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    index = Index(
-        kind=["video"] * index_rows,
-        id=[str(i) for i in range(index_rows)],
-        video=[""] * index_rows,
-        text=[""] * index_rows,
-        source=[""] * index_rows,
-        embeddings=rows,
-        meta={},
-    )
+    dim = done.embeddings[0].shape[1]
+    columns = {name: [""] * index_rows for name in COLUMNS} | {"start": [0.0] * index_rows, "end": [1.0] * index_rows}
+    columns |= {"kind": ["video"] * index_rows, "id": [str(i) for i in range(index_rows)]}
+    index = Index(rows=rows_table(columns), embeddings=random_unit_rows(index_rows, dim), meta={})
     latencies = []
     for q in range(queries):
         start = time.perf_counter()
@@ -86,8 +84,37 @@ def bench_model(name: str, files: list[str], queries: int, index_rows: int) -> d
         "query_ms_median": 1000 * float(np.median(latencies)),
         "query_ms_p90": 1000 * float(np.percentile(latencies, 90)),
         "index_rows": index_rows,
-        "failed": len(failed),
+        "failed": len(done.failed),
     }
+
+
+def random_unit_rows(rows: int, dim: int, seed: int = 1, chunk: int = 65536) -> np.ndarray:
+    """[rows, dim] float32 unit vectors, drawn and normalised in place a chunk at a time (no float64 copy)."""
+    out = np.empty((rows, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for at in range(0, rows, chunk):
+        part = out[at : at + chunk]
+        rng.standard_normal(part.shape, dtype=np.float32, out=part)
+        part /= np.linalg.norm(part, axis=1, keepdims=True)
+    return out
+
+
+def bench_nearest(rows: int, dim: int, queries: int, k: int = 10) -> dict:
+    """Median and p90 ms of one top-k query by numpy and by FAISS over the same random rows."""
+    block = random_unit_rows(rows, dim)
+    asked = random_unit_rows(queries, dim, seed=2)
+    result = {"rows": rows, "dim": dim, "same": True}
+    found = {}
+    for name, search in (("numpy", nearest_numpy), ("faiss", nearest_faiss)):
+        search(block, asked[0], k)  # warm-up
+        times = []
+        for q in asked:
+            start = time.perf_counter()
+            found.setdefault(name, []).append(search(block, q, k)[1].tolist())
+            times.append(time.perf_counter() - start)
+        result[name] = (1000 * float(np.median(times)), 1000 * float(np.percentile(times, 90)))
+    result["same"] = found["numpy"] == found["faiss"]
+    return result
 
 
 def main() -> int:
@@ -96,9 +123,26 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=20)
     p.add_argument("--index-rows", type=int, default=100_000)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--models", default="tiny,ViT-B/32")
+    p.add_argument("--models", default="tiny,ViT-B/32", help="models to time embedding with (empty: none)")
+    p.add_argument("--nn-rows", default="100000,1000000", help="row counts of the numpy vs FAISS table (empty: none)")
+    p.add_argument("--dim", type=int, default=512, help="embedding size of the numpy vs FAISS table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.models:
+        bench_models(args)
+    if args.nn_rows:
+        print(f"\nnearest rows, top-10 of one query, {args.queries} queries, dim {args.dim}, {os.cpu_count()} CPUs")
+        print(f"{'rows':>9}{'numpy p50 ms':>14}{'p90':>8}{'faiss p50 ms':>14}{'p90':>8}  same rows")
+        for rows in (int(r) for r in args.nn_rows.split(",")):
+            r = bench_nearest(rows, args.dim, args.queries)
+            print(
+                f"{rows:>9}{r['numpy'][0]:>14.1f}{r['numpy'][1]:>8.1f}{r['faiss'][0]:>14.1f}{r['faiss'][1]:>8.1f}"
+                f"  {'yes' if r['same'] else 'NO'}"
+            )
+    return 0
+
+
+def bench_models(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(tmp, videos=args.videos, clips_per_video=1, size=(320, 240), fps=15, clip_seconds=3.0)
         files = list_video_files(str(corpus.videos))
@@ -113,7 +157,6 @@ def main() -> int:
                     f"{r['model']:<10}{r['frames']:>7}{r['size']:>6}{r['videos_per_s']:>10.2f}"
                     f"{r['model_only_videos_per_s']:>14.2f}{r['query_ms_median']:>14.1f}{r['query_ms_p90']:>8.1f}"
                 )
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ TEXT_COLUMNS = ("kind", "id", "video", "text", "source", "caption", "subtitle")
 SPAN_COLUMNS = ("start", "end")
 COLUMNS = TEXT_COLUMNS + SPAN_COLUMNS
 """The row columns read for a query (the thumbnails and embeddings are read apart)."""
-ROW_GROUP = 4096
+ROW_GROUP = 1024
 """Rows per Parquet row group: the unit a query reads its hits' thumbnails in."""
 
 
