@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pipeline.manifest import TEXT_FIELDS
 from preprocess.decode import DecodeConfig
+from preprocess.fetching import formats
 from preprocess.fetching.config import FetchConfig
 from preprocess.scoring.config import ScoreConfig
 from preprocess.text.asr import AsrConfig
@@ -165,8 +166,14 @@ class RayConfig:
             raise ValueError(f"num_cpus applies to a new local cluster, not to address {self.address!r}")
 
 
-FETCH_OUTPUT_FIELDS = ("format", "audio", "max_video_bytes", "max_video_seconds")
-"""The fetch settings that decide which bytes are downloaded (so the shards' bytes): in the manifest."""
+FETCH_OUTPUT_FIELDS = ("selector", "format_sort", "audio", "max_video_bytes", "max_video_seconds")
+"""The fetch settings that decide which bytes are downloaded (so the shards' bytes): in the manifest, as in
+effect (the default format follows the stored frame size and the ASR stage)."""
+
+
+def _plain(value):
+    """A tuple as a list (as JSON reads it back), anything else as it is."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +204,12 @@ class PreprocessConfig:
     plan_only: bool = False
     """Validate every input and print the plan (videos, clips, shards, problems) and its cost; decode nothing."""
 
+    def fetch_settings(self) -> FetchConfig:
+        """The fetch settings in effect: the audio track when the ASR stage runs, the default format choice measured
+        on the stored frames' short side (preprocess/fetching/formats.py)."""
+        stored = formats.stored_short_side(self.decode.frame_size, self.decode.short_side)
+        return dataclasses.replace(self.fetch, audio=self.asr is not None, stored_short_side=stored)
+
     def manifest_config(self) -> dict:
         """The resolved config that decides the output bytes (goes into the manifest)."""
         inputs = dataclasses.asdict(self.inputs)
@@ -204,7 +217,8 @@ class PreprocessConfig:
         for name in ("keep_sources", "require_texts", "max_missing_videos"):  # checks and an archive: no byte
             inputs.pop(name)
         if inputs.pop("fetch"):  # only when enabled: a job without it keeps its old manifest
-            inputs["fetch"] = {name: getattr(self.fetch, name) for name in FETCH_OUTPUT_FIELDS}
+            fetch = self.fetch_settings()
+            inputs["fetch"] = {name: _plain(getattr(fetch, name)) for name in FETCH_OUTPUT_FIELDS}
         sharding = dataclasses.asdict(self.sharding)
         sharding.pop("output")
         decode = dataclasses.asdict(self.decode)
@@ -230,7 +244,7 @@ class PreprocessConfig:
         if self.inputs.fetch:  # cookies, proxy and extractor args may carry credentials: named as set, never shown
             out["fetch"] = {
                 k: ("<set>" if k in FetchConfig.SECRET_FIELDS and v else v)
-                for k, v in dataclasses.asdict(self.fetch).items()
+                for k, v in dataclasses.asdict(self.fetch_settings()).items()
             }
         out["retry_failed"] = self.retry_failed
         return out

@@ -307,7 +307,7 @@ def _settings(cfg: PreprocessConfig) -> ShardSettings:
         texts=TextSources.of(inputs.subtitles, inputs.captions, inputs.max_text_chars),
         videos=cfg.inputs.videos,
         keep_sources=inputs.keep_sources,
-        fetch=dataclasses.replace(cfg.fetch, audio=cfg.asr is not None) if inputs.fetch else None,
+        fetch=cfg.fetch_settings() if inputs.fetch else None,
         layout=cfg.inputs.layout,
         decode=cfg.decode,
         max_shard_bytes=cfg.sharding.max_shard_bytes,

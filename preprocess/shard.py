@@ -51,8 +51,9 @@ SECTIONS = (  # (config field, flag prefix, flag names that differ from prefix +
         },
     ),
 )
-NOT_FLAGS = {"fetch": ("audio",), "decode": ("thumbnails",)}
-"""Fields the job sets itself (the fetch of audio follows the ASR stage, the thumbnails the quality scores)."""
+NOT_FLAGS = {"fetch": ("audio", "stored_short_side"), "decode": ("thumbnails",)}
+"""Fields the job sets itself (the fetch of audio follows the ASR stage, the format choice the stored frame size,
+the thumbnails the quality scores)."""
 OPTIONAL_SECTIONS = {"captioner": "caption-model", "asr": "asr-model"}
 
 

@@ -117,6 +117,9 @@ class ShardStats:
     decode_seconds: float = 0.0
     wall_seconds: float = 0.0
     entries: list[ShardEntry] = field(default_factory=list)
+    fetched: list[dict] = field(default_factory=list)
+    """One row per source video this task downloaded: ``video_id``, the stream yt-dlp chose (``format_id``,
+    ``width``, ``height``, ``vcodec``, ``acodec``, announced ``filesize``; None on other routes) and ``bytes``."""
 
     @property
     def num_failed(self) -> int:
@@ -306,6 +309,8 @@ def _needs_video(run: list[ClipItem], task: ShardTask) -> bool:
 
 
 def _process_run(run, task: ShardTask, settings: ShardSettings, video, scratch: str, stats):
+    if isinstance(video, LocalVideo) and video.fetched is not None:
+        stats.fetched.append(video.fetched)
     todo = []
     for item in run:
         if item.problem:

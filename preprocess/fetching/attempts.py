@@ -91,6 +91,8 @@ class Download:
     progress: int = 0
     """High-water mark of bytes on disk; an attempt that raises it is not counted against ``retries``."""
     deadline: float | None = None
+    format: dict | None = None
+    """What yt-dlp chose and downloaded (preprocess/fetching/formats.py ``chosen``); None on the other routes."""
 
     def run(self, attempt: Callable[[Download], tuple[str, float | None]]) -> tuple[str, float | None]:
         misses = 0

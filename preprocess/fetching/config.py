@@ -6,8 +6,7 @@ import enum
 import optparse
 from dataclasses import dataclass, field
 
-DEFAULT_FORMAT = "bv[vcodec^=avc1][height<=720]/bv[height<=720]/b[height<=720]/wv/w"
-DEFAULT_FORMAT_WITH_AUDIO = "bv[vcodec^=avc1][height<=720]+ba[ext=m4a]/bv[height<=720]+ba/b[height<=720]/wv+ba/w"
+from preprocess.fetching import formats
 
 CODES = {
     "unavailable": "the site says the video is unavailable, removed, or its account terminated",
@@ -66,14 +65,21 @@ class HttpDownloader(str, enum.Enum):
 class FetchConfig:
     """How source videos are downloaded (``--fetch``)."""
 
-    format: str = DEFAULT_FORMAT
-    """yt-dlp format selector for sites such as YouTube: by default an H.264 (avc1) video-only stream of at most
-    720p, the cheapest to decode on CPUs, else any video-only stream of at most 720p, else the smallest one."""
-    format_with_audio: str = DEFAULT_FORMAT_WITH_AUDIO
-    """yt-dlp format selector used instead of ``format`` when the ASR stage needs the audio track: the same video
-    choice plus the best audio stream, merged by ffmpeg."""
+    format: str | None = None
+    """yt-dlp format selector for sites such as YouTube, replacing the default choice (with yt-dlp's own sort).
+    None: the smallest video-only stream whose short side is at least the stored one x ``margin``, rounded up to
+    360p, 480p or 720p, H.264 first (docs/fetching.md, "Which stream")."""
+    format_with_audio: str | None = None
+    """yt-dlp format selector used instead of ``format`` when the ASR stage needs the audio track. None: the
+    default video choice plus the best audio stream, merged by ffmpeg."""
+    margin: float = 1.0
+    """The default choice wants a source short side of at least the stored short side x this (1: no upscaling),
+    rounded up to 360, 480 or 720."""
     audio: bool = False
     """Download an audio track too (set by the job when the ASR stage runs, not a flag)."""
+    stored_short_side: int | None = None
+    """Short side of the stored frames, the default choice's measure (set by the job from the decode settings, not
+    a flag); None: the decoded size is kept, and the largest stream of at most 720p is taken."""
     http_downloader: HttpDownloader = HttpDownloader.REQUESTS
     """Who downloads plain http(s) URLs: ``requests`` (our client) or ``yt-dlp`` (its generic extractor)."""
     max_video_bytes: int = 2 << 30
@@ -112,8 +118,13 @@ class FetchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "http_downloader", HttpDownloader(self.http_downloader))
         for name in ("format", "format_with_audio"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"{name} must be a non-empty yt-dlp format selector")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty yt-dlp format selector, or unset")
+        if not 0.5 <= self.margin <= 4:
+            raise ValueError(f"margin must be within 0.5..4, got {self.margin}")
+        if self.stored_short_side is not None and not 1 <= self.stored_short_side <= 4096:
+            raise ValueError(f"stored_short_side must be None or within 1..4096, got {self.stored_short_side}")
         positive = ("max_video_bytes", "max_video_seconds", "timeout_s", "read_timeout_s", "host_rate")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -138,6 +149,22 @@ class FetchConfig:
         return ytdlp_extractor_args(self.extractor_args) if self.extractor_args else {}
 
     @property
+    def overridden(self) -> bool:
+        """A format selector was given for this case (``format``, or ``format_with_audio`` with audio)."""
+        return (self.format_with_audio if self.audio else self.format) is not None
+
+    @property
     def selector(self) -> str:
         """The yt-dlp format selector in effect."""
-        return self.format_with_audio if self.audio else self.format
+        given = self.format_with_audio if self.audio else self.format
+        return given if given is not None else formats.selector(self.audio)
+
+    @property
+    def target_short_side(self) -> int | None:
+        """The short side the default choice asks of a source (None: the decoded size is kept)."""
+        return formats.target_short_side(self.stored_short_side, self.margin)
+
+    @property
+    def format_sort(self) -> tuple[str, ...]:
+        """yt-dlp's ``format_sort`` in effect: the default choice's, or none (yt-dlp's own) with a given selector."""
+        return () if self.overridden else formats.sort(self.target_short_side)

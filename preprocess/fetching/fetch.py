@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from pipeline import storage
 from preprocess.failures import Failure
-from preprocess.fetching import http, ytdlp
+from preprocess.fetching import formats, http, ytdlp
 from preprocess.fetching.attempts import Download, FetchFailed, Secrets, redact_url
 from preprocess.fetching.config import FetchConfig, HttpDownloader
 
@@ -65,6 +65,13 @@ class Fetched:
     attempts: int = 1
     duration: float | None = None
     """The duration the source announced (yt-dlp sites), else None."""
+    format: dict | None = None
+    """The stream yt-dlp chose (format id, width, height, codecs, announced size); None on the other routes."""
+
+    def record(self, video_id: str) -> dict:
+        """This download as a row of the shard's stats (``fetched``): what was chosen and the bytes on disk."""
+        chosen = self.format or dict.fromkeys(formats.CHOSEN_FIELDS)
+        return {"video_id": video_id, **chosen, "bytes": self.bytes}
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -96,7 +103,7 @@ def fetch_video(url: str, dest_dir: str, name: str, cfg: FetchConfig, gate) -> F
         os.replace(path, final)
         seconds = time.monotonic() - started
         log.debug("fetched %s: %d bytes in %.1f s (%d attempts)", shown, os.path.getsize(final), seconds, job.attempts)
-        return Fetched(final, os.path.getsize(final), shown, seconds, job.attempts, duration)
+        return Fetched(final, os.path.getsize(final), shown, seconds, job.attempts, duration, job.format)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -53,6 +53,8 @@ class LocalVideo:
     """Where it came from: its file, archive object or URL (each sample's ``source_uri``)."""
     temporary: bool
     """A copy in scratch, deleted once its clips are decoded."""
+    fetched: dict | None = None
+    """Downloaded by this task: the stats row of the download (what was chosen, its bytes); else None."""
 
     def discard(self) -> None:
         if self.temporary:
@@ -99,7 +101,7 @@ class ShardSources:
         if self.settings.keep_sources:
             name = video_id + os.path.splitext(got.path)[1]
             storage.put_file(got.path, storage.join(self.settings.keep_sources, name))
-        return LocalVideo(path=got.path, uri=url, temporary=True)
+        return LocalVideo(path=got.path, uri=url, temporary=True, fetched=got.record(video_id))
 
     def _where(self) -> str:
         return " or ".join(f for f in (self.settings.videos, self.settings.keep_sources) if f) or "(no folder)"

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 
-from preprocess.fetching import js_runtime
+from preprocess.fetching import formats, js_runtime
 from preprocess.fetching.attempts import Download, FetchFailed, Secrets, classify, retry_after
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,14 @@ def attempt(job: Download) -> tuple[str, float | None]:
         raise FetchFailed("fetch_error", "yt-dlp wrote no file")
     with open(path, "rb") as f:
         classify(f.read(64), None, path)
+    job.format = formats.chosen(info)
     return path, duration
 
 
 def params(job: Download, logger: YtdlpLogger) -> dict:
-    """The YoutubeDL parameters of one attempt: the format, the scratch folder, no retries of its own (ours apply),
-    the caps, the deno runtime by path (preprocess/fetching/js_runtime.py), the extractor arguments, the proxy and
-    a private cookies copy."""
+    """The YoutubeDL parameters of one attempt: the format and its sort (preprocess/fetching/formats.py), the
+    scratch folder, no retries of its own (ours apply), the caps, the deno runtime by path
+    (preprocess/fetching/js_runtime.py), the extractor arguments, the proxy and a private cookies copy."""
     cfg = job.cfg
     out = {
         "format": cfg.selector,
@@ -136,6 +137,8 @@ def params(job: Download, logger: YtdlpLogger) -> dict:
         "color": {"stdout": "no_color", "stderr": "no_color"},
         **js_runtime.ytdlp_params(),
     }
+    if cfg.format_sort:
+        out["format_sort"] = list(cfg.format_sort)
     if cfg.proxy:
         out["proxy"] = cfg.proxy
     if cfg.extractor_args:

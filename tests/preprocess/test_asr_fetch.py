@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.manifest import read_manifest
 from pipeline.shards import iter_dataset
-from preprocess.fetching.config import DEFAULT_FORMAT_WITH_AUDIO
+from preprocess.fetching.formats import VIDEO_ONLY, WITH_AUDIO
 from preprocess.job import run_job
 from tests.preprocess.fixtures_job import ray_local, write_jsonl  # noqa: F401
 from tests.preprocess.http_faults import FaultServer
@@ -78,8 +78,8 @@ def test_the_job_asks_the_fetcher_for_audio_when_asr_runs(tmp_path):
     base = ["--metadata", str(tmp_path / "m.jsonl"), "--fetch", "--output", "o"]
     with_asr = _settings(build_config(build_parser().parse_args([*base, "--asr-model", "w"]))).fetch
     without = _settings(build_config(build_parser().parse_args(base))).fetch
-    assert (with_asr.audio, with_asr.selector) == (True, DEFAULT_FORMAT_WITH_AUDIO)
-    assert without.audio is False and without.selector != DEFAULT_FORMAT_WITH_AUDIO
+    assert (with_asr.audio, with_asr.selector) == (True, WITH_AUDIO)
+    assert (without.audio, without.selector) == (False, VIDEO_ONLY)
 
 
 @pytest.mark.ray

@@ -568,9 +568,15 @@ def test_redact_url_strips_credentials_and_signed_queries():
 
 def test_fetch_config_validates_and_selects_the_format():
     cfg = FetchConfig()
-    assert "avc1" in cfg.selector and "height<=720" in cfg.selector and "+ba" not in cfg.selector
-    assert "+ba" in FetchConfig(audio=True).selector
-    for field, value in [("retries", -1), ("timeout_s", 0), ("host_concurrency", 0), ("proxy", "nohost")]:
+    assert (cfg.selector, cfg.format_sort) == ("bv/b/w", ("res:720", "vcodec:h264"))  # no stored size: <= 720p
+    assert FetchConfig(audio=True).selector == "bv+ba[ext=m4a]/bv+ba/b/w"
+    sized = FetchConfig(stored_short_side=224)
+    assert (sized.target_short_side, sized.format_sort) == (360, ("+res:360", "vcodec:h264"))
+    given = FetchConfig(format="bv[height<=240]", stored_short_side=224)
+    assert (given.selector, given.format_sort) == ("bv[height<=240]", ())
+    assert FetchConfig(format="bv", audio=True).selector == "bv+ba[ext=m4a]/bv+ba/b/w"  # format_with_audio unset
+    bad = [("retries", -1), ("timeout_s", 0), ("host_concurrency", 0), ("proxy", "nohost"), ("margin", 0.1)]
+    for field, value in bad + [("format", " "), ("stored_short_side", 0)]:
         with pytest.raises(ValueError, match=field):
             FetchConfig(**{field: value})
     with pytest.raises(ValueError, match="file name"):
