@@ -28,6 +28,7 @@ from pipeline.scores import table
 from preprocess.config import TEXT_FIELDS, PreprocessConfig
 from preprocess.fetching import js_runtime
 from preprocess.fetching.fetch import is_storage_uri
+from preprocess.fetching.formats import LADDER
 from preprocess.input_checks import (
     MODEL_FLAGS,
     STAGE_NAMES,
@@ -59,8 +60,26 @@ class CostModel:
     at the end one stats and one failures read (a tar over 64 MiB adds a multipart upload's few)."""
     requests_per_video: int = 2
     """The lookup of a source video (one prefix listing) and its download (one GET, resumed if cut)."""
-    source_bits_per_second: float = 2e6
-    """Bitrate of a fetched source (assumed: YouTube's 720p H.264, docs/scale.md "Downloads")."""
+    source_bits_per_second: tuple[tuple[int, float], ...] = ((360, 0.55e6), (480, 0.85e6), (720, 2e6), (1080, 3e6))
+    """Bitrate of a fetched source by its short side (assumed: YouTube's H.264 at 24-30 fps, docs/scale.md
+    "Downloads" says where the figures come from); a larger source counts as the largest listed."""
+    decode_cpu_vs_720p: tuple[tuple[int, float], ...] = ((360, 0.29), (480, 0.47), (720, 1.0))
+    """Decoding CPU of a source of this short side relative to 720p, to the same 224 frames
+    (bench/fetch_quality.py: 0.138, 0.223 and 0.473 CPU-s per 10 s clip); larger ones count as 720p."""
+
+    def bits_per_second(self, side: int | None) -> float:
+        """The assumed bitrate of a source of this short side (None: 720p)."""
+        return _at_least(self.source_bits_per_second, side)
+
+    def decode_share(self, side: int | None) -> float:
+        """The decoding CPU of a source of this short side relative to 720p (None: 720p)."""
+        return _at_least(self.decode_cpu_vs_720p, side)
+
+
+def _at_least(table: tuple[tuple[int, float], ...], side: int | None) -> float:
+    """The value of the first row whose side is >= ``side`` (720 for None), else the last row's."""
+    side = 720 if side is None else side
+    return next((value for rung, value in table if rung >= side), table[-1][1])
 
 
 @dataclass
@@ -102,20 +121,41 @@ class PlanReport:
             f"estimate: {core_hours:,.1f} core-hours of decoding ({cost.cpu_seconds_per_video_second} s per second of "
             f"video), {out_bytes / 1e12:.3f} TB of shards ({self.ok} clips x {frames} frames x {cost.bytes_per_frame} "
             f"B), {requests:,} S3 requests (docs/scale.md); downloads not included",
-            *self._fetch_lines(cost),
+            *self._fetch_lines(cfg, cost, core_hours),
         ]
 
-    def _fetch_lines(self, cost: CostModel) -> list[str]:
+    def _fetch_lines(self, cfg: PreprocessConfig, cost: CostModel, core_hours: float) -> list[str]:
         if not self.fetches:
             return []
         routes = ", ".join(f"{k}: {n}" for k, n in sorted(self.fetches.items()))
-        tb = self.seconds * cost.source_bits_per_second / 8 / 1e12
         return [
-            f"fetch: {sum(n for k, n in self.fetches.items() if k != 'no url')} source videos to download ({routes}); "
-            f"at least {tb:.3f} TB at {cost.source_bits_per_second / 1e6:g} Mbit/s (the clips' seconds; a source "
-            "is longer than its clips)",
+            f"fetch: {sum(n for k, n in self.fetches.items() if k != 'no url')} source videos to download ({routes})",
+            _download_line(cfg, cost, self.seconds, core_hours),
             *js_runtime.report_lines(self.fetches["youtube"]),  # versions; a warning: line if YouTube lacks them
         ]
+
+
+def _download_line(cfg: PreprocessConfig, cost: CostModel, seconds: float, core_hours: float) -> str:
+    """The downloads' bytes (and the decoding they cost) at the chosen source size, next to 720p's."""
+    fetch = cfg.fetch_settings()
+    side = None if fetch.overridden else fetch.target_short_side
+    if fetch.overridden:
+        what = "the --fetch-format given, counted as 720p"
+    elif side is None:
+        what = "the default choice for the decoded size kept: at most 720p"
+    else:
+        what = f"the default choice: {side}p" if side in LADDER else f"the default choice: short side {side}"
+
+    def estimate(at: int | None) -> str:
+        bits = cost.bits_per_second(at)
+        size = seconds * bits / 8
+        amount = f"{size / 1e12:.3g} TB" if size >= 1e12 else f"{size / 1e9:.3g} GB"
+        return f"{amount} at {bits / 1e6:g} Mbit/s, {core_hours * cost.decode_share(at):,.1f} core-hours of decoding"
+
+    return (
+        f"downloads ({what}): at least {estimate(side)}; at 720p: {estimate(720)} (the clips' seconds, a source is "
+        "longer than its clips; bitrates assumed, docs/scale.md)"
+    )
 
 
 def plan_report(cfg: PreprocessConfig) -> PlanReport:

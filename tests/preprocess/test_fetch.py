@@ -571,7 +571,8 @@ def test_fetch_config_validates_and_selects_the_format():
     assert (cfg.selector, cfg.format_sort) == ("bv/b/w", ("res:720", "vcodec:h264"))  # no stored size: <= 720p
     assert FetchConfig(audio=True).selector == "bv+ba[ext=m4a]/bv+ba/b/w"
     sized = FetchConfig(stored_short_side=224)
-    assert (sized.target_short_side, sized.format_sort) == (360, ("+res:360", "vcodec:h264"))
+    assert (sized.target_short_side, sized.format_sort) == (480, ("+res:480", "vcodec:h264"))
+    assert FetchConfig(stored_short_side=224, margin=1.0).format_sort == ("+res:360", "vcodec:h264")
     given = FetchConfig(format="bv[height<=240]", stored_short_side=224)
     assert (given.selector, given.format_sort) == ("bv[height<=240]", ())
     assert FetchConfig(format="bv", audio=True).selector == "bv+ba[ext=m4a]/bv+ba/b/w"  # format_with_audio unset

@@ -105,11 +105,14 @@ def _download(server: FaultServer, manifest: str, cfg, dest: Path) -> tuple[Fetc
 @pytest.mark.parametrize(
     ("flags", "target", "rendition"),
     [
-        ((), 360, "r360.mp4"),  # the default 224x224: short side 224 -> 360p
-        (("--frame-size", "398x224"), 360, "r360.mp4"),
-        (("--short-side", "224"), 360, "r360.mp4"),
-        (("--short-side", "448"), 480, "r480.mp4"),
+        (("--fetch-margin", "1"), 360, "r360.mp4"),  # the default 224x224: short side 224 -> 360p
+        (("--frame-size", "398x224", "--fetch-margin", "1"), 360, "r360.mp4"),
+        (("--short-side", "224", "--fetch-margin", "1"), 360, "r360.mp4"),
+        (("--short-side", "448", "--fetch-margin", "1"), 480, "r480.mp4"),
         (("--short-side", "448", "--fetch-margin", "1.2"), 720, "r720.mp4"),  # 537.6 -> 720
+        ((), 480, "r480.mp4"),  # the default margin 2: 224 x 2 = 448 -> 480p
+        (("--short-side", "160"), 360, "r360.mp4"),  # 320 -> 360p
+        (("--short-side", "448"), 896, "r720.mp4"),  # above the ladder, no 896p or more: the largest below
         (("--short-side", "0"), None, "r720.mp4"),  # decoded size kept: the largest of at most 720p, as before
     ],
 )
@@ -127,7 +130,7 @@ def test_the_smallest_rendition_that_holds_the_stored_frames_and_only_it_is_down
 
 
 def test_h264_is_preferred_at_the_size_and_vp9_taken_when_no_h264_has_it(ladder, tmp_path):
-    cfg = _fetch_settings(tmp_path)
+    cfg = _fetch_settings(tmp_path, "--fetch-margin", "1")
     with FaultServer(ladder) as server:
         both, _ = _download(server, "ladder.mpd", cfg, tmp_path / "d1")
         vp9, sent = _download(server, "no-h264-360.mpd", cfg, tmp_path / "d2")
@@ -150,8 +153,8 @@ def test_fetch_format_overrides_the_choice(ladder, tmp_path):
 
 
 def test_the_audio_track_is_added_only_for_the_asr_stage(ladder, tmp_path):
-    without = _fetch_settings(tmp_path)
-    with_asr = _fetch_settings(tmp_path, "--asr-model", "whisper")
+    without = _fetch_settings(tmp_path, "--fetch-margin", "1")
+    with_asr = _fetch_settings(tmp_path, "--fetch-margin", "1", "--asr-model", "whisper")
     assert (without.audio, with_asr.audio) == (False, True)
     with FaultServer(ladder) as server:
         got, sent = _download(server, "ladder.mpd", with_asr, tmp_path / "d")
@@ -178,8 +181,8 @@ def test_the_shard_stats_record_each_download(ladder, tmp_path):
         settings = _job_settings(tmp_path, "--num-frames", "2", metadata=meta)
         (piece,) = plan_shards([str(meta)], 10, Layout.SOURCE)
         stats = process_shard(ShardTask(index=0, slice=piece), settings, gate=HostGate(8, 1000.0))
-    row = {"video_id": "lad", "format_id": "r360.mp4", "width": 640, "height": 360, "vcodec": "avc1.42c01e"}
-    row |= {"acodec": None, "filesize": None, "bytes": (ladder / "r360.mp4").stat().st_size}
+    row = {"video_id": "lad", "format_id": "r480.mp4", "width": 854, "height": 480, "vcodec": "avc1.42c01e"}
+    row |= {"acodec": None, "filesize": None, "bytes": (ladder / "r480.mp4").stat().st_size}
     assert stats.ok == 1 and stats.fetched == [row]
     uri = DatasetLayout(str(tmp_path / "out")).stats(0)
     assert ShardStats.from_json(storage.read_bytes(uri), uri).fetched == [row]
@@ -188,7 +191,7 @@ def test_the_shard_stats_record_each_download(ladder, tmp_path):
 @pytest.mark.parametrize(
     ("stored", "margin", "target"),
     [(224, 1.0, 360), (360, 1.0, 360), (361, 1.0, 480), (448, 1.0, 480), (481, 1.0, 720), (224, 1.7, 480)]
-    + [(720, 1.0, 720), (800, 1.0, 800), (600, 1.5, 900), (None, 1.0, None)],
+    + [(720, 1.0, 720), (800, 1.0, 800), (600, 1.5, 900), (None, 1.0, None), (224, 2.0, 480), (180, 2.0, 360)],
 )
 def test_target_short_side_rounds_up_to_the_ladder(stored, margin, target):
     assert formats.target_short_side(stored, margin) == target

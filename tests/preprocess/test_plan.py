@@ -194,6 +194,11 @@ def test_plan_only_with_fetch_counts_the_downloads_by_route(tmp_path):
     result = _shard_cli(*args, "--require-texts", "none")  # release-shaped lines: no texts (test_input_checks.py)
     assert result.returncode == 0, result.stderr
     assert "fetch: 4 source videos to download (http(s): 1, no url: 1, s3: 1, youtube: 2)" in result.stdout
+    # 50 s of clips: 480p (224 x margin 2 -> 480) at 0.85 Mbit/s, next to 720p at 2 Mbit/s
+    downloads = "downloads (the default choice: 480p): at least 0.00531 GB at 0.85 Mbit/s, 0.0 core-hours of decoding; "
+    assert downloads + "at 720p: 0.0125 GB at 2 Mbit/s, 0.0 core-hours of decoding" in result.stdout
+    given = _shard_cli(*args, "--require-texts", "none", "--fetch-format", "bv", "--short-side", "224")
+    assert "downloads (the --fetch-format given, counted as 720p): at least 0.0125 GB at 2 Mbit/s" in given.stdout
     no_videos = _shard_cli("--metadata", str(meta), "--output", "o", "--plan-only")
     assert no_videos.returncode == 2 and "videos must be given" in no_videos.stderr
 
