@@ -11,7 +11,8 @@ the original, the least compressed copy there is, at JPEG quality 95 is the refe
 size it prints PSNR (RGB, over all frames) and SSIM (luma, 7x7 uniform window, scikit-image's default) against
 the reference, the source's bytes, and the decoder's CPU seconds per 10 s clip (median of ``--repeats`` passes).
 
-    python bench/fetch_quality.py            # ~1 minute on 2 busy cores (encodes cached in the temp folder)
+    python bench/fetch_quality.py    # 1.5 min on the shared 2-core VM (load 9); ~3 min the first time, when the
+                                     # three x264 copies are made (then cached in the temp folder)
 """
 
 from __future__ import annotations
