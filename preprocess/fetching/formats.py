@@ -3,7 +3,8 @@
 The shards store frames with a short side of 224 (``--frame-size 224x224`` squashes, ``--short-side 224`` keeps
 the aspect); a 720p source throws most of its pixels away at decode. So by default the fetcher asks for the
 smallest stream whose short side is at least the stored short side times ``FetchConfig.margin``, rounded up to the
-first rung of :data:`LADDER` that satisfies it (above the ladder, the product itself). The default margin, 2, takes
+first rung of :data:`LADDER` that satisfies it (above the ladder: 720p, or the stored short side itself when that is
+larger, since a 720p source still holds every stored pixel). The default margin, 2, takes
 480p for 224 frames: bench/fetch_quality.py measured 360p sources 0.75 dB PSNR below 720p ones at 224x224, 480p
 0.37 dB, for 3.6x and 2.3x fewer bytes (docs/fetching.md). With margin 1 (never upscale): 224 -> 360p,
 448 -> 480p, 600 -> 720p. Within that size an H.264 stream is preferred (the cheapest to decode on CPUs), then VP9, then
@@ -45,11 +46,12 @@ def stored_short_side(frame_size: tuple[int, int] | None, short_side: int | None
 
 def target_short_side(stored: int | None, margin: float) -> int | None:
     """The short side a source needs: ``stored x margin`` rounded up to the first rung of :data:`LADDER` that holds
-    it (the product itself above the ladder); None when the decoded size is kept."""
+    it; above the ladder, its top (or ``stored`` itself when larger: the margin never asks beyond the ladder for
+    frames a 720p source holds); None when the decoded size is kept."""
     if stored is None:
         return None
     needed = math.ceil(stored * margin - 1e-9)
-    return next((rung for rung in LADDER if rung >= needed), needed)
+    return next((rung for rung in LADDER if rung >= needed), max(LADDER[-1], stored))
 
 
 def sort(target: int | None) -> tuple[str, ...]:

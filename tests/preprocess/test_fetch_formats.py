@@ -112,7 +112,7 @@ def _download(server: FaultServer, manifest: str, cfg, dest: Path) -> tuple[Fetc
         (("--short-side", "448", "--fetch-margin", "1.2"), 720, "r720.mp4"),  # 537.6 -> 720
         ((), 480, "r480.mp4"),  # the default margin 2: 224 x 2 = 448 -> 480p
         (("--short-side", "160"), 360, "r360.mp4"),  # 320 -> 360p
-        (("--short-side", "448"), 896, "r720.mp4"),  # above the ladder, no 896p or more: the largest below
+        (("--short-side", "448"), 720, "r720.mp4"),  # 896 is above the ladder: its top, 720p
         (("--short-side", "0"), None, "r720.mp4"),  # decoded size kept: the largest of at most 720p, as before
     ],
 )
@@ -191,7 +191,15 @@ def test_the_shard_stats_record_each_download(ladder, tmp_path):
 @pytest.mark.parametrize(
     ("stored", "margin", "target"),
     [(224, 1.0, 360), (360, 1.0, 360), (361, 1.0, 480), (448, 1.0, 480), (481, 1.0, 720), (224, 1.7, 480)]
-    + [(720, 1.0, 720), (800, 1.0, 800), (600, 1.5, 900), (None, 1.0, None), (224, 2.0, 480), (180, 2.0, 360)],
+    + [
+        (720, 1.0, 720),
+        (800, 1.0, 800),
+        (600, 1.5, 720),
+        (800, 1.5, 800),
+        (None, 1.0, None),
+        (224, 2.0, 480),
+        (180, 2.0, 360),
+    ],
 )
 def test_target_short_side_rounds_up_to_the_ladder(stored, margin, target):
     assert formats.target_short_side(stored, margin) == target
