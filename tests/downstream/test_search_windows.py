@@ -23,6 +23,7 @@ from launch.search import WindowConfig, window_spans
 from launch.search import main as search_main
 from tests.downstream.test_evaluate import synthetic_samples, write_samples, write_tiny_config
 from tests.downstream.test_search import train_tiny
+from tests.support.browser import render, require_chromium
 from train.nearest import nearest_faiss, nearest_numpy
 from train.search_hits import clock
 from train.search_index import read_index, strip_picks
@@ -140,6 +141,11 @@ def test_hits_as_text_and_html_page(long_video, capsys):
         run(capsys, "query", *v["common"], "--index", v["index"], "--text", caption("blue"), "-k", "3", "--json")
     )
     check_page(page, hits, frames_per_hit=3)
+    require_chromium()
+    shown = render(page, str(v["root"] / "hits.png"))  # the screenshot stays next to the page
+    print(f"search page rendered: {shown.screenshot}")
+    assert shown.images == 3 * len(hits) and shown.broken == []
+    assert hits[0]["span"] in shown.text and caption("blue") in shown.text
 
 
 class Images(HTMLParser):
