@@ -426,7 +426,7 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard events on rank 0."""
     wandb: bool = False
-    """Log to Weights & Biases on rank 0 (pip install 'vidproxy[wandb]'; WANDB_MODE=offline works without a login)."""
+    """Log to Weights & Biases on rank 0 (pip install -e '.[wandb]'; WANDB_MODE=offline works without a login)."""
     wandb_project: str | None = None
     """W&B project (None: WANDB_PROJECT, else vidproxy)."""
     wandb_entity: str | None = None

@@ -117,7 +117,7 @@ def wandb_settings(cfg: TrainConfig) -> dict | None:
     if not log.wandb:
         return None
     if importlib.util.find_spec("wandb") is None:
-        raise ValueError("log.wandb=true but wandb is not installed: pip install 'vidproxy[wandb]'")
+        raise ValueError("log.wandb=true but wandb is not installed: pip install -e '.[wandb]' in the repository")
     return {
         "project": log.wandb_project or os.environ.get("WANDB_PROJECT") or "vidproxy",
         "entity": log.wandb_entity,

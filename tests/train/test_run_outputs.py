@@ -175,13 +175,13 @@ def test_wandb_missing_is_a_one_line_config_error(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` finds without the package
     with pytest.raises(
-        ValueError, match=r"^log.wandb=true but wandb is not installed: pip install 'vidproxy\[wandb\]'"
+        ValueError, match=r"^log.wandb=true but wandb is not installed: pip install -e '\.\[wandb\]' in the repository"
     ):
         wandb_settings(TrainConfig(run_dir="x", log=LogConfig(wandb=True)))
     assert wandb_settings(TrainConfig(run_dir="x")) is None
     assert main.main([f"run_dir={tmp_path}/run", "log.wandb=true", "data.train=x"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "config error: log.wandb=true but wandb is not installed: pip install 'vidproxy[wandb]'"
+        "config error: log.wandb=true but wandb is not installed: pip install -e '.[wandb]' in the repository"
     ]
 
 
