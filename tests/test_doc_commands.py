@@ -12,6 +12,7 @@ The demo's outputs are made once per session (``python -m launch.demo`` with .ci
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -89,11 +90,31 @@ def test_the_docs_mark_the_commands_a_newcomer_runs_after_the_demo():
     assert "--plan-only" in text, "no runnable block runs preprocess/shard.py --plan-only"
 
 
+@pytest.mark.timeout(1800)  # the first one waits for the demo (a few minutes on 2 idle cores)
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda block: block.where)
 def test_marked_command_runs_on_the_demo_outputs(block, workdir: Path):
-    script = "set -euo pipefail\n" + block.text
-    proc = subprocess.run(["bash", "-c", script], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=900)
+    proc = _run(block, workdir)
+    failed_at = re.findall(r"^doc-command-failed-at (\d+)$", proc.stderr, re.MULTILINE)
+    where = f"{block.path.relative_to(REPO)}:{block.line + int(failed_at[-1]) - 2}" if failed_at else block.where
     assert proc.returncode == 0, (
-        f"{block.where}: the block marked runnable exits {proc.returncode}\n{block.text}\n"
+        f"{where}: a command of the block marked runnable exits {proc.returncode}\n{block.text}\n"
         f"--- stdout (end)\n{proc.stdout[-3000:]}\n--- stderr (end)\n{proc.stderr[-3000:]}"
     )
+
+
+def _run(block, cwd: Path) -> subprocess.CompletedProcess:
+    """The block as one bash script; the ERR trap prints the script line of a failing command (two lines of
+    header, so script line n is the block's line n - 2 after its fence)."""
+    script = "set -euo pipefail\ntrap 'echo doc-command-failed-at $LINENO >&2' ERR\n" + block.text
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1500)
+
+
+def test_a_failing_command_is_named_by_its_line(tmp_path: Path):
+    """The failure message points at the doc line of the command that failed, not only at the block."""
+    page = tmp_path / "page.md"
+    page.write_text("text\n<!-- runs-on-demo -->\n```bash\ntrue\nls no-such-file \\\n    --all\ntrue\n```\n")
+    block = fenced_blocks(page)[0]
+    assert block.runnable and block.line == 3
+    proc = _run(block, tmp_path)
+    assert proc.returncode != 0
+    assert re.findall(r"^doc-command-failed-at (\d+)$", proc.stderr, re.MULTILINE) == ["4"]  # doc line 3 + 4 - 2 = 5
