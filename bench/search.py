@@ -29,7 +29,7 @@ from preprocess.synthetic import make_corpus  # noqa: E402
 from train.checkpoint import LoadedModel  # noqa: E402
 from train.evaluate import encode_frames, encode_texts  # noqa: E402
 from train.model import VideoCLIPConfig, build_model, tiny_clip_overrides  # noqa: E402
-from train.nearest import nearest_faiss, nearest_numpy  # noqa: E402
+from train.nearest import build_ivf, nearest_ivf, nearest_numpy  # noqa: E402
 from train.search import Index, top_k  # noqa: E402
 from train.search_index import COLUMNS, rows_table  # noqa: E402
 
@@ -99,22 +99,90 @@ def random_unit_rows(rows: int, dim: int, seed: int = 1, chunk: int = 65536) -> 
     return out
 
 
-def bench_nearest(rows: int, dim: int, queries: int, k: int = 10) -> dict:
-    """Median and p90 ms of one top-k query by numpy and by FAISS over the same random rows."""
-    block = random_unit_rows(rows, dim)
-    asked = random_unit_rows(queries, dim, seed=2)
-    result = {"rows": rows, "dim": dim, "same": True}
-    found = {}
-    for name, search in (("numpy", nearest_numpy), ("faiss", nearest_faiss)):
-        search(block, asked[0], k)  # warm-up
-        times = []
-        for q in asked:
-            start = time.perf_counter()
-            found.setdefault(name, []).append(search(block, q, k)[1].tolist())
-            times.append(time.perf_counter() - start)
-        result[name] = (1000 * float(np.median(times)), 1000 * float(np.percentile(times, 90)))
-    result["same"] = found["numpy"] == found["faiss"]
-    return result
+def clustered_unit_rows(rows: int, dim: int, centres: int = 1000, noise: float = 0.5, seed: int = 1) -> np.ndarray:
+    """[rows, dim] float32 unit vectors from a mixture: a random unit centre (of ``centres``) plus Gaussian noise
+    of norm about ``noise``, normalised. Rows share about 0.8 cosine with their cluster (1 / (1 + noise^2)) and
+    about 0 +- 0.05 with the others, so a row's neighbours are its cluster's."""
+    rng = np.random.default_rng(seed)
+    middle = random_unit_rows(centres, dim, seed=seed + 100)
+    out = random_unit_rows(rows, dim, seed=seed)  # unit noise directions
+    for at in range(0, rows, 65536):
+        part = out[at : at + 65536]
+        part *= noise
+        part += middle[rng.integers(0, centres, len(part))]
+        part /= np.linalg.norm(part, axis=1, keepdims=True)
+    return out
+
+
+def index_bytes(ivf) -> int:
+    """The size of the index as written (faiss.write_index) to a temporary file."""
+    import faiss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        faiss.write_index(ivf, os.path.join(tmp, "ivf.faiss"))
+        return os.path.getsize(os.path.join(tmp, "ivf.faiss"))
+
+
+def p50_ms(search, queries: np.ndarray) -> tuple[float, list]:
+    search(queries[0])  # warm-up
+    times, found = [], []
+    for q in queries:
+        start = time.perf_counter()
+        found.append(search(q))
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)), found
+
+
+def bench_nearest(rows: int, dim: int, queries: int, data: str, nprobes: list[int], k: int = 10) -> list[dict]:
+    """Per nprobe: p50 ms of one top-k query by numpy and by the IVF index, recall@k of the IVF's rows against
+    numpy's, the index's build seconds and bytes. Queries are fresh draws from the same distribution."""
+    make = clustered_unit_rows if data == "clustered" else random_unit_rows
+    block = make(rows, dim)
+    asked = make(queries, dim, seed=2)
+    exact_ms, exact = p50_ms(lambda q: set(nearest_numpy(block, q, k)[1].tolist()), asked)
+    start = time.perf_counter()
+    ivf = build_ivf(block)
+    built = time.perf_counter() - start
+    size = index_bytes(ivf)
+    out = []
+    for nprobe in nprobes:
+        ms, found = p50_ms(lambda q, n=nprobe: set(nearest_ivf(ivf, q, k, n)[1].tolist()), asked)
+        recall = float(np.mean([len(f & e) / k for f, e in zip(found, exact)]))
+        out.append(
+            dict(
+                rows=rows,
+                data=data,
+                lists=ivf.nlist,
+                nprobe=nprobe,
+                numpy_ms=exact_ms,
+                ivf_ms=ms,
+                recall=recall,
+                build_s=built,
+                bytes=size,
+            )
+        )
+    return out
+
+
+def print_nearest(args: argparse.Namespace) -> None:
+    import faiss
+
+    print(
+        f"\nnearest rows, top-10 of one query, {args.queries} queries, dim {args.dim}, {os.cpu_count()} CPUs, "
+        f"FAISS {faiss.omp_get_max_threads()} threads; IndexIVFFlat"
+    )
+    print(
+        f"{'rows':>9} {'data':<10}{'lists':>6}{'nprobe':>7}{'numpy ms':>10}{'IVF ms':>8}{'recall@10':>10}"
+        f"{'build s':>9}{'index MB':>10}"
+    )
+    for rows in (int(r) for r in args.nn_rows.split(",")):
+        for data in args.nn_data.split(","):
+            for r in bench_nearest(rows, args.dim, args.queries, data, [int(n) for n in args.nprobe.split(",")]):
+                print(
+                    f"{r['rows']:>9} {r['data']:<10}{r['lists']:>6}{r['nprobe']:>7}{r['numpy_ms']:>10.1f}"
+                    f"{r['ivf_ms']:>8.2f}{r['recall']:>10.3f}{r['build_s']:>9.1f}{r['bytes'] / 1e6:>10.1f}",
+                    flush=True,
+                )
 
 
 def main() -> int:
@@ -124,21 +192,16 @@ def main() -> int:
     p.add_argument("--index-rows", type=int, default=100_000)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--models", default="tiny,ViT-B/32", help="models to time embedding with (empty: none)")
-    p.add_argument("--nn-rows", default="100000,1000000", help="row counts of the numpy vs FAISS table (empty: none)")
-    p.add_argument("--dim", type=int, default=512, help="embedding size of the numpy vs FAISS table")
+    p.add_argument("--nn-rows", default="100000,1000000", help="row counts of the numpy vs IVF table (empty: none)")
+    p.add_argument("--nn-data", default="random,clustered", help="row distributions of the numpy vs IVF table")
+    p.add_argument("--nprobe", default="8,16,32,64", help="IVF cells scanned per query, one table row each")
+    p.add_argument("--dim", type=int, default=512, help="embedding size of the numpy vs IVF table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.models:
         bench_models(args)
     if args.nn_rows:
-        print(f"\nnearest rows, top-10 of one query, {args.queries} queries, dim {args.dim}, {os.cpu_count()} CPUs")
-        print(f"{'rows':>9}{'numpy p50 ms':>14}{'p90':>8}{'faiss p50 ms':>14}{'p90':>8}  same rows")
-        for rows in (int(r) for r in args.nn_rows.split(",")):
-            r = bench_nearest(rows, args.dim, args.queries)
-            print(
-                f"{rows:>9}{r['numpy'][0]:>14.1f}{r['numpy'][1]:>8.1f}{r['faiss'][0]:>14.1f}{r['faiss'][1]:>8.1f}"
-                f"  {'yes' if r['same'] else 'NO'}"
-            )
+        print_nearest(args)
     return 0
 
 

@@ -34,6 +34,7 @@ from train import search
 from train.checkpoint import LoadedModel, load_model
 from train.evaluate import encode_frames
 from train.frames import decode_jpegs
+from train.nearest import AnnConfig
 from train.search_hits import clock
 from train.search_index import COLUMNS, ThumbConfig, rows_table, thumbnail_strip
 
@@ -227,7 +228,7 @@ def run_embed(args: argparse.Namespace) -> int:
             f"{len(failed)} files or windows could not be decoded (listed in the table metadata); first: {failed[0]}",
             file=sys.stderr,
         )
-    search.save_index(index, args.out)
+    search.save_index(index, args.out, AnnConfig(**flag_values(args, "ann")))
     return 0
 
 

@@ -1,27 +1,48 @@
-"""The k rows nearest a query vector (inner product of L2-normalised vectors: cosine), by numpy or by FAISS.
+"""The k rows nearest a query vector (inner product of L2-normalised vectors: cosine): exact by numpy, or
+approximate by a FAISS inverted-file index (IVF) built at embed time.
 
-Up to ``NeighbourConfig.faiss_above`` rows numpy does it (one matrix-vector product and a partial sort); above,
-FAISS's exact brute-force search (``faiss.knn``, inner product) does, on the same float32 array without copying
-it into an index. Both are exact, so a query's hits do not depend on which one ran (bench/search.py times both).
+numpy's brute force is one matrix-vector product and a partial sort; it is exact and, for one query, faster than
+FAISS's exact search (``faiss.knn`` parallelises over queries, not over the rows of one). Above
+``AnnConfig.ann_above`` rows of a kind, ``embed`` also builds an ``IndexIVFFlat``: k-means cells of the rows
+(``ivf_lists``), and a query scans only the ``nprobe`` cells nearest it. Its scores are the exact inner products
+of the rows it finds; it may miss some of the true top k (bench/search.py measures recall@10).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+TRAIN_PER_LIST = 40
+"""Rows sampled per IVF list to train its k-means (FAISS asks for at least 39)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnnConfig:
+    """When embed builds an approximate nearest-neighbour index beside the table."""
+
+    ann_above: int = 1_000_000
+    """Rows of a kind above which embed writes a FAISS IVF index for that kind beside the Parquet (0: always)."""
+
+    def __post_init__(self) -> None:
+        if self.ann_above < 0:
+            raise ValueError(f"ann_above must be >= 0, got {self.ann_above}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class NeighbourConfig:
     """How a query finds its nearest rows."""
 
-    faiss_above: int = 1_000_000
-    """Rows of the wanted kind above which a query runs FAISS's exact search instead of numpy's (0: always FAISS)."""
+    nprobe: int = 32
+    """IVF cells a query scans where the index has an approximate index beside it (more: slower, higher recall)."""
+    exact: bool = False
+    """Exact search by numpy even where an approximate index is beside the table."""
 
     def __post_init__(self) -> None:
-        if self.faiss_above < 0:
-            raise ValueError(f"faiss_above must be >= 0, got {self.faiss_above}")
+        if self.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
 
 
 def nearest_numpy(block: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,20 +54,32 @@ def nearest_numpy(block: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndar
     return scores[order], order
 
 
-def nearest_faiss(block: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """As `nearest_numpy`, by ``faiss.knn`` (exact inner-product search)."""
+def ivf_lists(rows: int) -> int:
+    """IVF lists for ``rows`` rows: 4·sqrt(rows), at most one per `TRAIN_PER_LIST` rows, at least 1."""
+    return max(1, min(round(4 * math.sqrt(rows)), rows // TRAIN_PER_LIST))
+
+
+def build_ivf(block: np.ndarray, seed: int = 0):
+    """A trained and filled ``faiss.IndexIVFFlat`` (inner product) of ``block``'s rows, ids 0..N-1; k-means is
+    trained on a random sample of at most `TRAIN_PER_LIST` rows per list."""
     import faiss
 
-    k = min(k, len(block))
+    rows, dim = block.shape
+    lists = ivf_lists(rows)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed = seed
+    sample = np.sort(np.random.default_rng(seed).choice(rows, min(rows, TRAIN_PER_LIST * lists), replace=False))
+    ivf.train(np.ascontiguousarray(block[sample], dtype=np.float32))
+    for at in range(0, rows, 262_144):  # in parts: no second copy of a non-float32 or strided block
+        ivf.add(np.ascontiguousarray(block[at : at + 262_144], dtype=np.float32))
+    return ivf
+
+
+def nearest_ivf(ivf, query: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """As `nearest_numpy`, by an IVF index scanning its ``nprobe`` cells nearest the query (fewer than k rows
+    when those cells hold fewer)."""
+    ivf.nprobe = nprobe
     xq = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
-    scores, rows = faiss.knn(xq, np.ascontiguousarray(block, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
-    return scores[0], rows[0].astype(np.int64)
-
-
-def nearest(
-    block: np.ndarray, query: np.ndarray, k: int, cfg: NeighbourConfig = NeighbourConfig()
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k best rows of ``block`` by inner product with ``query``: numpy up to ``cfg.faiss_above`` rows, FAISS
-    above."""
-    search = nearest_faiss if len(block) > cfg.faiss_above else nearest_numpy
-    return search(block, query, k)
+    scores, rows = ivf.search(xq, min(k, ivf.ntotal))
+    found = rows[0] >= 0
+    return scores[0][found], rows[0][found].astype(np.int64)

@@ -7,7 +7,8 @@
 (``kind = text``, every line of the text member); each row keeps its clip's id, span, source URL, caption
 and subtitle, and a video row a strip of small thumbnails (train/search_index.py). ``query`` embeds the query
 with the same checkpoint and prints the top-k rows of the wanted kind by cosine similarity (train/nearest.py:
-numpy, or FAISS above ``--faiss-above`` rows), as text, ``--json`` or a ``--html`` page (train/search_hits.py).
+numpy's exact search, or the FAISS IVF index that ``embed`` writes beside the table for a kind with more than
+``--ann-above`` rows, train/search_ann.py), as text, ``--json`` or a ``--html`` page (train/search_hits.py).
 Runs on CPU or GPU (``--device``); checkpoints are read by train/checkpoint.py.
 
 Raw video files (a folder to index, a file as the query) need preprocessing's decoder, so they are
@@ -25,7 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ from pipeline.logs import setup_logging
 from pipeline.schema import ClipSample
 from train.checkpoint import LoadedModel, load_model
 from train.evaluate import embed_dataset, encode_texts
-from train.nearest import NeighbourConfig, nearest
+from train.nearest import AnnConfig, NeighbourConfig, nearest_ivf, nearest_numpy
+from train.search_ann import plan_ann, read_ann, write_side_files
 from train.search_hits import Hit, format_hits, hits_json, make_hits, strips, write_hits_page
 from train.search_index import COLUMNS, KINDS, Index, ThumbConfig, read_index, rows_table, thumbnail_strip, write_index
 
@@ -125,9 +127,14 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int, cfg: NeighbourConf
     if len(rows) == 0:
         hint = " (embed a shard data set to get texts)" if kind == "text" else ""
         raise ValueError(f"the index has no {kind} rows{hint}")
-    contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
-    block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]
-    scores, best = nearest(block, query, k, cfg or NeighbourConfig())
+    cfg = cfg or NeighbourConfig()
+    ivf = None if cfg.exact or index.path is None else read_ann(index.path, kind, index.meta, len(rows))
+    if ivf is not None:
+        scores, best = nearest_ivf(ivf, query, k, cfg.nprobe)
+    else:
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
+        block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]
+        scores, best = nearest_numpy(block, query, k)
     return make_hits(index, rows[best], scores)
 
 
@@ -173,6 +180,7 @@ def build_parser(
     embed.add_argument("--batch-size", type=int, default=8, help="videos per forward pass")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_flags(embed, ThumbConfig, dest="thumbs", prefix="thumb-")
+    add_flags(embed, AnnConfig, dest="ann")
     if more_embed is not None:
         more_embed(embed)
     query = sub.choices["query"]
@@ -192,21 +200,26 @@ def build_parser(
     return p
 
 
-def save_index(index: Index, path: str) -> None:
-    """Write the table and say what it holds."""
+def save_index(index: Index, path: str, ann: AnnConfig | None = None) -> None:
+    """Write the table and, for each kind above ``ann.ann_above`` rows, its approximate index; say what they hold."""
+    kinds = {kind: index.rows_of(kind) for kind in KINDS}
+    planned = plan_ann(index.embeddings, kinds, ann or AnnConfig())
+    index = replace(index, meta={**index.meta, "ann": planned})
     write_index(index, path)
     size = os.path.getsize(path)
     print(
         f"wrote {path}: {index.count('video')} videos, {index.count('text')} texts, "
         f"{index.embeddings.shape[1]} dims, {size / 1e6:.2f} MB"
     )
+    for side in write_side_files(path, index.embeddings, kinds, planned):
+        print(f"wrote {side}: approximate index (FAISS IVF), {os.path.getsize(side) / 1e6:.2f} MB")
 
 
 def run_embed(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, args.config, args.device, args.num_frames)
     thumbs = ThumbConfig(**flag_values(args, "thumbs"))
     index = index_from_dataset(loaded, args.data, args.text, args.batch_size, not args.no_progress, thumbs)
-    save_index(index, args.out)
+    save_index(index, args.out, AnnConfig(**flag_values(args, "ann")))
     return 0
 
 

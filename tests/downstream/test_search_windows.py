@@ -24,7 +24,6 @@ from launch.search import main as search_main
 from tests.downstream.test_evaluate import synthetic_samples, write_samples, write_tiny_config
 from tests.downstream.test_search import train_tiny
 from tests.support.browser import render, require_chromium
-from train.nearest import nearest_faiss, nearest_numpy
 from train.search_hits import clock
 from train.search_index import read_index, strip_picks
 
@@ -235,15 +234,17 @@ def test_shard_hits_keep_clip_id_span_source_and_texts(long_video, tmp_path, cap
     check_page(page, texts, frames_per_hit=3)
 
 
-def test_faiss_and_numpy_agree(long_video, capsys):
-    rows = np.random.default_rng(0).standard_normal((20_000, 64)).astype(np.float32)
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    for q in range(5):
-        s1, r1 = nearest_numpy(rows, rows[q * 7], 10)
-        s2, r2 = nearest_faiss(rows, rows[q * 7], 10)
-        assert r1[0] == r2[0] == q * 7 and list(r1) == list(r2) and np.allclose(s1, s2, atol=1e-5)
+def test_ivf_side_file_end_to_end(long_video, tmp_path, capsys):
+    """--ann-above 0 writes the window rows' IVF index beside the table; a query searches it and returns the
+    exact search's hits (22 rows make one IVF list, which every query scans); --exact and the default agree."""
     v = long_video
-    query = ["query", *v["common"], "--index", v["index"], "--text", caption("cyan"), "-k", "22", "--json"]
-    by_faiss, by_numpy = (json.loads(run(capsys, *query, *more)) for more in (("--faiss-above", "0"), ()))
-    assert [h["id"] for h in by_faiss] == [h["id"] for h in by_numpy]
-    assert [h["score"] for h in by_faiss] == pytest.approx([h["score"] for h in by_numpy], abs=1e-5)
+    index = str(tmp_path / "ann.parquet")
+    embed = ["embed", *v["common"], "--videos", str(v["root"] / "videos"), "--out", index, "--no-progress"]
+    said = run(capsys, *embed, "--window", str(WINDOW), "--stride", str(STRIDE), "--ann-above", "0")
+    assert f"wrote {index}.video.faiss: approximate index (FAISS IVF)" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.parquet", "ann.parquet.video.faiss"]
+    query = ["query", *v["common"], "--index", index, "--text", caption("cyan"), "-k", "22", "--json"]
+    by_ivf, by_numpy = (json.loads(run(capsys, *query, *more)) for more in ((), ("--exact",)))
+    assert [h["id"] for h in by_ivf] == [h["id"] for h in by_numpy]
+    assert [h["score"] for h in by_ivf] == pytest.approx([h["score"] for h in by_numpy], abs=1e-5)
+    assert abs(by_ivf[0]["start"] - 4 * SEGMENT) <= STRIDE  # cyan is the fifth segment
