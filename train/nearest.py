@@ -3,20 +3,25 @@ approximate by a FAISS inverted-file index (IVF) built at embed time.
 
 numpy's brute force is one matrix-vector product and a partial sort; it is exact and, for one query, faster than
 FAISS's exact search (``faiss.knn`` parallelises over queries, not over the rows of one). Above
-``AnnConfig.ann_above`` rows of a kind, ``embed`` also builds an ``IndexIVFFlat``: k-means cells of the rows
-(``ivf_lists``), and a query scans only the ``nprobe`` cells nearest it. Its scores are the exact inner products
-of the rows it finds; it may miss some of the true top k (bench/search.py measures recall@10).
+``AnnConfig.ann_above`` rows of a kind, ``embed`` also builds an IVF index: k-means cells of the rows
+(``ivf_lists``), each row kept as 8-bit scalar-quantised codes (``IndexIVFScalarQuantizer``, a quarter of the
+float32 size); a query scans only the ``nprobe`` cells nearest it, takes `RERANK` times k candidates by the codes'
+scores and orders them by their exact float32 inner products, so the scores shown are exact. It may miss some of
+the true top k (bench/search.py measures recall@10).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 TRAIN_PER_LIST = 40
 """Rows sampled per IVF list to train its k-means (FAISS asks for at least 39)."""
+RERANK = 4
+"""Candidates per wanted hit an IVF search takes before ordering them by their exact scores."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +40,7 @@ class AnnConfig:
 class NeighbourConfig:
     """How a query finds its nearest rows."""
 
-    nprobe: int = 32
+    nprobe: int = 64
     """IVF cells a query scans where the index has an approximate index beside it (more: slower, higher recall)."""
     exact: bool = False
     """Exact search by numpy even where an approximate index is beside the table."""
@@ -60,13 +65,15 @@ def ivf_lists(rows: int) -> int:
 
 
 def build_ivf(block: np.ndarray, seed: int = 0):
-    """A trained and filled ``faiss.IndexIVFFlat`` (inner product) of ``block``'s rows, ids 0..N-1; k-means is
-    trained on a random sample of at most `TRAIN_PER_LIST` rows per list."""
+    """A trained and filled ``faiss.IndexIVFScalarQuantizer`` (8 bits a dimension, inner product) of ``block``'s
+    rows, ids 0..N-1; k-means is trained on a random sample of at most `TRAIN_PER_LIST` rows per list."""
     import faiss
 
     rows, dim = block.shape
     lists = ivf_lists(rows)
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.IndexIVFScalarQuantizer(
+        faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
     ivf.cp.seed = seed
     sample = np.sort(np.random.default_rng(seed).choice(rows, min(rows, TRAIN_PER_LIST * lists), replace=False))
     ivf.train(np.ascontiguousarray(block[sample], dtype=np.float32))
@@ -75,11 +82,16 @@ def build_ivf(block: np.ndarray, seed: int = 0):
     return ivf
 
 
-def nearest_ivf(ivf, query: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """As `nearest_numpy`, by an IVF index scanning its ``nprobe`` cells nearest the query (fewer than k rows
-    when those cells hold fewer)."""
+def nearest_ivf(
+    ivf, vectors: Callable[[np.ndarray], np.ndarray], query: np.ndarray, k: int, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """As `nearest_numpy`, by an IVF index scanning its ``nprobe`` cells nearest the query; ``vectors(ids)`` gives
+    the float32 rows of candidate ids, whose exact scores order the hits (fewer than k when the cells hold fewer)."""
     ivf.nprobe = nprobe
     xq = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
-    scores, rows = ivf.search(xq, min(k, ivf.ntotal))
-    found = rows[0] >= 0
-    return scores[0][found], rows[0][found].astype(np.int64)
+    _, found = ivf.search(xq, min(RERANK * k, ivf.ntotal))
+    candidates = found[0][found[0] >= 0].astype(np.int64)
+    if len(candidates) == 0:
+        return np.zeros(0, np.float32), candidates
+    scores, best = nearest_numpy(vectors(candidates), query, k)
+    return scores, candidates[best]

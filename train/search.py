@@ -130,7 +130,7 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int, cfg: NeighbourConf
     cfg = cfg or NeighbourConfig()
     ivf = None if cfg.exact or index.path is None else read_ann(index.path, kind, index.meta, len(rows))
     if ivf is not None:
-        scores, best = nearest_ivf(ivf, query, k, cfg.nprobe)
+        scores, best = nearest_ivf(ivf, lambda ids: index.embeddings[rows[ids]], query, k, cfg.nprobe)
     else:
         contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
         block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]

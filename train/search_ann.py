@@ -6,9 +6,10 @@ is one header line (``vidproxy-ann 1``), one JSON line (kind, rows, dims, lists,
 the Parquet's metadata records the same fingerprint (``ann``: {kind: {rows, fingerprint}}), written in the same
 ``embed``, so a query compares two short strings, not 2 GB of rows.
 
-A side file, not a Parquet column: the index is one opaque blob as large as the embeddings (2 GB at 1M x 512
-IVFFlat), which a Parquet cell would hold whole in Arrow memory before FAISS copied it again, while FAISS reads
-the file as a stream; an ``--exact`` query and a reader without FAISS never touch it.
+A side file, not a Parquet column: the index is one opaque blob of a quarter of the embeddings' size (528 MB at
+1M x 512), which a Parquet cell would hold whole in Arrow memory before FAISS copied it again (and a binary cell
+stops at 2 GB, 4M rows), while FAISS reads the file as a stream; an ``--exact`` query and a reader without FAISS
+never touch it, and it can be rebuilt without rewriting the table.
 
 A side file that does not match its table (the Parquet was rewritten with other rows) is refused with one line
 naming it, rather than searched or silently skipped: its hits would be another table's rows, and falling back to

@@ -48,13 +48,13 @@ def test_ivf_finds_numpys_neighbours_on_clustered_rows():
     assert (ivf.nlist, ivf.ntotal, ivf_lists(5000), ivf_lists(22), ivf_lists(1_000_000)) == (125, 5000, 125, 1, 4000)
     recalls = []
     for q in queries:
-        scores, found = nearest_ivf(ivf, q, 10, NeighbourConfig().nprobe)
+        scores, found = nearest_ivf(ivf, rows.__getitem__, q, 10, NeighbourConfig().nprobe)
         exact_scores, exact = nearest_numpy(rows, q, 10)
         assert found[0] == exact[0]
         np.testing.assert_allclose(scores, rows[found] @ q, atol=1e-5)  # the rows' exact inner products
         recalls.append(recall(found, exact))
     assert np.mean(recalls) >= 0.9, recalls
-    _, one_cell = nearest_ivf(ivf, queries[0], 10, 1)
+    _, one_cell = nearest_ivf(ivf, rows.__getitem__, queries[0], 10, 1)
     assert len(one_cell) <= 10 and all(0 <= r < 5000 for r in one_cell)
 
 
