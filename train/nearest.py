@@ -41,7 +41,7 @@ class NeighbourConfig:
     """How a query finds its nearest rows."""
 
     nprobe: int = 64
-    """IVF cells a query scans where the index has an approximate index beside it (more: slower, higher recall)."""
+    """IVF cells a query scans where an approximate index is beside the table (more: slower, higher recall)."""
     exact: bool = False
     """Exact search by numpy even where an approximate index is beside the table."""
 
