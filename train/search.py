@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -204,8 +204,7 @@ def save_index(index: Index, path: str, ann: AnnConfig | None = None) -> None:
     """Write the table and, for each kind above ``ann.ann_above`` rows, its approximate index; say what they hold."""
     kinds = {kind: index.rows_of(kind) for kind in KINDS}
     planned = plan_ann(index.embeddings, kinds, ann or AnnConfig())
-    index = replace(index, meta={**index.meta, "ann": planned})
-    write_index(index, path)
+    write_index(index, path, planned)
     size = os.path.getsize(path)
     print(
         f"wrote {path}: {index.count('video')} videos, {index.count('text')} texts, "

@@ -129,13 +129,16 @@ def rows_table(columns: dict[str, list]) -> pa.Table:
     return pa.table(arrays)
 
 
-def write_index(index: Index, path: str) -> None:
+def write_index(index: Index, path: str, ann: dict | None = None) -> None:
+    """Write the table; its metadata's ``ann`` (the fingerprints of the approximate indexes beside it,
+    train/search_ann.py) is ``ann``, never the one ``index.meta`` was read with, which may describe other rows."""
     rows, dim = len(index), index.embeddings.shape[1]
     flat = pa.array(np.ascontiguousarray(index.embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
     thumbs = index.thumbnails if index.thumbnails is not None else [[] for _ in range(rows)]
     table = index.rows.append_column("thumbnails", pa.array(thumbs, type=pa.list_(pa.binary())))
     table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
-    table = table.replace_schema_metadata({META_KEY: json.dumps(index.meta).encode()})
+    meta = {key: value for key, value in index.meta.items() if key != "ann"} | ({"ann": ann} if ann else {})
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(table, path, row_group_size=ROW_GROUP)
 

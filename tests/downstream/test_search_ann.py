@@ -82,6 +82,11 @@ def test_side_files_are_searched_and_a_stale_one_refused(tmp_path, capsys):
     forced = top_k(stale, queries[0], "video", 10, NeighbourConfig(exact=True))  # --exact: numpy, file unread
     assert [h.row for h in forced] == nearest_numpy(stale.embeddings[:5000], queries[0], 10)[1].tolist()
 
+    copied = read_index(path)  # a table read back (its metadata) and written with other rows of the same count
+    write_index(Index(rows=copied.rows, embeddings=clustered(5300, seed=6), meta=index.meta), path)
+    with pytest.raises(ValueError, match=f"^{path}.video.faiss: approximate index of other rows"):
+        top_k(read_index(path), queries[0], "video", 10)
+
     save_index(table(videos), path)  # embedded again under --ann-above rows: the side files go
     assert sorted(os.listdir(tmp_path)) == ["index.parquet"]
     hits = top_k(read_index(path), queries[0], "video", 10)
