@@ -43,7 +43,7 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SUBTITLES = (
     "look, the {colour} {shape} is going {where} now",
-    "here we have a {colour} {shape} and it moves {direction}",
+    "here we have {a} {colour} {shape} and it moves {direction}",
     "watch the {colour} {shape} slide {direction} across the screen",
     "okay so this {shape} is {colour} and it is heading {direction}",
 )
@@ -178,7 +178,8 @@ def _video_id(rng: random.Random) -> str:
 def _clip_spec(rng: random.Random, video_id: str, k: int) -> ShapeClip:
     colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS))
     where = f"to the {direction}" if direction in ("left", "right") else direction
-    subtitle = rng.choice(SUBTITLES).format(colour=colour, shape=shape, direction=direction, where=where)
+    a = "an" if colour[0] in "aeiou" else "a"  # "an orange square"
+    subtitle = rng.choice(SUBTITLES).format(a=a, colour=colour, shape=shape, direction=direction, where=where)
     return ShapeClip(
         video_id=video_id,
         clip_id=f"{video_id}.{k}.mp4",
@@ -188,7 +189,7 @@ def _clip_spec(rng: random.Random, video_id: str, k: int) -> ShapeClip:
         direction=direction,
         noisy_background=rng.random() < 0.5,
         subtitle=subtitle,
-        caption=f"a {colour} {shape} moving {direction}",
+        caption=f"{a} {colour} {shape} moving {direction}",
     )
 
 
