@@ -22,6 +22,8 @@ TRAIN_PER_LIST = 40
 """Rows sampled per IVF list to train its k-means (FAISS asks for at least 39)."""
 RERANK = 4
 """Candidates per wanted hit an IVF search takes before ordering them by their exact scores."""
+RECALL_QUERIES = 100
+"""Queries `ivf_recall` measures an index with when it is built (each also searched exactly)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,3 +97,19 @@ def nearest_ivf(
         return np.zeros(0, np.float32), candidates
     scores, best = nearest_numpy(vectors(candidates), query, k)
     return scores, candidates[best]
+
+
+def ivf_recall(ivf, block: np.ndarray, queries: np.ndarray, nprobe: int, own_rows=None, k: int = 10) -> float:
+    """recall@k of ``ivf`` against exact search over ``block`` for ``queries`` [Q, E]: the share of each exact top k
+    that the IVF search also returns. ``own_rows`` (Q row indices): the queries are these rows of ``block``, and
+    each one's own row is left out of both results (any search finds it)."""
+    found = 0
+    for at, query in enumerate(queries):
+        own = -1 if own_rows is None else int(own_rows[at])
+        wanted = k + (own >= 0)
+        _, exact = nearest_numpy(block, query, wanted)
+        _, approx = nearest_ivf(ivf, lambda ids: block[ids], query, wanted, nprobe)
+        exact_top = [row for row in exact.tolist() if row != own][:k]
+        approx_top = [row for row in approx.tolist() if row != own][:k]
+        found += len(set(exact_top) & set(approx_top))
+    return found / max(1, k * len(queries))

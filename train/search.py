@@ -37,7 +37,7 @@ from pipeline.schema import ClipSample
 from train.checkpoint import LoadedModel, load_model
 from train.evaluate import embed_dataset, encode_texts
 from train.nearest import AnnConfig, NeighbourConfig, nearest_ivf, nearest_numpy
-from train.search_ann import plan_ann, read_ann, write_side_files
+from train.search_ann import LOW_RECALL, plan_ann, read_ann, side_file_note, side_head, write_side_files
 from train.search_hits import Hit, format_hits, hits_json, make_hits, strips, write_hits_page
 from train.search_index import COLUMNS, KINDS, Index, ThumbConfig, read_index, rows_table, thumbnail_strip, write_index
 
@@ -211,7 +211,15 @@ def save_index(index: Index, path: str, ann: AnnConfig | None = None) -> None:
         f"{index.embeddings.shape[1]} dims, {size / 1e6:.2f} MB"
     )
     for side in write_side_files(path, index.embeddings, kinds, planned):
-        print(f"wrote {side}: approximate index (FAISS IVF), {os.path.getsize(side) / 1e6:.2f} MB")
+        head = side_head(side)
+        print(f"wrote {side}: {side_file_note(side, head)}")
+        if head.get("recall_at_10", 1.0) < LOW_RECALL:
+            logger.warning(
+                "%s: recall@10 %.3f on this table's own rows, below %.2f: query with a higher --nprobe, or --exact",
+                side,
+                head["recall_at_10"],
+                LOW_RECALL,
+            )
 
 
 def run_embed(args: argparse.Namespace) -> int:

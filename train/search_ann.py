@@ -28,11 +28,13 @@ import os
 
 import numpy as np
 
-from train.nearest import AnnConfig, build_ivf
+from train.nearest import RECALL_QUERIES, AnnConfig, NeighbourConfig, build_ivf, ivf_recall
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"vidproxy-ann 1\n"
+LOW_RECALL = 0.9
+"""Below this recall@10, measured when the index is built, embed warns (raise --nprobe, or query --exact)."""
 
 
 def ann_path(index_path: str, kind: str) -> str:
@@ -56,12 +58,14 @@ def plan_ann(embeddings: np.ndarray, kinds: dict[str, np.ndarray], cfg: AnnConfi
     }
 
 
-def write_ann(index_path: str, kind: str, block: np.ndarray, planned: dict) -> str:
-    """Build and write the IVF index of one kind's rows beside the table; returns the file's path."""
+def write_ann(index_path: str, kind: str, block: np.ndarray, planned: dict, others: np.ndarray) -> str:
+    """Build and write the IVF index of one kind's rows beside the table, with its recall measured on this
+    table's own rows (`measure_recall`); returns the file's path."""
     import faiss
 
     ivf = build_ivf(block)
     head = {"kind": kind, "rows": len(block), "dim": block.shape[1], "lists": ivf.nlist, **planned}
+    head |= measure_recall(ivf, block, others)
     path = ann_path(index_path, kind)
     with open(path + ".part", "wb") as out:
         out.write(MAGIC + json.dumps(head).encode() + b"\n")
@@ -70,12 +74,33 @@ def write_ann(index_path: str, kind: str, block: np.ndarray, planned: dict) -> s
     return path
 
 
+def measure_recall(ivf, block: np.ndarray, others: np.ndarray, seed: int = 0) -> dict:
+    """recall@10 of ``ivf`` at the default ``--nprobe`` on this table's data, for the header and the embed log.
+
+    Queries: up to `RECALL_QUERIES` rows of the other kind (a text row queries the video rows: the search people
+    run) where the table has them, else rows of ``block`` itself, each leaving its own row out. Random vectors
+    have no neighbourhoods and real embeddings do, so a bench on synthetic rows cannot say this for a user's data.
+    """
+    rng = np.random.default_rng(seed)
+    nprobe = NeighbourConfig().nprobe
+    if len(others):
+        picks = rng.choice(len(others), min(RECALL_QUERIES, len(others)), replace=False)
+        recall = ivf_recall(ivf, block, others[np.sort(picks)], nprobe)
+        by = "rows of the other kind"
+    else:
+        picks = np.sort(rng.choice(len(block), min(RECALL_QUERIES, len(block)), replace=False))
+        recall = ivf_recall(ivf, block, block[picks], nprobe, own_rows=picks)
+        by = "rows of its own kind"
+    return {"recall_at_10": round(recall, 4), "recall_nprobe": nprobe, "recall_queries": len(picks), "recall_by": by}
+
+
 def write_side_files(index_path: str, embeddings: np.ndarray, kinds: dict[str, np.ndarray], ann: dict) -> list[str]:
     """Write the planned side files of a table just written, and delete its old ones of the other kinds."""
     written = []
     for kind, rows in kinds.items():
         if kind in ann:
-            written.append(write_ann(index_path, kind, embeddings[rows], ann[kind]))
+            other = np.concatenate([r for k, r in kinds.items() if k != kind] or [np.zeros(0, np.int64)])
+            written.append(write_ann(index_path, kind, embeddings[rows], ann[kind], embeddings[other]))
         elif os.path.exists(ann_path(index_path, kind)):
             os.remove(ann_path(index_path, kind))
     return written
@@ -105,6 +130,23 @@ def read_ann(index_path: str, kind: str, meta: dict, rows: int):
                 f"{head.get('rows') if head else '?'} in the file); embed again, delete it, or query with --exact"
             )
         return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+
+
+def side_head(path: str) -> dict:
+    """The header of a side file (empty where it is not one)."""
+    with open(path, "rb") as f:
+        return read_head(f) or {}
+
+
+def side_file_note(path: str, head: dict) -> str:
+    """The embed log's line for a side file just written: its cells, size and measured recall."""
+    note = f"approximate index (FAISS IVF, {head.get('lists')} cells), {os.path.getsize(path) / 1e6:.2f} MB"
+    if "recall_at_10" in head:
+        note += (
+            f", recall@10 {head['recall_at_10']:.3f} at --nprobe {head['recall_nprobe']} "
+            f"({head['recall_queries']} queries by {head['recall_by']})"
+        )
+    return note
 
 
 def read_head(f) -> dict | None:

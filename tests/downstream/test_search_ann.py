@@ -14,7 +14,7 @@ import pytest
 
 from train.nearest import AnnConfig, NeighbourConfig, build_ivf, ivf_lists, nearest_ivf, nearest_numpy
 from train.search import Index, save_index, top_k
-from train.search_ann import ann_path
+from train.search_ann import LOW_RECALL, ann_path, side_head
 from train.search_index import COLUMNS, read_index, rows_table, write_index
 
 DIM = 32
@@ -29,9 +29,11 @@ def clustered(rows: int, seed: int, centres: int = 50) -> np.ndarray:
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def table(videos: np.ndarray, texts: int = 300) -> Index:
-    """An index of ``videos`` rows then ``texts`` text rows (clustered, seed 9)."""
-    embeddings = np.concatenate([videos, clustered(texts, seed=9)])
+def table(videos: np.ndarray, texts: int = 300, text_rows: np.ndarray | None = None) -> Index:
+    """An index of ``videos`` rows then ``text_rows`` (default: ``texts`` clustered rows, seed 9)."""
+    text_rows = clustered(texts, seed=9) if text_rows is None else text_rows
+    texts = len(text_rows)
+    embeddings = np.concatenate([videos, text_rows])
     n = len(embeddings)
     columns = {name: [""] * n for name in COLUMNS} | {"start": [0.0] * n, "end": [1.0] * n}
     columns |= {"kind": ["video"] * len(videos) + ["text"] * texts, "id": [f"r{i}" for i in range(n)]}
@@ -110,3 +112,35 @@ def test_bad_settings_are_refused():
         AnnConfig(ann_above=-1)
     with pytest.raises(ValueError, match="nprobe must be >= 1, got 0"):
         NeighbourConfig(nprobe=0)
+
+
+def around(centres: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """``rows`` unit rows, each one of ``centres`` plus noise of norm 0.5."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((rows, centres.shape[1])).astype(np.float32)
+    out = centres[rng.integers(0, len(centres), rows)] + 0.5 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_embed_measures_the_side_files_recall_on_the_tables_own_rows(tmp_path, capsys, caplog):
+    """Clustered rows: high recall, measured with the text rows as queries; random rows with no text rows:
+    measured on the rows themselves, low, and embed warns."""
+    centres = clustered(50, seed=1)
+    videos, texts = around(centres, 5000, seed=2), around(centres, 300, seed=3)
+    path = str(tmp_path / "index.parquet")
+    save_index(table(videos, text_rows=texts), path, AnnConfig(ann_above=0))
+    head = side_head(ann_path(path, "video"))
+    assert head["recall_by"] == "rows of the other kind" and head["recall_queries"] == 100
+    assert head["recall_at_10"] >= 0.9 and head["recall_nprobe"] == NeighbourConfig().nprobe
+    said = capsys.readouterr().out
+    assert f"recall@10 {head['recall_at_10']:.3f} at --nprobe 64 (100 queries by rows of the other kind)" in said
+
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((40_000, 256)).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    random_path = str(tmp_path / "random.parquet")
+    with caplog.at_level(logging.WARNING):
+        save_index(table(noise, text_rows=np.zeros((0, 256), np.float32)), random_path, AnnConfig(ann_above=0))
+    head = side_head(ann_path(random_path, "video"))
+    assert head["recall_by"] == "rows of its own kind" and head["recall_at_10"] < LOW_RECALL
+    assert f"recall@10 {head['recall_at_10']:.3f} on this table's own rows, below 0.90" in caplog.text

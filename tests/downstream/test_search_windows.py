@@ -241,7 +241,7 @@ def test_ivf_side_file_end_to_end(long_video, tmp_path, capsys):
     index = str(tmp_path / "ann.parquet")
     embed = ["embed", *v["common"], "--videos", str(v["root"] / "videos"), "--out", index, "--no-progress"]
     said = run(capsys, *embed, "--window", str(WINDOW), "--stride", str(STRIDE), "--ann-above", "0")
-    assert f"wrote {index}.video.faiss: approximate index (FAISS IVF)" in said
+    assert f"wrote {index}.video.faiss: approximate index (FAISS IVF, 1 cells)" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.parquet", "ann.parquet.video.faiss"]
     query = ["query", *v["common"], "--index", index, "--text", caption("cyan"), "-k", "22", "--json"]
     by_ivf, by_numpy = (json.loads(run(capsys, *query, *more)) for more in ((), ("--exact",)))
