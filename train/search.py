@@ -243,7 +243,7 @@ def run_query(args: argparse.Namespace, query_vector: Callable[[LoadedModel], np
         query = f"text {args.text!r}" if args.text is not None else f"{getattr(args, 'query_name', 'query')}"
         print(f"wrote {write_hits_page(args.html, query, index, hits)}: {len(hits)} hits")
     elif args.json:
-        print(hits_json(hits, {row: len(strip) for row, strip in strips(index, hits).items()}))
+        print(hits_json(hits, strips(index, hits)))
     else:
         print(format_hits(hits))
     return 0

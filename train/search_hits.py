@@ -4,7 +4,8 @@ A hit carries its score, row kind and id, the clip or file it belongs to (``vide
 or the clip's source URL), its span (start and end seconds, shown as ``hh:mm:ss.mmm``), the clip's caption and
 subtitle (when there are any), a text row's own text, and ``row``: its row in the index, whose ``thumbnails``
 column holds its frame strip (a text row shows its clip's video row's strip). The JSON record has these fields
-and ``span``, ``thumbnails`` (how many frames the strip has); the page shows the strips themselves.
+and ``span``, and ``thumbnails``: the strip's JPEGs as ``data:`` URIs (an ``<img src>`` as it is, the page's own
+images), so a JSON consumer shows what the page shows.
 """
 
 from __future__ import annotations
@@ -83,9 +84,17 @@ def texts_of(hit: Hit) -> list[tuple[str, str]]:
     return [(name, " / ".join(value.split("\n"))) for name, value in named if value]
 
 
-def hits_json(hits: list[Hit], strip_sizes: dict[int, int]) -> str:
-    records = [{**dataclasses.asdict(h), "span": span_text(h), "thumbnails": strip_sizes.get(h.row, 0)} for h in hits]
+def hits_json(hits: list[Hit], shown: dict[int, list[bytes]]) -> str:
+    """The hits as a JSON list; ``shown``: {hit row: its frame strip} (`strips`)."""
+    records = [
+        {**dataclasses.asdict(h), "span": span_text(h), "thumbnails": thumbnail_uris(shown.get(h.row, []))}
+        for h in hits
+    ]
     return json.dumps(records, indent=1, ensure_ascii=False)
+
+
+def thumbnail_uris(strip: list[bytes]) -> list[str]:
+    return [html_page.data_uri(jpeg, "image/jpeg") for jpeg in strip]
 
 
 # ----------------------------------------------------------------------------- the page
