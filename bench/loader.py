@@ -20,6 +20,9 @@ and prints clips/s for each (best of --rounds rounds) and the ratios: loader and
 stored at 224x224, >= 0.75 at short side 224, the resize included), of the best rates and as the median over rounds
 of each round's own ratio, and (simplejpeg) the in-process loader against raw decoding alternated batch by batch,
 the steadiest on a noisy machine; loader to open_clip as the median of each round's ratio (target >= 3).
+With simplejpeg it also prints where a loader clip's time goes (raw decode, the resize alone, the loader's own work
+with decoding skipped, the rest) and the ceiling these allow: raw / (raw + resize), the ratio a loader doing nothing
+else would reach.
 With --step-time it also prints the CPU step time of the tiny and ViT-B/32 configs (forward + backward + AdamW,
 no DeepSpeed).
 
@@ -155,6 +158,40 @@ def raw_decode_rate(samples: list[ClipSample], frames: int, decoder: str, reuse:
     return len(samples) / (time.perf_counter() - start)
 
 
+def resize_rate(samples: list[ClipSample], frames: int, size: int) -> float:
+    """Clips/s of the loader's resize alone (train/frames.py ``_resize_into``) of exactly the frames the loader
+    decodes, each already decoded, into one destination; inf when the stored size is the training size."""
+    import simplejpeg
+    import torch
+
+    from train.frames import _resize_into
+
+    decoded = [
+        [torch.from_numpy(simplejpeg.decode_jpeg(d, "RGB")) for d in clip] for clip in picked_jpegs(samples, frames)
+    ]
+    if decoded[0][0].shape[:2] == (size, size):
+        return float("inf")
+    dest = np.empty((size, size, 3), np.uint8)
+    start = time.perf_counter()
+    for clip in decoded:
+        for image in clip:
+            _resize_into(dest, image)
+    return len(decoded) / (time.perf_counter() - start)
+
+
+def own_work_rate(loader, clips: int) -> float:
+    """Clips/s of the in-process loader with its JPEG decoding (and resize) skipped: the loader's own work alone
+    (tar, checks, metadata, draws, tokenising, collation). Rows prepared before the switch still decode (a few)."""
+    from train import frames
+
+    decode = frames.DECODE_FNS["simplejpeg"]
+    frames.DECODE_FNS["simplejpeg"] = lambda jobs, stored=None: None
+    try:
+        return loader_rate(loader, clips)
+    finally:
+        frames.DECODE_FNS["simplejpeg"] = decode
+
+
 def make_loader(root: str, frames: int, size: int, decoder: str, workers: int = 0, reader=None):
     """An endless in-process (``workers=0``) or one-worker loader, warmed up; ``reader``: the shard reader it reads
     through instead of the default (train/tar_readers.py), taken when its stream starts, on the warm-up batch."""
@@ -262,7 +299,8 @@ def round_rates(samples: list[ClipSample], root: str, args) -> dict[str, list[fl
         "worker": make_loader(root, args.frames, args.size, args.decoder, workers=1),
         "open_clip": OpenClipStyle(shard_uris(read_manifest(root), root), args.frames, args.size),
     }
-    rates: dict[str, list[float]] = {name: [] for name in ("raw", *loaders, "hot", "interleaved")}
+    names = ("raw", *loaders, "hot", "interleaved", "resize", "own")
+    rates: dict[str, list[float]] = {name: [] for name in names}
     jpegs = picked_jpegs(samples, args.frames)
     for _ in range(args.rounds):
         rates["raw"].append(raw_decode_rate(samples, args.frames, args.decoder))
@@ -271,6 +309,8 @@ def round_rates(samples: list[ClipSample], root: str, args) -> dict[str, list[fl
         if args.decoder == "simplejpeg":
             rates["hot"].append(raw_decode_rate(samples, args.frames, args.decoder, reuse=True))
             rates["interleaved"].append(interleaved_ratio(loaders["loader"], jpegs, args.clips))
+            rates["resize"].append(resize_rate(samples, args.frames, args.size))
+            rates["own"].append(own_work_rate(loaders["loader"], args.clips))
     for loader in loaders.values():
         loader.close()
     return rates
@@ -295,11 +335,33 @@ def report(rates: dict[str, list[float]], target: float) -> None:
             f"(min {values[0]:.2f}, max {values[-1]:.2f}, {len(values)} rounds; target >= {target})",
             flush=True,
         )
+    if rates["own"]:
+        cost_breakdown(best)
     ratios = sorted(x / y for x, y in zip(rates["loader"], rates["open_clip"]))
     print(
         f"  open_clip {best['open_clip']:6.1f} clips/s/core  (webdataset decode('pil') + open_clip's train transform "
         f"per frame + its tokenizer, DataLoader-batched); loader/open_clip median per round "
         f"{statistics.median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 3)",
+        flush=True,
+    )
+
+
+def cost_breakdown(best: dict[str, float]) -> None:
+    """Where a loader clip's time goes (best rates as us per clip), and the ratio to raw decoding that a loader
+    costing nothing of its own would reach: raw / (raw + resize), the ceiling any loader meets on this CPU."""
+    us = {name: 1e6 / rate for name, rate in best.items() if rate}
+    resize = us.get("resize", 0.0)
+    rest = us["loader"] - us["raw"] - resize - us["own"]
+    print(
+        f"  per clip: raw decode {us['raw']:.0f} us, resize {resize:.0f} us, the loader's own work (decoding "
+        f"skipped) {us['own']:.0f} us, the rest {rest:.0f} us (decoding slower inside the loader: caches); "
+        f"loader {us['loader']:.0f} us",
+        flush=True,
+    )
+    ceiling, without_rest = us["raw"] / (us["raw"] + resize), us["raw"] / (us["raw"] + resize + us["own"])
+    print(
+        f"  ceiling: loader/raw {ceiling:.2f} with no work of its own, {without_rest:.2f} with its own work and "
+        "no cache cost",
         flush=True,
     )
 
