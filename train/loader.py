@@ -299,11 +299,12 @@ def fresh_state(num_workers: int, counts: tuple[int, int, int] = (0, 0, 0)) -> d
 
 
 def totals(saved: list[dict]) -> tuple[int, int, int]:
-    """Shard errors, sample errors and filtered samples summed over every stream of every saved rank."""
+    """Shard errors, sample errors (frames that failed on the decoding device included) and filtered samples
+    summed over every stream of every saved rank."""
     streams = [p for rank_state in saved for p in rank_state["streams"]]
     return (
         sum(p["shard_errors"] for p in streams),
-        sum(p["sample_errors"] for p in streams),
+        sum(p["sample_errors"] for p in streams) + sum(r.get("decode_errors", 0) for r in saved),
         sum(p.get("filtered", 0) for p in streams),
     )
 
@@ -346,8 +347,8 @@ class StreamingLoader:
                     "use data.decode_device=cpu"
                 )
             self.decode_on = decode_on or torch.device("cuda", torch.cuda.current_device())
-        self.decode_errors = 0
-        """Frames that failed to decode on ``decode_on`` (logged; not in the data state)."""
+        self.decode_errors = self.dataset.state.get("decode_errors", 0)
+        """Frames that failed to decode on ``decode_on`` (logged; in the data state, so a resume goes on counting)."""
         get_tokenizer(cfg.context_length)  # import open_clip once here; forked workers inherit it
         self.state = {
             "batches": self.dataset.state["batches"],
@@ -436,7 +437,8 @@ class StreamingLoader:
         return sum(p.get("filtered", 0) for p in self.state["streams"])
 
     def state_dict(self) -> dict:
-        return {"batches": self.state["batches"], "streams": [dict(p) for p in self.state["streams"]]}
+        state = {"batches": self.state["batches"], "streams": [dict(p) for p in self.state["streams"]]}
+        return {**state, "decode_errors": self.decode_errors} if self.decode_errors else state
 
     def carry_state(self) -> dict:
         """The plan's carry (the same on every rank): saved once per checkpoint, next to the ranks' states."""

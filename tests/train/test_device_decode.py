@@ -88,6 +88,26 @@ def test_a_frame_that_fails_on_the_device_is_left_black_counted_and_logged(tmp_p
     assert batch["frames"][others].float().mean() > 10, "the rest of the batch decoded"
 
 
+def test_frames_that_failed_on_the_device_stay_counted_across_a_resume(tmp_path):
+    """The count is in the data state: a resume with the same streams goes on from it, and one at another number
+    of streams adds it to the sample errors it carries over (train/stream_remap.py)."""
+    rng = np.random.default_rng(8)
+    clips = [moving_clip(i, COMBOS[i % len(COMBOS)], rng, num_frames=4) for i in range(3)]
+    clips[1] = dataclasses.replace(clips[1], frames=(clips[1].frames[0][:-30], *clips[1].frames[1:]))
+    root = write_dataset(str(tmp_path / "ds"), clips, max_samples=3)
+    config = cfg(root, shards_per_window=1, shuffle_buffer=1, decode_device="cuda")
+    loader = StreamingLoader(config, seed=5, rank=0, world_size=1, decode_on=CPU)
+    loader.next()
+    state = loader.state_dict()
+    assert state["decode_errors"] == 1 and loader.errors() == (0, 1)
+    resumed = StreamingLoader(config, seed=5, rank=0, world_size=1, state=state, decode_on=CPU)
+    assert resumed.errors() == (0, 1) and resumed.state_dict()["decode_errors"] == 1
+    remapped = StreamingLoader(
+        config, seed=5, rank=0, world_size=2, carry=loader.carry_state(), saved=[state], decode_on=CPU
+    )
+    assert remapped.errors() == (0, 1) and "decode_errors" not in remapped.state_dict()
+
+
 def test_a_cpu_decoder_with_gpu_decoding_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"^data.decoder: pillow would not be used: with data.decode_device=cuda"):
         DataConfig(train=["x"], decoder="pillow", decode_device="cuda")
