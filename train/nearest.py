@@ -54,7 +54,11 @@ class NeighbourConfig:
 
 def nearest_numpy(block: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, row indices) of the k best rows of ``block`` [N, E], best first (ties: the lower index first)."""
-    scores = block @ query.astype(np.float32, copy=False)
+    return best_of(block @ query.astype(np.float32, copy=False), k)
+
+
+def best_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices) of the k highest ``scores``, best first (ties: the lower index first)."""
     k = min(k, len(scores))
     best = np.argpartition(-scores, k - 1)[:k]
     order = best[np.lexsort((best, -scores[best]))]

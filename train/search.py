@@ -36,10 +36,20 @@ from pipeline.logs import setup_logging
 from pipeline.schema import ClipSample
 from train.checkpoint import LoadedModel, load_model
 from train.evaluate import embed_dataset, encode_texts
-from train.nearest import AnnConfig, NeighbourConfig, nearest_ivf, nearest_numpy
+from train.nearest import AnnConfig, NeighbourConfig, best_of, nearest_ivf, nearest_numpy
 from train.search_ann import LOW_RECALL, plan_ann, read_ann, side_file_note, side_head, write_side_files
 from train.search_hits import Hit, format_hits, hits_json, make_hits, strips, write_hits_page
-from train.search_index import COLUMNS, KINDS, Index, ThumbConfig, read_index, rows_table, thumbnail_strip, write_index
+from train.search_index import (
+    COLUMNS,
+    KINDS,
+    Index,
+    StoredEmbeddings,
+    ThumbConfig,
+    read_index,
+    rows_table,
+    thumbnail_strip,
+    write_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +141,11 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int, cfg: NeighbourConf
     ivf = None if cfg.exact or index.path is None else read_ann(index.path, kind, index.meta, len(rows))
     if ivf is not None:
         scores, best = nearest_ivf(ivf, lambda ids: index.embeddings[rows[ids]], query, k, cfg.nprobe)
+    elif rows[-1] - rows[0] + 1 == len(rows) and isinstance(index.embeddings, StoredEmbeddings):
+        # embed writes each kind as one block: streamed from the file past the query, one row group at a time
+        scores, best = best_of(index.embeddings.scores(rows[0], rows[-1] + 1, query.astype(np.float32)), k)
     else:
-        contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block: no copy
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
         block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]
         scores, best = nearest_numpy(block, query, k)
     return make_hits(index, rows[best], scores)

@@ -95,6 +95,49 @@ def test_side_files_are_searched_and_a_stale_one_refused(tmp_path, capsys):
     assert [h.row for h in hits] == [h.row for h in exact[0]]
 
 
+def test_a_query_through_the_side_file_reads_only_its_candidates_row_groups(tmp_path):
+    """The table's embeddings are read per row group for the candidates (a few of 1M rows' 2 GB) and streamed past
+    the query for an exact search, never kept whole; the scores are the stored rows' exact inner products."""
+    path = str(tmp_path / "index.parquet")
+    videos = clustered(5000, seed=1)
+    save_index(table(videos), path, AnnConfig(ann_above=0))
+    index, query = read_index(path), clustered(1, seed=3)[0]
+    hits = top_k(index, query, "video", 10)
+    assert not index.embeddings.whole_read
+    np.testing.assert_allclose([h.score for h in hits], videos[[h.row for h in hits]] @ query, atol=1e-6)
+    picked = np.array([4999, 0, 1500, 1023, 1024, 1023])  # across row groups of 1024, in any order, repeated
+    np.testing.assert_array_equal(index.embeddings.rows(picked), videos[picked])
+    with pytest.raises(IndexError):
+        index.embeddings.rows(np.array([5300]))
+    exact = top_k(index, query, "video", 10, NeighbourConfig(exact=True))  # streamed past the query, not kept
+    assert not index.embeddings.whole_read
+    want_scores, want_rows = nearest_numpy(videos, query, 10)
+    assert [h.row for h in exact] == want_rows.tolist()
+    np.testing.assert_allclose([h.score for h in exact], want_scores, atol=1e-6)
+    assert np.array_equal(np.asarray(index.embeddings)[:5000], videos) and index.embeddings.whole_read
+    assert [h.row for h in top_k(index, query, "video", 10, NeighbourConfig(exact=True))] == want_rows.tolist()
+
+
+def test_a_table_with_the_older_list_column_reads_the_same(tmp_path):
+    """Tables written before the embedding column became fixed-size binary (a fixed-size list of floats) still read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, older = str(tmp_path / "index.parquet"), str(tmp_path / "older.parquet")
+    videos = clustered(1500, seed=2)
+    write_index(table(videos), path)
+    assert pa.types.is_fixed_size_binary(pq.read_schema(path).field("embedding").type)
+    rows = pq.read_table(path)
+    flat = pa.array(np.concatenate([videos, clustered(300, seed=9)]).reshape(-1), type=pa.float32())
+    rows = rows.set_column(
+        rows.schema.get_field_index("embedding"), "embedding", pa.FixedSizeListArray.from_arrays(flat, DIM)
+    )
+    pq.write_table(rows, older, row_group_size=1024)
+    assert read_index(older).embeddings.shape == (1800, DIM)
+    np.testing.assert_array_equal(read_index(older).embeddings.rows(np.array([1400, 3])), videos[[1400, 3]])
+    np.testing.assert_array_equal(np.asarray(read_index(older).embeddings), np.asarray(read_index(path).embeddings))
+
+
 def test_missing_side_file_searches_exactly_with_a_warning(tmp_path, caplog, capsys):
     path = str(tmp_path / "index.parquet")
     save_index(table(clustered(2000, seed=1)), path, AnnConfig(ann_above=1000))
