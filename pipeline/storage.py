@@ -108,7 +108,9 @@ def _s3_client():
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+    # AWS_MAX_ATTEMPTS (total attempts, botocore reads it) replaces the default of 5 retries when set
+    retries = {"mode": "standard"} if os.environ.get("AWS_MAX_ATTEMPTS") else {"max_attempts": 5, "mode": "standard"}
+    config = Config(retries=retries, max_pool_connections=32)
     return boto3.session.Session().client("s3", config=config)
 
 
