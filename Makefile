@@ -19,13 +19,18 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# pytest-xdist: PYTEST_WORKERS processes, each given whole test files (a module's fixtures are made once), the
+# heaviest files first (tests/conftest.py);
+# PYTEST_WORKERS=0 runs the suite in this one process
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # the fast tier: the markers are described in setup.cfg; a fixture can mark its users (tests/support/tiers.py)
 FAST_TESTS := not slow and not ray and not deepspeed and not ranks and not gpu
 test-fast: lint
-	$(PY) -m pytest -q -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m launch.demo --out demo_out $(DEMO_ARGS)

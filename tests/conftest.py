@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.support.tiers import fixture_markers, ray_running
+from tests.support.tiers import by_weight, fixture_markers, ray_running
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -28,11 +28,14 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
 _RAY_BEFORE = pytest.StashKey[bool]()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test using a fixture decorated with tests/support/tiers.py's ``marks_users`` gets its markers."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test using a fixture decorated with tests/support/tiers.py's ``marks_users`` gets its markers. In a
+    pytest-xdist worker the test files are then ordered heaviest first (tests/support/tiers.py's ``by_weight``)."""
     for item in items:
         for marker in sorted(fixture_markers(item)):
             item.add_marker(marker)
+    if hasattr(config, "workerinput"):
+        items[:] = by_weight(items)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -44,3 +44,18 @@ def ray_running() -> bool:
     """A Ray cluster is connected to from this process (never imports ray)."""
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
+
+
+WEIGHTS = {"deepspeed": 3, "ray": 2, "ranks": 1, "slow": 1}
+"""A test's rough cost by its heaviest marker (DeepSpeed ranks cost the most start-up), for ordering files."""
+
+
+def by_weight(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The items with whole test files ordered by the summed weight of their tests, heaviest first (ties and the
+    tests inside a file keep their order). pytest-xdist's ``--dist loadfile --no-loadscope-reorder`` hands files
+    out in this order: the long files start first instead of being the last ones left on one worker."""
+    weight: dict[str, int] = {}
+    for item in items:
+        cost = max((WEIGHTS.get(mark.name, 0) for mark in item.iter_markers()), default=0)
+        weight[item.nodeid.split("::")[0]] = weight.get(item.nodeid.split("::")[0], 0) + cost
+    return sorted(items, key=lambda item: -weight[item.nodeid.split("::")[0]])
