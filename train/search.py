@@ -139,13 +139,12 @@ def top_k(index: Index, query: np.ndarray, kind: str, k: int, cfg: NeighbourConf
         raise ValueError(f"the index has no {kind} rows{hint}")
     cfg = cfg or NeighbourConfig()
     ivf = None if cfg.exact or index.path is None else read_ann(index.path, kind, index.meta, len(rows))
+    contiguous = rows[-1] - rows[0] + 1 == len(rows)  # embed writes each kind as one block
     if ivf is not None:
         scores, best = nearest_ivf(ivf, lambda ids: index.embeddings[rows[ids]], query, k, cfg.nprobe)
-    elif rows[-1] - rows[0] + 1 == len(rows) and isinstance(index.embeddings, StoredEmbeddings):
-        # embed writes each kind as one block: streamed from the file past the query, one row group at a time
+    elif contiguous and isinstance(index.embeddings, StoredEmbeddings):  # streamed past the query, group by group
         scores, best = best_of(index.embeddings.scores(rows[0], rows[-1] + 1, query.astype(np.float32)), k)
     else:
-        contiguous = rows[-1] - rows[0] + 1 == len(rows)
         block = index.embeddings[rows[0] : rows[-1] + 1] if contiguous else index.embeddings[rows]
         scores, best = nearest_numpy(block, query, k)
     return make_hits(index, rows[best], scores)

@@ -12,7 +12,7 @@ Thumbnails live in the Parquet file as bytes, not as JPEG files in a folder besi
 that can be copied or moved whole, nothing can dangle, and a query reads them for its hits only (the file is
 written in row groups of `ROW_GROUP` rows; a query reads the thumbnail column of the groups its hits are in).
 Embeddings are read the same way (`StoredEmbeddings`): a query through an approximate index (train/search_ann.py)
-reads the groups of its candidates only, an exact one reads them all.
+reads the groups of its candidates only, an exact one streams every group past the query and keeps none.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def read_index(path: str) -> Index:
             f"(missing {missing or 'metadata'}); embed again"
         )
     rows = parquet.read(columns=list(COLUMNS))
-    return Index(rows=rows, embeddings=StoredEmbeddings(parquet), meta=json.loads(raw_meta), path=path)
+    return Index(rows=rows, embeddings=StoredEmbeddings(parquet, path), meta=json.loads(raw_meta), path=path)
 
 
 class StoredEmbeddings:
@@ -175,21 +175,18 @@ class StoredEmbeddings:
     a few dozen rows, a few MB of row groups, and an exact search needs each row once.
     """
 
-    def __init__(self, parquet: pq.ParquetFile):
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, parquet: pq.ParquetFile, path: str):
         self._parquet = parquet
-        kind = parquet.schema_arrow.field("embedding").type
-        dim = kind.byte_width // 4 if pa.types.is_fixed_size_binary(kind) else kind.list_size
-        self.shape = (parquet.metadata.num_rows, dim)
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        self._starts = np.cumsum([0, *sizes])
+        self.shape = (parquet.metadata.num_rows, _embedding_dim(parquet.schema_arrow.field("embedding").type, path))
+        self._starts = row_group_starts(parquet)
         self._all: np.ndarray | None = None
 
     @property
     def whole_read(self) -> bool:
         """Whether every row has been read (and is kept)."""
         return self._all is not None
-
-    dtype = np.dtype(np.float32)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -241,6 +238,20 @@ class StoredEmbeddings:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def _embedding_dim(kind: pa.DataType, path: str) -> int:
+    """E of the embedding column's type: 4 x E bytes, or (tables written before) a fixed-size list of E floats."""
+    if pa.types.is_fixed_size_binary(kind) and kind.byte_width % 4 == 0:
+        return kind.byte_width // 4
+    if pa.types.is_fixed_size_list(kind) and pa.types.is_float32(kind.value_type):
+        return kind.list_size
+    raise ValueError(f"index {path}: its embedding column is {kind}, not float32 vectors; embed again")
+
+
+def row_group_starts(parquet: pq.ParquetFile) -> np.ndarray:
+    """The first row of each row group, and the row count last: group g holds rows starts[g]..starts[g+1]-1."""
+    return np.cumsum([0, *(parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups))])
+
+
 def _vectors(chunk: pa.Array, dim: int) -> np.ndarray:
     """[len(chunk), dim] float32 of one chunk of the embedding column (fixed-size binary, or the older list)."""
     if pa.types.is_fixed_size_binary(chunk.type):
@@ -256,7 +267,7 @@ def thumbnails_of(index: Index, rows: Sequence[int]) -> dict[int, list[bytes]]:
     if index.path is None:
         return {r: [] for r in rows}
     parquet = pq.ParquetFile(index.path)
-    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+    starts = row_group_starts(parquet)
     out: dict[int, list[bytes]] = {}
     for group in sorted({int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}):
         column = parquet.read_row_group(group, columns=["thumbnails"]).column("thumbnails")

@@ -136,6 +136,17 @@ def test_a_table_with_the_older_list_column_reads_the_same(tmp_path):
     assert read_index(older).embeddings.shape == (1800, DIM)
     np.testing.assert_array_equal(read_index(older).embeddings.rows(np.array([1400, 3])), videos[[1400, 3]])
     np.testing.assert_array_equal(np.asarray(read_index(older).embeddings), np.asarray(read_index(path).embeddings))
+    doubles = rows.set_column(
+        rows.schema.get_field_index("embedding"),
+        "embedding",
+        rows.column("embedding").cast(pa.list_(pa.float64(), DIM)),
+    )
+    pq.write_table(doubles, older)
+    with pytest.raises(
+        ValueError,
+        match=rf"^index {older}: its embedding column is fixed_size_list<element: double>\[{DIM}\], not float32",
+    ):
+        read_index(older)
 
 
 def test_missing_side_file_searches_exactly_with_a_warning(tmp_path, caplog, capsys):
